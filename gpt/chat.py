@@ -1,0 +1,80 @@
+"""The chat template: how a conversation becomes tokens, for fine-tuning and for `sample.py --chat`.
+
+A conversation is rendered turn by turn as
+
+    <|system|>\\n{content}<|end|>\\n<|user|>\\n{content}<|end|>\\n<|assistant|>\\n{content}<|end|>\\n
+
+where the markers are special tokens added to the tokenizer (ids past the base vocabulary).
+Text inside a message is always encoded as plain text, so a user writing "<|end|>" cannot end
+a turn. Models without these tokens (plain pretrained checkpoints) get a plain template,
+"User: ...\\nAssistant: ...\\n", whose turn ends at a newline followed by "User:".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpt.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_TOKEN = "<|end|>"
+CHAT_TOKENS = [*ROLE_TOKENS.values(), END_TOKEN]
+PLAIN_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+@dataclass
+class Segment:
+    ids: list[int]
+    trainable: bool  # True for assistant content and its end marker: what SFT puts loss on
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.special = all(t in tokenizer.special_tokens for t in CHAT_TOKENS)
+
+    @staticmethod
+    def add_tokens(tokenizer: Tokenizer) -> dict[str, int]:
+        """Extend a tokenizer with the chat markers (fine-tuning does this once)."""
+        return tokenizer.add_special_tokens(CHAT_TOKENS)
+
+    @property
+    def name(self) -> str:
+        return "special-tokens" if self.special else "plain"
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an assistant turn."""
+        return [self.tok.special_id(END_TOKEN)] if self.special else []
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """Text that ends an assistant turn (the plain template has no end token)."""
+        return [] if self.special else [f"\n{PLAIN_NAMES['user']}:"]
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
+        """Render messages as segments; header tokens are never trainable, assistant content is."""
+        out: list[Segment] = []
+        for msg in messages:
+            role, content = msg["role"], msg["content"]
+            if role not in ROLES:
+                raise ValueError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
+            out.append(Segment(self._header(role), False))
+            body = self.tok.encode(content)
+            if self.special:
+                body += [self.tok.special_id(END_TOKEN)] + self.tok.encode("\n")
+            else:
+                body += self.tok.encode("\n")
+            out.append(Segment(body, role == "assistant"))
+        if add_generation_prompt:
+            out.append(Segment(self._header("assistant"), False))
+        return out
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        return [i for seg in self.segments(messages, add_generation_prompt) for i in seg.ids]
+
+    def _header(self, role: str) -> list[int]:
+        if self.special:
+            return [self.tok.special_id(ROLE_TOKENS[role])] + self.tok.encode("\n")
+        return self.tok.encode(f"{PLAIN_NAMES[role]}: ")

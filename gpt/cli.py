@@ -1,0 +1,38 @@
+"""What the entry scripts share: parse `CONFIG [section.key=value ...]`, turn errors into one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from gpt.config import ConfigError, load_config
+
+USAGE = "usage: python {script} CONFIG.yaml [section.key=value ...]"
+
+
+def parse_run_args(cls: type, argv: list[str], script: str):
+    """The config file is the first argument not of the form key=value (it may be omitted)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE.format(script=script) + "\n\nAll keys and their defaults: see README.md (Configuration).")
+        sys.exit(0)
+    files = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if len(files) > 1:
+        raise ConfigError(f"expected one config file, got {len(files)}: {' '.join(files)}")
+    return load_config(cls, files[0] if files else None, overrides)
+
+
+def main(fn: Callable[[], object]) -> None:
+    """Run fn; known errors print one line (no traceback) and exit 1, Ctrl-C exits 130."""
+    from gpt.errors import USER_ERRORS
+
+    try:
+        result = fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    if getattr(result, "interrupted", False):
+        sys.exit(130)

@@ -1,0 +1,321 @@
+"""Typed run configuration: dataclass defaults < YAML file < `section.key=value` overrides.
+
+Every key is checked against the dataclass it belongs to: an unknown key or a value of the
+wrong type is a ConfigError naming the key (and a close match), never silently ignored.
+This module knows nothing of torch so it can be imported and tested anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message says which and how to fix it."""
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    block_size: int = 256  # context length in tokens
+    vocab_size: int = 0  # 0 = taken from the tokenizer (rounded up to vocab_multiple)
+    vocab_multiple: int = 1  # pad the vocabulary to a multiple of this (64 is faster for BPE)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shakespeare"  # name of the prepared data set: data/<dataset>/<tokenizer>/
+    path: str = ""  # source corpus: text file, folder of .txt, .jsonl/.json/.parquet, or a datasets dir/name
+    text_field: str = "text"  # column holding the text in JSONL/Parquet/datasets sources
+    tokenizer: str = "char"  # "char" or a tiktoken encoding name such as "gpt2"
+    val_fraction: float = 0.1
+    data_dir: str = "data"  # prepared data lives in <data_dir>/<dataset>/<tokenizer>/
+    num_workers: int = 0  # tokenizer threads for large corpora (0 = all cores)
+    allow_download: bool = True  # fetch a built-in corpus (Tiny Shakespeare) from its public URL when absent
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0 = max_iters
+    decay_lr: bool = True
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 5000
+    batch_size: int = 64  # sequences per micro-batch (per rank)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_interval: int = 250
+    eval_iters: int = 20
+    eval_batch_size: int = 0  # 0 = batch_size
+    log_interval: int = 10
+    checkpoint_interval: int = 0  # 0 = checkpoint at each evaluation
+    early_stop_patience: int = 0  # stop after this many evaluations without improvement (0 = never)
+    resume: bool = False
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True  # tqdm progress bar
+    wandb: bool = False
+    wandb_project: str = "gpt"
+    wandb_run_name: str = ""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    sample_tokens: int = 200  # print a sample of this many tokens when training ends (0 = none)
+    sample_prompt: str = "\n"
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `python train.py CONFIG` reads."""
+
+    out_dir: str = ""  # default: out/<config file name>
+    init_from: str = "scratch"  # scratch, one of our checkpoint dirs, or a Hugging Face GPT-2 dir
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """Build `cls` from its defaults, then a YAML file, then `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path)
+    cfg = from_dict(cls, raw, where=str(path) if path else "config")
+    for item in overrides:
+        apply_override(cfg, item)
+    if path is not None and hasattr(cfg, "out_dir") and not cfg.out_dir:
+        cfg.out_dir = str(Path("out") / Path(path).stem)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}:{line}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def from_dict(cls: type, raw: dict[str, Any], where: str = "config", prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, checking every key and coercing every value."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{full}'{_did_you_mean(key, names, prefix)}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = from_dict(typ, value or {}, where, prefix=f"{full}.")
+        else:
+            kwargs[key] = coerce(value, typ, full, where)
+    return cls(**kwargs)
+
+
+def apply_override(cfg: Any, item: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML, then coerced)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected section.key=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    node, prefix = cfg, ""
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            raise ConfigError(
+                f"override '{item}': unknown key '{prefix}{part}'{_did_you_mean(part, names, prefix)}"
+            )
+        typ = typing.get_type_hints(type(node))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(typ):
+                raise ConfigError(f"override '{item}': '{dotted}' is a section; set one of its keys")
+            try:
+                value = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                value = text
+            setattr(node, part, coerce(value, typ, dotted, "override", raw_text=text))
+        else:
+            if not dataclasses.is_dataclass(typ):
+                raise ConfigError(f"override '{item}': '{prefix}{part}' is not a section")
+            node, prefix = getattr(node, part), f"{prefix}{part}."
+
+
+def coerce(value: Any, typ: Any, key: str, where: str, raw_text: str | None = None) -> Any:
+    """Convert a YAML value to the field's annotated type, or raise naming the key."""
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: key '{key}' expects {expected}, got {value!r}")
+
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key, where, raw_text)
+            except ConfigError:
+                pass
+        raise bad(" or ".join(getattr(a, "__name__", str(a)) for a in args))
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise bad("one of " + " | ".join(map(str, choices)))
+        return value
+    if origin in (list, tuple):
+        (item_type, *_) = typing.get_args(typ) or (Any,)
+        if isinstance(value, str) and raw_text is not None:
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        return [coerce(v, item_type, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)  # accepts "1e4"
+            except ValueError:
+                raise bad("an integer") from None
+            if f.is_integer():
+                return int(f)
+        raise bad("an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("a number")
+    if typ is str:
+        if raw_text is not None:  # from the command line: keep exactly what was typed
+            return raw_text
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if typ is dict or typing.get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return value
+    raise ConfigError(f"{where}: key '{key}' has unsupported type {typ}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def _did_you_mean(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f"; valid keys: {', '.join(prefix + n for n in names)}"
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_pretrain(cfg: PretrainConfig) -> None:
+    """Cross-field checks that single-key typing cannot express."""
+    check_common(cfg)
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+
+
+def check_common(cfg: Any) -> None:
+    """Checks on the model, train and optim sections that pretraining and SFT share."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    if m.n_embd % m.n_head != 0:
+        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    for key, value in [
+        ("model.n_layer", m.n_layer),
+        ("model.n_head", m.n_head),
+        ("model.block_size", m.block_size),
+        ("train.batch_size", t.batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("train.eval_iters", t.eval_iters),
+        ("train.log_interval", t.log_interval),
+        ("model.vocab_multiple", m.vocab_multiple),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if t.max_iters < 0:
+        raise ConfigError(f"train.max_iters must be >= 0, got {t.max_iters}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise ConfigError(f"optim.lr must be a positive number, got {o.lr}")

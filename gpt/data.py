@@ -1,0 +1,288 @@
+"""Pretraining data: corpus -> train.bin/val.bin token files -> random windows as batches.
+
+Prepared data lives in <data_dir>/<dataset>/<tokenizer>/ as flat token arrays (uint16, or
+uint32 when the vocabulary does not fit) plus meta.json with the tokenizer spec. A batch is a
+pure function of (seed, rank, step, micro-step), so a resumed run sees exactly the batches an
+uninterrupted run would have seen, and every rank of a distributed run sees different ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from gpt import tokenizer as tokenizers
+from gpt.config import DataConfig
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+CHUNK_CHARS = 4 << 20  # stream big text files in ~4 MB pieces
+DOCS_PER_BATCH = 1024
+
+
+class DataError(RuntimeError):
+    """Missing, empty or unreadable training data; the message says what to do."""
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, T) input ids
+    y: torch.Tensor  # (B, T) target ids, IGNORE_INDEX where no loss
+    doc_ids: torch.Tensor | None = None  # (B, T) packed-document numbers (SFT packing)
+
+
+# ---------------------------------------------------------------------------- preparation
+
+
+def prepared_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.data_dir) / cfg.dataset / cfg.tokenizer
+
+
+def read_meta(folder: Path) -> dict:
+    return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+
+
+def ensure_prepared(cfg: DataConfig, log=print) -> Path:
+    """Prepare the data set unless an up-to-date preparation is already on disk."""
+    folder = prepared_dir(cfg)
+    source = resolve_source(cfg, log)
+    if all((folder / f).is_file() for f in ("meta.json", "train.bin", "val.bin")):
+        meta = read_meta(folder)
+        if meta.get("source") == str(source) and meta.get("val_fraction") == cfg.val_fraction:
+            return folder
+        log(f"data: {folder} was prepared from other settings; preparing again")
+    prepare(cfg, source, folder, log)
+    return folder
+
+
+def resolve_source(cfg: DataConfig, log=print) -> Path | str:
+    """Where the corpus comes from: data.path, or the built-in Tiny Shakespeare (downloaded if absent)."""
+    if cfg.path:
+        p = Path(cfg.path)
+        if p.exists():
+            return p
+        if _looks_like_hub_name(cfg.path):
+            return cfg.path  # a Hugging Face hub dataset; only reached when the user names one
+        raise DataError(f"data.path '{cfg.path}': no such file or directory")
+    if cfg.dataset != "shakespeare":
+        raise DataError(f"data.dataset '{cfg.dataset}' is not built in: set data.path to your corpus")
+    target = Path(cfg.data_dir) / "shakespeare" / "input.txt"
+    if not target.is_file():
+        if not cfg.allow_download:
+            raise DataError(f"{target} is missing and data.allow_download is false: put Tiny Shakespeare there")
+        download(SHAKESPEARE_URL, target, log)
+    return target
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).suffix
+
+
+def download(url: str, target: Path, log=print) -> None:
+    log(f"data: downloading {url} -> {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download {url} ({e}); offline, copy the file to {target}") from None
+    os.replace(tmp, target)
+
+
+def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Path:
+    """Tokenize `source` into folder/train.bin, val.bin and meta.json, streaming to disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.tokenizer == "char":
+        log(f"data: building a character vocabulary from {source}")
+        tok: tokenizers.Tokenizer = tokenizers.CharTokenizer.from_text(
+            doc for _, doc in iter_documents(source, cfg)
+        )
+    else:
+        tok = tokenizers.TiktokenTokenizer(cfg.tokenizer)
+    if tok.vocab_size == 0:
+        raise DataError(f"corpus {source} is empty")
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    threads = cfg.num_workers or os.cpu_count() or 1
+    counts = {"train": 0, "val": 0}
+    tmp = {split: folder / f"{split}.bin.tmp" for split in counts}
+    files = {split: open(path, "wb") for split, path in tmp.items()}
+    try:
+        pending: dict[str, list[str]] = {"train": [], "val": []}
+
+        def flush(split: str) -> None:
+            for ids in tok.encode_batch(pending[split], num_threads=threads):
+                if tok.eot_id is not None:
+                    ids.append(tok.eot_id)
+                arr = np.asarray(ids, dtype=dtype)
+                arr.tofile(files[split])
+                counts[split] += arr.size
+            pending[split].clear()
+
+        for split, doc in iter_documents(source, cfg):
+            pending[split].append(doc)
+            if len(pending[split]) >= DOCS_PER_BATCH:
+                flush(split)
+        for split in pending:
+            flush(split)
+    finally:
+        for f in files.values():
+            f.close()
+    if counts["train"] == 0:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+        raise DataError(f"corpus {source} is empty: no text to train on")
+    for split, path in tmp.items():
+        os.replace(path, folder / f"{split}.bin")
+    meta = {
+        "tokenizer": tok.to_spec(),
+        "vocab_size": tok.vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "source": str(source),
+        "val_fraction": cfg.val_fraction,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    log(f"data: {counts['train']:,} train and {counts['val']:,} val tokens in {folder}")
+    return folder
+
+
+def iter_documents(source: Path | str, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """Yield (split, text) pieces. One text file splits by position (its tail is validation);
+    many documents split by a seeded coin per document."""
+    if isinstance(source, Path) and source.is_file() and source.suffix.lower() not in TABLE_SUFFIXES:
+        yield from _split_text_file(source, cfg.val_fraction)
+        return
+    rng = np.random.default_rng(0)
+    docs = _iter_texts(source, cfg)
+    first = next(docs, None)
+    second = next(docs, None)
+    if first is None:
+        raise DataError(f"corpus {source} is empty: no documents found")
+    if second is None:  # a single document: split it by position like a text file
+        cut = int(len(first) * (1 - cfg.val_fraction))
+        yield "train", first[:cut]
+        yield "val", first[cut:]
+        return
+    yield "train", first
+    yield "val", second  # both splits are never empty
+    for doc in docs:
+        yield ("val" if rng.random() < cfg.val_fraction else "train"), doc
+
+
+def _split_text_file(path: Path, val_fraction: float) -> Iterator[tuple[str, str]]:
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"corpus {path} is empty")
+    cut = int(size * (1 - val_fraction))
+    with open(path, "r", encoding="utf-8", errors="replace", newline="") as f:
+        done = 0
+        while True:
+            lines = f.readlines(CHUNK_CHARS)
+            if not lines:
+                break
+            text = "".join(lines)
+            n = len(text.encode("utf-8"))
+            if done < cut < done + n:  # the split point falls in this piece
+                k = _char_index_of_byte(text, cut - done)
+                yield "train", text[:k]
+                yield "val", text[k:]
+            else:
+                yield ("train" if done + n <= cut else "val"), text
+            done += n
+
+
+def _char_index_of_byte(text: str, byte_offset: int) -> int:
+    return len(text.encode("utf-8")[:byte_offset].decode("utf-8", errors="ignore"))
+
+
+def _iter_texts(source: Path | str, cfg: DataConfig) -> Iterator[str]:
+    if isinstance(source, Path) and source.is_dir() and any(source.glob("*.txt")):
+        for f in sorted(p for p in source.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES):
+            yield f.read_text(encoding="utf-8", errors="replace")
+        return
+    for row in _load_table(source):
+        if cfg.text_field not in row:
+            raise DataError(
+                f"{source}: records have no '{cfg.text_field}' field (fields: {', '.join(row)}); set data.text_field"
+            )
+        text = row[cfg.text_field]
+        if isinstance(text, str) and text:
+            yield text
+
+
+def _load_table(source: Path | str):
+    """Rows of a JSONL/JSON/CSV/Parquet file or a `datasets` dataset (folder or hub name)."""
+    import datasets  # heavy import, only for these sources
+
+    if isinstance(source, Path) and source.is_file():
+        builder = TABLE_SUFFIXES[source.suffix.lower()]
+        return datasets.load_dataset(builder, data_files=str(source), split="train", streaming=True)
+    if isinstance(source, Path) and (source / "dataset_info.json").is_file():
+        return datasets.load_from_disk(str(source))
+    if isinstance(source, Path) and (source / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(source))["train"]
+    return datasets.load_dataset(str(source), split="train", streaming=True)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+class TokenBatches:
+    """Random (B, block_size) windows from prepared token files, deterministic per (seed, rank, step)."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        block_size: int,
+        batch_size: int,
+        device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        eval_batch_size: int = 0,
+        eval_iters: int = 20,
+    ):
+        folder = Path(folder)
+        meta = read_meta(folder)
+        dtype = np.dtype(meta["dtype"])
+        self.train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
+        self.val = np.memmap(folder / "val.bin", dtype=dtype, mode="r")
+        for split, arr in (("train", self.train), ("val", self.val)):
+            if len(arr) < block_size + 1:
+                raise DataError(
+                    f"{folder}/{split}.bin has {len(arr)} tokens, fewer than block_size+1 ({block_size + 1}): "
+                    "use more text, a larger data.val_fraction, or a smaller model.block_size"
+                )
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        self.seed, self.rank = seed, rank
+        self.eval_batch_size, self.eval_iters = eval_batch_size or batch_size, eval_iters
+
+    def _windows(self, data: np.ndarray, rng: np.random.Generator, batch_size: int) -> Batch:
+        T = self.block_size
+        starts = rng.integers(0, len(data) - T, size=batch_size)
+        window = torch.from_numpy(data[starts[:, None] + np.arange(T + 1)].astype(np.int64))
+        if self.device.type == "cuda":
+            window = window.pin_memory().to(self.device, non_blocking=True)
+        else:
+            window = window.to(self.device)
+        return Batch(window[:, :-1], window[:, 1:])
+
+    def train_batch(self, step: int, micro: int) -> Batch:
+        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        return self._windows(self.train, rng, self.batch_size)
+
+    def val_batches(self) -> Iterator[Batch]:
+        """The same validation windows at every evaluation, so val losses compare fairly."""
+        rng = np.random.default_rng([self.seed, self.rank, 1 << 30])
+        for _ in range(self.eval_iters):
+            yield self._windows(self.val, rng, self.eval_batch_size)

@@ -1,0 +1,232 @@
+"""The GPT-2 architecture: one file, no training, no files, no tokenizer.
+
+Parameter names follow GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...) so weights map
+one-to-one to OpenAI/Hugging Face checkpoints (their Conv1D weights are our Linear weights transposed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.config import ModelConfig
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens in SFT, padding)
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys and values for every layer: (n_layer, B, n_head, max_len, head_dim)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, layer_cache=None, start_pos: int = 0, attn_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+
+        is_causal = attn_mask is None
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            end = start_pos + T
+            cache_k[:, :, start_pos:end] = k
+            cache_v[:, :, start_pos:end] = v
+            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+            if T == 1:  # one new token sees every cached position
+                is_causal = False
+            elif start_pos > 0 and attn_mask is None:
+                # is_causal would align the triangle to the top-left; queries sit at the end.
+                q_pos = torch.arange(start_pos, end, device=x.device)[:, None]
+                attn_mask = torch.arange(end, device=x.device)[None, :] <= q_pos
+                is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU; exact GELU breaks weight parity
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, layer_cache=None, start_pos: int = 0, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), layer_cache, start_pos, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be set (>= 1) before building the model")
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})")
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # residual projections: GPT-2's 1/sqrt(2 * n_layer)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        doc_ids: torch.Tensor | None = None,
+        reduction: str = "mean",
+        logits_to_keep: int = 0,
+    ):
+        """Return (logits, loss).
+
+        idx, targets: (B, T) token ids; targets equal to IGNORE_INDEX carry no loss.
+        kv_cache/start_pos: write this chunk's keys/values at start_pos and attend to all before it.
+        doc_ids: (B, T) document number of each token in a packed window: positions restart and
+            attention stays inside each document, so packed examples never see each other.
+        reduction: "mean" over supervised tokens, or "sum" (the loop normalises across micro-batches).
+        logits_to_keep: 0 = logits for every position, k = only the last k (cheap decoding).
+        """
+        B, T = idx.shape
+        end = start_pos + T
+        limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
+        if end > self.config.block_size or end > limit:
+            raise ValueError(
+                f"sequence of {end} tokens is longer than the model's block_size ({self.config.block_size}); "
+                "shorten the prompt or crop it to the last block_size tokens"
+            )
+        attn_mask = None
+        if doc_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+            pos, attn_mask = _packed_positions_and_mask(doc_ids)
+        else:
+            pos = torch.arange(start_pos, end, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
+            x = block(x, layer_cache, start_pos, attn_mask)
+        x = self.transformer.ln_f(x)
+
+        if targets is None:
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        loss = cross_entropy(logits, targets, reduction)
+        return logits, loss
+
+    # ------------------------------------------------------------------ helpers
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; the position embedding is excluded by default (it does no matmuls)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token (PaLM appendix B): 6N + 12 L H Q T for training, a third for inference."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        fwd_bwd = 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+        return fwd_bwd if training else fwd_bwd / 3
+
+    @torch.no_grad()
+    def resize_vocab(self, new_size: int) -> None:
+        """Grow the tied embedding/LM head; new rows start at the mean embedding (a neutral token)."""
+        old = self.lm_head.weight
+        if new_size <= old.shape[0]:
+            return
+        weight = torch.empty(new_size, old.shape[1], device=old.device, dtype=old.dtype)
+        weight[: old.shape[0]] = old
+        weight[old.shape[0] :] = old.mean(dim=0, keepdim=True)
+        self.lm_head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = nn.Parameter(weight)
+        self.transformer.wte = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.config.vocab_size = new_size
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy ignoring IGNORE_INDEX; an all-ignored batch gives 0, not NaN."""
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _packed_positions_and_mask(doc_ids: torch.Tensor):
+    """Positions restarting at each document and a block-diagonal causal mask (B, 1, T, T)."""
+    B, T = doc_ids.shape
+    t = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+    pos = t - first
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return pos, (same_doc & causal)[:, None]

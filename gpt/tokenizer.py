@@ -1,0 +1,172 @@
+"""Tokenizers: a character vocabulary built from the corpus, or any tiktoken encoding.
+
+A tokenizer round-trips through a small JSON spec stored with the prepared data and every
+checkpoint, so sampling and fine-tuning rebuild exactly the tokenizer training used.
+Special tokens (chat markers) get ids past the base vocabulary; plain `encode` never produces
+them, so user text that looks like a special token stays ordinary text.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterable
+
+import tiktoken
+
+
+class Tokenizer(ABC):
+    """Common interface; see CharTokenizer and TiktokenTokenizer."""
+
+    special_tokens: dict[str, int]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:  # ids are 0 .. vocab_size-1
+        ...
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Text to ids; special-token strings in `text` are encoded as plain text."""
+        ...
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Ids to raw bytes: BPE tokens can split a UTF-8 character, so streams decode bytes."""
+        ...
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    @property
+    def eot_id(self) -> int | None:
+        """End-of-text id separating documents, if the tokenizer has one."""
+        return None
+
+    @abstractmethod
+    def to_spec(self) -> dict:
+        ...
+
+    def add_special_tokens(self, names: list[str]) -> dict[str, int]:
+        """Give each new name an id past the current vocabulary; returns name -> id."""
+        for name in names:
+            if name not in self.special_tokens:
+                self.special_tokens[name] = self.vocab_size
+        return {n: self.special_tokens[n] for n in names}
+
+    def special_id(self, name: str) -> int:
+        if name not in self.special_tokens:
+            raise KeyError(f"tokenizer has no special token {name!r}")
+        return self.special_tokens[name]
+
+
+class CharTokenizer(Tokenizer):
+    def __init__(self, chars: list[str], special_tokens: dict[str, int] | None = None):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.special_tokens = dict(special_tokens or {})
+
+    @classmethod
+    def from_text(cls, text: str | Iterable[str]) -> "CharTokenizer":
+        chars: set[str] = set()
+        for piece in [text] if isinstance(text, str) else text:
+            chars.update(piece)
+        return cls(sorted(chars))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + len(self.special_tokens)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(
+                f"character {e.args[0]!r} is not in this model's character vocabulary "
+                f"({len(self.chars)} characters seen in its training corpus)"
+            ) from None
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        inverse = {i: s for s, i in self.special_tokens.items()}
+        n = len(self.chars)
+        return "".join(self.chars[i] if i < n else inverse.get(i, "") for i in ids).encode("utf-8")
+
+    def to_spec(self) -> dict:
+        return {"kind": "char", "chars": self.chars, "special_tokens": self.special_tokens}
+
+
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, name: str, special_tokens: dict[str, int] | None = None):
+        self.name = name
+        try:
+            self.base = tiktoken.get_encoding(name)
+        except ValueError as e:
+            raise ValueError(f"unknown tokenizer {name!r}: use 'char' or a tiktoken encoding such as 'gpt2'") from e
+        except Exception as e:  # no network and no cache
+            raise RuntimeError(
+                f"could not load the tiktoken encoding {name!r} ({e}); offline, point TIKTOKEN_CACHE_DIR "
+                "at a folder holding its cached file"
+            ) from e
+        self.special_tokens = dict(special_tokens or {})
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        if not self.special_tokens:
+            self.enc = self.base
+            return
+        self.enc = tiktoken.Encoding(
+            name=f"{self.name}+chat",
+            pat_str=self.base._pat_str,
+            mergeable_ranks=self.base._mergeable_ranks,
+            special_tokens={**self.base._special_tokens, **self.special_tokens},
+        )
+
+    def add_special_tokens(self, names: list[str]) -> dict[str, int]:
+        out = super().add_special_tokens(names)
+        self._rebuild()
+        return out
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.base.n_vocab, max(self.special_tokens.values(), default=-1) + 1)
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.enc.decode_bytes(list(ids))
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.base._special_tokens.get("<|endoftext|>")
+
+    def to_spec(self) -> dict:
+        return {"kind": "tiktoken", "name": self.name, "special_tokens": self.special_tokens}
+
+
+def from_spec(spec: dict) -> Tokenizer:
+    kind = spec.get("kind")
+    if kind == "char":
+        return CharTokenizer(spec["chars"], spec.get("special_tokens"))
+    if kind == "tiktoken":
+        return TiktokenTokenizer(spec["name"], spec.get("special_tokens"))
+    raise ValueError(f"unknown tokenizer kind {kind!r} in tokenizer spec")
+
+
+def save(tok: Tokenizer, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(tok.to_spec(), ensure_ascii=False), encoding="utf-8")
+
+
+def load(path: str | Path) -> Tokenizer:
+    p = Path(path)
+    try:
+        return from_spec(json.loads(p.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{p}: unreadable tokenizer file ({e})") from None

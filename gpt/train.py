@@ -1,0 +1,293 @@
+"""The training loop, `fit()`, shared by pretraining and fine-tuning, and `pretrain(cfg)`.
+
+fit() takes a model and a batch source and owns everything else: optimizer and schedule,
+mixed precision, gradient accumulation, clipping, the non-finite guard, evaluation, logging,
+checkpoints and exact resume. The loss of a step is the sum of token losses over all its
+micro-batches (and ranks) divided by the number of supervised tokens, so accumulation equals
+one larger batch and SFT batches with few response tokens are weighted fairly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import torch
+
+from gpt import checkpoint, dist as distributed
+from gpt.config import PretrainConfig, check_pretrain, save_yaml, to_dict
+from gpt.data import Batch, TokenBatches, ensure_prepared, read_meta
+from gpt.device import autocast, enable_tf32, gpu_peak_flops, pick_device, resolve_dtype
+from gpt.metrics import MetricsLog
+from gpt.model import GPT, IGNORE_INDEX
+from gpt.optim import lr_at, make_optimizer
+from gpt.tokenizer import Tokenizer, from_spec
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
+class BatchSource(Protocol):
+    def train_batch(self, step: int, micro: int) -> Batch: ...
+
+    def val_batches(self) -> Iterable[Batch]: ...
+
+
+@dataclass
+class FitResult:
+    step: int  # optimizer steps completed
+    best_val_loss: float
+    last_val_loss: float
+    interrupted: bool = False
+    stopped_early: bool = False
+
+
+def fit(
+    model: GPT,
+    batches: BatchSource,
+    cfg: Any,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    dist: distributed.Dist | None = None,
+) -> FitResult:
+    """Train `model` on `batches` for cfg.train.max_iters optimizer steps, checkpointing to cfg.out_dir.
+
+    `cfg` is a run config with train, optim, logging and out_dir (PretrainConfig or the SFT config).
+    """
+    dist = dist or distributed.Dist()
+    t, o = cfg.train, cfg.optim
+    out = Path(cfg.out_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+    dtype = resolve_dtype(t.dtype, device)
+    enable_tf32()
+    model.to(device)
+    optimizer = make_optimizer(model, o, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    start, best, last_val = 0, math.inf, math.inf
+    if t.resume:
+        start, best = _resume(model, optimizer, scaler, out, device)
+        if dist.is_main:
+            print(f"resuming from {out / 'latest'} at iter {start} (best val loss {best:.4f})", flush=True)
+    dist.barrier()
+    train_model = distributed.wrap(model, dist, device)
+    train_model.train()
+    if t.compile:
+        train_model = torch.compile(train_model)
+
+    log = MetricsLog(out, dist.is_main, t.max_iters, start, cfg.logging.progress, cfg.logging, to_dict(cfg))
+    if dist.is_main:
+        global_batch = t.batch_size * t.grad_accum * dist.world_size
+        log.print(f"global batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} ranks = "
+                  f"{global_batch} sequences; {model.num_params() / 1e6:.2f}M parameters; {dtype} on {device}")
+        log.record(iter=start, global_batch=global_batch, world_size=dist.world_size)
+    peak = gpu_peak_flops(device)
+    flops_per_step = None
+    stale_evals, result = 0, None
+    step = start
+
+    def save(kind: str, val_loss: float) -> None:
+        meta = {"iter": step, "val_loss": val_loss, "best_val_loss": best}
+        state = _train_state(optimizer, scaler, step, best) if kind == "latest" else None
+        if dist.is_main:
+            checkpoint.save_checkpoint(out / kind, checkpoint.model_state_dict(model), to_dict(cfg), tokenizer,
+                                       meta, state)
+        dist.barrier()
+
+    try:
+        t_last, tokens_since = time.perf_counter(), 0
+        while True:
+            due = step % t.eval_interval == 0 and step != start or step == t.max_iters or (step == 0 and start == 0)
+            if due and t.eval_iters > 0:
+                last_val = evaluate(train_model, batches, device, dtype, dist)
+                improved = last_val < best
+                best = min(best, last_val)
+                log.print(f"iter {step}: val loss {last_val:.4f}" + (" (best)" if improved else ""))
+                log.record(iter=step, val_loss=last_val)
+                if step > 0 and (not t.checkpoint_interval or step % t.checkpoint_interval == 0 or step == t.max_iters):
+                    save("latest", last_val)
+                    if improved:
+                        save("best", last_val)
+                stale_evals = 0 if improved else stale_evals + 1
+                if t.early_stop_patience and stale_evals >= t.early_stop_patience:
+                    log.print(f"early stop: no improvement in {stale_evals} evaluations")
+                    result = FitResult(step, best, last_val, stopped_early=True)
+                    break
+                t_last = time.perf_counter()
+            elif t.checkpoint_interval and step % t.checkpoint_interval == 0 and step != start:
+                save("latest", last_val)
+            if step >= t.max_iters:
+                break
+
+            lr = lr_at(step, o, t.max_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, n_tokens = _train_step(train_model, batches, step, t.grad_accum, optimizer, scaler,
+                                         device, dtype, dist, o.grad_clip)
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"iter {step}: loss is {loss}; stopping. The last good checkpoint in {out} is kept: "
+                    "lower optim.lr, raise optim.warmup_iters or use dtype=float32"
+                )
+            step += 1
+            tokens_since += n_tokens
+            log.advance()
+            if step % t.log_interval == 0 or step == t.max_iters:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                n_steps = t.log_interval if step % t.log_interval == 0 else step % t.log_interval
+                ms = (now - t_last) * 1000 / max(1, n_steps)
+                tok_s = tokens_since / max(now - t_last, 1e-9)
+                line = f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {ms:.1f} ms/iter, {tok_s:,.0f} tok/s"
+                values = dict(iter=step, loss=loss, lr=lr, ms_per_iter=ms, tokens_per_s=tok_s)
+                if peak:
+                    flops_per_step = flops_per_step or model.flops_per_token(training=True)
+                    mfu = tok_s * flops_per_step / peak / dist.world_size
+                    line += f", mfu {mfu:.1%}"
+                    values["mfu"] = mfu
+                log.print(line)
+                log.record(**values)
+                t_last, tokens_since = now, 0
+        if result is None:
+            result = FitResult(step, best, last_val)
+    except KeyboardInterrupt:
+        log.print(f"interrupted at iter {step}: saving {out / 'latest'}")
+        optimizer.zero_grad(set_to_none=True)
+        save("latest", last_val)
+        result = FitResult(step, best, last_val, interrupted=True)
+    finally:
+        log.close()
+    return result
+
+
+def _train_step(model, batches: BatchSource, step: int, accum: int, optimizer, scaler, device, dtype, dist,
+                grad_clip: float) -> tuple[float, int]:
+    """One optimizer step over `accum` micro-batches; returns (mean token loss, tokens seen on this rank)."""
+    micro = [batches.train_batch(step, m) for m in range(accum)]
+    counts = torch.stack([(b.y != IGNORE_INDEX).sum() for b in micro]).sum().to(device, torch.float32)
+    n_supervised = dist.all_reduce_sum(counts.clone()).clamp(min=1)
+    # DDP averages gradients over ranks; multiply back so the result is sum(loss)/n_supervised.
+    scale = dist.world_size / n_supervised
+    total = torch.zeros((), device=device)
+    for m, b in enumerate(micro):
+        with dist.no_sync(model, skip=m < accum - 1), autocast(device, dtype):
+            _, loss_sum = model(b.x, b.y, doc_ids=b.doc_ids, reduction="sum")
+        scaler.scale(loss_sum * scale).backward()
+        total += loss_sum.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    loss = (dist.all_reduce_sum(total) / n_supervised).item()
+    return loss, sum(b.x.numel() for b in micro)
+
+
+@torch.no_grad()
+def evaluate(model, batches: BatchSource, device, dtype, dist: distributed.Dist) -> float:
+    """Mean token loss over the validation batches, averaged over all ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, device=device)
+    for b in batches.val_batches():
+        with autocast(device, dtype):
+            _, loss_sum = model(b.x, b.y, doc_ids=b.doc_ids, reduction="sum")
+        sums[0] += loss_sum.float()
+        sums[1] += (b.y != IGNORE_INDEX).sum()
+    model.train(was_training)
+    sums = dist.all_reduce_sum(sums)
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def _train_state(optimizer, scaler, step: int, best: float) -> dict:
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "iter": step,
+        "best_val_loss": best,
+        "torch_rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _resume(model, optimizer, scaler, out: Path, device) -> tuple[int, float]:
+    ckpt = checkpoint.resolve(out, prefer="latest")
+    if ckpt.name not in ("latest", ".latest.old"):
+        raise checkpoint.CheckpointError(f"{out}: no 'latest' checkpoint to resume from")
+    checkpoint.load_weights(model, ckpt / checkpoint.MODEL_FILE)
+    state = checkpoint.load_train_state(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["iter"]), float(state["best_val_loss"])
+
+
+# ---------------------------------------------------------------------------- pretraining
+
+
+def pretrain(cfg: PretrainConfig) -> FitResult:
+    """Prepare the data if needed, build or load the model, and run fit()."""
+    check_pretrain(cfg)
+    dist = distributed.setup(cfg.distributed, cfg.train.device)
+    try:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        device = distributed.device_for(dist, pick_device(cfg.train.device))
+        torch.manual_seed(cfg.train.seed + dist.rank)
+        if dist.is_main:
+            folder = ensure_prepared(cfg.data)
+        dist.barrier()
+        folder = ensure_prepared(cfg.data, log=lambda *_: None) if not dist.is_main else folder
+        meta = read_meta(folder)
+        tokenizer = from_spec(meta["tokenizer"])
+        model = init_model(cfg, tokenizer)
+        batches = TokenBatches(folder, cfg.model.block_size, cfg.train.batch_size, device, cfg.train.seed,
+                               dist.rank, cfg.train.eval_batch_size, cfg.train.eval_iters)
+        result = fit(model, batches, cfg, tokenizer, device, dist)
+        if dist.is_main and cfg.logging.sample_tokens and not result.interrupted:
+            print_sample(model, tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens, device)
+        return result
+    finally:
+        dist.close()
+
+
+def init_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
+    """A fresh model sized for the tokenizer, or the weights named by init_from."""
+    if cfg.init_from == "scratch":
+        if not cfg.model.vocab_size:
+            m = cfg.model.vocab_multiple
+            cfg.model.vocab_size = -(-tokenizer.vocab_size // m) * m
+        elif cfg.model.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                             f"({tokenizer.vocab_size}); set model.vocab_size=0 to size it automatically")
+        return GPT(cfg.model)
+    model, init_tok, _ = checkpoint.load_pretrained(cfg.init_from)
+    if init_tok.to_spec() != tokenizer.to_spec():
+        raise ValueError(f"init_from {cfg.init_from} uses a different tokenizer than data.tokenizer="
+                         f"'{cfg.data.tokenizer}'; prepare the data with the checkpoint's tokenizer")
+    if model.config.block_size < cfg.model.block_size:
+        raise ValueError(f"model.block_size {cfg.model.block_size} exceeds the block size of "
+                         f"{cfg.init_from} ({model.config.block_size})")
+    cfg.model = model.config
+    return model
+
+
+def print_sample(model: GPT, tokenizer: Tokenizer, prompt: str, n_tokens: int, device) -> None:
+    from gpt.generate import generate  # the sampler; imported here so training does not need it otherwise
+
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id or 0]
+    out = generate(model, torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=200, seed=1337,
+                   vocab_limit=tokenizer.vocab_size)
+    print("--- sample ---\n" + tokenizer.decode(out[0].tolist()) + "\n--------------", flush=True)
