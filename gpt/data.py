@@ -3,7 +3,8 @@
 Prepared data lives in <data_dir>/<dataset>/<tokenizer>/ as flat token arrays (uint16, or
 uint32 when the vocabulary does not fit) plus meta.json with the tokenizer spec. A batch is a
 pure function of (seed, rank, step, micro-step), so a resumed run sees exactly the batches an
-uninterrupted run would have seen, and every rank of a distributed run sees different ones.
+uninterrupted run would have seen. Each step draws one global batch and rank r takes rows
+[r*B, (r+1)*B), so N ranks of batch B see exactly what one process of batch N*B sees.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def _load_table(source: Path | str):
 
 
 class TokenBatches:
-    """Random (B, block_size) windows from prepared token files, deterministic per (seed, rank, step)."""
+    """Random (B, block_size) windows from prepared token files, deterministic per (seed, step, micro)."""
 
     def __init__(
         self,
@@ -251,6 +252,7 @@ class TokenBatches:
         rank: int = 0,
         eval_batch_size: int = 0,
         eval_iters: int = 20,
+        world_size: int = 1,
     ):
         folder = Path(folder)
         meta = read_meta(folder)
@@ -264,12 +266,14 @@ class TokenBatches:
                     "use more text, a larger data.val_fraction, or a smaller model.block_size"
                 )
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.eval_batch_size, self.eval_iters = eval_batch_size or batch_size, eval_iters
 
     def _windows(self, data: np.ndarray, rng: np.random.Generator, batch_size: int) -> Batch:
+        """This rank's rows of one global draw of batch_size * world_size windows."""
         T = self.block_size
-        starts = rng.integers(0, len(data) - T, size=batch_size)
+        starts = rng.integers(0, len(data) - T, size=batch_size * self.world_size)
+        starts = starts[self.rank * batch_size : (self.rank + 1) * batch_size]
         window = torch.from_numpy(data[starts[:, None] + np.arange(T + 1)].astype(np.int64))
         if self.device.type == "cuda":
             window = window.pin_memory().to(self.device, non_blocking=True)
@@ -278,11 +282,11 @@ class TokenBatches:
         return Batch(window[:, :-1], window[:, 1:])
 
     def train_batch(self, step: int, micro: int) -> Batch:
-        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        rng = np.random.default_rng([self.seed, step, micro])
         return self._windows(self.train, rng, self.batch_size)
 
     def val_batches(self) -> Iterator[Batch]:
         """The same validation windows at every evaluation, so val losses compare fairly."""
-        rng = np.random.default_rng([self.seed, self.rank, 1 << 30])
+        rng = np.random.default_rng([self.seed, 1 << 30])
         for _ in range(self.eval_iters):
             yield self._windows(self.val, rng, self.eval_batch_size)
