@@ -6,7 +6,9 @@ A conversation is rendered turn by turn as
 
 where the markers are special tokens added to the tokenizer (ids past the base vocabulary).
 Text inside a message is always encoded as plain text, so a user writing "<|end|>" cannot end
-a turn. Models without these tokens (plain pretrained checkpoints) get a plain template,
+a turn. Fine-tuning puts loss on each assistant turn's content and its <|end|> (what the model
+must learn to write, including when to stop); role headers, other turns and the newline after
+<|end|> carry none. Models without these tokens (plain pretrained checkpoints) get a plain template,
 "User: ...\\nAssistant: ...\\n", whose turn ends at a newline followed by "User:".
 """
 
@@ -63,10 +65,10 @@ class ChatTemplate:
             out.append(Segment(self._header(role), False))
             body = self.tok.encode(content)
             if self.special:
-                body += [self.tok.special_id(END_TOKEN)] + self.tok.encode("\n")
+                out.append(Segment(body + [self.tok.special_id(END_TOKEN)], role == "assistant"))
+                out.append(Segment(self.tok.encode("\n"), False))  # separator: never generated
             else:
-                body += self.tok.encode("\n")
-            out.append(Segment(body, role == "assistant"))
+                out.append(Segment(body + self.tok.encode("\n"), role == "assistant"))
         if add_generation_prompt:
             out.append(Segment(self._header("assistant"), False))
         return out

@@ -114,6 +114,51 @@ class PretrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
+@dataclass
+class SFTDataConfig:
+    """Fine-tuning records: local JSONL/JSON/CSV/Parquet (or a `datasets` folder; a hub name only if you name one)."""
+
+    path: str = ""  # the training file
+    val_path: str = ""  # a separate validation file; empty = hold out val_fraction of `path`
+    format: Literal["auto", "chat", "instruction", "text"] = "auto"  # auto = detected per record
+    val_fraction: float = 0.1  # used when val_path is empty
+    split_seed: int = 0  # the held-out records are a fixed function of this seed
+    skip_invalid: bool = False  # skip (and count and report) malformed records instead of stopping
+
+
+@dataclass
+class SFTConfig:
+    train_on_prompt: bool = False  # false: loss only on assistant/response tokens
+    packing: bool = True  # pack several examples per window (attention kept inside each), else pad one per row
+    block_size: int = 0  # training window in tokens; 0 = the base model's block_size
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0  # 0 = full fine-tuning; > 0 = train only low-rank adapters of this rank
+    alpha: float = 16.0  # adapter output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input
+    targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # Linear layer names
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `python finetune.py CONFIG` reads. The model section is taken from init_from."""
+
+    out_dir: str = ""  # default: out/<config file name>
+    init_from: str = ""  # one of our checkpoint dirs (out/shakespeare) or a Hugging Face GPT-2 dir
+    model: ModelConfig = field(default_factory=ModelConfig)  # filled from init_from; do not set
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, min_lr=1e-5, warmup_iters=20,
+                                                                    weight_decay=0.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_iters=500, batch_size=16,
+                                                                    eval_interval=50, eval_iters=10))
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(sample_tokens=100))
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
 # ---------------------------------------------------------------------------- loading
 
 
@@ -319,3 +364,33 @@ def check_common(cfg: Any) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not (math.isfinite(o.lr) and o.lr > 0):
         raise ConfigError(f"optim.lr must be a positive number, got {o.lr}")
+
+
+def check_finetune(cfg: FinetuneConfig) -> None:
+    """Cross-field checks for fine-tuning (the model section itself comes from init_from)."""
+    if cfg.model != ModelConfig():
+        raise ConfigError("model.* is taken from init_from and cannot be set for fine-tuning; "
+                          "use sft.block_size for shorter training windows")
+    if not cfg.out_dir:
+        raise ConfigError("out_dir is required (it defaults to out/<config name> when a config file is given)")
+    if not cfg.init_from:
+        raise ConfigError("init_from is required: a checkpoint directory (e.g. out/shakespeare) or a "
+                          "Hugging Face GPT-2 directory")
+    if not cfg.data.path:
+        raise ConfigError("data.path is required: the training file (.jsonl, .json, .csv or .parquet)")
+    check_common(cfg)
+    if not cfg.data.val_path and not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1) when data.val_path is empty, "
+                          f"got {cfg.data.val_fraction}")
+    if cfg.sft.block_size < 0:
+        raise ConfigError(f"sft.block_size must be >= 0 (0 = the base model's), got {cfg.sft.block_size}")
+    lo = cfg.lora
+    if lo.rank < 0:
+        raise ConfigError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {lo.rank}")
+    if lo.rank:
+        if not (math.isfinite(lo.alpha) and lo.alpha > 0):
+            raise ConfigError(f"lora.alpha must be a positive number, got {lo.alpha}")
+        if not 0.0 <= lo.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+        if not lo.targets:
+            raise ConfigError("lora.targets must name at least one Linear layer (c_attn, c_proj, c_fc)")

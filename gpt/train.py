@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
@@ -53,10 +53,14 @@ def fit(
     tokenizer: Tokenizer,
     device: torch.device,
     dist: distributed.Dist | None = None,
+    export: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None,
 ) -> FitResult:
     """Train `model` on `batches` for cfg.train.max_iters optimizer steps, checkpointing to cfg.out_dir.
 
     `cfg` is a run config with train, optim, logging and out_dir (PretrainConfig or the SFT config).
+    `export` maps the model to the weights a checkpoint stores (default: its state dict); LoRA passes
+    the merged weights so every checkpoint is a plain GPT. `latest` then also keeps the trainable
+    parameters as they train (the frozen rest is rebuilt from init_from), so resume stays exact.
     """
     dist = dist or distributed.Dist()
     t, o = cfg.train, cfg.optim
@@ -96,8 +100,10 @@ def fit(
         meta = {"iter": step, "val_loss": val_loss, "best_val_loss": best}
         state = _train_state(optimizer, scaler, step, best) if kind == "latest" else None
         if dist.is_main:
-            checkpoint.save_checkpoint(out / kind, checkpoint.model_state_dict(model), to_dict(cfg), tokenizer,
-                                       meta, state)
+            weights = checkpoint.model_state_dict(model) if export is None else export(model)
+            if state is not None and export is not None:
+                state["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            checkpoint.save_checkpoint(out / kind, weights, to_dict(cfg), tokenizer, meta, state)
         dist.barrier()
 
     try:
@@ -108,8 +114,9 @@ def fit(
                 last_val = evaluate(train_model, batches, device, dtype, dist)
                 improved = last_val < best
                 best = min(best, last_val)
-                log.print(f"iter {step}: val loss {last_val:.4f}" + (" (best)" if improved else ""))
-                log.record(iter=step, val_loss=last_val)
+                ppl = math.exp(min(last_val, 50.0))
+                log.print(f"iter {step}: val loss {last_val:.4f}, ppl {ppl:.2f}" + (" (best)" if improved else ""))
+                log.record(iter=step, val_loss=last_val, val_ppl=ppl)
                 if step > 0 and (not t.checkpoint_interval or step % t.checkpoint_interval == 0 or step == t.max_iters):
                     save("latest", last_val)
                     if improved:
@@ -224,14 +231,31 @@ def _resume(model, optimizer, scaler, out: Path, device) -> tuple[int, float]:
     ckpt = checkpoint.resolve(out, prefer="latest")
     if ckpt.name not in ("latest", ".latest.old"):
         raise checkpoint.CheckpointError(f"{out}: no 'latest' checkpoint to resume from")
-    checkpoint.load_weights(model, ckpt / checkpoint.MODEL_FILE)
     state = checkpoint.load_train_state(ckpt)
+    if "trainable" in state:  # saved weights are an export (merged LoRA): restore the training form
+        _load_trainable(model, state["trainable"], ckpt)
+    else:
+        checkpoint.load_weights(model, ckpt / checkpoint.MODEL_FILE)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["iter"]), float(state["best_val_loss"])
+
+
+def _load_trainable(model, saved: dict[str, torch.Tensor], ckpt: Path) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        raise checkpoint.CheckpointError(
+            f"{ckpt}: its trainable parameters do not match this run's (was it saved with other lora.* settings?)")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            if tensor.shape != params[name].shape:
+                raise checkpoint.CheckpointError(f"{ckpt}: {name} has shape {tuple(tensor.shape)}, "
+                                                 f"expected {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
 
 
 # ---------------------------------------------------------------------------- pretraining

@@ -1,0 +1,236 @@
+"""Supervised fine-tuning: `finetune(cfg)` = base checkpoint + chat tokens + SFT batches -> the same fit().
+
+The base model comes from one of our checkpoint directories or a Hugging Face GPT-2 directory.
+Its tokenizer gains the chat markers (<|system|> <|user|> <|assistant|> <|end|>) as special tokens,
+the embedding/LM head grow to match, and the tokenizer (hence the template) is saved with every
+checkpoint, so `sample.py --chat` formats conversations exactly as training did.
+
+Batches. Training examples are visited epoch by epoch in a seeded shuffled order. With packing
+(the default) consecutive examples fill each window and carry doc_ids, so positions restart and
+attention stays inside each example (block-diagonal causal mask): packed examples never see each
+other. Without packing each row holds one example, right-padded. Row j of this stream is a pure
+function of (seed, j), and step s / micro-step m / rank r takes rows starting at
+((s * grad_accum + m) * world_size + r) * batch_size, so a resumed run sees the batches an
+uninterrupted one would, and N ranks of batch B see what one process of batch N * B sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from gpt import checkpoint, dist as distributed
+from gpt.chat import CHAT_TOKENS, ChatTemplate
+from gpt.config import FinetuneConfig, ConfigError, check_finetune
+from gpt.data import Batch
+from gpt.device import pick_device
+from gpt.lora import apply_lora, count_trainable, merged_state_dict
+from gpt.model import GPT, IGNORE_INDEX
+from gpt.sft_data import Example, load_sft_data
+from gpt.tokenizer import Tokenizer
+from gpt.train import FitResult, fit
+
+
+class RowStream:
+    """The training stream's rows (lists of example indices), epoch after epoch."""
+
+    def __init__(self, lengths: list[int], capacity: int, packing: bool, seed: int, shuffle: bool = True):
+        self.lengths, self.capacity, self.packing = lengths, capacity, packing
+        self.seed, self.shuffle = seed, shuffle
+        self.rows: list[list[int]] = []  # packed rows built so far (packing only)
+        self.epoch_rows: list[int] = []  # rows per packed epoch
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This epoch's order of examples (cached: consecutive rows mostly share an epoch)."""
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.lengths)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def row(self, j: int) -> list[int]:
+        if not self.packing:
+            epoch, k = divmod(j, len(self.lengths))
+            return [int(self.order(epoch)[k])]
+        while len(self.rows) <= j:
+            self._pack_epoch(len(self.epoch_rows))
+        return self.rows[j]
+
+    def rows_per_epoch(self) -> int:
+        if not self.packing:
+            return len(self.lengths)
+        if not self.epoch_rows:
+            self._pack_epoch(0)
+        return self.epoch_rows[0]
+
+    def _pack_epoch(self, epoch: int) -> None:
+        """Greedy, in order: an example that does not fit in the current row starts the next one."""
+        before = len(self.rows)
+        current: list[int] = []
+        used = 0
+        for i in self.order(epoch):
+            n = self.lengths[i]
+            if current and used + n > self.capacity:
+                self.rows.append(current)
+                current, used = [], 0
+            current.append(int(i))
+            used += n
+        self.rows.append(current)
+        self.epoch_rows.append(len(self.rows) - before)
+
+
+class SFTBatches:
+    """The BatchSource fit() trains on: deterministic rows of examples, collated with their loss mask."""
+
+    def __init__(self, train: list[Example], val: list[Example], block_size: int, batch_size: int,
+                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
+                 packing: bool = True, eval_batch_size: int = 0, eval_iters: int = 20):
+        self.train, self.val = train, val
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        self.rank, self.world_size, self.grad_accum, self.packing = rank, world_size, grad_accum, packing
+        self.stream = RowStream([len(e.ids) - 1 for e in train], block_size, packing, seed)
+        self.eval_batch_size, self.eval_iters = eval_batch_size or batch_size, eval_iters
+        self.val_rows = self._val_rows()
+
+    def train_batch(self, step: int, micro: int) -> Batch:
+        first = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
+        return self.collate([self.stream.row(first + b) for b in range(self.batch_size)], self.train)
+
+    def val_batches(self) -> Iterator[Batch]:
+        """The same validation rows at every evaluation: the whole set, or its first eval_iters batches."""
+        B, W = self.eval_batch_size, self.world_size
+        for i in range(0, len(self.val_rows), B * W):
+            rows = self.val_rows[i + self.rank * B: i + (self.rank + 1) * B]
+            yield self.collate(rows + [[]] * (B - len(rows)), self.val)  # [] = an empty row, no loss
+
+    def steps_per_epoch(self) -> float:
+        return self.stream.rows_per_epoch() / (self.batch_size * self.grad_accum * self.world_size)
+
+    def _val_rows(self) -> list[list[int]]:
+        stream = RowStream([len(e.ids) - 1 for e in self.val], self.block_size, self.packing, 0, shuffle=False)
+        n = stream.rows_per_epoch()
+        rows = [stream.row(j) for j in range(n)]
+        return rows[: self.eval_iters * self.eval_batch_size * self.world_size]
+
+    def collate(self, rows: list[list[int]], examples: list[Example]) -> Batch:
+        """x, y (IGNORE_INDEX off the response and on padding) and, when packing, doc_ids."""
+        T = max(1, max(sum(len(examples[i].ids) - 1 for i in row) for row in rows))
+        x = np.zeros((len(rows), T), dtype=np.int64)
+        y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
+        docs = np.zeros((len(rows), T), dtype=np.int64)
+        for r, row in enumerate(rows):
+            pos = 0
+            for d, i in enumerate(row):
+                e = examples[i]
+                n = len(e.ids) - 1
+                x[r, pos:pos + n] = e.ids[:-1]
+                y[r, pos:pos + n] = np.where(e.mask[1:], e.ids[1:], IGNORE_INDEX)
+                docs[r, pos:pos + n] = d
+                pos += n
+            docs[r, pos:] = len(row)  # the padding tail is a document of its own
+        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        return Batch(to(x), to(y), to(docs) if self.packing else None)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def add_chat_tokens(model: GPT, tok: Tokenizer, seed: int = 0) -> list[str]:
+    """Add the chat markers to `tok` and grow the model to match; returns the tokens that were new.
+
+    New rows start at the mean embedding plus a little noise (half the per-dimension spread of the
+    existing rows): a neutral start, yet distinct, so a LoRA run with frozen embeddings can still
+    tell <|user|> from <|assistant|>.
+    """
+    new = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
+    n_before = tok.vocab_size
+    ChatTemplate.add_tokens(tok)
+    if tok.vocab_size > model.config.vocab_size:
+        model.resize_vocab(tok.vocab_size)
+    if new:
+        with torch.no_grad():
+            w = model.lm_head.weight
+            old = w[:n_before].float()
+            gen = torch.Generator().manual_seed(seed)
+            for name in new:
+                noise = torch.randn(w.shape[1], generator=gen).to(w.device)
+                w[tok.special_id(name)] = (old.mean(0) + 0.5 * old.std(0) * noise).to(w.dtype)
+    return new
+
+
+def finetune(cfg: FinetuneConfig) -> FitResult:
+    """Load the base model, add the chat tokens, read and check the data, optionally add LoRA, fit()."""
+    check_finetune(cfg)
+    dist = distributed.setup(cfg.distributed, cfg.train.device)
+    try:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        device = distributed.device_for(dist, pick_device(cfg.train.device))
+        torch.manual_seed(cfg.train.seed + dist.rank)
+        log: Callable[[str], None] = (lambda line: print(line, flush=True)) if dist.is_main else (lambda line: None)
+
+        model, tok, folder = checkpoint.load_pretrained(cfg.init_from)
+        new = add_chat_tokens(model, tok, cfg.train.seed)
+        log(f"init: {folder}" + (f"; added chat tokens {' '.join(new)}" if new else ""))
+        cfg.model = model.config
+        block_size = cfg.sft.block_size or model.config.block_size
+        if block_size > model.config.block_size:
+            raise ConfigError(f"sft.block_size {block_size} exceeds the block size of {cfg.init_from} "
+                              f"({model.config.block_size})")
+        template = ChatTemplate(tok)
+        data = load_sft_data(cfg.data, template, block_size + 1, cfg.sft.train_on_prompt, log,
+                             report_dir=Path(cfg.out_dir) if dist.is_main else None)
+
+        export = None
+        if cfg.lora.rank:
+            names = apply_lora(model, cfg.lora, cfg.train.seed)
+            trainable, total = count_trainable(model)
+            log(f"lora: rank {cfg.lora.rank} adapters on {len(names)} layers; training {trainable:,} of "
+                f"{total:,} parameters; checkpoints hold the merged model")
+            export = merged_state_dict
+
+        t = cfg.train
+        batches = SFTBatches(data.train, data.val, block_size, t.batch_size, device, t.seed, dist.rank,
+                             dist.world_size, t.grad_accum, cfg.sft.packing, t.eval_batch_size, t.eval_iters)
+        log(f"data: {'packed' if cfg.sft.packing else 'padded'} windows of {block_size} tokens; "
+            f"one epoch is about {batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
+        result = fit(model, batches, cfg, tok, device, dist, export=export)
+        if dist.is_main and cfg.logging.sample_tokens and not result.interrupted:
+            for messages in data.samples:
+                print_reply(model, template, messages, cfg.logging.sample_tokens, device)
+        return result
+    finally:
+        dist.close()
+
+
+@torch.no_grad()
+def greedy_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_new_tokens: int,
+                 device: torch.device) -> str:
+    """The model's greedy answer to `messages` (a short uncached loop: this runs once after training)."""
+    was_training = model.training
+    model.eval()
+    ids = template.encode(messages, add_generation_prompt=True)
+    start, stop = len(ids), set(template.stop_ids)
+    for _ in range(max_new_tokens):
+        window = torch.tensor([ids[-model.config.block_size:]], device=device)
+        logits, _ = model(window, logits_to_keep=1)
+        nxt = int(logits[0, -1, : template.tok.vocab_size].argmax())
+        if nxt in stop:
+            break
+        ids.append(nxt)
+    model.train(was_training)
+    return template.tok.decode(ids[start:])
+
+
+def print_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_new_tokens: int, device) -> None:
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if last == 0:
+        return
+    prompt, expected = messages[:last], messages[last]["content"]
+    reply = greedy_reply(model, template, prompt, max_new_tokens, device)
+    print(f"--- sample ---\n{prompt[-1]['role']}: {prompt[-1]['content']}\nexpected: {expected}\n"
+          f"model: {reply}\n--------------", flush=True)
