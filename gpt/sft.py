@@ -97,8 +97,12 @@ class SFTBatches:
         self.val_rows = self._val_rows()
 
     def train_batch(self, step: int, micro: int) -> Batch:
+        return self.collate(self.train_rows(step, micro), self.train)
+
+    def train_rows(self, step: int, micro: int) -> list[list[int]]:
+        """This rank's rows (example indices) of the global draw for (step, micro)."""
         first = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
-        return self.collate([self.stream.row(first + b) for b in range(self.batch_size)], self.train)
+        return [self.stream.row(first + b) for b in range(self.batch_size)]
 
     def val_batches(self) -> Iterator[Batch]:
         """The same validation rows at every evaluation: the whole set, or its first eval_iters batches."""
