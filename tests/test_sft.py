@@ -107,6 +107,12 @@ def test_truncation_keeps_prompt_end_and_response_start():
     ex, truncated = encode_chat(tpl, short_prompt, budget=40)
     assert truncated and ex.ids.tolist() == full.ids[:40].tolist()  # whole prompt, response cut at the end
 
+    short_response = qa(prompt, "ok.")["messages"]
+    full, _ = encode_chat(tpl, short_response, budget=1000)
+    ex, truncated = encode_chat(tpl, short_response, budget=40)
+    assert truncated and ex.ids.tolist() == full.ids[-40:].tolist()  # prompt's end, whole response
+    assert tpl.tok.decode(ex.ids[ex.mask].tolist()) == "ok.<|end|>"
+
 
 def test_user_text_that_looks_like_a_special_token_is_plain_text():
     tok = TiktokenTokenizer("gpt2")
