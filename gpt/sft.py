@@ -121,8 +121,12 @@ class SFTBatches:
         return rows[: self.eval_iters * self.eval_batch_size * self.world_size]
 
     def collate(self, rows: list[list[int]], examples: list[Example]) -> Batch:
-        """x, y (IGNORE_INDEX off the response and on padding) and, when packing, doc_ids."""
-        T = max(1, max(sum(len(examples[i].ids) - 1 for i in row) for row in rows))
+        """x, y (IGNORE_INDEX off the response and on padding) and, when packing, doc_ids.
+
+        Packed rows are nearly full, so they keep one shape (block_size: friendly to torch.compile);
+        padded rows are cut to the batch's longest example."""
+        longest = max(sum(len(examples[i].ids) - 1 for i in row) for row in rows)
+        T = self.block_size if self.packing else max(1, longest)
         x = np.zeros((len(rows), T), dtype=np.int64)
         y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
         docs = np.zeros((len(rows), T), dtype=np.int64)

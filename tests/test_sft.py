@@ -137,6 +137,24 @@ def test_text_records_train_on_every_token_once():
     assert targets == tpl.tok.encode(text)[1:]
 
 
+@pytest.mark.parametrize("model_vocab", [50257, 50304])
+def test_tiktoken_base_gets_chat_tokens_past_its_vocabulary(model_vocab):
+    tok = TiktokenTokenizer("gpt2")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=model_vocab))
+    before = model.lm_head.weight[:50257].clone()
+    assert add_chat_tokens(model, tok) == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    ids = [tok.special_id(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")]
+    assert ids == [50257, 50258, 50259, 50260] and tok.vocab_size == 50261
+    assert model.config.vocab_size == max(model_vocab, 50261)
+    w = model.lm_head.weight
+    assert w is model.transformer.wte.weight and torch.equal(w[:50257], before)
+    new = w[ids]
+    assert torch.cdist(new, new).triu(1)[0, 1:].min() > 0  # distinct rows
+    assert ((new - before.mean(0)).abs() < 3 * before.std(0)).all()  # near the mean embedding
+    assert add_chat_tokens(model, tok) == []  # a second call (fine-tuning a fine-tuned model) adds nothing
+
+
 # ---------------------------------------------------------------------------- batches
 
 
@@ -172,8 +190,9 @@ def test_packed_examples_do_not_attend_across_boundaries():
     alone = [batches.collate([[i]], examples) for i in (0, 1)]
     logits, loss = model(packed.x, packed.y, doc_ids=packed.doc_ids, reduction="sum")
     singles = [model(a.x, a.y, doc_ids=a.doc_ids, reduction="sum") for a in alone]
-    torch.testing.assert_close(logits[0, :n0], singles[0][0][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits[0, n0:n0 + len(examples[1].ids) - 1], singles[1][0][0], atol=1e-5, rtol=1e-5)
+    n1 = len(examples[1].ids) - 1
+    torch.testing.assert_close(logits[0, :n0], singles[0][0][0, :n0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[0, n0:n0 + n1], singles[1][0][0, :n1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, singles[0][1] + singles[1][1])
 
 
