@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
+from safetensors.torch import load_file
 
 from gpt import checkpoint, dist as distributed
 from gpt.config import PretrainConfig, check_pretrain, save_yaml, to_dict
@@ -76,7 +77,7 @@ def fit(
 
     start, best, last_val = 0, math.inf, math.inf
     if t.resume:
-        start, best = _resume(model, optimizer, scaler, out, device)
+        start, best = _resume(model, optimizer, scaler, out, device, export)
         if dist.is_main:
             print(f"resuming from {out / 'latest'} at iter {start} (best val loss {best:.4f})", flush=True)
     dist.barrier()
@@ -227,13 +228,14 @@ def _train_state(optimizer, scaler, step: int, best: float) -> dict:
     return state
 
 
-def _resume(model, optimizer, scaler, out: Path, device) -> tuple[int, float]:
+def _resume(model, optimizer, scaler, out: Path, device, export=None) -> tuple[int, float]:
     ckpt = checkpoint.resolve(out, prefer="latest")
     if ckpt.name not in ("latest", ".latest.old"):
         raise checkpoint.CheckpointError(f"{out}: no 'latest' checkpoint to resume from")
     state = checkpoint.load_train_state(ckpt)
     if "trainable" in state:  # saved weights are an export (merged LoRA): restore the training form
         _load_trainable(model, state["trainable"], ckpt)
+        _check_export(model, export, ckpt)
     else:
         checkpoint.load_weights(model, ckpt / checkpoint.MODEL_FILE)
     optimizer.load_state_dict(state["optimizer"])
@@ -256,6 +258,16 @@ def _load_trainable(model, saved: dict[str, torch.Tensor], ckpt: Path) -> None:
                 raise checkpoint.CheckpointError(f"{ckpt}: {name} has shape {tuple(tensor.shape)}, "
                                                  f"expected {tuple(params[name].shape)}")
             params[name].copy_(tensor)
+
+
+def _check_export(model, export, ckpt: Path) -> None:
+    """The frozen weights come from init_from again: the export must reproduce the saved weights."""
+    saved = load_file(str(ckpt / checkpoint.MODEL_FILE))
+    now = export(model) if export is not None else {}
+    for name, tensor in saved.items():
+        if name not in now or not torch.allclose(now[name].float().cpu(), tensor.float(), rtol=1e-5, atol=1e-6):
+            raise checkpoint.CheckpointError(
+                f"{ckpt}: {name} differs from the run that saved it; resume with the same init_from and lora.*")
 
 
 # ---------------------------------------------------------------------------- pretraining

@@ -277,6 +277,14 @@ def test_csv_parquet_and_json_errors_name_the_row(tmp_path):
     loaded = load_file(str(parquet), "auto", tpl, 49, False)
     assert loaded.invalid == [(f"{parquet}: row 2", "no assistant message: nothing to learn from")]
 
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"prompt": "cat", "response": "dog"}, {"prompt": "sun", "response": ""}]
+                               ).save_to_disk(str(saved))
+    loaded = load_file(str(saved), "auto", tpl, 49, False)
+    assert loaded.invalid == [(f"{saved}: row 2", "empty response")] and len(loaded.records) == 1
+
     array = tmp_path / "d.json"
     array.write_text(json.dumps([qa("cat", "dog"), {"prompt": "cat", "response": 3}]), encoding="utf-8")
     assert load_file(str(array), "auto", tpl, 49, False).invalid == [(f"{array}: record 2",
@@ -375,6 +383,10 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, lora_rank):
         assert torch.equal(a[k], b[k]), k
     start = load_file(base / "best" / checkpoint.MODEL_FILE)
     assert not torch.equal(a["transformer.h.0.attn.c_attn.weight"], start["transformer.h.0.attn.c_attn.weight"])
+    if lora_rank:  # the frozen base is rebuilt from init_from on resume: another base must be refused
+        other = write_base(tmp_path / "other", seed=1)
+        with pytest.raises(checkpoint.CheckpointError, match="same init_from"):
+            finetune(sft_config(tmp_path / "b", other, data, **extra, **{"train.resume": True, "train.max_iters": 14}))
 
 
 def test_lora_trains_only_adapters_and_the_merged_model_matches(tmp_path):
