@@ -3,8 +3,7 @@
 Prepared data lives in <data_dir>/<dataset>/<tokenizer>/ as flat token arrays (uint16, or
 uint32 when the vocabulary does not fit) plus meta.json with the tokenizer spec. A batch is a
 pure function of (seed, rank, step, micro-step), so a resumed run sees exactly the batches an
-uninterrupted run would have seen. Each step draws one global batch and rank r takes rows
-[r*B, (r+1)*B), so N ranks of batch B see exactly what one process of batch N*B sees.
+uninterrupted run would have seen, and accumulation or N ranks see exactly what one big batch sees.
 """
 
 from __future__ import annotations
@@ -112,7 +111,7 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
         tok = tokenizers.TiktokenTokenizer(cfg.tokenizer)
     if tok.vocab_size == 0:
         raise DataError(f"corpus {source} is empty")
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    dtype = token_dtype(tok.vocab_size)
     threads = cfg.num_workers or os.cpu_count() or 1
     counts = {"train": 0, "val": 0}
     tmp = {split: folder / f"{split}.bin.tmp" for split in counts}
@@ -156,6 +155,11 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
     (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     log(f"data: {counts['train']:,} train and {counts['val']:,} val tokens in {folder}")
     return folder
+
+
+def token_dtype(vocab_size: int) -> type:
+    """uint16 halves disk and memory; ids of 65536 and above need uint32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 def iter_documents(source: Path | str, cfg: DataConfig) -> Iterator[tuple[str, str]]:
@@ -240,7 +244,13 @@ def _load_table(source: Path | str):
 
 
 class TokenBatches:
-    """Random (B, block_size) windows from prepared token files, deterministic per (seed, step, micro)."""
+    """Random (B, block_size) windows from prepared token files.
+
+    Step s draws one global batch of batch_size * grad_accum * world_size windows from a generator
+    seeded by (seed, s); micro-step m of rank r takes its own rows of it. So a step sees the same
+    windows whether it runs as one big batch, with accumulation, or spread over ranks, and a
+    resumed run sees exactly what an uninterrupted one would have.
+    """
 
     def __init__(
         self,
@@ -253,6 +263,7 @@ class TokenBatches:
         eval_batch_size: int = 0,
         eval_iters: int = 20,
         world_size: int = 1,
+        grad_accum: int = 1,
     ):
         folder = Path(folder)
         meta = read_meta(folder)
@@ -266,14 +277,13 @@ class TokenBatches:
                     "use more text, a larger data.val_fraction, or a smaller model.block_size"
                 )
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.grad_accum = seed, rank, world_size, grad_accum
         self.eval_batch_size, self.eval_iters = eval_batch_size or batch_size, eval_iters
 
-    def _windows(self, data: np.ndarray, rng: np.random.Generator, batch_size: int) -> Batch:
-        """This rank's rows of one global draw of batch_size * world_size windows."""
+    def _windows(self, data: np.ndarray, rng: np.random.Generator, batch_size: int, n_slots: int, slot: int) -> Batch:
+        """Rows [slot*B, (slot+1)*B) of one global draw of n_slots * B windows."""
         T = self.block_size
-        starts = rng.integers(0, len(data) - T, size=batch_size * self.world_size)
-        starts = starts[self.rank * batch_size : (self.rank + 1) * batch_size]
+        starts = rng.integers(0, len(data) - T, size=batch_size * n_slots)[slot * batch_size : (slot + 1) * batch_size]
         window = torch.from_numpy(data[starts[:, None] + np.arange(T + 1)].astype(np.int64))
         if self.device.type == "cuda":
             window = window.pin_memory().to(self.device, non_blocking=True)
@@ -282,11 +292,12 @@ class TokenBatches:
         return Batch(window[:, :-1], window[:, 1:])
 
     def train_batch(self, step: int, micro: int) -> Batch:
-        rng = np.random.default_rng([self.seed, step, micro])
-        return self._windows(self.train, rng, self.batch_size)
+        rng = np.random.default_rng([self.seed, step])
+        n_slots = self.grad_accum * self.world_size
+        return self._windows(self.train, rng, self.batch_size, n_slots, micro * self.world_size + self.rank)
 
     def val_batches(self) -> Iterator[Batch]:
         """The same validation windows at every evaluation, so val losses compare fairly."""
-        rng = np.random.default_rng([self.seed, 1 << 30])
-        for _ in range(self.eval_iters):
-            yield self._windows(self.val, rng, self.eval_batch_size)
+        for i in range(self.eval_iters):
+            rng = np.random.default_rng([self.seed, 1 << 30, i])
+            yield self._windows(self.val, rng, self.eval_batch_size, self.world_size, self.rank)

@@ -290,7 +290,8 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
         tokenizer = from_spec(meta["tokenizer"])
         model = init_model(cfg, tokenizer)
         batches = TokenBatches(folder, cfg.model.block_size, cfg.train.batch_size, device, cfg.train.seed,
-                               dist.rank, cfg.train.eval_batch_size, cfg.train.eval_iters, dist.world_size)
+                               dist.rank, cfg.train.eval_batch_size, cfg.train.eval_iters, dist.world_size,
+                               cfg.train.grad_accum)
         result = fit(model, batches, cfg, tokenizer, device, dist)
         if dist.is_main and cfg.logging.sample_tokens and not result.interrupted:
             print_sample(model, tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens, device)

@@ -1,0 +1,103 @@
+"""The model: shapes, causality, packed documents, cache layout, helpers."""
+
+import pytest
+import torch
+
+from gpt.config import ModelConfig
+from gpt.model import GPT, IGNORE_INDEX, KVCache
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, **kw)
+    return GPT(cfg).eval()
+
+
+def test_shapes_and_loss():
+    model = tiny()
+    idx = torch.randint(0, 50, (3, 10))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 10, 50) and loss is None
+    logits, loss = model(idx, idx)
+    assert loss.ndim == 0 and abs(loss.item() - torch.log(torch.tensor(50.0)).item()) < 0.5  # ~uniform at init
+    last, _ = model(idx, logits_to_keep=1)
+    assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-6)
+
+
+def test_later_tokens_never_change_earlier_logits():
+    model = tiny()
+    a = torch.randint(0, 50, (1, 12))
+    b = a.clone()
+    b[0, 7:] = torch.randint(0, 50, (5,))
+    la, _ = model(a)
+    lb, _ = model(b)
+    assert torch.allclose(la[0, :7], lb[0, :7], atol=1e-6)
+    assert not torch.allclose(la[0, 7:], lb[0, 7:], atol=1e-4)
+
+
+def test_packed_documents_do_not_see_each_other():
+    model = tiny()
+    d1, d2 = torch.randint(0, 50, (1, 6)), torch.randint(0, 50, (1, 5))
+    packed = torch.cat([d1, d2], dim=1)
+    doc_ids = torch.tensor([[0] * 6 + [1] * 5])
+    lp, _ = model(packed, doc_ids=doc_ids)
+    l1, _ = model(d1)
+    l2, _ = model(d2)
+    assert torch.allclose(lp[0, :6], l1[0], atol=1e-5)
+    assert torch.allclose(lp[0, 6:], l2[0], atol=1e-5)  # positions restart, attention stays inside
+
+
+def test_ignore_index_and_all_ignored_batch():
+    model = tiny()
+    idx = torch.randint(0, 50, (2, 8))
+    targets = idx.clone()
+    targets[:, :4] = IGNORE_INDEX
+    _, mean = model(idx, targets)
+    _, total = model(idx, targets, reduction="sum")
+    assert torch.allclose(mean * 8, total, atol=1e-4)  # mean over the 8 supervised tokens
+    _, zero = model(idx, torch.full_like(idx, IGNORE_INDEX))
+    assert zero.item() == 0.0  # not NaN
+
+
+def test_prompt_longer_than_block_size_is_clear_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="longer than the model's block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_cached_forward_matches_full_forward():
+    model = tiny()
+    idx = torch.randint(0, 50, (2, 12))
+    full, _ = model(idx)
+    cache = KVCache.empty(model.config, 2, 16, "cpu", torch.float32)
+    a, _ = model(idx[:, :5], kv_cache=cache)  # prefill
+    b, _ = model(idx[:, 5:9], kv_cache=cache, start_pos=5)  # chunked prefill: explicit mask
+    c = [model(idx[:, t : t + 1], kv_cache=cache, start_pos=t)[0] for t in range(9, 12)]  # decode
+    got = torch.cat([a, b, *c], dim=1)
+    assert torch.allclose(got, full, atol=1e-5)
+
+
+def test_tied_embedding_and_param_counts():
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    n_all = sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=False) == n_all
+    assert model.num_params() == n_all - 16 * 16
+    assert model.flops_per_token(16) == 6 * model.num_params() + 12 * 2 * 2 * 8 * 16
+
+
+def test_residual_projection_init_is_scaled():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=8, n_head=2, n_embd=64)
+    model = GPT(cfg)
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / (2 * 8) ** 0.5) < 0.002
+
+
+def test_resize_vocab_keeps_old_rows_and_ties():
+    model = tiny()
+    old = model.lm_head.weight.detach().clone()
+    model.resize_vocab(54)
+    assert model.lm_head.weight.shape == (54, 16) and model.config.vocab_size == 54
+    assert torch.equal(model.lm_head.weight[:50], old)
+    assert model.lm_head.weight is model.transformer.wte.weight

@@ -1,0 +1,145 @@
+"""The training loop: accumulation, exact resume, safe checkpoints, clean stops and clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_overrides
+from gpt import checkpoint
+from gpt.config import PretrainConfig, load_config
+from gpt.train import TrainingError, pretrain
+
+
+def run(tmp_path, corpus, **extra):
+    cfg = load_config(PretrainConfig, None, tiny_overrides(tmp_path, corpus, **extra))
+    return cfg, pretrain(cfg)
+
+
+def weights(out_dir, kind="latest"):
+    return load_file(str(out_dir / kind / "model.safetensors"))
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gradient_accumulation_equals_larger_batch(tmp_path, tiny_corpus):
+    common = {"train.max_iters": 3, "train.eval_interval": 3, "model.dropout": 0.0}
+    run(tmp_path / "a", tiny_corpus, **common, **{"train.batch_size": 8, "train.grad_accum": 1})
+    run(tmp_path / "b", tiny_corpus, **common, **{"train.batch_size": 4, "train.grad_accum": 2})
+    wa, wb = weights(tmp_path / "a" / "out"), weights(tmp_path / "b" / "out")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
+    la = [m["loss"] for m in metrics(tmp_path / "a" / "out") if "loss" in m]
+    lb = [m["loss"] for m in metrics(tmp_path / "b" / "out") if "loss" in m]
+    assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_resume_is_bit_exact(tmp_path, tiny_corpus):
+    # dropout on: the RNG state must be restored too. lr_decay_iters pins the schedule to 20 steps.
+    common = {"model.dropout": 0.1, "optim.lr_decay_iters": 20, "train.eval_interval": 5}
+    straight, _ = run(tmp_path / "s", tiny_corpus, **common, **{"train.max_iters": 20})
+    run(tmp_path / "r", tiny_corpus, **common, **{"train.max_iters": 10})
+    cfg, result = run(tmp_path / "r", tiny_corpus, **common, **{"train.max_iters": 20, "train.resume": "true"})
+    assert result.step == 20
+    ws, wr = weights(tmp_path / "s" / "out"), weights(tmp_path / "r" / "out")
+    assert ws.keys() == wr.keys()
+    for name in ws:
+        assert torch.equal(ws[name], wr[name]), name
+    state_s = checkpoint.load_train_state(tmp_path / "s" / "out" / "latest")
+    state_r = checkpoint.load_train_state(tmp_path / "r" / "out" / "latest")
+    assert state_s["iter"] == state_r["iter"] == 20
+
+
+def test_resume_without_checkpoint_is_clear_error(tmp_path, tiny_corpus):
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint|no checkpoint"):
+        run(tmp_path, tiny_corpus, **{"train.resume": "true"})
+
+
+def test_outputs_resolved_config_metrics_and_best(tmp_path, tiny_corpus):
+    cfg, result = run(tmp_path, tiny_corpus, **{"optim.lr": "3e-3", "train.max_iters": 30})
+    out = tmp_path / "out"
+    saved = load_config(PretrainConfig, out / "config.yaml")
+    assert saved.model.n_embd == 16 and saved.model.vocab_size == cfg.model.vocab_size > 0
+    rows = metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert {"iter", "loss", "lr", "ms_per_iter", "tokens_per_s"} <= train_rows[0].keys()
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert vals[-1] < vals[0]
+    best = json.loads((out / "best" / "meta.json").read_text())
+    assert best["val_loss"] == pytest.approx(min(vals))
+    model, tok, _, _ = checkpoint.load_model(out)  # best by default
+    assert tok.decode(tok.encode("To be")) == "To be"
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, tiny_corpus, monkeypatch):
+    run(tmp_path, tiny_corpus, **{"train.max_iters": 10})
+    out = tmp_path / "out"
+    before = weights(out)
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, tiny_corpus, **{"train.max_iters": 20, "train.resume": "true"})
+    after = weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not list(out.glob(".latest.tmp*"))
+    assert checkpoint.load_train_state(out / "latest")["iter"] == 10
+
+
+def test_crash_between_renames_still_loads(tmp_path, tiny_corpus):
+    run(tmp_path, tiny_corpus, **{"train.max_iters": 10})
+    out = tmp_path / "out"
+    (out / "latest").rename(out / ".latest.old")  # as if we died after the first rename
+    assert checkpoint.resolve(out, prefer="latest") == out / ".latest.old"
+    _, result = run(tmp_path, tiny_corpus, **{"train.max_iters": 12, "train.resume": "true"})
+    assert result.step == 12 and (out / "latest" / "model.safetensors").is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_corpus):
+    run(tmp_path, tiny_corpus, **{"train.max_iters": 10})
+    good = weights(tmp_path / "out")
+    with pytest.raises(TrainingError, match="loss is (nan|inf).*last good checkpoint"):
+        run(tmp_path, tiny_corpus, **{"train.max_iters": 20, "train.resume": "true", "optim.lr": "1e30",
+                                      "optim.grad_clip": 0, "optim.warmup_iters": 0})
+    now = weights(tmp_path / "out")
+    assert all(torch.equal(good[k], now[k]) for k in good)
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path, tiny_corpus, monkeypatch):
+    from gpt import data
+
+    real = data.TokenBatches.train_batch
+
+    def interrupt_at_7(self, step, micro):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real(self, step, micro)
+
+    monkeypatch.setattr(data.TokenBatches, "train_batch", interrupt_at_7)
+    _, result = run(tmp_path, tiny_corpus, **{"train.max_iters": 20})
+    assert result.interrupted and result.step == 7
+    assert checkpoint.load_train_state(tmp_path / "out" / "latest")["iter"] == 7
+    monkeypatch.setattr(data.TokenBatches, "train_batch", real)
+    _, result = run(tmp_path, tiny_corpus, **{"train.max_iters": 20, "train.resume": "true"})
+    assert result.step == 20 and not result.interrupted
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.max_iter=5"], "unknown key 'train.max_iter'"),
+    (["data.path=/no/such/corpus.txt"], "no such file or directory"),
+    (["model.n_head=3"], "divisible"),
+])
+def test_entry_script_errors_are_one_line(tmp_path, tiny_corpus, args, message):
+    base = [a for a in tiny_overrides(tmp_path, tiny_corpus) if not a.startswith(tuple(x.split("=")[0] for x in args))]
+    proc = subprocess.run([sys.executable, "train.py", "configs/shakespeare.yaml", *base, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
