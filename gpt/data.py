@@ -56,11 +56,15 @@ def ensure_prepared(cfg: DataConfig, log=print) -> Path:
     source = resolve_source(cfg, log)
     if all((folder / f).is_file() for f in ("meta.json", "train.bin", "val.bin")):
         meta = read_meta(folder)
-        if meta.get("source") == str(source) and meta.get("val_fraction") == cfg.val_fraction:
+        if meta.get("source") == _source_id(source) and meta.get("val_fraction") == cfg.val_fraction:
             return folder
         log(f"data: {folder} was prepared from other settings; preparing again")
     prepare(cfg, source, folder, log)
     return folder
+
+
+def _source_id(source: Path | str) -> str:
+    return str(source.resolve()) if isinstance(source, Path) else source
 
 
 def resolve_source(cfg: DataConfig, log=print) -> Path | str:
@@ -149,7 +153,7 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
         "dtype": np.dtype(dtype).name,
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
-        "source": str(source),
+        "source": _source_id(source),
         "val_fraction": cfg.val_fraction,
     }
     (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
