@@ -72,16 +72,16 @@ def fit(
     dtype = resolve_dtype(t.dtype, device)
     enable_tf32()
     model.to(device)
+    start, best, last_val = 0, math.inf, math.inf
+    state = _resume_weights(model, out, export) if t.resume else None
+    train_model = distributed.wrap(model, dist, device, dtype)  # fsdp shards `model` in place
     optimizer = make_optimizer(model, o, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    start, best, last_val = 0, math.inf, math.inf
-    if t.resume:
-        start, best = _resume(model, optimizer, scaler, out, device, export)
+    if state is not None:
+        start, best = _resume_state(optimizer, scaler, state, dist)
         if dist.is_main:
             print(f"resuming from {out / 'latest'} at iter {start} (best val loss {best:.4f})", flush=True)
     dist.barrier()
-    train_model = distributed.wrap(model, dist, device)
     train_model.train()
     if t.compile:
         train_model = torch.compile(train_model)
@@ -100,10 +100,12 @@ def fit(
     def save(kind: str, val_loss: float) -> None:
         meta = {"iter": step, "val_loss": val_loss, "best_val_loss": best}
         state = _train_state(optimizer, scaler, step, best) if kind == "latest" else None
-        if dist.is_main:
+        if dist.is_main or dist.sharded:  # fsdp: every rank sends its shards to rank 0
             weights = checkpoint.model_state_dict(model) if export is None else export(model)
             if state is not None and export is not None:
                 state["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            weights, state = distributed.full_state(weights, dist), distributed.full_state(state, dist)
+        if dist.is_main:
             checkpoint.save_checkpoint(out / kind, weights, to_dict(cfg), tokenizer, meta, state)
         dist.barrier()
 
@@ -228,7 +230,8 @@ def _train_state(optimizer, scaler, step: int, best: float) -> dict:
     return state
 
 
-def _resume(model, optimizer, scaler, out: Path, device, export=None) -> tuple[int, float]:
+def _resume_weights(model, out: Path, export=None) -> dict:
+    """Load the weights of out_dir/latest into the unwrapped model; returns its training state."""
     ckpt = checkpoint.resolve(out, prefer="latest")
     if ckpt.name not in ("latest", ".latest.old"):
         raise checkpoint.CheckpointError(f"{out}: no 'latest' checkpoint to resume from")
@@ -238,7 +241,12 @@ def _resume(model, optimizer, scaler, out: Path, device, export=None) -> tuple[i
         _check_export(model, export, ckpt)
     else:
         checkpoint.load_weights(model, ckpt / checkpoint.MODEL_FILE)
-    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def _resume_state(optimizer, scaler, state: dict, dist: distributed.Dist) -> tuple[int, float]:
+    """Optimizer, scaler and RNG from a training state saved by any number of ranks."""
+    distributed.load_optimizer_state(optimizer, state["optimizer"], dist)
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
