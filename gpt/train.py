@@ -300,8 +300,10 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
         batches = TokenBatches(folder, cfg.model.block_size, cfg.train.batch_size, device, cfg.train.seed,
                                dist.rank, cfg.train.eval_batch_size, cfg.train.eval_iters, dist.world_size)
         result = fit(model, batches, cfg, tokenizer, device, dist)
-        if dist.is_main and cfg.logging.sample_tokens and not result.interrupted:
-            print_sample(model, tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens, device)
+        if (dist.is_main or dist.sharded) and cfg.logging.sample_tokens and not result.interrupted:
+            # fsdp: every rank runs the (sharded) model through the same seeded sampler, rank 0 prints
+            print_sample(model, tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens, device,
+                         show=dist.is_main)
         return result
     finally:
         dist.close()
@@ -328,10 +330,11 @@ def init_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
     return model
 
 
-def print_sample(model: GPT, tokenizer: Tokenizer, prompt: str, n_tokens: int, device) -> None:
+def print_sample(model: GPT, tokenizer: Tokenizer, prompt: str, n_tokens: int, device, show: bool = True) -> None:
     from gpt.generate import generate  # the sampler; imported here so training does not need it otherwise
 
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id or 0]
     out = generate(model, torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=200, seed=1337,
                    vocab_limit=tokenizer.vocab_size)
-    print("--- sample ---\n" + tokenizer.decode(out[0].tolist()) + "\n--------------", flush=True)
+    if show:
+        print("--- sample ---\n" + tokenizer.decode(out[0].tolist()) + "\n--------------", flush=True)
