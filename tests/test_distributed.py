@@ -3,6 +3,8 @@ write one set of files, and their checkpoints resume on any number of ranks with
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -12,6 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_overrides
+from gpt.cli import parse_run_args
+from gpt.config import FinetuneConfig, PretrainConfig
+from gpt.sft import finetune
+from gpt.train import pretrain
 from test_sft import qa, write_base, write_jsonl
 
 K = 4  # optimizer steps per run; resumed runs go on to 2 * K
@@ -28,12 +34,23 @@ def launch(script: str, args: list[str], nproc: int = 1, timeout: float = 120) -
     return subprocess.run(runner + [script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def train(out: Path, corpus: Path, data_dir: Path, nproc: int, batch_size: int, **extra) -> subprocess.CompletedProcess:
+def train(out: Path, corpus: Path, data_dir: Path, nproc: int, batch_size: int, **extra) -> str:
+    """Train with train.py's config on `nproc` ranks (one process: in this one, to save a start-up); its stdout."""
     values = {**COMMON, "data.data_dir": data_dir, "train.batch_size": batch_size, **extra}
-    proc = launch("train.py", ["configs/shakespeare.yaml", *tiny_overrides(out.parent, corpus, out_dir=out, **values)],
-                  nproc)
+    args = ["configs/shakespeare.yaml", *tiny_overrides(out.parent, corpus, out_dir=out, **values)]
+    if nproc == 1:
+        return in_process(lambda: pretrain(parse_run_args(PretrainConfig, [a for a in args if "threads" not in a],
+                                                          "train.py")))
+    proc = launch("train.py", args, nproc)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+    return proc.stdout
+
+
+def in_process(fn) -> str:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        fn()
+    return buffer.getvalue()
 
 
 def metrics(out: Path, key: str) -> dict[int, float]:
@@ -59,9 +76,9 @@ def runs(tmp_path_factory, shakespeare_text_module):
     corpus.write_text(shakespeare_text_module[:100_000], encoding="utf-8")
     data = tmp / "data"
     single = tmp / "single"
-    proc = train(single, corpus, data, 1, 8)
-    assert "global batch: 8 x 1 accum x 1 ranks = 8 sequences" in proc.stdout
-    procs = {"single": proc}
+    stdout = train(single, corpus, data, 1, 8)
+    assert "global batch: 8 x 1 accum x 1 ranks = 8 sequences" in stdout
+    procs = {"single": stdout}
     for strategy in ("ddp", "fsdp"):
         procs[strategy] = train(tmp / strategy, corpus, data, 2, 4, **{"distributed.strategy": strategy})
     return tmp, corpus, data, procs
@@ -85,7 +102,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs, strat
     assert metrics(out, "val_loss") == pytest.approx(metrics(reference, "val_loss"), **TOL)
     assert losses[K] < losses[1] - 0.05  # it trained
     # the global batch is printed once and recorded
-    assert procs[strategy].stdout.count("global batch: 4 x 1 accum x 2 ranks = 8 sequences") == 1
+    assert procs[strategy].count("global batch: 4 x 1 accum x 2 ranks = 8 sequences") == 1
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert (first["global_batch"], first["world_size"]) == (8, 2)
 
@@ -94,28 +111,32 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs, strat
 def test_only_rank_zero_writes_files(runs, strategy):
     tmp, _, _, procs = runs
     assert files(tmp / strategy) == files(tmp / "single")  # no per-rank copies, no leftover temp folders
-    assert procs[strategy].stdout.count("val loss") == procs["single"].stdout.count("val loss")
+    assert procs[strategy].count("val loss") == procs["single"].count("val loss")
 
 
-def resume(runs, name: str, nproc: int, batch_size: int, **extra) -> Path:
-    """Continue a copy of run `name` to 2K steps; returns its output dir."""
+def resume(runs, name: str, nproc: int, batch_size: int, strategy: str = "ddp") -> Path:
+    """Continue a copy of run `name` to 2K steps on `nproc` ranks; returns its output dir."""
     tmp, corpus, data, _ = runs
-    out = tmp / f"{name}-resumed-on-{nproc}-{extra.get('distributed.strategy', 'ddp')}"
+    out = tmp / f"{name}-resumed-on-{nproc}-{strategy}"
     shutil.copytree(tmp / name, out)
-    proc = train(out, corpus, data, nproc, batch_size, **{"train.resume": "true", "train.max_iters": 2 * K, **extra})
-    assert f"resuming from {out / 'latest'} at iter {K}" in proc.stdout
+    stdout = train(out, corpus, data, nproc, batch_size, **{"train.resume": "true", "train.max_iters": 2 * K,
+                                                           "distributed.strategy": strategy})
+    assert f"resuming from {out / 'latest'} at iter {K}" in stdout
     return out
 
 
 def test_checkpoints_resume_across_rank_counts_and_strategies(runs):
-    on_one = resume(runs, "ddp", 1, 8)  # 2 ranks (ddp) -> 1 process
-    on_fsdp = resume(runs, "single", 2, 4, **{"distributed.strategy": "fsdp"})  # 1 process -> 2 ranks (fsdp)
-    on_ddp = resume(runs, "fsdp", 2, 4)  # fsdp -> ddp
-    expected = {k: v for k, v in metrics(on_one, "loss").items() if k > K}
+    resumed = [
+        resume(runs, "ddp", 1, 8),  # 2 ranks -> 1 process
+        resume(runs, "fsdp", 1, 8),  # sharded -> 1 process
+        resume(runs, "single", 2, 4, "fsdp"),  # 1 process -> 2 ranks, sharded
+        resume(runs, "fsdp", 2, 4, "ddp"),  # fsdp -> ddp (every checkpoint has the single-process format)
+    ]
+    expected = {k: v for k, v in metrics(resumed[0], "loss").items() if k > K}
     assert sorted(expected) == list(range(K + 1, 2 * K + 1))
-    for out in (on_fsdp, on_ddp):
-        assert {k: v for k, v in metrics(out, "loss").items() if k > K} == pytest.approx(expected, **TOL)
-        assert metrics(out, "val_loss")[2 * K] == pytest.approx(metrics(on_one, "val_loss")[2 * K], **TOL)
+    for out in resumed[1:]:
+        assert {k: v for k, v in metrics(out, "loss").items() if k > K} == pytest.approx(expected, **TOL), out.name
+        assert metrics(out, "val_loss")[2 * K] == pytest.approx(metrics(resumed[0], "val_loss")[2 * K], **TOL)
 
 
 def test_a_failing_rank_ends_the_run_instead_of_hanging(tmp_path):
@@ -134,13 +155,13 @@ def test_finetune_with_ddp_matches_one_process(tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", [qa(f"{w}?", f"{w[::-1]}.") for w in words * 4])
     common = {"init_from": base, "data.path": data, "data.val_path": data, "train.max_iters": K,
               "train.eval_interval": K, "train.eval_iters": 2, "train.log_interval": 1, "train.device": "cpu",
-              "train.dtype": "float32", "train.threads": 1, "optim.lr": 1e-2, "optim.eps": 1e-3,
+              "train.dtype": "float32", "optim.lr": 1e-2, "optim.eps": 1e-3,
               "optim.warmup_iters": 1, "logging.progress": "false", "logging.sample_tokens": 0, "lora.rank": 4}
-    outs = {}
-    for nproc, batch in ((1, 4), (2, 2)):
-        outs[nproc] = tmp_path / f"out{nproc}"
-        args = [f"{k}={v}" for k, v in {**common, "out_dir": outs[nproc], "train.batch_size": batch}.items()]
-        proc = launch("finetune.py", args, nproc)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    outs = {1: tmp_path / "out1", 2: tmp_path / "out2"}
+    args = [f"{k}={v}" for k, v in {**common, "out_dir": outs[1], "train.batch_size": 4}.items()]
+    in_process(lambda: finetune(parse_run_args(FinetuneConfig, args, "finetune.py")))
+    args = [f"{k}={v}" for k, v in {**common, "out_dir": outs[2], "train.batch_size": 2, "train.threads": 1}.items()]
+    proc = launch("finetune.py", args, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert metrics(outs[2], "loss") == pytest.approx(metrics(outs[1], "loss"), **TOL)
     assert files(outs[2]) == files(outs[1])
