@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_overrides
 from gpt.cli import parse_run_args
@@ -149,19 +151,35 @@ def test_a_failing_rank_ends_the_run_instead_of_hanging(tmp_path):
     assert not (tmp_path / "out" / "latest").exists()
 
 
-def test_finetune_with_ddp_matches_one_process(tmp_path):
-    base = write_base(tmp_path / "base")
+FT = {"train.max_iters": K, "train.eval_interval": K, "train.eval_iters": 2, "train.log_interval": 1,
+      "train.device": "cpu", "train.dtype": "float32", "optim.lr": 1e-2, "optim.eps": 1e-3, "optim.warmup_iters": 1,
+      "logging.progress": "false", "logging.sample_tokens": 0, "lora.rank": 4}
+
+
+@pytest.fixture(scope="module")
+def sft_single(tmp_path_factory):
+    """A LoRA fine-tune of a tiny base in one process at batch 4: the reference for the 2-rank runs."""
+    tmp = tmp_path_factory.mktemp("sft")
+    base = write_base(tmp / "base")
     words = ["cat", "sun", "red", "one", "up", "hot", "yes", "big"]
-    data = write_jsonl(tmp_path / "qa.jsonl", [qa(f"{w}?", f"{w[::-1]}.") for w in words * 4])
-    common = {"init_from": base, "data.path": data, "data.val_path": data, "train.max_iters": K,
-              "train.eval_interval": K, "train.eval_iters": 2, "train.log_interval": 1, "train.device": "cpu",
-              "train.dtype": "float32", "optim.lr": 1e-2, "optim.eps": 1e-3,
-              "optim.warmup_iters": 1, "logging.progress": "false", "logging.sample_tokens": 0, "lora.rank": 4}
-    outs = {1: tmp_path / "out1", 2: tmp_path / "out2"}
-    args = [f"{k}={v}" for k, v in {**common, "out_dir": outs[1], "train.batch_size": 4}.items()]
+    data = write_jsonl(tmp / "qa.jsonl", [qa(f"{w}?", f"{w[::-1]}.") for w in words * 4])
+    values = {**FT, "init_from": base, "data.path": data, "data.val_path": data}
+    args = [f"{k}={v}" for k, v in {**values, "out_dir": tmp / "single", "train.batch_size": 4}.items()]
     in_process(lambda: finetune(parse_run_args(FinetuneConfig, args, "finetune.py")))
-    args = [f"{k}={v}" for k, v in {**common, "out_dir": outs[2], "train.batch_size": 2, "train.threads": 1}.items()]
-    proc = launch("finetune.py", args, nproc=2)
+    return tmp, values
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_finetune_with_lora_on_two_ranks_matches_one_process(sft_single, strategy):
+    tmp, values = sft_single
+    out, reference = tmp / strategy, tmp / "single"
+    args = {**values, "out_dir": out, "train.batch_size": 2, "train.threads": 1, "distributed.strategy": strategy}
+    proc = launch("finetune.py", [f"{k}={v}" for k, v in args.items()], nproc=2)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert metrics(outs[2], "loss") == pytest.approx(metrics(outs[1], "loss"), **TOL)
-    assert files(outs[2]) == files(outs[1])
+    assert metrics(out, "loss") == pytest.approx(metrics(reference, "loss"), **TOL)
+    assert files(out) == files(reference)
+    # the checkpoint holds the merged model, gathered whole even from shards
+    merged, expected = load_file(out / "latest" / "model.safetensors"), load_file(reference / "latest" / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(merged[name], tensor, atol=1e-6), name
