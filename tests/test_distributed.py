@@ -24,7 +24,7 @@ from test_sft import qa, write_base, write_jsonl
 
 K = 4  # optimizer steps per run; resumed runs go on to 2 * K
 # eps comparable to the gradients keeps AdamW sensitive to their scale (a wrong 1/world_size would show)
-COMMON = {"train.max_iters": K, "train.eval_interval": 2, "train.log_interval": 1, "train.threads": 1,
+COMMON = {"train.max_iters": K, "train.grad_accum": 2, "train.eval_interval": 2, "train.log_interval": 1, "train.threads": 1,
           "optim.lr_decay_iters": 2 * K, "optim.lr": 1e-2, "optim.eps": 1e-3, "train.dtype": "float32"}
 TOL = dict(rel=1e-5, abs=1e-5)
 
@@ -72,17 +72,17 @@ def files(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shakespeare_text_module):
-    """K steps of: one process at batch 8; ddp and fsdp on 2 ranks at batch 4 each (global batch 8)."""
+    """K steps of: one process at batch 4; ddp and fsdp on 2 ranks at batch 2 each (x 2 accumulation steps)."""
     tmp = tmp_path_factory.mktemp("dist")
     corpus = tmp / "corpus.txt"
     corpus.write_text(shakespeare_text_module[:100_000], encoding="utf-8")
     data = tmp / "data"
     single = tmp / "single"
-    stdout = train(single, corpus, data, 1, 8)
-    assert "global batch: 8 x 1 accum x 1 ranks = 8 sequences" in stdout
+    stdout = train(single, corpus, data, 1, 4)
+    assert "global batch: 4 x 2 accum x 1 ranks = 8 sequences" in stdout
     procs = {"single": stdout}
     for strategy in ("ddp", "fsdp"):
-        procs[strategy] = train(tmp / strategy, corpus, data, 2, 4, **{"distributed.strategy": strategy})
+        procs[strategy] = train(tmp / strategy, corpus, data, 2, 2, **{"distributed.strategy": strategy})
     return tmp, corpus, data, procs
 
 
@@ -104,7 +104,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs, strat
     assert metrics(out, "val_loss") == pytest.approx(metrics(reference, "val_loss"), **TOL)
     assert losses[K] < losses[1] - 0.05  # it trained
     # the global batch is printed once and recorded
-    assert procs[strategy].count("global batch: 4 x 1 accum x 2 ranks = 8 sequences") == 1
+    assert procs[strategy].count("global batch: 2 x 2 accum x 2 ranks = 8 sequences") == 1
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert (first["global_batch"], first["world_size"]) == (8, 2)
 
@@ -129,10 +129,10 @@ def resume(runs, name: str, nproc: int, batch_size: int, strategy: str = "ddp") 
 
 def test_checkpoints_resume_across_rank_counts_and_strategies(runs):
     resumed = [
-        resume(runs, "ddp", 1, 8),  # 2 ranks -> 1 process
-        resume(runs, "fsdp", 1, 8),  # sharded -> 1 process
-        resume(runs, "single", 2, 4, "fsdp"),  # 1 process -> 2 ranks, sharded
-        resume(runs, "fsdp", 2, 4, "ddp"),  # fsdp -> ddp (every checkpoint has the single-process format)
+        resume(runs, "ddp", 1, 4),  # 2 ranks -> 1 process
+        resume(runs, "fsdp", 1, 4),  # sharded -> 1 process
+        resume(runs, "single", 2, 2, "fsdp"),  # 1 process -> 2 ranks, sharded
+        resume(runs, "fsdp", 2, 2, "ddp"),  # fsdp -> ddp (every checkpoint has the single-process format)
     ]
     expected = {k: v for k, v in metrics(resumed[0], "loss").items() if k > K}
     assert sorted(expected) == list(range(K + 1, 2 * K + 1))
