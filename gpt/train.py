@@ -249,10 +249,10 @@ def _resume_state(optimizer, scaler, state: dict, dist: distributed.Dist) -> tup
     distributed.load_optimizer_state(optimizer, state["optimizer"], dist)
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
-    if dist.rank > 0:  # the saved stream is rank 0's: derive a distinct one per rank (dropout masks)
-        torch.manual_seed(int(torch.randint(0, 2**62, ())) + dist.rank)
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if dist.rank > 0:  # the saved streams are rank 0's: derive distinct ones per rank (dropout masks)
+        torch.manual_seed(int(torch.randint(0, 2**62, ())) + dist.rank)
     return int(state["iter"]), float(state["best_val_loss"])
 
 
