@@ -96,8 +96,9 @@ class LoggingConfig:
 
 @dataclass
 class DistributedConfig:
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards weights, grads and optimizer state
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    timeout_s: int = 600  # a rank waiting this long in a collective fails the run instead of hanging
 
 
 @dataclass

@@ -207,9 +207,9 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         log(f"data: {'packed' if cfg.sft.packing else 'padded'} windows of {block_size} tokens; "
             f"one epoch is about {batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
         result = fit(model, batches, cfg, tok, device, dist, export=export)
-        if dist.is_main and cfg.logging.sample_tokens and not result.interrupted:
-            for messages in data.samples:
-                print_reply(model, template, messages, cfg.logging.sample_tokens, device)
+        if (dist.is_main or dist.sharded) and cfg.logging.sample_tokens and not result.interrupted:
+            for messages in data.samples:  # fsdp: every rank runs the (sharded) model, rank 0 prints
+                print_reply(model, template, messages, cfg.logging.sample_tokens, device, show=dist.is_main)
         return result
     finally:
         dist.close()
@@ -234,11 +234,13 @@ def greedy_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_n
     return template.tok.decode(ids[start:])
 
 
-def print_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_new_tokens: int, device) -> None:
+def print_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_new_tokens: int, device,
+                show: bool = True) -> None:
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if last == 0:
         return
     prompt, expected = messages[:last], messages[last]["content"]
     reply = greedy_reply(model, template, prompt, max_new_tokens, device)
-    print(f"--- sample ---\n{prompt[-1]['role']}: {prompt[-1]['content']}\nexpected: {expected}\n"
-          f"model: {reply}\n--------------", flush=True)
+    if show:
+        print(f"--- sample ---\n{prompt[-1]['role']}: {prompt[-1]['content']}\nexpected: {expected}\n"
+              f"model: {reply}\n--------------", flush=True)

@@ -72,16 +72,16 @@ def fit(
     dtype = resolve_dtype(t.dtype, device)
     enable_tf32()
     model.to(device)
+    start, best, last_val = 0, math.inf, math.inf
+    state = _resume_weights(model, out, export) if t.resume else None
+    train_model = distributed.wrap(model, dist, device, dtype)  # fsdp shards `model` in place
     optimizer = make_optimizer(model, o, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    start, best, last_val = 0, math.inf, math.inf
-    if t.resume:
-        start, best = _resume(model, optimizer, scaler, out, device, export)
+    if state is not None:
+        start, best = _resume_state(optimizer, scaler, state, dist)
         if dist.is_main:
             print(f"resuming from {out / 'latest'} at iter {start} (best val loss {best:.4f})", flush=True)
     dist.barrier()
-    train_model = distributed.wrap(model, dist, device)
     train_model.train()
     if t.compile:
         train_model = torch.compile(train_model)
@@ -100,10 +100,12 @@ def fit(
     def save(kind: str, val_loss: float) -> None:
         meta = {"iter": step, "val_loss": val_loss, "best_val_loss": best}
         state = _train_state(optimizer, scaler, step, best) if kind == "latest" else None
-        if dist.is_main:
+        if dist.is_main or dist.sharded:  # fsdp: every rank sends its shards to rank 0
             weights = checkpoint.model_state_dict(model) if export is None else export(model)
             if state is not None and export is not None:
                 state["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            weights, state = distributed.full_state(weights, dist), distributed.full_state(state, dist)
+        if dist.is_main:
             checkpoint.save_checkpoint(out / kind, weights, to_dict(cfg), tokenizer, meta, state)
         dist.barrier()
 
@@ -228,7 +230,8 @@ def _train_state(optimizer, scaler, step: int, best: float) -> dict:
     return state
 
 
-def _resume(model, optimizer, scaler, out: Path, device, export=None) -> tuple[int, float]:
+def _resume_weights(model, out: Path, export=None) -> dict:
+    """Load the weights of out_dir/latest into the unwrapped model; returns its training state."""
     ckpt = checkpoint.resolve(out, prefer="latest")
     if ckpt.name not in ("latest", ".latest.old"):
         raise checkpoint.CheckpointError(f"{out}: no 'latest' checkpoint to resume from")
@@ -238,11 +241,18 @@ def _resume(model, optimizer, scaler, out: Path, device, export=None) -> tuple[i
         _check_export(model, export, ckpt)
     else:
         checkpoint.load_weights(model, ckpt / checkpoint.MODEL_FILE)
-    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def _resume_state(optimizer, scaler, state: dict, dist: distributed.Dist) -> tuple[int, float]:
+    """Optimizer, scaler and RNG from a training state saved by any number of ranks."""
+    distributed.load_optimizer_state(optimizer, state["optimizer"], dist)
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if dist.rank > 0:  # the saved streams are rank 0's: derive distinct ones per rank (dropout masks)
+        torch.manual_seed(int(torch.randint(0, 2**62, ())) + dist.rank)
     return int(state["iter"]), float(state["best_val_loss"])
 
 
@@ -293,8 +303,10 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
                                dist.rank, cfg.train.eval_batch_size, cfg.train.eval_iters, dist.world_size,
                                cfg.train.grad_accum)
         result = fit(model, batches, cfg, tokenizer, device, dist)
-        if dist.is_main and cfg.logging.sample_tokens and not result.interrupted:
-            print_sample(model, tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens, device)
+        if (dist.is_main or dist.sharded) and cfg.logging.sample_tokens and not result.interrupted:
+            # fsdp: every rank runs the (sharded) model through the same seeded sampler, rank 0 prints
+            print_sample(model, tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens, device,
+                         show=dist.is_main)
         return result
     finally:
         dist.close()
@@ -321,10 +333,11 @@ def init_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
     return model
 
 
-def print_sample(model: GPT, tokenizer: Tokenizer, prompt: str, n_tokens: int, device) -> None:
+def print_sample(model: GPT, tokenizer: Tokenizer, prompt: str, n_tokens: int, device, show: bool = True) -> None:
     from gpt.generate import generate  # the sampler; imported here so training does not need it otherwise
 
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id or 0]
     out = generate(model, torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=200, seed=1337,
                    vocab_limit=tokenizer.vocab_size)
-    print("--- sample ---\n" + tokenizer.decode(out[0].tolist()) + "\n--------------", flush=True)
+    if show:
+        print("--- sample ---\n" + tokenizer.decode(out[0].tolist()) + "\n--------------", flush=True)
