@@ -168,6 +168,10 @@ def fit(
         if result is None:
             result = FitResult(step, best, last_val)
     except KeyboardInterrupt:
+        if dist.enabled:
+            # Ranks may be stopped inside different collectives; a save (gather + barrier) could hang.
+            log.print(f"interrupted at iter {step}; the last checkpoint in {out / 'latest'} is kept")
+            raise
         log.print(f"interrupted at iter {step}: saving {out / 'latest'}")
         optimizer.zero_grad(set_to_none=True)
         save("latest", last_val)
