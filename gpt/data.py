@@ -56,15 +56,12 @@ def ensure_prepared(cfg: DataConfig, log=print) -> Path:
     source = resolve_source(cfg, log)
     if all((folder / f).is_file() for f in ("meta.json", "train.bin", "val.bin")):
         meta = read_meta(folder)
-        if meta.get("source") == _source_id(source) and meta.get("val_fraction") == cfg.val_fraction:
+        same = (meta.get("source"), meta.get("source_stamp"), meta.get("val_fraction"))
+        if same == (_source_name(source), _stamp(source), cfg.val_fraction):
             return folder
         log(f"data: {folder} was prepared from other settings; preparing again")
     prepare(cfg, source, folder, log)
     return folder
-
-
-def _source_id(source: Path | str) -> str:
-    return str(source.resolve()) if isinstance(source, Path) else source
 
 
 def resolve_source(cfg: DataConfig, log=print) -> Path | str:
@@ -84,6 +81,19 @@ def resolve_source(cfg: DataConfig, log=print) -> Path | str:
             raise DataError(f"{target} is missing and data.allow_download is false: put Tiny Shakespeare there")
         download(SHAKESPEARE_URL, target, log)
     return target
+
+
+def _source_name(source: Path | str) -> str:
+    """The same corpus reached by a relative or an absolute path has the same name."""
+    return str(source.resolve()) if isinstance(source, Path) else source
+
+
+def _stamp(source: Path | str) -> list[int] | None:
+    """Size and modification time of a corpus file, so an edited corpus is prepared again."""
+    if isinstance(source, Path) and source.is_file():
+        st = source.stat()
+        return [st.st_size, st.st_mtime_ns]
+    return None
 
 
 def _looks_like_hub_name(name: str) -> bool:
@@ -109,7 +119,7 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
     if cfg.tokenizer == "char":
         log(f"data: building a character vocabulary from {source}")
         tok: tokenizers.Tokenizer = tokenizers.CharTokenizer.from_text(
-            doc for _, doc in iter_documents(source, cfg)
+            text for _, text, _ in iter_documents(source, cfg)
         )
     else:
         tok = tokenizers.TiktokenTokenizer(cfg.tokenizer)
@@ -118,22 +128,23 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
     dtype = token_dtype(tok.vocab_size)
     threads = cfg.num_workers or os.cpu_count() or 1
     counts = {"train": 0, "val": 0}
-    tmp = {split: folder / f"{split}.bin.tmp" for split in counts}
+    tmp = {split: folder / f"{split}.bin.tmp-{os.getpid()}" for split in counts}  # per process: runs may race
     files = {split: open(path, "wb") for split, path in tmp.items()}
     try:
-        pending: dict[str, list[str]] = {"train": [], "val": []}
+        pending: dict[str, list[tuple[str, bool]]] = {"train": [], "val": []}
 
         def flush(split: str) -> None:
-            for ids in tok.encode_batch(pending[split], num_threads=threads):
-                if tok.eot_id is not None:
+            texts = [text for text, _ in pending[split]]
+            for ids, (_, doc_end) in zip(tok.encode_batch(texts, num_threads=threads), pending[split]):
+                if doc_end and tok.eot_id is not None:  # separate documents, never pieces of one
                     ids.append(tok.eot_id)
                 arr = np.asarray(ids, dtype=dtype)
                 arr.tofile(files[split])
                 counts[split] += arr.size
             pending[split].clear()
 
-        for split, doc in iter_documents(source, cfg):
-            pending[split].append(doc)
+        for split, text, doc_end in iter_documents(source, cfg):
+            pending[split].append((text, doc_end))
             if len(pending[split]) >= DOCS_PER_BATCH:
                 flush(split)
         for split in pending:
@@ -153,10 +164,13 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
         "dtype": np.dtype(dtype).name,
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
-        "source": _source_id(source),
+        "source": _source_name(source),
+        "source_stamp": _stamp(source),
         "val_fraction": cfg.val_fraction,
     }
-    (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    meta_tmp = folder / f"meta.json.tmp-{os.getpid()}"
+    meta_tmp.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    os.replace(meta_tmp, folder / "meta.json")
     log(f"data: {counts['train']:,} train and {counts['val']:,} val tokens in {folder}")
     return folder
 
@@ -166,9 +180,10 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def iter_documents(source: Path | str, cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    """Yield (split, text) pieces. One text file splits by position (its tail is validation);
-    many documents split by a seeded coin per document."""
+def iter_documents(source: Path | str, cfg: DataConfig) -> Iterator[tuple[str, str, bool]]:
+    """Yield (split, text, doc_end) pieces. One text file splits by position (its tail is
+    validation); many documents split by a seeded coin per document. doc_end marks the end of a
+    document (where an end-of-text token goes); pieces of a single document never get one."""
     if isinstance(source, Path) and source.is_file() and source.suffix.lower() not in TABLE_SUFFIXES:
         yield from _split_text_file(source, cfg.val_fraction)
         return
@@ -180,16 +195,16 @@ def iter_documents(source: Path | str, cfg: DataConfig) -> Iterator[tuple[str, s
         raise DataError(f"corpus {source} is empty: no documents found")
     if second is None:  # a single document: split it by position like a text file
         cut = int(len(first) * (1 - cfg.val_fraction))
-        yield "train", first[:cut]
-        yield "val", first[cut:]
+        yield "train", first[:cut], False
+        yield "val", first[cut:], False
         return
-    yield "train", first
-    yield "val", second  # both splits are never empty
+    yield "train", first, True
+    yield "val", second, True  # both splits are never empty
     for doc in docs:
-        yield ("val" if rng.random() < cfg.val_fraction else "train"), doc
+        yield ("val" if rng.random() < cfg.val_fraction else "train"), doc, True
 
 
-def _split_text_file(path: Path, val_fraction: float) -> Iterator[tuple[str, str]]:
+def _split_text_file(path: Path, val_fraction: float) -> Iterator[tuple[str, str, bool]]:
     size = path.stat().st_size
     if size == 0:
         raise DataError(f"corpus {path} is empty")
@@ -204,10 +219,10 @@ def _split_text_file(path: Path, val_fraction: float) -> Iterator[tuple[str, str
             n = len(text.encode("utf-8"))
             if done < cut < done + n:  # the split point falls in this piece
                 k = _char_index_of_byte(text, cut - done)
-                yield "train", text[:k]
-                yield "val", text[k:]
+                yield "train", text[:k], False
+                yield "val", text[k:], False
             else:
-                yield ("train" if done + n <= cut else "val"), text
+                yield ("train" if done + n <= cut else "val"), text, False
             done += n
 
 
@@ -216,7 +231,7 @@ def _char_index_of_byte(text: str, byte_offset: int) -> int:
 
 
 def _iter_texts(source: Path | str, cfg: DataConfig) -> Iterator[str]:
-    if isinstance(source, Path) and source.is_dir() and any(source.glob("*.txt")):
+    if isinstance(source, Path) and source.is_dir() and any(source.rglob("*.txt")):
         for f in sorted(p for p in source.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES):
             yield f.read_text(encoding="utf-8", errors="replace")
         return

@@ -97,7 +97,25 @@ def fit(
     stale_evals, result = 0, None
     step = start
 
+    pending: list[torch.Tensor] = []  # step losses not yet checked: one device sync per log line, not per step
+
+    def check_finite() -> float:
+        """Raise on the first non-finite loss since the last check; return the latest loss."""
+        if not pending:
+            return math.nan
+        losses = torch.stack(pending).tolist()
+        first = step - len(losses)
+        pending.clear()
+        for i, value in enumerate(losses):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"iter {first + i}: loss is {value}; stopping. The last good checkpoint in {out} is kept: "
+                    "lower optim.lr, raise optim.warmup_iters or use dtype=float32"
+                )
+        return losses[-1]
+
     def save(kind: str, val_loss: float) -> None:
+        check_finite()  # never write weights from a diverged step
         meta = {"iter": step, "val_loss": val_loss, "best_val_loss": best}
         state = _train_state(optimizer, scaler, step, best) if kind == "latest" else None
         if dist.is_main or dist.sharded:  # fsdp: every rank sends its shards to rank 0
@@ -138,19 +156,14 @@ def fit(
             lr = lr_at(step, o, t.max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, n_tokens = _train_step(train_model, batches, step, t.grad_accum, optimizer, scaler,
-                                         device, dtype, dist, o.grad_clip)
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"iter {step}: loss is {loss}; stopping. The last good checkpoint in {out} is kept: "
-                    "lower optim.lr, raise optim.warmup_iters or use dtype=float32"
-                )
+            loss_t, n_tokens = _train_step(train_model, batches, step, t.grad_accum, optimizer, scaler,
+                                           device, dtype, dist, o.grad_clip)
+            pending.append(loss_t)
             step += 1
             tokens_since += n_tokens
             log.advance()
             if step % t.log_interval == 0 or step == t.max_iters:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                loss = check_finite()  # also waits for the device, so the timing below is real
                 now = time.perf_counter()
                 n_steps = t.log_interval if step % t.log_interval == 0 else step % t.log_interval
                 ms = (now - t_last) * 1000 / max(1, n_steps)
@@ -165,6 +178,7 @@ def fit(
                 log.print(line)
                 log.record(**values)
                 t_last, tokens_since = now, 0
+        check_finite()
         if result is None:
             result = FitResult(step, best, last_val)
     except KeyboardInterrupt:
@@ -182,8 +196,9 @@ def fit(
 
 
 def _train_step(model, batches: BatchSource, step: int, accum: int, optimizer, scaler, device, dtype, dist,
-                grad_clip: float) -> tuple[float, int]:
-    """One optimizer step over `accum` micro-batches; returns (mean token loss, tokens seen on this rank)."""
+                grad_clip: float) -> tuple[torch.Tensor, int]:
+    """One optimizer step over `accum` micro-batches; returns (mean token loss as a 0-d tensor, left on
+    the device so the step does not wait for it, and the tokens seen on this rank)."""
     micro = [batches.train_batch(step, m) for m in range(accum)]
     counts = torch.stack([(b.y != IGNORE_INDEX).sum() for b in micro]).sum().to(device, torch.float32)
     n_supervised = dist.all_reduce_sum(counts.clone()).clamp(min=1)
@@ -201,7 +216,7 @@ def _train_step(model, batches: BatchSource, step: int, accum: int, optimizer, s
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    loss = (dist.all_reduce_sum(total) / n_supervised).item()
+    loss = dist.all_reduce_sum(total) / n_supervised
     return loss, sum(b.x.numel() for b in micro)
 
 
@@ -236,9 +251,14 @@ def _train_state(optimizer, scaler, step: int, best: float) -> dict:
 
 def _resume_weights(model, out: Path, export=None) -> dict:
     """Load the weights of out_dir/latest into the unwrapped model; returns its training state."""
-    ckpt = checkpoint.resolve(out, prefer="latest")
+    try:
+        ckpt = checkpoint.resolve(out, prefer="latest")
+    except checkpoint.CheckpointError:
+        ckpt = out
     if ckpt.name not in ("latest", ".latest.old"):
-        raise checkpoint.CheckpointError(f"{out}: no 'latest' checkpoint to resume from")
+        raise checkpoint.CheckpointError(
+            f"train.resume=true but {out} has no 'latest' checkpoint to resume from; "
+            "check out_dir, or drop train.resume to start a new run")
     state = checkpoint.load_train_state(ckpt)
     if "trainable" in state:  # saved weights are an export (merged LoRA): restore the training form
         _load_trainable(model, state["trainable"], ckpt)
