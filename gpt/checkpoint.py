@@ -148,7 +148,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Starting weights for training: (model, tokenizer, folder) from one of our checkpoint dirs."""
+    """Starting weights for training: (model, tokenizer, folder) from one of our checkpoint dirs
+    or a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)."""
+    from gpt import convert  # convert builds on this module; imported here to keep the order one-way
+
+    if convert.is_hf_dir(path):
+        model, tok = convert.load_hf(path)
+        return model.to(device), tok, Path(path)
     model, tok, _, folder = load_model(path, device)
     return model, tok, folder
 

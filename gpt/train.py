@@ -322,8 +322,10 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
         folder = ensure_prepared(cfg.data, log=lambda *_: None) if not dist.is_main else folder
         meta = read_meta(folder)
         tokenizer = from_spec(meta["tokenizer"])
+        window = cfg.model.block_size
         model = init_model(cfg, tokenizer)
-        batches = TokenBatches(folder, cfg.model.block_size, cfg.train.batch_size, device, cfg.train.seed,
+        window = min(window, model.config.block_size)
+        batches = TokenBatches(folder, window, cfg.train.batch_size, device, cfg.train.seed,
                                dist.rank, cfg.train.eval_batch_size, cfg.train.eval_iters, dist.world_size,
                                cfg.train.grad_accum)
         result = fit(model, batches, cfg, tokenizer, device, dist)
@@ -350,9 +352,9 @@ def init_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
     if init_tok.to_spec() != tokenizer.to_spec():
         raise ValueError(f"init_from {cfg.init_from} uses a different tokenizer than data.tokenizer="
                          f"'{cfg.data.tokenizer}'; prepare the data with the checkpoint's tokenizer")
-    if model.config.block_size < cfg.model.block_size:
-        raise ValueError(f"model.block_size {cfg.model.block_size} exceeds the block size of "
-                         f"{cfg.init_from} ({model.config.block_size})")
+    if to_dict(model.config) != to_dict(cfg.model):
+        print(f"model: the architecture comes from {cfg.init_from}; training windows are "
+              f"min(model.block_size, {model.config.block_size}) tokens", flush=True)
     cfg.model = model.config
     return model
 
