@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from gpt.decode import Decoder
 from gpt.model import GPT, KVCache
 from gpt.sampling import SamplingParams, process_logits, sample
 from gpt.tokenizer import Tokenizer
@@ -100,11 +101,12 @@ def decode_steps(
         if use_kv_cache:
             dtype = next(model.parameters()).dtype
             cache = KVCache.empty(cfg, B, min(block, T + max_new_tokens), device, dtype)
-            logits = model(tokens[:, start:n], kv_cache=cache, logits_to_keep=1)[0]
+            decoder = Decoder(model) if Decoder.supports(model) else None
+            logits = model(tokens[:, start:n], kv_cache=cache, logits_to_keep=1)[0][:, -1]
         else:
-            logits = model(tokens[:, start:n], logits_to_keep=1)[0]
+            logits = model(tokens[:, start:n], logits_to_keep=1)[0][:, -1]
         for i in range(max_new_tokens):
-            logits = logits[:, -1, :V].float()
+            logits = logits[:, :V].float()
             step_logits = process_logits(
                 logits, params, None if seen is None else seen[:, :V], None if counts is None else counts[:, :V]
             )
@@ -120,11 +122,14 @@ def decode_steps(
                 break
             new_start = window_start(n, start, block)
             if not use_kv_cache:
-                logits = model(tokens[:, new_start:n], logits_to_keep=1)[0]
+                logits = model(tokens[:, new_start:n], logits_to_keep=1)[0][:, -1]
             elif new_start != start:  # the window slid: re-encode the kept tokens from position 0
-                logits = model(tokens[:, new_start:n], kv_cache=cache, logits_to_keep=1)[0]
+                logits = model(tokens[:, new_start:n], kv_cache=cache, logits_to_keep=1)[0][:, -1]
+            elif decoder is not None:
+                logits = decoder.step(nxt, n - 1 - new_start, cache)
             else:
-                logits = model(tokens[:, n - 1 : n], kv_cache=cache, start_pos=n - 1 - start, logits_to_keep=1)[0]
+                last = tokens[:, n - 1 : n]
+                logits = model(last, kv_cache=cache, start_pos=n - 1 - start, logits_to_keep=1)[0][:, -1]
             start = new_start
     finally:
         model.train(was_training)

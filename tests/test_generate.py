@@ -7,7 +7,8 @@ import torch
 
 from gpt.config import ModelConfig
 from gpt.generate import TextStream, complete, decode_steps, generate, window_start
-from gpt.model import GPT
+from gpt.decode import Decoder
+from gpt.model import GPT, KVCache
 from gpt.sampling import (
     SamplingParams,
     apply_frequency_presence,
@@ -278,3 +279,38 @@ def test_invalid_sampling_values_are_reported():
         generate(model, torch.zeros(1, 1, dtype=torch.long), 2, top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1)
+
+
+# ---------------------------------------------------------------------------- the lean decoder
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decoder_step_matches_model_forward(bias):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=40, bias=bias)).eval()
+    idx = torch.randint(0, 40, (3, 10))
+    decoder, cache = Decoder(model), KVCache.empty(model.config, 3, 16, "cpu", torch.float32)
+    with torch.no_grad():
+        full, _ = model(idx)
+        model(idx[:, :4], kv_cache=cache)  # prefill through the model, then step with the decoder
+        steps = [decoder.step(idx[:, t], t, cache) for t in range(4, 10)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_modules_fall_back_to_model_forward():
+    model = lively_model()
+    idx = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
+    ref = generate(model, idx, 20, temperature=0)
+
+    class Scaled(torch.nn.Linear):  # an adapter-like subclass the decoder does not know
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    block = model.transformer.h[0]
+    old = block.mlp.c_fc
+    block.mlp.c_fc = Scaled(old.in_features, old.out_features)
+    block.mlp.c_fc.load_state_dict(old.state_dict())
+    assert Decoder.supports(model) is False
+    changed = generate(model, idx, 20, temperature=0)
+    assert torch.equal(changed, generate(model, idx, 20, temperature=0, use_kv_cache=False))
+    assert not torch.equal(changed, ref)
