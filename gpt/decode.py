@@ -53,14 +53,13 @@ class Decoder:
 
     def step(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         B, C, nh = tokens.shape[0], self.n_embd, self.n_head
-        x = self.wte[tokens] + self.wpe[pos]  # (B, C)
-        for i, (l1w, l1b, aw, ab, pw, pb, l2w, l2b, fw, fb, mw, mb) in enumerate(self.layers):
+        x = F.embedding(tokens, self.wte) + self.wpe[pos]  # (B, C)
+        for (l1w, l1b, aw, ab, pw, pb, l2w, l2b, fw, fb, mw, mb), k_cache, v_cache in zip(self.layers, cache.k, cache.v):
             h = F.layer_norm(x, (C,), l1w, l1b)
             qkv = _linear(h, aw, ab).view(B, 3, nh, 1, C // nh)  # (B, q/k/v, nh, T=1, hd)
-            k_cache, v_cache = cache.k[i], cache.v[i]  # (B, nh, max_len, hd)
-            k_cache[:, :, pos] = qkv[:, 1, :, 0]
-            v_cache[:, :, pos] = qkv[:, 2, :, 0]
-            y = F.scaled_dot_product_attention(qkv[:, 0], k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
+            k_cache.select(2, pos).copy_(qkv[:, 1, :, 0])  # k_cache: (B, nh, max_len, hd)
+            v_cache.select(2, pos).copy_(qkv[:, 2, :, 0])
+            y = F.scaled_dot_product_attention(qkv[:, 0], k_cache.narrow(2, 0, pos + 1), v_cache.narrow(2, 0, pos + 1))
             x = x + _linear(y.view(B, C), pw, pb)
             h = F.gelu(_linear(F.layer_norm(x, (C,), l2w, l2b), fw, fb), approximate="tanh")
             x = x + _linear(h, mw, mb)

@@ -12,11 +12,12 @@ every token. Both see exactly the same context at every step, so greedy outputs 
 
 Context window (sliding). GPT-2 learns absolute positions, so cached keys are tied to the
 position they were computed at and cannot simply be shifted. When the sequence outgrows
-block_size we therefore drop the oldest quarter of the window at once: the context restarts at
-the last `block_size - block_size // 4` tokens, which are re-encoded from position 0 in one
-prefill pass, and cached decoding continues from there. The uncached path applies the same rule
-(`window_start`), so the model conditions on the same tokens in both paths. A prompt longer than
-block_size keeps its last block_size tokens.
+block_size we therefore drop the oldest half of the window at once: the context restarts at the
+last `block_size - block_size // 2` tokens, which are re-encoded from position 0 in one prefill
+pass, and cached decoding continues from there (one re-encoding per block_size / 2 new tokens;
+the model always sees between half a window and a full one). The uncached path applies the same
+rule (`window_start`), so both paths condition on the same tokens and greedy outputs match.
+A prompt longer than block_size keeps its last block_size tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from gpt.decode import Decoder
 from gpt.model import GPT, KVCache
-from gpt.sampling import SamplingParams, process_logits, sample
+from gpt.sampling import SamplingParams, filter_logits, sample
 from gpt.tokenizer import Tokenizer
 
 FINISH_REASONS = ("length", "stop", "eos")
@@ -39,7 +40,7 @@ def window_start(n_tokens: int, start: int, block_size: int) -> int:
     """Index of the first token the model sees when predicting token `n_tokens` (see module doc)."""
     if n_tokens - start <= block_size:
         return start
-    keep = max(1, block_size - block_size // 4)
+    keep = max(1, block_size - block_size // 2)
     return n_tokens - keep
 
 
@@ -107,10 +108,10 @@ def decode_steps(
             logits = model(tokens[:, start:n], logits_to_keep=1)[0][:, -1]
         for i in range(max_new_tokens):
             logits = logits[:, :V].float()
-            step_logits = process_logits(
+            candidates, ids = filter_logits(
                 logits, params, None if seen is None else seen[:, :V], None if counts is None else counts[:, :V]
             )
-            nxt = sample(step_logits, params, gen)
+            nxt = sample(candidates, ids, params, gen)
             tokens[:, n] = nxt
             n += 1
             if seen is not None:

@@ -10,7 +10,7 @@ Pure tensor functions on (B, V) float logits, applied in this order (the order o
 3. temperature: 0 means greedy (argmax of the penalised logits); otherwise logits / temperature.
 4. top_k: keep the k most likely tokens. 5. top_p (nucleus): keep the smallest set of most likely
    tokens whose probability reaches top_p (the most likely token is always kept).
-6. a multinomial draw from a seeded torch.Generator, so one seed gives one output.
+6. a draw from the remaining distribution with a seeded torch.Generator: one seed, one output.
 """
 
 from __future__ import annotations
@@ -63,47 +63,55 @@ def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequen
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
-def apply_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
-    if not k or k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
-    return logits.masked_fill(logits < kth, NEG_INF)
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the most likely tokens until their total probability reaches p."""
+def apply_top_p(logits: torch.Tensor, p: float, is_sorted: bool = False) -> torch.Tensor:
+    """Keep the most likely tokens until their total probability reaches p (-inf for the rest)."""
     if p >= 1.0:
         return logits
+    if is_sorted:  # descending, as topk returns them
+        probs = logits.softmax(-1)
+        return logits.masked_fill(probs.cumsum(-1) - probs >= p, NEG_INF)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
-    before = probs.cumsum(-1) - probs  # probability mass of strictly more likely tokens
-    drop_sorted = before >= p  # the top token has before == 0, so it is always kept
+    drop_sorted = probs.cumsum(-1) - probs >= p  # mass of strictly more likely tokens; the top one has 0
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, NEG_INF)
 
 
-def process_logits(
+def filter_logits(
     logits: torch.Tensor,
     params: SamplingParams,
     seen: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Penalties, temperature, top-k and top-p; the result feeds `sample` (or argmax at temperature 0)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Penalties, temperature, top-k and top-p -> (candidate logits (B, K), their token ids (B, K)).
+
+    ids is None when every token is a candidate (K = V). Top-k keeps only the k best candidates
+    (topk), which is cheaper than masking the whole vocabulary; top-p sets dropped ones to -inf.
+    """
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if counts is not None:
         logits = apply_frequency_presence(logits, counts, params.frequency_penalty, params.presence_penalty)
     if params.temperature == 0:
-        return logits
+        return logits, None
     if params.temperature != 1.0:
         logits = logits / params.temperature
-    logits = apply_top_k(logits, params.top_k)
-    return apply_top_p(logits, params.top_p)
+    ids = None
+    if params.top_k and params.top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, params.top_k, dim=-1)  # sorted, most likely first
+    return apply_top_p(logits, params.top_p, is_sorted=ids is not None), ids
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) token ids."""
+def sample(logits: torch.Tensor, ids: torch.Tensor | None, params: SamplingParams, generator) -> torch.Tensor:
+    """Draw one token per row from filter_logits' output -> (B,) token ids; argmax at temperature 0.
+
+    The draw inverts the cumulative distribution with one uniform number per row: a cumsum and a
+    binary search, several times cheaper than torch.multinomial over a 50k vocabulary on CPU.
+    """
     if params.temperature == 0:
-        return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        choice = logits.argmax(-1, keepdim=True)
+    else:
+        cdf = logits.softmax(-1).cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+        choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # first cdf > u
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)

@@ -13,9 +13,9 @@ from gpt.sampling import (
     SamplingParams,
     apply_frequency_presence,
     apply_repetition_penalty,
-    apply_top_k,
     apply_top_p,
-    process_logits,
+    filter_logits,
+    sample,
 )
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 
@@ -57,11 +57,12 @@ def test_cached_greedy_equals_uncached_past_block_size(prompt_len):
     assert len(set(cached[0, prompt_len:].tolist())) > 3  # a real sequence, not one repeated token
 
 
-def test_window_rule_drops_oldest_quarter():
+def test_window_rule_drops_the_oldest_half():
     assert window_start(16, 0, 16) == 0  # still fits
-    assert window_start(17, 0, 16) == 5  # 17 tokens: keep the last 12 = 16 - 16 // 4
-    assert window_start(20, 5, 16) == 5
-    assert window_start(22, 5, 16) == 10
+    assert window_start(17, 0, 16) == 9  # 17 tokens: keep the last 8 = 16 - 16 // 2
+    assert window_start(25, 9, 16) == 9
+    assert window_start(26, 9, 16) == 18
+    assert window_start(18, 0, 17) == 9  # odd block: keep 9
     assert window_start(5, 3, 1) == 4  # block_size 1 keeps only the last token
 
 
@@ -106,22 +107,52 @@ def test_padded_vocab_ids_are_never_sampled():
 
 def test_top_k_keeps_exactly_the_k_largest():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
-    out = apply_top_k(logits, 2)
-    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
-    assert torch.equal(apply_top_k(logits, 0), logits) and torch.equal(apply_top_k(logits, 10), logits)
+    kept, ids = filter_logits(logits, SamplingParams(top_k=2))
+    assert ids.tolist() == [[1, 3]] and kept.tolist() == [[5.0, 4.0]]
+    for k in (0, None, 5, 10):  # no limit
+        kept, ids = filter_logits(logits, SamplingParams(top_k=k))
+        assert ids is None and torch.equal(kept, logits)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
     logits = probs.log()
-    kept = lambda p: torch.isfinite(apply_top_p(logits, p))[0].tolist()  # noqa: E731
-    assert kept(0.5) == [False, True, False, False]  # the top token alone reaches 0.5
-    assert kept(0.7) == [False, True, False, True]  # 0.5 + 0.3
-    assert kept(0.81) == [False, True, True, True]  # 0.8 is not enough: add 0.15
-    assert kept(1.0) == [True] * 4
-    assert kept(0.01) == [False, True, False, False]  # the most likely token is always kept
+
+    def kept(p, **kw):
+        out, ids = filter_logits(logits, SamplingParams(top_p=p, **kw))
+        ids = torch.arange(4)[None] if ids is None else ids
+        return sorted(ids[torch.isfinite(out)].tolist())
+
+    assert kept(0.5) == [1]  # the top token alone reaches 0.5
+    assert kept(0.7) == [1, 3]  # 0.5 + 0.3
+    assert kept(0.81) == [1, 2, 3]  # 0.8 is not enough: add 0.15
+    assert kept(1.0) == [0, 1, 2, 3]
+    assert kept(0.01) == [1]  # the most likely token is always kept
+    assert kept(0.81, top_k=2) == [1, 3]  # top-k first, then top-p among the survivors
+    assert kept(0.6, top_k=3) == [1, 3]  # renormalised over the top 3: 0.5/0.95 < 0.6
     renorm = apply_top_p(logits, 0.7).softmax(-1)[0]
     assert renorm[1].item() == pytest.approx(0.5 / 0.8) and renorm[3].item() == pytest.approx(0.3 / 0.8)
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    cold, _ = filter_logits(logits, SamplingParams(temperature=0.5))
+    hot, _ = filter_logits(logits, SamplingParams(temperature=2.0))
+    assert cold.softmax(-1)[0, 0] > logits.softmax(-1)[0, 0] > hot.softmax(-1)[0, 0]
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    n = 40000
+    logits = torch.tensor([[0.1, 0.6, 0.0, 0.3]]).log().expand(n, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(*filter_logits(logits, SamplingParams()), SamplingParams(), gen)
+    freq = torch.bincount(draws, minlength=4).float() / n
+    assert freq[2] == 0  # zero probability is never drawn
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.0, 0.3]), atol=0.01, rtol=0)
+    params = SamplingParams(top_k=2)
+    draws = sample(*filter_logits(logits, params), params, gen)
+    freq = torch.bincount(draws, minlength=4).float() / n
+    torch.testing.assert_close(freq, torch.tensor([0.0, 2 / 3, 0.0, 1 / 3]), atol=0.01, rtol=0)
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
@@ -140,8 +171,8 @@ def test_frequency_and_presence_penalties_follow_openai():
 def test_temperature_zero_is_argmax_after_penalties():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
     params = SamplingParams(temperature=0, repetition_penalty=2.0)
-    out = process_logits(logits, params, seen=torch.tensor([[True, False, False]]))
-    assert out.argmax(-1).item() == 1
+    out, ids = filter_logits(logits, params, seen=torch.tensor([[True, False, False]]))
+    assert sample(out, ids, params, None).tolist() == [1]
 
 
 def test_penalties_change_generation():
