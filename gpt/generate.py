@@ -102,7 +102,7 @@ def decode_steps(
         if use_kv_cache:
             dtype = next(model.parameters()).dtype
             cache = KVCache.empty(cfg, B, min(block, T + max_new_tokens), device, dtype)
-            decoder = Decoder(model) if Decoder.supports(model) else None
+            decoder = Decoder.for_model(model)
             logits = model(tokens[:, start:n], kv_cache=cache, logits_to_keep=1)[0][:, -1]
         else:
             logits = model(tokens[:, start:n], logits_to_keep=1)[0][:, -1]

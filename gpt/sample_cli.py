@@ -63,8 +63,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.logprobs < 0:
         raise ValueError(f"--logprobs must be >= 0, got {args.logprobs}")
-    if args.chat and (args.json or args.num_samples > 1):
-        raise ValueError("--chat is interactive: it cannot be combined with --json or --num-samples > 1")
+    if args.chat and (args.json or args.num_samples > 1 or args.logprobs or args.prompt or args.prompt_file):
+        raise ValueError("--chat is interactive: it cannot be combined with --json, --logprobs, --num-samples > 1 "
+                         "or a --prompt/--prompt-file")
     if args.system is not None and not args.chat:
         raise ValueError("--system only applies to --chat")
 
@@ -76,7 +77,7 @@ def run(argv: list[str]) -> None:
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer, _, folder = load_model(args.ckpt, device)
-    model.to(dtype=dtype).eval()
+    model.to(dtype=dtype).eval()  # decoding reads every weight per token: store them in the compute dtype
     sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                     presence_penalty=args.presence_penalty, seed=args.seed, use_kv_cache=not args.no_kv_cache,

@@ -345,3 +345,17 @@ def test_unknown_modules_fall_back_to_model_forward():
     changed = generate(model, idx, 20, temperature=0)
     assert torch.equal(changed, generate(model, idx, 20, temperature=0, use_kv_cache=False))
     assert not torch.equal(changed, ref)
+
+
+def test_decoder_is_reused_until_the_weights_change():
+    model = lively_model()
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    first = Decoder.for_model(model)
+    assert Decoder.for_model(model) is first
+    before = generate(model, idx, 10, temperature=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # an in-place update, as an optimizer step makes
+    assert Decoder.for_model(model) is not first
+    after = generate(model, idx, 10, temperature=0)
+    assert torch.equal(after, generate(model, idx, 10, temperature=0, use_kv_cache=False))
+    assert not torch.equal(before, after)
