@@ -32,7 +32,8 @@ _DECODERS: "weakref.WeakKeyDictionary[GPT, tuple[tuple, Decoder]]" = weakref.Wea
 
 
 class Decoder:
-    """decoder.step(tokens (B,), pos, cache) -> logits (B, vocab) for the token at position pos."""
+    """decoder.forward(tokens (B, T), pos, cache) -> logits (B, vocab) of the last token: the prefill
+    (pos 0) and every decoding step (T = 1) of cached generation."""
 
     @classmethod
     def for_model(cls, model: GPT) -> "Decoder | None":
@@ -70,19 +71,27 @@ class Decoder:
     def supports(model: torch.nn.Module) -> bool:
         return all(type(m) in KNOWN_MODULES for m in model.modules()) and not model._forward_hooks
 
-    def step(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-        B, C, nh = tokens.shape[0], self.n_embd, self.n_head
-        x = F.embedding(tokens, self.wte) + self.wpe[pos]  # (B, C)
+    def forward(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """tokens (B, T) at positions pos.. -> logits (B, vocab) of the last one; writes their keys and
+        values into the cache. Either a prefill (pos 0, any T) or one decoding step (T = 1)."""
+        B, T = tokens.shape
+        if T > 1 and pos != 0:
+            raise ValueError("Decoder.forward takes a prefill from position 0 or a single token")
+        C, nh = self.n_embd, self.n_head
+        x = (F.embedding(tokens, self.wte) + self.wpe[pos : pos + T]).view(B * T, C)
         for (l1w, l1b, aw, ab, pw, pb, l2w, l2b, fw, fb, mw, mb), k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            h = F.layer_norm(x, (C,), l1w, l1b)
-            qkv = _linear(h, aw, ab).view(B, 3, nh, 1, C // nh)  # (B, q/k/v, nh, T=1, hd)
-            k_cache.select(2, pos).copy_(qkv[:, 1, :, 0])  # k_cache: (B, nh, max_len, hd)
-            v_cache.select(2, pos).copy_(qkv[:, 2, :, 0])
-            y = F.scaled_dot_product_attention(qkv[:, 0], k_cache.narrow(2, 0, pos + 1), v_cache.narrow(2, 0, pos + 1))
-            x = x + _linear(y.view(B, C), pw, pb)
-            h = F.gelu(_linear(F.layer_norm(x, (C,), l2w, l2b), fw, fb), approximate="tanh")
+            h = torch.layer_norm(x, (C,), l1w, l1b)
+            qkv = _linear(h, aw, ab).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # each (B, nh, T, hd)
+            k_cache.narrow(2, pos, T).copy_(k)  # k_cache: (B, nh, max_len, hd)
+            v_cache.narrow(2, pos, T).copy_(v)
+            # is_causal is right here: with pos 0 queries and keys start together; T = 1 sees everything
+            y = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, pos + T), v_cache.narrow(2, 0, pos + T),
+                                               is_causal=T > 1)
+            x = x + _linear(y.transpose(1, 2).reshape(B * T, C), pw, pb)
+            h = F.gelu(_linear(torch.layer_norm(x, (C,), l2w, l2b), fw, fb), approximate="tanh")
             x = x + _linear(h, mw, mb)
-        return F.layer_norm(x, (C,), *self.ln_f) @ self.lm_head
+        return torch.layer_norm(x.view(B, T, C)[:, -1], (C,), *self.ln_f) @ self.lm_head
 
 
 def _linear(x: torch.Tensor, w_in_out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -100,19 +100,17 @@ def decode_steps(
         if max_new_tokens <= 0:
             return
         if use_kv_cache:
-            dtype = next(model.parameters()).dtype
-            cache = KVCache.empty(cfg, B, min(block, T + max_new_tokens), device, dtype)
-            decoder = Decoder.for_model(model)
-            logits = model(tokens[:, start:n], kv_cache=cache, logits_to_keep=1)[0][:, -1]
+            cached = _CachedForward(model, B, min(block, T + max_new_tokens))
+            logits = cached(tokens[:, start:n], 0)
         else:
-            logits = model(tokens[:, start:n], logits_to_keep=1)[0][:, -1]
+            logits = _uncached(model, tokens[:, start:n])
         for i in range(max_new_tokens):
-            logits = logits[:, :V].float()
+            logits = (logits if logits.size(-1) == V else logits[:, :V]).float()
             candidates, ids = filter_logits(
                 logits, params, None if seen is None else seen[:, :V], None if counts is None else counts[:, :V]
             )
             nxt = sample(candidates, ids, params, gen)
-            tokens[:, n] = nxt
+            tokens.select(1, n).copy_(nxt)
             n += 1
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
@@ -123,17 +121,35 @@ def decode_steps(
                 break
             new_start = window_start(n, start, block)
             if not use_kv_cache:
-                logits = model(tokens[:, new_start:n], logits_to_keep=1)[0][:, -1]
+                logits = _uncached(model, tokens[:, new_start:n])
             elif new_start != start:  # the window slid: re-encode the kept tokens from position 0
-                logits = model(tokens[:, new_start:n], kv_cache=cache, logits_to_keep=1)[0][:, -1]
-            elif decoder is not None:
-                logits = decoder.step(nxt, n - 1 - new_start, cache)
+                logits = cached(tokens[:, new_start:n], 0)
             else:
-                last = tokens[:, n - 1 : n]
-                logits = model(last, kv_cache=cache, start_pos=n - 1 - start, logits_to_keep=1)[0][:, -1]
+                logits = cached(tokens[:, n - 1 : n], n - 1 - start)
             start = new_start
     finally:
         model.train(was_training)
+
+
+class _CachedForward:
+    """Logits of a chunk's last token, its keys/values written to a pre-allocated cache.
+
+    Uses the lean Decoder (gpt/decode.py) when the model is a plain GPT, else GPT.forward."""
+
+    def __init__(self, model: GPT, batch: int, max_len: int):
+        dtype = next(model.parameters()).dtype
+        self.model, self.decoder = model, Decoder.for_model(model)
+        self.cache = KVCache.empty(model.config, batch, max_len, next(model.parameters()).device, dtype)
+
+    def __call__(self, chunk: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.decoder is not None:
+            return self.decoder.forward(chunk, pos, self.cache)
+        return self.model(chunk, kv_cache=self.cache, start_pos=pos, logits_to_keep=1)[0][:, -1]
+
+
+def _uncached(model: GPT, window: torch.Tensor) -> torch.Tensor:
+    """The reference: the whole window through the model, no cache."""
+    return model(window, logits_to_keep=1)[0][:, -1]
 
 
 def _step(nxt: torch.Tensor, logits: torch.Tensor, k: int) -> Step:

@@ -323,8 +323,12 @@ def test_decoder_step_matches_model_forward(bias):
     decoder, cache = Decoder(model), KVCache.empty(model.config, 3, 16, "cpu", torch.float32)
     with torch.no_grad():
         full, _ = model(idx)
-        model(idx[:, :4], kv_cache=cache)  # prefill through the model, then step with the decoder
-        steps = [decoder.step(idx[:, t], t, cache) for t in range(4, 10)]
+        ref_cache = KVCache.empty(model.config, 3, 16, "cpu", torch.float32)
+        model(idx[:, :4], kv_cache=ref_cache)
+        prefill = decoder.forward(idx[:, :4], 0, cache)
+        torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)  # same cache layout and content
+        steps = [decoder.forward(idx[:, t : t + 1], t, cache) for t in range(4, 10)]
+    torch.testing.assert_close(prefill, full[:, 3], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
 
 
