@@ -1,0 +1,129 @@
+"""`python sample.py --ckpt out/run ...`: the command line of the sampler (flags, output formats, chat)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt.checkpoint import load_model
+from gpt.device import pick_device, resolve_dtype
+from gpt.generate import Completion, complete
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sample.py", description="Sample text from a trained checkpoint, or chat with it.")
+    p.add_argument("--ckpt", required=True, help="output directory (its best checkpoint, else latest) or a checkpoint folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="prompt text (default: the end-of-text token, or a newline)")
+    src.add_argument("--prompt-file", default=None, help="read the prompt from this file ('-' for stdin)")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations generated together in one batch")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this total probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the context")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI: subtract count x this from a logit")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI: subtract this once a token appeared")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end generation at this text, which is not printed (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights are converted)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (reference path)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print tokens as they are generated (default: on when writing to a terminal)")
+    p.add_argument("--logprobs", type=int, default=0, metavar="K",
+                   help="show each token's probability and the K most likely alternatives")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample (text, token_ids, finish_reason)")
+    p.add_argument("--chat", action="store_true", help="interactive conversation using the chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    return p
+
+
+def read_prompt(args: argparse.Namespace) -> str | None:
+    if args.prompt_file is None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {path}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.logprobs < 0:
+        raise ValueError(f"--logprobs must be >= 0, got {args.logprobs}")
+    if args.chat and (args.json or args.num_samples > 1 or args.logprobs or args.prompt or args.prompt_file):
+        raise ValueError("--chat is interactive: it cannot be combined with --json, --logprobs, --num-samples > 1 "
+                         "or a --prompt/--prompt-file")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system only applies to --chat")
+
+
+def run(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    prompt = read_prompt(args)
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer, _, folder = load_model(args.ckpt, device)
+    model.to(dtype=dtype).eval()  # decoding reads every weight per token: store them in the compute dtype
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                    presence_penalty=args.presence_penalty, seed=args.seed, use_kv_cache=not args.no_kv_cache,
+                    logprobs=args.logprobs)
+    if args.chat:
+        from gpt.chat_session import run_chat
+
+        print(f"loaded {folder}", file=sys.stderr)
+        run_chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling)
+        return
+    if prompt is None:
+        prompt = "" if tokenizer.eot_id is not None else "\n"
+    stream = args.stream if args.stream is not None else sys.stdout.isatty()
+    stream = stream and not args.json and args.num_samples == 1
+    on_text = None
+    if stream:
+        sys.stdout.write(prompt)
+
+        def on_text(_: int, text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    results = complete(model, tokenizer, prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                       stop=args.stop, on_text=on_text, **sampling)
+    for i, r in enumerate(results):
+        if args.json:
+            print(json.dumps({"index": i, **r.to_dict()}, ensure_ascii=False))
+            continue
+        if not stream:
+            if i:
+                print("-" * 40)
+            sys.stdout.write(prompt + r.text)
+        print()
+        if args.logprobs:
+            print(format_logprobs(r))
+        print(f"[{len(r.token_ids)} tokens, finish reason: {r.finish_reason}]", file=sys.stderr)
+
+
+def format_logprobs(r: Completion) -> str:
+    """One line per generated token: its probability, then the most likely alternatives."""
+    lines = [f"{'token':>14}  {'prob':>6}  top alternatives"]
+    for e in r.logprobs or []:
+        alts = "  ".join(f"{json.dumps(a['token'], ensure_ascii=False)} {_p(a['logprob'])}" for a in e["top"])
+        lines.append(f"{json.dumps(e['token'], ensure_ascii=False):>14}  {_p(e['logprob'])}  {alts}")
+    return "\n".join(lines)
+
+
+def _p(logprob: float) -> str:
+    return f"{math.exp(logprob):6.3f}"

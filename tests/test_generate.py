@@ -1,0 +1,365 @@
+"""The generation engine: cache equivalence, sliding window, decoding controls, stops, streaming, seeds."""
+
+import math
+
+import pytest
+import torch
+
+from gpt.config import ModelConfig
+from gpt.generate import TextStream, complete, decode_steps, generate, window_start
+from gpt.decode import Decoder
+from gpt.model import GPT, KVCache
+from gpt.sampling import (
+    SamplingParams,
+    apply_frequency_presence,
+    apply_repetition_penalty,
+    apply_top_p,
+    filter_logits,
+    sample,
+)
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz <>:.\n")
+
+
+def lively_model(vocab_size=len(CHARS), block_size=16, n_embd=32, seed=0) -> GPT:
+    """A random model whose greedy output does not collapse into one repeated token."""
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" not in name:
+                p.normal_(0, 1.0 if "wpe" in name else 0.3)
+    return model.eval()
+
+
+def reference_greedy(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Independent naive loop: the documented window rule, the full context through the model every step."""
+    block = model.config.block_size
+    seq, start = idx.clone(), max(0, idx.shape[1] - block)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(seq[:, start:])
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            start = window_start(seq.shape[1], start, block)
+    return seq
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 16, 23])
+def test_cached_greedy_equals_uncached_past_block_size(prompt_len):
+    model = lively_model()
+    idx = torch.randint(0, model.config.vocab_size, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    n = 45  # about three windows of 16: the window slides several times
+    cached = generate(model, idx, n, temperature=0)
+    uncached = generate(model, idx, n, temperature=0, use_kv_cache=False)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, reference_greedy(model, idx, n))
+    assert len(set(cached[0, prompt_len:].tolist())) > 3  # a real sequence, not one repeated token
+
+
+def test_window_rule_drops_the_oldest_half():
+    assert window_start(16, 0, 16) == 0  # still fits
+    assert window_start(17, 0, 16) == 9  # 17 tokens: keep the last 8 = 16 - 16 // 2
+    assert window_start(25, 9, 16) == 9
+    assert window_start(26, 9, 16) == 18
+    assert window_start(18, 0, 17) == 9  # odd block: keep 9
+    assert window_start(5, 3, 1) == 4  # block_size 1 keeps only the last token
+
+
+def test_sampled_output_is_the_same_with_and_without_cache():
+    model = lively_model()
+    idx = torch.randint(0, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(1))
+    a = generate(model, idx, 40, temperature=1.0, top_k=10, seed=5)
+    b = generate(model, idx, 40, temperature=1.0, top_k=10, seed=5, use_kv_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_batch_rows_are_independent_samples():
+    model = lively_model()
+    idx = torch.zeros(4, 3, dtype=torch.long)
+    out = generate(model, idx, 30, temperature=1.0, seed=0)
+    assert len({tuple(r) for r in out[:, 3:].tolist()}) == 4
+    greedy = generate(model, idx, 30, temperature=0)
+    assert all(torch.equal(greedy[0], r) for r in greedy)
+
+
+def test_seed_reproducibility():
+    model = lively_model()
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    a = generate(model, idx, 50, temperature=1.2, seed=123)
+    assert torch.equal(a, generate(model, idx, 50, temperature=1.2, seed=123))
+    assert not torch.equal(a, generate(model, idx, 50, temperature=1.2, seed=124))
+
+
+def test_padded_vocab_ids_are_never_sampled():
+    model = lively_model(vocab_size=64)
+    with torch.no_grad():
+        model.lm_head.weight[40:] *= 50  # make the padding rows the most likely by far
+    idx = torch.zeros(2, 2, dtype=torch.long)
+    assert generate(model, idx, 30, temperature=0)[:, 2:].max() >= 40  # unrestricted, they win
+    for t in (0.0, 1.0):
+        out = generate(model, idx, 30, temperature=t, seed=0, vocab_limit=40)
+        assert out[:, 2:].max() < 40
+
+
+# ---------------------------------------------------------------------------- logits processing
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept, ids = filter_logits(logits, SamplingParams(top_k=2))
+    assert ids.tolist() == [[1, 3]] and kept.tolist() == [[5.0, 4.0]]
+    for k in (0, None, 5, 10):  # no limit
+        kept, ids = filter_logits(logits, SamplingParams(top_k=k))
+        assert ids is None and torch.equal(kept, logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+
+    def kept(p, **kw):
+        out, ids = filter_logits(logits, SamplingParams(top_p=p, **kw))
+        ids = torch.arange(4)[None] if ids is None else ids
+        return sorted(ids[torch.isfinite(out)].tolist())
+
+    assert kept(0.5) == [1]  # the top token alone reaches 0.5
+    assert kept(0.7) == [1, 3]  # 0.5 + 0.3
+    assert kept(0.81) == [1, 2, 3]  # 0.8 is not enough: add 0.15
+    assert kept(1.0) == [0, 1, 2, 3]
+    assert kept(0.01) == [1]  # the most likely token is always kept
+    assert kept(0.81, top_k=2) == [1, 3]  # top-k first, then top-p among the survivors
+    assert kept(0.6, top_k=3) == [1, 3]  # renormalised over the top 3: 0.5/0.95 < 0.6
+    renorm = apply_top_p(logits, 0.7).softmax(-1)[0]
+    assert renorm[1].item() == pytest.approx(0.5 / 0.8) and renorm[3].item() == pytest.approx(0.3 / 0.8)
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    cold, _ = filter_logits(logits, SamplingParams(temperature=0.5))
+    hot, _ = filter_logits(logits, SamplingParams(temperature=2.0))
+    assert cold.softmax(-1)[0, 0] > logits.softmax(-1)[0, 0] > hot.softmax(-1)[0, 0]
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    n = 40000
+    logits = torch.tensor([[0.1, 0.6, 0.0, 0.3]]).log().expand(n, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(*filter_logits(logits, SamplingParams()), SamplingParams(), gen)
+    freq = torch.bincount(draws, minlength=4).float() / n
+    assert freq[2] == 0  # zero probability is never drawn
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.0, 0.3]), atol=0.01, rtol=0)
+    params = SamplingParams(top_k=2)
+    draws = sample(*filter_logits(logits, params), params, gen)
+    freq = torch.bincount(draws, minlength=4).float() / n
+    torch.testing.assert_close(freq, torch.tensor([0.0, 2 / 3, 0.0, 1 / 3]), atol=0.01, rtol=0)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+def test_frequency_and_presence_penalties_follow_openai():
+    logits = torch.tensor([[1.0, 1.0, 1.0]])
+    counts = torch.tensor([[2.0, 0.0, 1.0]])
+    out = apply_frequency_presence(logits, counts, frequency=0.5, presence=0.25)
+    assert out.tolist() == [[1.0 - 2 * 0.5 - 0.25, 1.0, 1.0 - 0.5 - 0.25]]
+
+
+def test_temperature_zero_is_argmax_after_penalties():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    params = SamplingParams(temperature=0, repetition_penalty=2.0)
+    out, ids = filter_logits(logits, params, seen=torch.tensor([[True, False, False]]))
+    assert sample(out, ids, params, None).tolist() == [1]
+
+
+def test_penalties_change_generation():
+    model = lively_model()
+    idx = torch.tensor([[1, 2, 3]])
+    plain = generate(model, idx, 20, temperature=0)[0, 3:].tolist()
+    assert len(set(plain)) < 20  # greedy repeats itself
+    distinct = generate(model, idx, 20, temperature=0, presence_penalty=100.0)[0, 3:].tolist()
+    assert len(set(distinct)) == 20  # a token once generated is never chosen again
+    no_prompt = generate(model, idx, 20, temperature=0, repetition_penalty=1e6)[0, 3:].tolist()
+    assert not {1, 2, 3} & set(no_prompt)  # repetition penalty covers the prompt too
+    # frequency/presence count generated tokens only (OpenAI): the prompt's tokens stay available
+    freq = generate(model, torch.tensor([[plain[0]]]), 1, temperature=0, presence_penalty=100.0)[0, 1:].tolist()
+    assert freq == generate(model, torch.tensor([[plain[0]]]), 1, temperature=0)[0, 1:].tolist()
+
+
+# ---------------------------------------------------------------------------- text, stops, streaming
+
+
+def char_tok() -> CharTokenizer:
+    return CharTokenizer(CHARS)
+
+
+def test_stop_sequence_split_across_tokens_is_cut_and_never_streamed():
+    tok = char_tok()
+    stream = TextStream(tok, stops=["<eoc>"])
+    shown = []
+    for i in tok.encode("run ls <eo<eoc> more"):
+        stopped = stream.push(i)
+        shown.append(stream.pop_new())
+        if stopped:
+            break
+    stream.finish()
+    shown.append(stream.pop_new(final=True))
+    assert stream.text == "run ls <eo" and stream.stopped
+    assert "".join(shown) == "run ls <eo"
+    assert "<eoc" not in "".join(shown[:-1])
+
+
+def test_stop_sequence_split_across_bpe_tokens():
+    tok = TiktokenTokenizer("gpt2")
+    ids = tok.encode("print(x)<EOC>ignored")
+    assert all(tok.decode([i]) != "<EOC>" for i in ids)  # the stop spans several tokens
+    stream = TextStream(tok, stops=["<EOC>"])
+    used = 0
+    for i in ids:
+        used += 1
+        if stream.push(i):
+            break
+    assert stream.text == "print(x)"
+    assert used < len(ids)
+
+
+def test_streaming_decodes_multibyte_characters_split_across_tokens():
+    tok = TiktokenTokenizer("gpt2")
+    text = "naïve café 世界 🙂!"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens hold half a character
+    stream = TextStream(tok)
+    pieces = []
+    for i in ids:
+        stream.push(i)
+        pieces.append(stream.pop_new())
+    stream.finish()
+    pieces.append(stream.pop_new(final=True))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_complete_stops_at_a_stop_string_spanning_tokens():
+    model, tok = lively_model(), char_tok()
+    free = complete(model, tok, "ab", max_new_tokens=30, temperature=0)[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 30
+    stop = free.text[10:13]  # three characters = three tokens
+    cut = complete(model, tok, "ab", max_new_tokens=30, temperature=0, stop=[stop])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index(stop)]
+    assert len(cut.token_ids) == free.text.index(stop) + len(stop)  # ends on the token completing it
+
+
+def test_complete_streams_exactly_the_final_text():
+    model, tok = lively_model(), char_tok()
+    ref = complete(model, tok, "ab", num_samples=2, max_new_tokens=25, temperature=0.9, seed=3)
+    stop = ref[0].text[5:7]
+    got = {0: "", 1: ""}
+
+    def on_text(i, s):
+        got[i] += s
+
+    res = complete(model, tok, "ab", num_samples=2, max_new_tokens=25, temperature=0.9, seed=3, stop=[stop],
+                   on_text=on_text)
+    assert [got[0], got[1]] == [r.text for r in res]
+    assert res[0].finish_reason == "stop" and stop not in res[0].text
+
+
+def test_eos_token_ends_a_sample():
+    model, tok = lively_model(), char_tok()
+    free = complete(model, tok, "ab", max_new_tokens=20, temperature=0)[0]
+    eos = free.token_ids[6]
+    first = free.token_ids.index(eos)
+    res = complete(model, tok, "ab", max_new_tokens=20, temperature=0, stop_ids=[eos])[0]
+    assert res.finish_reason == "eos"
+    assert res.token_ids == free.token_ids[: first + 1] and res.text == free.text[:first]
+
+
+def test_logprobs_report_the_model_distribution():
+    model, tok = lively_model(), char_tok()
+    V = len(CHARS)
+    res = complete(model, tok, "ab", max_new_tokens=5, temperature=0.7, seed=0, logprobs=V)[0]
+    assert len(res.logprobs) == 5
+    for tok_id, e in zip(res.token_ids, res.logprobs):
+        assert e["id"] == tok_id and e["token"] == tok.decode([tok_id])
+        lps = [a["logprob"] for a in e["top"]]
+        assert lps == sorted(lps, reverse=True)
+        assert sum(math.exp(x) for x in lps) == pytest.approx(1.0, abs=1e-4)
+        assert e["logprob"] == pytest.approx(next(a["logprob"] for a in e["top"] if a["id"] == tok_id))
+    # the reported distribution is the model's: one forward pass agrees
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([tok.encode("ab")]))
+    assert res.logprobs[0]["top"][0]["logprob"] == pytest.approx(logits[0, -1].log_softmax(-1).max().item(), abs=1e-5)
+
+
+def test_decode_steps_can_stop_early_and_restore_training_mode():
+    model = lively_model().train()
+    steps = decode_steps(model, torch.zeros(1, 1, dtype=torch.long), 100, SamplingParams(temperature=0))
+    for i, _ in enumerate(steps):
+        if i == 3:
+            steps.close()
+            break
+    assert model.training
+
+
+def test_invalid_sampling_values_are_reported():
+    model = lively_model()
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, torch.zeros(1, 1, dtype=torch.long), 2, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1)
+
+
+# ---------------------------------------------------------------------------- the lean decoder
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decoder_step_matches_model_forward(bias):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=40, bias=bias)).eval()
+    idx = torch.randint(0, 40, (3, 10))
+    decoder, cache = Decoder(model), KVCache.empty(model.config, 3, 16, "cpu", torch.float32)
+    with torch.no_grad():
+        full, _ = model(idx)
+        ref_cache = KVCache.empty(model.config, 3, 16, "cpu", torch.float32)
+        model(idx[:, :4], kv_cache=ref_cache)
+        prefill = decoder.forward(idx[:, :4], 0, cache)
+        torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)  # same cache layout and content
+        steps = [decoder.forward(idx[:, t : t + 1], t, cache) for t in range(4, 10)]
+    torch.testing.assert_close(prefill, full[:, 3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_modules_fall_back_to_model_forward():
+    model = lively_model()
+    idx = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
+    ref = generate(model, idx, 20, temperature=0)
+
+    class Scaled(torch.nn.Linear):  # an adapter-like subclass the decoder does not know
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    block = model.transformer.h[0]
+    old = block.mlp.c_fc
+    block.mlp.c_fc = Scaled(old.in_features, old.out_features)
+    block.mlp.c_fc.load_state_dict(old.state_dict())
+    assert Decoder.supports(model) is False
+    changed = generate(model, idx, 20, temperature=0)
+    assert torch.equal(changed, generate(model, idx, 20, temperature=0, use_kv_cache=False))
+    assert not torch.equal(changed, ref)
+
+
+def test_decoder_is_reused_until_the_weights_change():
+    model = lively_model()
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    first = Decoder.for_model(model)
+    assert Decoder.for_model(model) is first
+    before = generate(model, idx, 10, temperature=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # an in-place update, as an optimizer step makes
+    assert Decoder.for_model(model) is not first
+    after = generate(model, idx, 10, temperature=0)
+    assert torch.equal(after, generate(model, idx, 10, temperature=0, use_kv_cache=False))
+    assert not torch.equal(before, after)

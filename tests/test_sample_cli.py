@@ -1,0 +1,155 @@
+"""sample.py end to end (JSON output, stops, errors) and the chat mode's history handling."""
+
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gpt.chat import ChatTemplate
+from gpt.chat_session import ChatSession, run_chat
+from gpt.checkpoint import save_checkpoint
+from gpt.config import ModelConfig
+from gpt.model import GPT
+from gpt.sample_cli import build_parser, check_args
+from gpt.tokenizer import CharTokenizer
+
+CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ <>:.,!?'\n")
+
+
+def tiny_model(vocab_size: int, block_size: int = 32) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" not in name:
+                p.normal_(0, 1.0 if "wpe" in name else 0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """An output dir with a best/ checkpoint of a random char model whose vocabulary is padded to 64."""
+    tok = CharTokenizer(CHARS)
+    model = tiny_model(64)
+    save_checkpoint(tmp_path / "out" / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
+    return tmp_path / "out"
+
+
+def sample(*args, stdin=None):
+    return subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          input=stdin, timeout=120)
+
+
+def test_json_output_parses_and_cache_matches_reference_path(ckpt):
+    base = ["--ckpt", ckpt, "--prompt", "Hello", "--max-new-tokens", 12, "--json"]
+    proc = sample(*base, "--num-samples", 3, "--seed", 7, "--logprobs", 2, "--stop", "zz")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["finish_reason"] in ("length", "stop", "eos") and isinstance(r["text"], str)
+        assert all(0 <= i < len(CHARS) for i in r["token_ids"])  # padded ids 62, 63 are never sampled
+        assert len(r["logprobs"]) == len(r["token_ids"]) and len(r["logprobs"][0]["top"]) == 2
+    greedy = [sample(*base, "--temperature", 0, *extra) for extra in ([], ["--no-kv-cache"])]
+    assert greedy[0].returncode == 0 and greedy[0].stdout == greedy[1].stdout
+
+
+def test_prompt_from_stdin_stop_and_plain_output(ckpt):
+    free = sample("--ckpt", ckpt, "--prompt-file", "-", "--max-new-tokens", 20, "--temperature", 0, "--json",
+                  stdin="abc")
+    text = json.loads(free.stdout)["text"]
+    stop = text[4:6]
+    proc = sample("--ckpt", ckpt / "best", "--prompt-file", "-", "--max-new-tokens", 20, "--temperature", 0,
+                  "--stop", stop, "--logprobs", 1, "--no-stream", stdin="abc")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("abc" + text[: text.index(stop)] + "\n")
+    assert "finish reason: stop" in proc.stderr
+    assert "top alternatives" in proc.stdout
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    proc = sample("--ckpt", tmp_path / "nothing", "--prompt", "a")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "no such checkpoint" in proc.stderr
+    broken = tmp_path / "broken" / "best"
+    broken.mkdir(parents=True)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    (broken / "config.yaml").write_text("model: {n_layer: 1, n_head: 1, n_embd: 8, block_size: 8, vocab_size: 8}\n")
+    proc = sample("--ckpt", tmp_path / "broken", "--prompt", "a")
+    assert proc.returncode == 1 and proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0
+
+
+def test_bad_flag_combinations_are_refused():
+    with pytest.raises(ValueError, match="--chat"):
+        check_args(build_parser().parse_args(["--ckpt", "x", "--chat", "--json"]))
+    with pytest.raises(ValueError, match="--num-samples"):
+        check_args(build_parser().parse_args(["--ckpt", "x", "--num-samples", "0"]))
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+def test_chat_history_drops_oldest_exchanges_and_keeps_the_system_prompt():
+    tok = CharTokenizer(CHARS)
+    template = ChatTemplate(tok)
+    session = ChatSession(template, budget=60, system="Be brief.")
+    ids, dropped = session.prompt_for("hi")
+    assert dropped == 0
+    session.add_reply("hello there")
+    ids, dropped = session.prompt_for("how are you")
+    assert dropped == 2 and len(ids) <= 60  # the first exchange no longer fits
+    assert session.turns == [{"role": "user", "content": "how are you"}]
+    assert tok.decode(ids).startswith("System: Be brief.\nUser: how are you\nAssistant: ")
+    session.add_reply("fine")
+    session.reset()
+    ids, _ = session.prompt_for("again")
+    assert tok.decode(ids) == "System: Be brief.\nUser: again\nAssistant: "
+
+
+def test_chat_loop_streams_replies_resets_and_exits():
+    tok = CharTokenizer(CHARS)
+    model = tiny_model(len(CHARS), block_size=48)
+    inputs = iter(["hello", "tell me more about it", "/reset", "again", "/exit", "never read"])
+    prompts = []
+
+    def read(prompt):
+        prompts.append(prompt)
+        return next(inputs)
+
+    out, err = io.StringIO(), io.StringIO()
+    run_chat(model, tok, system="Be nice.", max_new_tokens=10, temperature=0, read=read, out=out, err=err)
+    assert len(prompts) == 5  # /exit ends the loop
+    assert "dropped" in err.getvalue() and "history cleared" in err.getvalue()
+    assert len(out.getvalue().splitlines()) == 3  # three streamed replies
+
+
+def test_chat_ends_on_ctrl_d_and_stops_at_the_end_of_turn_token():
+    tok = CharTokenizer(CHARS)
+    ChatTemplate.add_tokens(tok)
+    model = tiny_model(tok.vocab_size, block_size=64)
+    end_id = tok.special_id("<|end|>")
+    with torch.no_grad():
+        model.lm_head.weight[end_id] *= 40  # the model ends its turn almost at once
+    inputs = iter(["hi"])
+
+    def read(_):
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    run_chat(model, tok, max_new_tokens=30, temperature=0, read=read, out=out, err=io.StringIO())
+    assert "<|end|>" not in out.getvalue() and len(out.getvalue()) < 30
+
+
+def test_chat_script_reads_stdin_until_eof(ckpt):
+    proc = sample("--ckpt", ckpt, "--chat", "--system", "You are terse.", "--max-new-tokens", 8, "--temperature", 0,
+                  stdin="hello\n/reset\nbye\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "history cleared" in proc.stderr
