@@ -5,7 +5,7 @@
 
 MFU is measured against a matmul peak this script measures itself on the current device for the
 dtype in use, so the figure means "share of what this machine's matmuls can do". The baseline is a
-nanoGPT-style model written naively (manual attention, exact GELU, unfused AdamW) trained on the
+nanoGPT-style model written naively (manual attention, the same GELU, unfused AdamW) trained on the
 same shape in the same process, so ratios hold on a noisy machine.
 """
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt.config import ModelConfig, OptimConfig  # noqa: E402
+from gpt.config import ModelConfig, OptimConfig, PretrainConfig, load_config  # noqa: E402
 from gpt.data import Batch  # noqa: E402
 from gpt.device import autocast, pick_device, resolve_dtype  # noqa: E402
 from gpt.dist import Dist  # noqa: E402
@@ -31,11 +31,17 @@ from gpt.model import GPT  # noqa: E402
 from gpt.optim import make_optimizer  # noqa: E402
 from gpt.train import _train_step  # noqa: E402
 
-SHAPES = {
-    # name: (model config, batch size)
-    "shakespeare": (ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128), 12),
-    "124m": (ModelConfig(vocab_size=50304, block_size=256, n_layer=12, n_head=12, n_embd=768), 4),
-}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shapes() -> dict[str, tuple[ModelConfig, int]]:
+    """name -> (model config, batch size): the shipped shakespeare config, and GPT-2 124M at batch 4."""
+    sh = load_config(PretrainConfig, ROOT / "configs" / "shakespeare.yaml")
+    sh.model.vocab_size = 65
+    return {
+        "shakespeare": (sh.model, sh.train.batch_size),
+        "124m": (ModelConfig(vocab_size=50304, block_size=256, n_layer=12, n_head=12, n_embd=768), 4),
+    }
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
@@ -77,6 +83,7 @@ class NaiveBlock(nn.Module):
         super().__init__()
         self.n_head = c.n_head
         self.ln1, self.ln2 = nn.LayerNorm(c.n_embd), nn.LayerNorm(c.n_embd)
+        self.gelu = nn.GELU(approximate="tanh" if c.gelu == "tanh" else "none")  # same curve as ours
         self.qkv, self.proj = nn.Linear(c.n_embd, 3 * c.n_embd), nn.Linear(c.n_embd, c.n_embd)
         self.fc, self.out = nn.Linear(c.n_embd, 4 * c.n_embd), nn.Linear(4 * c.n_embd, c.n_embd)
         self.register_buffer("mask", torch.tril(torch.ones(c.block_size, c.block_size)).bool())
@@ -88,7 +95,7 @@ class NaiveBlock(nn.Module):
         att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
         att = att.masked_fill(~self.mask[:T, :T], float("-inf")).softmax(dim=-1)
         x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, C))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+        return x + self.out(self.gelu(self.fc(self.ln2(x))))
 
 
 class NaiveGPT(nn.Module):
@@ -153,7 +160,8 @@ def tokens_per_s(step, tokens_per_step: int, device, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="shakespeare,124m", help="comma list of: " + ", ".join(SHAPES))
+    p.add_argument("--models", default="shakespeare,124m", help="comma list of: shakespeare, 124m")
+    p.add_argument("--gelu", choices=["tanh", "exact"], help="override the GELU form (124m uses GPT-2's tanh)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--steps", type=int, default=0, help="timed steps (default: 40 small, 3 for 124m on CPU)")
@@ -169,7 +177,9 @@ def main() -> None:
           f"measured matmul peak {peak / 1e9:,.0f} GFLOP/s")
     print(f"{'model':<12} {'params':>8} {'ours tok/s':>11} {'MFU':>6} {'naive tok/s':>12} {'ratio':>6}")
     for name in args.models.split(","):
-        cfg, batch_size = SHAPES[name]
+        cfg, batch_size = shapes()[name]
+        if args.gelu:
+            cfg.gelu = args.gelu
         steps = args.steps or (3 if device.type == "cpu" and cfg.n_embd > 256 else 40)
         ours = time_ours(cfg, batch_size, device, dtype, steps, args.compile)
         naive = time_naive(cfg, batch_size, device, dtype, steps)
