@@ -22,16 +22,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from gpt import checkpoint, dist as distributed
+from gpt import checkpoint
 from gpt.chat import CHAT_TOKENS, ChatTemplate
 from gpt.config import FinetuneConfig, ConfigError, check_finetune
 from gpt.data import Batch
-from gpt.device import pick_device
 from gpt.lora import apply_lora, count_trainable, merged_state_dict
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.sft_data import Example, load_sft_data
 from gpt.tokenizer import Tokenizer
-from gpt.train import FitResult, fit
+from gpt.train import FitResult, fit, start_run
 
 
 class RowStream:
@@ -173,12 +172,8 @@ def add_chat_tokens(model: GPT, tok: Tokenizer, seed: int = 0) -> list[str]:
 def finetune(cfg: FinetuneConfig) -> FitResult:
     """Load the base model, add the chat tokens, read and check the data, optionally add LoRA, fit()."""
     check_finetune(cfg)
-    dist = distributed.setup(cfg.distributed, cfg.train.device)
+    dist, device = start_run(cfg)
     try:
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        device = distributed.device_for(dist, pick_device(cfg.train.device))
-        torch.manual_seed(cfg.train.seed + dist.rank)
         log: Callable[[str], None] = (lambda line: print(line, flush=True)) if dist.is_main else (lambda line: None)
 
         model, tok, folder = checkpoint.load_pretrained(cfg.init_from)

@@ -307,15 +307,21 @@ def _check_export(model, export, ckpt: Path) -> None:
 # ---------------------------------------------------------------------------- pretraining
 
 
+def start_run(cfg: Any) -> tuple[distributed.Dist, torch.device]:
+    """Join torchrun's process group (if any), pick this rank's device, set threads and seed."""
+    dist = distributed.setup(cfg.distributed, cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = distributed.device_for(dist, pick_device(cfg.train.device))
+    torch.manual_seed(cfg.train.seed + dist.rank)
+    return dist, device
+
+
 def pretrain(cfg: PretrainConfig) -> FitResult:
     """Prepare the data if needed, build or load the model, and run fit()."""
     check_pretrain(cfg)
-    dist = distributed.setup(cfg.distributed, cfg.train.device)
+    dist, device = start_run(cfg)
     try:
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        device = distributed.device_for(dist, pick_device(cfg.train.device))
-        torch.manual_seed(cfg.train.seed + dist.rank)
         if dist.is_main:
             folder = ensure_prepared(cfg.data)
         dist.barrier()
