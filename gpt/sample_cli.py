@@ -8,7 +8,6 @@ import math
 import sys
 from pathlib import Path
 
-import torch
 
 from gpt.checkpoint import load_model
 from gpt.device import pick_device, resolve_dtype
@@ -92,13 +91,9 @@ def run(argv: list[str]) -> None:
         prompt = "" if tokenizer.eot_id is not None else "\n"
     stream = args.stream if args.stream is not None else sys.stdout.isatty()
     stream = stream and not args.json and args.num_samples == 1
-    on_text = None
     if stream:
         sys.stdout.write(prompt)
-
-        def on_text(_: int, text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+    on_text = _write_stream if stream else None
 
     results = complete(model, tokenizer, prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                        stop=args.stop, on_text=on_text, **sampling)
@@ -127,3 +122,8 @@ def format_logprobs(r: Completion) -> str:
 
 def _p(logprob: float) -> str:
     return f"{math.exp(logprob):6.3f}"
+
+
+def _write_stream(_: int, text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
