@@ -4,7 +4,7 @@ import sys
 
 from gpt.cli import main, parse_run_args
 from gpt.config import FinetuneConfig
-from gpt.sft import finetune
+from gpt.train.sft import finetune
 
 if __name__ == "__main__":
     main(lambda: finetune(parse_run_args(FinetuneConfig, sys.argv[1:], "finetune.py")))

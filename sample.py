@@ -6,7 +6,7 @@ All flags: python sample.py --help. The engine is gpt/generate.py; this script o
 import sys
 
 from gpt.cli import main
-from gpt.sample_cli import run
+from gpt.infer.cli import run
 
 if __name__ == "__main__":
     main(lambda: run(sys.argv[1:]))

@@ -4,7 +4,7 @@ import sys
 
 from gpt.cli import main, parse_run_args
 from gpt.config import PretrainConfig
-from gpt.train import pretrain
+from gpt.train.pretrain import pretrain
 
 if __name__ == "__main__":
     main(lambda: pretrain(parse_run_args(PretrainConfig, sys.argv[1:], "train.py")))

@@ -5,8 +5,8 @@
 
 For each model shape (the Shakespeare character model, and a GPT-2-124M-shaped random model),
 batch size and prompt length it measures decode tokens/s of:
-  ours          gpt.generate with the KV cache (prefill + the lean one-token decoder)
-  ours-nocache  gpt.generate(use_kv_cache=False): the whole window through the model every token
+  ours          gpt.infer.engine.generate with the KV cache (prefill + the lean one-token decoder)
+  ours-nocache  gpt.infer.engine.generate(use_kv_cache=False): the whole window through the model every token
   hf            transformers GPT2LMHeadModel.generate(use_cache=True), the same weights
   hf-nocache    the same with use_cache=False                      (batch 1 only: it is slow)
   nanogpt       nanoGPT's sample loop (crop, full forward, top-k, multinomial, torch.cat) (batch 1)
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt.config import ModelConfig  # noqa: E402
-from gpt.generate import generate  # noqa: E402
+from gpt.infer.engine import generate  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
 SHAPES = {

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt.config import ModelConfig, OptimConfig, PretrainConfig, load_config  # noqa: E402
-from gpt.data import Batch  # noqa: E402
+from gpt.data.corpus import Batch  # noqa: E402
 from gpt.device import autocast, pick_device, resolve_dtype  # noqa: E402
-from gpt.dist import Dist  # noqa: E402
 from gpt.model import GPT  # noqa: E402
-from gpt.optim import make_optimizer  # noqa: E402
-from gpt.train import _train_step  # noqa: E402
+from gpt.train.dist import Dist  # noqa: E402
+from gpt.train.loop import _train_step  # noqa: E402
+from gpt.train.optim import make_optimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

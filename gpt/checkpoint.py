@@ -24,8 +24,9 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt import tokenizer as tokenizers
 from gpt.config import ConfigError, ModelConfig, from_dict
+from gpt.data import tokenizer as tokenizers
+from gpt.errors import UserError
 from gpt.model import GPT
 
 MODEL_FILE = "model.safetensors"
@@ -33,7 +34,7 @@ STATE_FILE = "train_state.pt"
 TIED_KEY = "lm_head.weight"  # same tensor as transformer.wte.weight
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable or does not fit the model."""
 
 
@@ -145,18 +146,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(str(e)) from None
     return model.to(device), tok, config, ckpt
-
-
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Starting weights for training: (model, tokenizer, folder) from one of our checkpoint dirs
-    or a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)."""
-    from gpt import convert  # convert builds on this module; imported here to keep the order one-way
-
-    if convert.is_hf_dir(path):
-        model, tok = convert.load_hf(path)
-        return model.to(device), tok, Path(path)
-    model, tok, _, folder = load_model(path, device)
-    return model, tok, folder
 
 
 def load_weights(model: torch.nn.Module, file: str | Path) -> None:

@@ -6,6 +6,7 @@ import sys
 from typing import Callable
 
 from gpt.config import ConfigError, load_config
+from gpt.errors import UserError
 
 USAGE = "usage: python {script} CONFIG.yaml [section.key=value ...]"
 
@@ -24,11 +25,9 @@ def parse_run_args(cls: type, argv: list[str], script: str):
 
 def main(fn: Callable[[], object]) -> None:
     """Run fn; known errors print one line (no traceback) and exit 1, Ctrl-C exits 130."""
-    from gpt.errors import USER_ERRORS
-
     try:
         result = fn()
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from gpt.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A bad config file, key or value; the message says which and how to fix it."""
 
 

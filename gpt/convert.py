@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from gpt import checkpoint
 from gpt.checkpoint import CheckpointError
 from gpt.config import ModelConfig, to_dict
+from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 from gpt.model import GPT
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -93,6 +93,16 @@ def load_hf(folder: str | Path) -> tuple[GPT, Tokenizer]:
     model = GPT(read_hf_config(folder))
     checkpoint.load_state_checked(model, hf_to_ours(read_hf_weights(folder)), str(folder))
     return model, TiktokenTokenizer("gpt2")
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
+    """Starting weights for training: (model, tokenizer, folder) from one of our checkpoint dirs
+    or a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)."""
+    if is_hf_dir(path):
+        model, tok = load_hf(path)
+        return model.to(device), tok, Path(path)
+    model, tok, _, folder = checkpoint.load_model(path, device)
+    return model, tok, folder
 
 
 def fetch_hub(name: str) -> Path:

@@ -1,8 +1,9 @@
-"""The errors a user can cause (bad config, data, checkpoint, diverged run): reported in one line."""
+"""The one base class of the errors a user can cause: bad config, data, records, checkpoint, a diverged run.
 
-from gpt.checkpoint import CheckpointError
-from gpt.config import ConfigError
-from gpt.data import DataError
-from gpt.train import TrainingError
+Entry points print a `UserError` as one line and exit 1; anything else is a bug and keeps its
+traceback. Each stage defines its own subclass next to the code that raises it.
+"""
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError)
+
+class UserError(Exception):
+    """Something the user can fix (a key, a file, a record): the message says what and how."""

@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from gpt.config import ConfigError, FinetuneConfig, PretrainConfig, check_finetune, check_pretrain, load_config
+from gpt.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    check_finetune,
+    check_pretrain,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_overrides
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, tiny_overrides
 from gpt import checkpoint, convert
 from gpt.checkpoint import CheckpointError
 
@@ -81,8 +81,8 @@ def test_exported_tokenizer_encodes_like_tiktoken(tmp_path, hf_model):
 
 def test_our_trained_checkpoint_exports(tmp_path):
     from gpt.config import ModelConfig
+    from gpt.data.tokenizer import CharTokenizer
     from gpt.model import GPT
-    from gpt.tokenizer import CharTokenizer
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=70, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
@@ -97,8 +97,8 @@ def test_our_trained_checkpoint_exports(tmp_path):
 
 def test_gpt2_cannot_express_bias_free_models(tmp_path):
     from gpt.config import ModelConfig
+    from gpt.data.tokenizer import CharTokenizer
     from gpt.model import GPT
-    from gpt.tokenizer import CharTokenizer
 
     cfg = {"vocab_size": 10, "block_size": 8, "n_layer": 1, "n_head": 1, "n_embd": 8, "bias": False}
     model = GPT(ModelConfig(**cfg))
@@ -132,7 +132,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_train_init_from_hf_dir(tmp_path, hf_model, tiny_corpus):
     from gpt.config import PretrainConfig, load_config
-    from gpt.train import pretrain
+    from gpt.train.pretrain import pretrain
 
     src = save_hf(hf_model, tmp_path / "hf")
     args = tiny_overrides(tmp_path, tiny_corpus, **{"init_from": str(src), "data.tokenizer": "gpt2",

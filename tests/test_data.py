@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from gpt import data as gdata
 from gpt.config import DataConfig
-from gpt.data import DataError, TokenBatches, ensure_prepared, read_meta, token_dtype
-from gpt.tokenizer import from_spec
+from gpt.data import corpus as gdata
+from gpt.data.corpus import (
+    DataError,
+    TokenBatches,
+    ensure_prepared,
+    read_meta,
+    token_dtype,
+)
+from gpt.data.tokenizer import from_spec
 
 
 def prepared_text(folder) -> tuple[str, str]:

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, tiny_overrides
+from safetensors.torch import load_file
+from test_sft import qa, write_base, write_jsonl
+
 from gpt.cli import parse_run_args
 from gpt.config import FinetuneConfig, PretrainConfig
-from gpt.sft import finetune
-from gpt.train import pretrain
-from test_sft import qa, write_base, write_jsonl
+from gpt.train.pretrain import pretrain
+from gpt.train.sft import finetune
 
 K = 4  # optimizer steps per run; resumed runs go on to 2 * K
 # eps comparable to the gradients keeps AdamW sensitive to their scale (a wrong 1/world_size would show)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig
-from gpt.generate import TextStream, complete, decode_steps, generate, window_start
-from gpt.decode import Decoder
-from gpt.model import GPT, KVCache
-from gpt.sampling import (
+from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
+from gpt.infer.engine import TextStream, complete, decode_steps, generate, window_start
+from gpt.infer.fastpath import Decoder
+from gpt.infer.sampling import (
     SamplingParams,
     apply_frequency_presence,
     apply_repetition_penalty,
@@ -17,7 +17,7 @@ from gpt.sampling import (
     filter_logits,
     sample,
 )
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from gpt.model import GPT, KVCache
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz <>:.\n")
 

@@ -1,10 +1,55 @@
-"""Dependencies point one way; a module that grows a backwards import fails here."""
+"""The package's layers: dependencies point one way (down), and a backwards import or a circle fails here.
+
+The map (README, "Developer guide"): foundation < model < data < checkpoint < interop/inference < training
+< tools and serving < entry scripts. A new module must be placed in LAYERS, so it cannot slip in unranked.
+"""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "gpt"
+
+# Lower number = lower layer. A module may import only modules of a lower layer; prefixes match whole packages ("gpt.infer" covers gpt.infer.engine, ...).
+LAYERS = {
+    "gpt.errors": 0,
+    "gpt.config": 10,
+    "gpt.device": 20,
+    "gpt.data.tokenizer": 20,
+    "gpt.data.chat": 30,
+    "gpt.model": 30,
+    "gpt.lora": 40,
+    "gpt.data.files": 40,
+    "gpt.data.corpus": 50,
+    "gpt.data.records": 55,
+    "gpt.data": 59,
+    "gpt.checkpoint": 60,
+    "gpt.convert": 70,
+    "gpt.infer.sampling": 70,
+    "gpt.infer.fastpath": 70,
+    "gpt.infer.engine": 80,
+    "gpt.infer.chat": 90,
+    "gpt.infer.cli": 95,
+    "gpt.infer": 99,
+    "gpt.train.optim": 100,
+    "gpt.train.metrics": 100,
+    "gpt.train.dist": 100,
+    "gpt.train.loop": 110,
+    "gpt.train.pretrain": 120,
+    "gpt.train.sft": 120,
+    "gpt.train": 129,
+    "gpt.cli": 200,
+}
+TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.chat")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PKG.rglob("*.py")}
 
 
 def imports(path: Path) -> set[str]:
@@ -14,36 +59,75 @@ def imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
-            if node.module == "gpt":
-                names.update(f"gpt.{a.name}" for a in node.names)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
 
 
-def gpt_imports(module: str) -> set[str]:
-    return {n for n in imports(PKG / f"{module}.py") if n.startswith("gpt.")}
+def gpt_imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules `path` imports (`from gpt.data import corpus` counts as gpt.data.corpus)."""
+    return {n for n in imports(path) if n in known}
 
 
-def test_config_and_tokenizer_know_nothing_of_torch():
-    for module in ("config", "tokenizer"):
-        assert not any(n.split(".")[0] == "torch" for n in imports(PKG / f"{module}.py")), module
+def layer(module: str) -> int:
+    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len, default=None)
+    assert best is not None, f"{module} is not placed in tests/test_layout.py LAYERS: give it a layer"
+    return LAYERS[best]
+
+
+def test_every_module_has_a_layer():
+    for name in modules():
+        if name != "gpt" and not name.endswith("__main__"):
+            layer(name)
+
+
+def test_imports_point_down():
+    known = modules()
+    for name, path in known.items():
+        if name == "gpt" or name.endswith("__main__"):
+            continue
+        for dep in gpt_imports(path, known):
+            if dep == "gpt" or name.startswith(dep + ".") or dep.startswith(name + "."):
+                continue  # a package and its own modules
+            assert layer(dep) < layer(name), f"{name} (layer {layer(name)}) imports {dep} (layer {layer(dep)})"
+
+
+def test_no_import_circles():
+    known = modules()
+    graph = {name: {d for d in gpt_imports(p, known) if d != name} for name, p in known.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1 and not (node.startswith(nxt + ".") or nxt.startswith(node + ".")):
+                raise AssertionError("import circle: " + " -> ".join(trail + [node, nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [])
+
+
+def test_foundations_know_nothing_of_torch():
+    known = modules()
+    for name in TORCH_FREE:
+        assert not any(n.split(".")[0] == "torch" for n in imports(known[name])), name
 
 
 def test_model_knows_nothing_of_training_files_or_tokens():
-    assert gpt_imports("model") <= {"gpt.config"}
-
-
-def test_checkpoint_and_data_do_not_know_the_training_loop():
-    for module in ("checkpoint", "data", "generate", "tokenizer", "optim", "device"):
-        assert not {"gpt.train", "gpt.sft"} & gpt_imports(module), module
+    known = modules()
+    assert gpt_imports(known["gpt.model"], known) <= {"gpt.config"}
 
 
 def test_no_module_imports_an_entry_script():
-    for path in PKG.glob("*.py"):
-        assert not {"train", "sample", "finetune"} & imports(path), path.name
+    for path in PKG.rglob("*.py"):
+        assert not {"train", "sample", "finetune", "serve"} & imports(path), path.name
 
 
 def test_entry_scripts_are_thin():
-    for script in ("train.py", "sample.py", "finetune.py"):
+    for script in ("train.py", "sample.py", "finetune.py", "serve.py"):
         path = ROOT / script
         if path.exists():
             assert len(path.read_text().splitlines()) <= 40, f"{script} should only parse arguments and call gpt/"

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
-from gpt.chat import ChatTemplate
-from gpt.chat_session import ChatSession, run_chat
+
 from gpt.checkpoint import save_checkpoint
 from gpt.config import ModelConfig
+from gpt.data.chat import ChatTemplate
+from gpt.data.tokenizer import CharTokenizer
+from gpt.infer.chat import ChatSession, run_chat
+from gpt.infer.cli import build_parser, check_args
 from gpt.model import GPT
-from gpt.sample_cli import build_parser, check_args
-from gpt.tokenizer import CharTokenizer
 
 CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ <>:.,!?'\n")
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from gpt import checkpoint
-from gpt.chat import END_TOKEN, ROLE_TOKENS, ChatTemplate
 from gpt.config import ConfigError, FinetuneConfig, ModelConfig, load_config
+from gpt.data.chat import END_TOKEN, ROLE_TOKENS, ChatTemplate
+from gpt.data.records import encode_chat, encode_text
+from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.model import GPT, IGNORE_INDEX, cross_entropy
-from gpt.sft import SFTBatches, add_chat_tokens, finetune
-from gpt.sft_data import encode_chat, encode_text
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from gpt.train.sft import SFTBatches, add_chat_tokens, finetune
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ?.!\n"))
 MAPPING = {"cat": "dog", "sun": "moon", "red": "blue", "one": "two", "up": "down", "hot": "cold",
@@ -233,8 +233,8 @@ BAD_LINES = [
 
 def test_malformed_records_name_file_and_line_and_skip_invalid_counts(tmp_path):
     from gpt.config import SFTDataConfig
-    from gpt.data import DataError
-    from gpt.sft_data import load_sft_data
+    from gpt.data.corpus import DataError
+    from gpt.data.records import load_sft_data
 
     tpl = chat_template()
     path = write_jsonl(tmp_path / "train.jsonl", BAD_LINES[:8] + ["", BAD_LINES[8]])  # line 9 is blank
@@ -261,8 +261,8 @@ def test_csv_parquet_and_json_errors_name_the_row(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gpt.data import DataError
-    from gpt.sft_data import load_file
+    from gpt.data.corpus import DataError
+    from gpt.data.records import load_file
 
     tpl = chat_template()
     csv = tmp_path / "d.csv"

@@ -6,12 +6,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_overrides
 from gpt import checkpoint
 from gpt.config import PretrainConfig, load_config
-from gpt.train import TrainingError, pretrain
+from gpt.train.loop import TrainingError
+from gpt.train.pretrain import pretrain
 
 
 def run(tmp_path, corpus, **extra):
@@ -28,7 +29,7 @@ def metrics(out_dir):
 
 
 def test_gradient_accumulation_equals_larger_batch(tmp_path, tiny_corpus):
-    common = {"train.max_iters": 3, "train.eval_interval": 3, "model.dropout": 0.0}
+    common = {"train.max_iters": 3, "train.eval_interval": 3, "model.dropout": 0.0, "train.dtype": "float32"}
     run(tmp_path / "a", tiny_corpus, **common, **{"train.batch_size": 8, "train.grad_accum": 1})
     run(tmp_path / "b", tiny_corpus, **common, **{"train.batch_size": 4, "train.grad_accum": 2})
     wa, wb = weights(tmp_path / "a" / "out"), weights(tmp_path / "b" / "out")
@@ -113,7 +114,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_cor
 
 
 def test_ctrl_c_saves_and_resumes(tmp_path, tiny_corpus, monkeypatch):
-    from gpt import data
+    from gpt.data import corpus as data
 
     real = data.TokenBatches.train_batch
 

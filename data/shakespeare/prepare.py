@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gpt.config import DataConfig  # noqa: E402
-from gpt.data import ensure_prepared  # noqa: E402
+from gpt.data.corpus import ensure_prepared  # noqa: E402
 
 if __name__ == "__main__":
     tokenizer = sys.argv[1] if len(sys.argv) > 1 else "char"

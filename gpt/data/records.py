@@ -26,15 +26,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from gpt.chat import ROLES, ChatTemplate
 from gpt.config import SFTDataConfig
-from gpt.data import DataError
+from gpt.data.chat import ROLES, ChatTemplate
+from gpt.data.corpus import DataError
+from gpt.errors import UserError
 
 TABLE_BUILDERS = {".csv": "csv", ".parquet": "parquet"}
 MAX_LISTED = 10  # invalid records named in an error or log line; all go to the skipped-records file
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """One record is malformed; the caller adds where it is."""
 
 

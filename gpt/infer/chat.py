@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from typing import Callable, TextIO
 
-from gpt.chat import ChatTemplate
-from gpt.generate import complete
+from gpt.data.chat import ChatTemplate
+from gpt.data.tokenizer import Tokenizer
+from gpt.infer.engine import complete
 from gpt.model import GPT
-from gpt.tokenizer import Tokenizer
 
 HELP = "/reset clears the history, /exit or Ctrl-D leaves"
 

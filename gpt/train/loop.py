@@ -1,4 +1,4 @@
-"""The training loop, `fit()`, shared by pretraining and fine-tuning, and `pretrain(cfg)`.
+"""The training loop, `fit()`, shared by pretraining and fine-tuning.
 
 fit() takes a model and a batch source and owns everything else: optimizer and schedule,
 mixed precision, gradient accumulation, clipping, the non-finite guard, evaluation, logging,
@@ -18,17 +18,19 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from safetensors.torch import load_file
 
-from gpt import checkpoint, dist as distributed
-from gpt.config import PretrainConfig, check_pretrain, save_yaml, to_dict
-from gpt.data import Batch, TokenBatches, ensure_prepared, read_meta
+from gpt import checkpoint
+from gpt.config import save_yaml, to_dict
+from gpt.data.corpus import Batch
+from gpt.data.tokenizer import Tokenizer
 from gpt.device import autocast, enable_tf32, gpu_peak_flops, pick_device, resolve_dtype
-from gpt.metrics import MetricsLog
+from gpt.errors import UserError
 from gpt.model import GPT, IGNORE_INDEX
-from gpt.optim import lr_at, make_optimizer
-from gpt.tokenizer import Tokenizer, from_spec
+from gpt.train import dist as distributed
+from gpt.train.metrics import MetricsLog
+from gpt.train.optim import lr_at, make_optimizer
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
 
@@ -304,9 +306,6 @@ def _check_export(model, export, ckpt: Path) -> None:
                 f"{ckpt}: {name} differs from the run that saved it; resume with the same init_from and lora.*")
 
 
-# ---------------------------------------------------------------------------- pretraining
-
-
 def start_run(cfg: Any) -> tuple[distributed.Dist, torch.device]:
     """Join torchrun's process group (if any), pick this rank's device, set threads and seed."""
     dist = distributed.setup(cfg.distributed, cfg.train.device)
@@ -315,61 +314,3 @@ def start_run(cfg: Any) -> tuple[distributed.Dist, torch.device]:
     device = distributed.device_for(dist, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed + dist.rank)
     return dist, device
-
-
-def pretrain(cfg: PretrainConfig) -> FitResult:
-    """Prepare the data if needed, build or load the model, and run fit()."""
-    check_pretrain(cfg)
-    dist, device = start_run(cfg)
-    try:
-        if dist.is_main:
-            folder = ensure_prepared(cfg.data)
-        dist.barrier()
-        folder = ensure_prepared(cfg.data, log=lambda *_: None) if not dist.is_main else folder
-        meta = read_meta(folder)
-        tokenizer = from_spec(meta["tokenizer"])
-        window = cfg.model.block_size
-        model = init_model(cfg, tokenizer)
-        window = min(window, model.config.block_size)
-        batches = TokenBatches(folder, window, cfg.train.batch_size, device, cfg.train.seed,
-                               dist.rank, cfg.train.eval_batch_size, cfg.train.eval_iters, dist.world_size,
-                               cfg.train.grad_accum)
-        result = fit(model, batches, cfg, tokenizer, device, dist)
-        if (dist.is_main or dist.sharded) and cfg.logging.sample_tokens and not result.interrupted:
-            # fsdp: every rank runs the (sharded) model through the same seeded sampler, rank 0 prints
-            print_sample(model, tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens, device,
-                         show=dist.is_main)
-        return result
-    finally:
-        dist.close()
-
-
-def init_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
-    """A fresh model sized for the tokenizer, or the weights named by init_from."""
-    if cfg.init_from == "scratch":
-        if not cfg.model.vocab_size:
-            m = cfg.model.vocab_multiple
-            cfg.model.vocab_size = -(-tokenizer.vocab_size // m) * m
-        elif cfg.model.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                             f"({tokenizer.vocab_size}); set model.vocab_size=0 to size it automatically")
-        return GPT(cfg.model)
-    model, init_tok, _ = checkpoint.load_pretrained(cfg.init_from)
-    if init_tok.to_spec() != tokenizer.to_spec():
-        raise ValueError(f"init_from {cfg.init_from} uses a different tokenizer than data.tokenizer="
-                         f"'{cfg.data.tokenizer}'; prepare the data with the checkpoint's tokenizer")
-    if to_dict(model.config) != to_dict(cfg.model):
-        print(f"model: the architecture comes from {cfg.init_from}; training windows are "
-              f"min(model.block_size, {model.config.block_size}) tokens", flush=True)
-    cfg.model = model.config
-    return model
-
-
-def print_sample(model: GPT, tokenizer: Tokenizer, prompt: str, n_tokens: int, device, show: bool = True) -> None:
-    from gpt.generate import generate  # the sampler; imported here so training does not need it otherwise
-
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_id or 0]
-    out = generate(model, torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=200, seed=1337,
-                   vocab_limit=tokenizer.vocab_size)
-    if show:
-        print("--- sample ---\n" + tokenizer.decode(out[0].tolist()) + "\n--------------", flush=True)

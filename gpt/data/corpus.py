@@ -18,8 +18,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from gpt import tokenizer as tokenizers
 from gpt.config import DataConfig
+from gpt.data import tokenizer as tokenizers
+from gpt.errors import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -28,7 +29,7 @@ CHUNK_CHARS = 4 << 20  # stream big text files in ~4 MB pieces
 DOCS_PER_BATCH = 1024
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """Missing, empty or unreadable training data; the message says what to do."""
 
 

@@ -28,10 +28,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from gpt.decode import Decoder
+from gpt.data.tokenizer import Tokenizer
+from gpt.infer.fastpath import Decoder
+from gpt.infer.sampling import SamplingParams, filter_logits, sample
 from gpt.model import GPT, KVCache
-from gpt.sampling import SamplingParams, filter_logits, sample
-from gpt.tokenizer import Tokenizer
 
 FINISH_REASONS = ("length", "stop", "eos")
 

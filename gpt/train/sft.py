@@ -22,15 +22,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from gpt import checkpoint
-from gpt.chat import CHAT_TOKENS, ChatTemplate
-from gpt.config import FinetuneConfig, ConfigError, check_finetune
-from gpt.data import Batch
+from gpt.config import ConfigError, FinetuneConfig, check_finetune
+from gpt.convert import load_pretrained
+from gpt.data.chat import CHAT_TOKENS, ChatTemplate
+from gpt.data.corpus import Batch
+from gpt.data.records import Example, load_sft_data
+from gpt.data.tokenizer import Tokenizer
 from gpt.lora import apply_lora, count_trainable, merged_state_dict
 from gpt.model import GPT, IGNORE_INDEX
-from gpt.sft_data import Example, load_sft_data
-from gpt.tokenizer import Tokenizer
-from gpt.train import FitResult, fit, start_run
+from gpt.train.loop import FitResult, fit, start_run
 
 
 class RowStream:
@@ -176,7 +176,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
     try:
         log: Callable[[str], None] = (lambda line: print(line, flush=True)) if dist.is_main else (lambda line: None)
 
-        model, tok, folder = checkpoint.load_pretrained(cfg.init_from)
+        model, tok, folder = load_pretrained(cfg.init_from)
         new = add_chat_tokens(model, tok, cfg.train.seed)
         log(f"init: {folder}" + (f"; added chat tokens {' '.join(new)}" if new else ""))
         cfg.model = model.config

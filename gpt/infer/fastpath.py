@@ -20,7 +20,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from gpt.model import MLP, GPT, Block, CausalSelfAttention, KVCache
+from gpt.model import GPT, MLP, Block, CausalSelfAttention, KVCache
 
 # Module types whose math Decoder.step reproduces; anything else (an adapter wrapping a Linear,
 # a subclass with other math) makes `supports` false and generation uses GPT.forward instead.

@@ -8,10 +8,9 @@ import math
 import sys
 from pathlib import Path
 
-
 from gpt.checkpoint import load_model
 from gpt.device import pick_device, resolve_dtype
-from gpt.generate import Completion, complete
+from gpt.infer.engine import Completion, complete
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +81,7 @@ def run(argv: list[str]) -> None:
                     presence_penalty=args.presence_penalty, seed=args.seed, use_kv_cache=not args.no_kv_cache,
                     logprobs=args.logprobs)
     if args.chat:
-        from gpt.chat_session import run_chat
+        from gpt.infer.chat import run_chat
 
         print(f"loaded {folder}", file=sys.stderr)
         run_chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling)
