@@ -7,14 +7,22 @@ Each checkpoint folder holds model.safetensors (the tied lm_head is stored once,
 config.yaml (the resolved run config), tokenizer.json, meta.json (iteration, val loss) and,
 for resuming, train_state.pt (optimizer, scaler, RNG states; read with weights_only=True).
 
-A folder is written under a temporary name and renamed into place, so a crash mid-save leaves
-the previous checkpoint intact.
+A folder is written under a temporary name (.<name>.tmp-<pid>) and renamed into place, so a crash
+mid-save leaves the previous checkpoint intact; the next save or run removes the temporary folders
+of processes that died, and loading never reads one. meta.json records the SHA-256 of each weights
+file (`sha256sum` checks it too); loading verifies it, so bytes changed on disk are an error, not a
+silently different model. A full disk, a read-only or impossible folder and an unsafe pickle are
+one-line CheckpointErrors that name the file.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +32,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt.config import ConfigError, ModelConfig, from_dict
+from gpt.config import ConfigError, ModelConfig, check_ranges, from_dict
 from gpt.data import tokenizer as tokenizers
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -32,6 +40,8 @@ from gpt.model import GPT
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 TIED_KEY = "lm_head.weight"  # same tensor as transformer.wte.weight
+CHECKSUMMED = (MODEL_FILE, STATE_FILE)  # their SHA-256 goes into meta.json["sha256"]
+TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # a save in progress (or a dead one's leftover)
 
 
 class CheckpointError(UserError):
@@ -63,22 +73,32 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint folder atomically (temp folder, then rename)."""
     target = Path(ckpt_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(target.parent)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     old = target.parent / f".{target.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k != TIED_KEY}
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k != TIED_KEY}
+        tmp.mkdir()
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "gpt"})
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        write_yaml(config, tmp / "config.yaml")
         tokenizers.save(tokenizer, tmp / "tokenizer.json")
-        (tmp / "meta.json").write_text(json.dumps(meta or {}), encoding="utf-8")
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
+        sums = {name: sha256_of(tmp / name) for name in CHECKSUMMED if (tmp / name).is_file()}
+        (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "sha256": sums}), encoding="utf-8")
         _fsync_dir(tmp)
-    except BaseException:
+    except BaseException as e:
+        free = _free_bytes(target.parent)  # before the partial folder is removed
         shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous {target} is intact" if target.exists() else "nothing was replaced"
+        if _is_disk_full(e, free):
+            needed = _nbytes(tensors) + _nbytes(train_state)
+            raise CheckpointError(f"disk full: saving {target} needs about {_mb(needed)} and its file system had "
+                                  f"{_mb(free)} free when the write failed; {kept}. Free some space or set "
+                                  "out_dir to a larger disk") from None
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{target}: could not write the checkpoint ({e.strerror or e}); {kept}") from None
         raise
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -86,6 +106,78 @@ def save_checkpoint(
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def prepare_out_dir(folder: Path) -> None:
+    """Create `folder` and check that files can be written there (one-line error if not: a read-only
+    disk, /dev/null/x, a file in the way); remove checkpoint temp folders of processes that died."""
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"out_dir {folder}: cannot write there ({e.strerror or e}); "
+                              "choose a writable out_dir") from None
+    for p in folder.iterdir():
+        m = TMP_NAME.match(p.name)
+        if m and p.is_dir() and not _alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (a live save must keep its temp folder)."""
+    if pid == os.getpid() or os.name == "nt":  # os.kill(pid, 0) would terminate it on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def write_yaml(data: dict[str, Any], path: Path) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def sha256_of(file: Path) -> str:
+    """Streamed, so memory stays flat; about 1.5 GB/s on a CPU with SHA extensions."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors inside a (nested) state dict: what a save writes, give or take headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return -1
+
+
+def _is_disk_full(e: BaseException, free: int) -> bool:
+    """ENOSPC/EDQUOT, or a writer that hides the errno (torch.save: "unexpected pos") on a disk left full."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, (OSError, RuntimeError, SafetensorError)) and 0 <= free < (1 << 20)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -97,6 +189,9 @@ def _fsync_dir(folder: Path) -> None:
 def resolve(path: str | Path, prefer: str = "best") -> Path:
     """An output dir or a checkpoint folder -> the checkpoint folder to read."""
     p = Path(path)
+    if TMP_NAME.match(p.name):
+        raise CheckpointError(f"{p}: an unfinished checkpoint left by an interrupted save, not a checkpoint; "
+                              "load its output directory instead")
     if (p / MODEL_FILE).is_file():
         return p
     order = [prefer] + [n for n in ("best", "latest") if n != prefer]
@@ -112,44 +207,74 @@ def resolve(path: str | Path, prefer: str = "best") -> Path:
 
 
 def read_config(ckpt_dir: Path) -> dict[str, Any]:
+    f = ckpt_dir / "config.yaml"
     try:
-        cfg = yaml.safe_load((ckpt_dir / "config.yaml").read_text(encoding="utf-8"))
+        cfg = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{f}: not UTF-8 text (byte {e.start}); the checkpoint is damaged") from None
     except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{ckpt_dir}/config.yaml: unreadable ({e})") from None
+        raise CheckpointError(f"{f}: unreadable ({_first_line(e)})") from None
     if not isinstance(cfg, dict) or "model" not in cfg:
-        raise CheckpointError(f"{ckpt_dir}/config.yaml: no 'model' section")
+        raise CheckpointError(f"{f}: no 'model' section")
     return cfg
 
 
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((ckpt_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    """meta.json ({} when absent: checkpoints written by hand or before it existed)."""
+    f = ckpt_dir / "meta.json"
+    if not f.exists():
         return {}
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: unreadable ({_first_line(e)}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f}: expected a JSON object; the checkpoint is damaged")
+    return meta
+
+
+def verify_checksum(file: Path) -> None:
+    """Compare `file` with the SHA-256 its folder's meta.json recorded at save time (if it recorded one)."""
+    want = (read_meta(file.parent).get("sha256") or {}).get(file.name)
+    if want is not None and sha256_of(file) != want:
+        raise CheckpointError(f"{file}: its SHA-256 differs from the one recorded in meta.json when it was saved: "
+                              "the file was changed or damaged on disk; restore it (sample.py --no-verify "
+                              "loads it anyway)")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def model_config_from(config: dict[str, Any], where: str = "checkpoint") -> ModelConfig:
     try:
-        return from_dict(ModelConfig, config["model"], where=where, prefix="model.")
+        model_cfg = from_dict(ModelConfig, config["model"], where=where, prefix="model.")
+        check_ranges(model_cfg, where, prefix="model.")
+        return model_cfg
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best"):
-    """Load (model, tokenizer, config dict, folder) from an output dir or checkpoint folder."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best", verify: bool = True):
+    """Load (model, tokenizer, config dict, folder) from an output dir or checkpoint folder.
+
+    verify=False skips the checksum (a file you changed on purpose)."""
     ckpt = resolve(path, prefer)
     config = read_config(ckpt)
     model = GPT(model_config_from(config, where=f"{ckpt}/config.yaml"))
-    load_weights(model, ckpt / MODEL_FILE)
+    load_weights(model, ckpt / MODEL_FILE, verify)
     try:
         tok = tokenizers.load(ckpt / "tokenizer.json")
-    except (ValueError, RuntimeError) as e:
+    except tokenizers.TokenizerError as e:
         raise CheckpointError(str(e)) from None
     return model.to(device), tok, config, ckpt
 
 
-def load_weights(model: torch.nn.Module, file: str | Path) -> None:
+def load_weights(model: torch.nn.Module, file: str | Path, verify: bool = True) -> None:
     """Load safetensors weights into `model`, naming every missing, unexpected or misshapen tensor."""
+    if verify:
+        verify_checksum(Path(file))
     try:
         state = load_file(str(file))
     except (OSError, SafetensorError) as e:
@@ -183,7 +308,16 @@ def load_train_state(ckpt_dir: str | Path) -> dict[str, Any]:
     f = Path(ckpt_dir) / STATE_FILE
     if not f.is_file():
         raise CheckpointError(f"{f}: no training state to resume from (was this checkpoint saved for resuming?)")
+    verify_checksum(f)
+    return safe_torch_load(f)
+
+
+def safe_torch_load(f: Path) -> Any:
+    """torch.load with weights_only=True; a refused or damaged file is one line that names it."""
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors have many types
-        raise CheckpointError(f"{f}: unreadable training state ({e})") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{f}: contains Python objects that the safe loader refuses; this project never "
+                              "loads such files (use safetensors weights)") from None
+    except Exception as e:  # a damaged zip or pickle raises many types
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}); the file is damaged or not a torch file") from None

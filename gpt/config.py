@@ -1,7 +1,9 @@
 """Typed run configuration: dataclass defaults < YAML file < `section.key=value` overrides.
 
 Every key is checked against the dataclass it belongs to: an unknown key or a value of the
-wrong type is a ConfigError naming the key (and a close match), never silently ignored.
+wrong type is a ConfigError naming the key (and a close match), never silently ignored. Every
+numeric key declares its range next to its default (`ranged(...)`); NaN and infinities are
+always refused, so a bad value fails at load time instead of fifty steps later.
 This module knows nothing of torch so it can be imported and tested anywhere.
 """
 
@@ -14,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -25,18 +27,63 @@ class ConfigError(UserError):
     """A bad config file, key or value; the message says which and how to fix it."""
 
 
+# ---------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric key: finite, and within the given bounds (None = unbounded)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, v: float) -> bool:
+        return (math.isfinite(v) and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def __str__(self) -> str:
+        parts = [f"{op} {b:g}" for op, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                 if b is not None]
+        return " and ".join(parts) if parts else "a finite number"
+
+
+def ranged(default: float | None, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    """A numeric dataclass field with its range, declared once and checked by `check_ranges`."""
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt)})
+
+
+def check_ranges(obj: Any, where: str = "config", prefix: str = "", name: Callable[[str], str] | None = None) -> None:
+    """Raise a ConfigError naming the first key of `obj` (nested dataclasses included) out of its range.
+
+    `name` turns a key into what the user typed (sample.py passes one that gives `--top-p`)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, where, f"{key}.", name)
+            continue
+        rng = f.metadata.get("range")
+        if rng is None or value is None or isinstance(value, bool):
+            continue
+        if not isinstance(value, (int, float)) or not rng.holds(value):
+            shown = name(key) if name else f"key '{key}'"
+            raise ConfigError(f"{where}: {shown} must be {rng}, got {value!r}")
+
+
 # ---------------------------------------------------------------------------- sections
 
 
 @dataclass
 class ModelConfig:
-    block_size: int = 256  # context length in tokens
-    vocab_size: int = 0  # 0 = taken from the tokenizer (rounded up to vocab_multiple)
-    vocab_multiple: int = 1  # pad the vocabulary to a multiple of this (64 is faster for BPE)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
+    block_size: int = ranged(256, ge=1)  # context length in tokens
+    vocab_size: int = ranged(0, ge=0)  # 0 = taken from the tokenizer (rounded up to vocab_multiple)
+    vocab_multiple: int = ranged(1, ge=1)  # pad the vocabulary to a multiple of this (64 is faster for BPE)
+    n_layer: int = ranged(6, ge=1)
+    n_head: int = ranged(6, ge=1)
+    n_embd: int = ranged(384, ge=1)
+    dropout: float = ranged(0.0, ge=0, lt=1)
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
     # GELU form: "tanh" is GPT-2's approximation (needed to match GPT-2 weights exactly); "exact"
     # (erf) is the same curve within 1e-3 and many times faster on CPUs without AVX-512.
@@ -49,43 +96,43 @@ class DataConfig:
     path: str = ""  # source corpus: text file, folder of .txt, .jsonl/.json/.parquet, or a datasets dir/name
     text_field: str = "text"  # column holding the text in JSONL/Parquet/datasets sources
     tokenizer: str = "char"  # "char" or a tiktoken encoding name such as "gpt2"
-    val_fraction: float = 0.1
+    val_fraction: float = ranged(0.1, gt=0, lt=1)
     data_dir: str = "data"  # prepared data lives in <data_dir>/<dataset>/<tokenizer>/
-    num_workers: int = 0  # tokenizer threads for large corpora (0 = all cores)
+    num_workers: int = ranged(0, ge=0)  # tokenizer threads for large corpora (0 = all cores)
     allow_download: bool = True  # fetch a built-in corpus (Tiny Shakespeare) from its public URL when absent
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
-    warmup_iters: int = 100
-    lr_decay_iters: int = 0  # 0 = max_iters
+    lr: float = ranged(1e-3, gt=0)
+    min_lr: float = ranged(1e-4, ge=0)
+    weight_decay: float = ranged(0.1, ge=0)
+    beta1: float = ranged(0.9, ge=0, lt=1)
+    beta2: float = ranged(0.99, ge=0, lt=1)
+    eps: float = ranged(1e-8, gt=0)
+    grad_clip: float = ranged(1.0, ge=0)  # 0 disables clipping
+    warmup_iters: int = ranged(100, ge=0)
+    lr_decay_iters: int = ranged(0, ge=0)  # 0 = max_iters
     decay_lr: bool = True
 
 
 @dataclass
 class TrainConfig:
-    max_iters: int = 5000
-    batch_size: int = 64  # sequences per micro-batch (per rank)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    eval_interval: int = 250
-    eval_iters: int = 20
-    eval_batch_size: int = 0  # 0 = batch_size
-    log_interval: int = 10
-    checkpoint_interval: int = 0  # 0 = checkpoint at each evaluation
-    early_stop_patience: int = 0  # stop after this many evaluations without improvement (0 = never)
+    max_iters: int = ranged(5000, ge=0)
+    batch_size: int = ranged(64, ge=1)  # sequences per micro-batch (per rank)
+    grad_accum: int = ranged(1, ge=1)  # micro-batches per optimizer step
+    eval_interval: int = ranged(250, ge=1)
+    eval_iters: int = ranged(20, ge=1)
+    eval_batch_size: int = ranged(0, ge=0)  # 0 = batch_size
+    log_interval: int = ranged(10, ge=1)
+    checkpoint_interval: int = ranged(0, ge=0)  # 0 = checkpoint at each evaluation
+    early_stop_patience: int = ranged(0, ge=0)  # stop after this many evaluations without improvement (0 = never)
     resume: bool = False
-    seed: int = 1337
+    seed: int = ranged(1337, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    threads: int = ranged(0, ge=0)  # torch CPU threads (0 = torch's default)
 
 
 @dataclass
@@ -95,7 +142,7 @@ class LoggingConfig:
     wandb_project: str = "gpt"
     wandb_run_name: str = ""
     wandb_mode: Literal["offline", "online"] = "offline"
-    sample_tokens: int = 200  # print a sample of this many tokens when training ends (0 = none)
+    sample_tokens: int = ranged(200, ge=0)  # print a sample of this many tokens when training ends (0 = none)
     sample_prompt: str = "\n"
 
 
@@ -103,7 +150,7 @@ class LoggingConfig:
 class DistributedConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards weights, grads and optimizer state
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
-    timeout_s: int = 600  # a rank waiting this long in a collective fails the run instead of hanging
+    timeout_s: int = ranged(600, ge=1)  # a rank waiting this long in a collective fails the run instead of hanging
 
 
 @dataclass
@@ -127,8 +174,8 @@ class SFTDataConfig:
     path: str = ""  # the training file
     val_path: str = ""  # a separate validation file; empty = hold out val_fraction of `path`
     format: Literal["auto", "chat", "instruction", "text"] = "auto"  # auto = detected per record
-    val_fraction: float = 0.1  # used when val_path is empty
-    split_seed: int = 0  # the held-out records are a fixed function of this seed
+    val_fraction: float = ranged(0.1, ge=0, lt=1)  # used when val_path is empty
+    split_seed: int = ranged(0, ge=0)  # the held-out records are a fixed function of this seed
     skip_invalid: bool = False  # skip (and count and report) malformed records instead of stopping
 
 
@@ -136,14 +183,14 @@ class SFTDataConfig:
 class SFTConfig:
     train_on_prompt: bool = False  # false: loss only on assistant/response tokens
     packing: bool = True  # pack several examples per window (attention kept inside each), else pad one per row
-    block_size: int = 0  # training window in tokens; 0 = the base model's block_size
+    block_size: int = ranged(0, ge=0)  # training window in tokens; 0 = the base model's block_size
 
 
 @dataclass
 class LoRAConfig:
-    rank: int = 0  # 0 = full fine-tuning; > 0 = train only low-rank adapters of this rank
-    alpha: float = 16.0  # adapter output is scaled by alpha / rank
-    dropout: float = 0.0  # dropout on the adapter's input
+    rank: int = ranged(0, ge=0)  # 0 = full fine-tuning; > 0 = train only low-rank adapters of this rank
+    alpha: float = ranged(16.0, gt=0)  # adapter output is scaled by alpha / rank
+    dropout: float = ranged(0.0, ge=0, lt=1)  # dropout on the adapter's input
     targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # Linear layer names
 
 
@@ -176,6 +223,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     cfg = from_dict(cls, raw, where=str(path) if path else "config")
     for item in overrides:
         apply_override(cfg, item)
+    check_ranges(cfg, where=str(path) if path is not None else "config")
     if hasattr(cfg, "out_dir") and not cfg.out_dir:  # never the current directory by accident
         cfg.out_dir = str(Path("out") / (Path(path).stem if path is not None else "default"))
     return cfg
@@ -341,36 +389,16 @@ def _did_you_mean(key: str, names: list[str], prefix: str) -> str:
 
 
 def check_pretrain(cfg: PretrainConfig) -> None:
-    """Cross-field checks that single-key typing cannot express."""
+    """Cross-field checks that single-key ranges cannot express."""
     check_common(cfg)
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
 
 
 def check_common(cfg: Any) -> None:
-    """Checks on the model, train and optim sections that pretraining and SFT share."""
-    m, t, o = cfg.model, cfg.train, cfg.optim
+    """Ranges (again: a config may be built in code) and the checks pretraining and SFT share."""
+    check_ranges(cfg)
+    m = cfg.model
     if m.n_embd % m.n_head != 0:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-    for key, value in [
-        ("model.n_layer", m.n_layer),
-        ("model.n_head", m.n_head),
-        ("model.block_size", m.block_size),
-        ("train.batch_size", t.batch_size),
-        ("train.grad_accum", t.grad_accum),
-        ("train.eval_interval", t.eval_interval),
-        ("train.eval_iters", t.eval_iters),
-        ("train.log_interval", t.log_interval),
-        ("model.vocab_multiple", m.vocab_multiple),
-    ]:
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if t.max_iters < 0:
-        raise ConfigError(f"train.max_iters must be >= 0, got {t.max_iters}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if not (math.isfinite(o.lr) and o.lr > 0):
-        raise ConfigError(f"optim.lr must be a positive number, got {o.lr}")
 
 
 def check_finetune(cfg: FinetuneConfig) -> None:
@@ -389,15 +417,5 @@ def check_finetune(cfg: FinetuneConfig) -> None:
     if not cfg.data.val_path and not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1) when data.val_path is empty, "
                           f"got {cfg.data.val_fraction}")
-    if cfg.sft.block_size < 0:
-        raise ConfigError(f"sft.block_size must be >= 0 (0 = the base model's), got {cfg.sft.block_size}")
-    lo = cfg.lora
-    if lo.rank < 0:
-        raise ConfigError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {lo.rank}")
-    if lo.rank:
-        if not (math.isfinite(lo.alpha) and lo.alpha > 0):
-            raise ConfigError(f"lora.alpha must be a positive number, got {lo.alpha}")
-        if not 0.0 <= lo.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
-        if not lo.targets:
-            raise ConfigError("lora.targets must name at least one Linear layer (c_attn, c_proj, c_fc)")
+    if cfg.lora.rank and not cfg.lora.targets:
+        raise ConfigError("lora.targets must name at least one Linear layer (c_attn, c_proj, c_fc)")

@@ -23,6 +23,7 @@ from gpt import checkpoint
 from gpt.checkpoint import CheckpointError
 from gpt.config import ModelConfig, to_dict
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
+from gpt.errors import UserError
 from gpt.model import GPT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -70,7 +71,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").is_file():
         return load_file(str(folder / "model.safetensors"))
     if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return checkpoint.safe_torch_load(folder / "pytorch_model.bin")
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {from_hf(args.src, args.out_dir)}")
         else:
             print(f"wrote {to_hf(args.ckpt, args.hf_dir)}")
-    except (CheckpointError, ValueError, KeyError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -8,6 +8,8 @@ from functools import lru_cache
 
 import torch
 
+from gpt.config import ConfigError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; unknown GPUs report no MFU.
@@ -17,9 +19,17 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
 def pick_device(name: str = "auto") -> torch.device:
     """cuda > mps > cpu for "auto"; anything else is taken as given."""
     if name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"device '{name}' is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{name}' requested but CUDA is not available; use device=cpu")
+            raise ConfigError(f"device '{name}' requested but this machine has no usable CUDA GPU; "
+                              "use device=cpu or device=auto")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} GPU(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device '{name}' requested but MPS is not available; use device=cpu or device=auto")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -49,7 +59,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on CUDA when supported (else fp16 + GradScaler); bf16 on CPUs with native bf16; else fp32."""
     if name != "auto":
         if name not in DTYPES:
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from gpt.config import LoRAConfig
+from gpt.config import ConfigError, LoRAConfig
 
 
 class LoRALinear(nn.Module):
@@ -51,7 +51,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if isinstance(m, nn.Linear) and n.startswith("transformer.")})
-        raise ValueError(f"lora.targets {targets} match no Linear layer; choose from {', '.join(linear)}")
+        raise ConfigError(f"lora.targets {targets} match no Linear layer; choose from {', '.join(linear)}")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

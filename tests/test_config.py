@@ -1,5 +1,8 @@
 """Config loading: defaults < YAML < overrides, and one clear error for every bad key or value."""
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from gpt.config import (
     check_pretrain,
     load_config,
 )
+from gpt.infer.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,9 +77,55 @@ def test_cross_field_checks():
     cfg = load_config(PretrainConfig, None, ["model.n_embd=30", "model.n_head=4"])
     with pytest.raises(ConfigError, match="divisible"):
         check_pretrain(cfg)
-    cfg = load_config(PretrainConfig, None, ["data.val_fraction=0"])
-    with pytest.raises(ConfigError, match="val_fraction"):
-        check_pretrain(cfg)
+    cfg = load_config(FinetuneConfig, None, ["init_from=x", "data.path=x.jsonl", "data.val_fraction=0"])
+    with pytest.raises(ConfigError, match="val_fraction must be in \\(0, 1\\) when data.val_path is empty"):
+        check_finetune(cfg)
+    check_finetune(load_config(FinetuneConfig, None, ["init_from=x", "data.path=x.jsonl", "data.val_fraction=0",
+                                                      "data.val_path=v.jsonl"]))
+
+
+@pytest.mark.parametrize("cls, override, message", [
+    (PretrainConfig, "optim.min_lr=nan", "key 'optim.min_lr' must be >= 0, got nan"),
+    (PretrainConfig, "optim.grad_clip=nan", "key 'optim.grad_clip' must be >= 0, got nan"),
+    (PretrainConfig, "optim.lr=inf", "key 'optim.lr' must be > 0, got inf"),
+    (PretrainConfig, "optim.lr=-1e-3", "key 'optim.lr' must be > 0"),
+    (PretrainConfig, "optim.warmup_iters=-10", "key 'optim.warmup_iters' must be >= 0, got -10"),
+    (PretrainConfig, "optim.beta2=1", "key 'optim.beta2' must be >= 0 and < 1"),
+    (PretrainConfig, "train.threads=-1", "key 'train.threads' must be >= 0, got -1"),
+    (PretrainConfig, "train.batch_size=0", "key 'train.batch_size' must be >= 1"),
+    (PretrainConfig, "model.dropout=1.0", "key 'model.dropout' must be >= 0 and < 1"),
+    (PretrainConfig, "data.val_fraction=0", "key 'data.val_fraction' must be > 0 and < 1"),
+    (FinetuneConfig, "lora.alpha=0", "key 'lora.alpha' must be > 0"),
+    (FinetuneConfig, "sft.block_size=-1", "key 'sft.block_size' must be >= 0"),
+])
+def test_out_of_range_values_fail_at_load_naming_the_key(cls, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(cls, None, [override])
+
+
+def test_ranges_apply_to_yaml_files_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.yaml: key 'optim.min_lr' must be >= 0, got nan"):
+        load_config(PretrainConfig, write(tmp_path, "optim:\n  min_lr: .nan\n"))
+
+
+def numeric_fields(cls, prefix=""):
+    """(key, field) for every int/float key of a config dataclass, sections included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            yield from numeric_fields(typ, f"{prefix}{f.name}.")
+        elif {int, float} & ({typ} | set(typing.get_args(typ))):
+            yield f"{prefix}{f.name}", f
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, SamplingParams])
+def test_every_numeric_key_declares_its_range(cls):
+    """A new numeric key must say its range next to its default: `x: int = ranged(0, ge=0)`."""
+    fields = list(numeric_fields(cls))
+    assert fields
+    missing = [key for key, f in fields if "range" not in f.metadata]
+    assert not missing, f"declare a range with gpt.config.ranged(...) for: {', '.join(missing)}"
 
 
 def test_every_shipped_config_loads():

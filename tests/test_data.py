@@ -123,13 +123,13 @@ def test_token_dtype_and_uint32_files(tmp_path):
 def test_batches_are_a_function_of_step_and_split_across_ranks(tmp_path, tiny_corpus):
     folder = ensure_prepared(cfg_for(tmp_path, tiny_corpus), log=lambda *_: None)
     cpu = torch.device("cpu")
-    one = TokenBatches(folder, 16, 4, cpu, seed=1)
-    acc = [TokenBatches(folder, 16, 2, cpu, seed=1, grad_accum=2).train_batch(5, m).x for m in (0, 1)]
+    one = TokenBatches(folder, block_size=16, batch_size=4, device=cpu, seed=1)
+    acc = [TokenBatches(folder, block_size=16, batch_size=2, device=cpu, seed=1, grad_accum=2).train_batch(5, m).x for m in (0, 1)]
     assert torch.equal(torch.cat(acc), one.train_batch(5, 0).x)
-    assert torch.equal(one.train_batch(5, 0).x, TokenBatches(folder, 16, 4, cpu, seed=1).train_batch(5, 0).x)
+    assert torch.equal(one.train_batch(5, 0).x, TokenBatches(folder, block_size=16, batch_size=4, device=cpu, seed=1).train_batch(5, 0).x)
     assert not torch.equal(one.train_batch(5, 0).x, one.train_batch(6, 0).x)
-    r0 = TokenBatches(folder, 16, 2, cpu, seed=1, rank=0, world_size=2).train_batch(5, 0).x
-    r1 = TokenBatches(folder, 16, 2, cpu, seed=1, rank=1, world_size=2).train_batch(5, 0).x
+    r0 = TokenBatches(folder, block_size=16, batch_size=2, device=cpu, seed=1, rank=0, world_size=2).train_batch(5, 0).x
+    r1 = TokenBatches(folder, block_size=16, batch_size=2, device=cpu, seed=1, rank=1, world_size=2).train_batch(5, 0).x
     assert torch.equal(torch.cat([r0, r1]), one.train_batch(5, 0).x)
     v1 = [b.x for b in one.val_batches()]
     v2 = [b.x for b in one.val_batches()]

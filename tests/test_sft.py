@@ -81,7 +81,7 @@ def test_loss_mask_covers_exactly_the_assistant_turns():
     assert example.ids.tolist() == ids
     assert example.mask.tolist() == mask
 
-    batch = SFTBatches([example], [example], 64, 1, torch.device("cpu"), packing=False).collate([[0]], [example])
+    batch = SFTBatches([example], [example], block_size=64, batch_size=1, device=torch.device("cpu"), packing=False).collate([[0]], [example])
     supervised = batch.y[0][batch.y[0] != IGNORE_INDEX].tolist()
     assert tok.decode(supervised) == "hello.<|end|>bye!<|end|>"
     kept = batch.y[0, :-1] != IGNORE_INDEX
@@ -168,7 +168,7 @@ def test_prompt_tokens_receive_no_loss_gradient():
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=tpl.tok.vocab_size))
     for packing in (True, False):
-        batches = SFTBatches(examples, examples, 64, 2, torch.device("cpu"), packing=packing)
+        batches = SFTBatches(examples, examples, block_size=64, batch_size=2, device=torch.device("cpu"), packing=packing)
         b = batches.collate([[0, 1]] if packing else [[0], [1]], examples)
         logits, _ = model(b.x, doc_ids=b.doc_ids)
         logits.retain_grad()
@@ -184,7 +184,7 @@ def test_packed_examples_do_not_attend_across_boundaries():
     examples = _examples(tpl, [("first question here?", "first."), ("second?", "second answer.")])
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=64, vocab_size=tpl.tok.vocab_size)).eval()
-    batches = SFTBatches(examples, examples, 64, 1, torch.device("cpu"), packing=True)
+    batches = SFTBatches(examples, examples, block_size=64, batch_size=1, device=torch.device("cpu"), packing=True)
     packed = batches.collate([[0, 1]], examples)
     n0 = len(examples[0].ids) - 1
     alone = [batches.collate([[i]], examples) for i in (0, 1)]
@@ -201,17 +201,17 @@ def test_batches_are_deterministic_cover_each_epoch_and_split_across_ranks():
     examples = _examples(tpl, [(a * (i % 5 + 1), b) for i, (a, b) in enumerate(MAPPING.items())] * 3)
     cpu = torch.device("cpu")
     for packing in (True, False):
-        one = SFTBatches(examples, examples, 48, 4, cpu, seed=3, grad_accum=2, packing=packing)
-        ranks = [SFTBatches(examples, examples, 48, 2, cpu, seed=3, rank=r, world_size=2, grad_accum=2,
+        one = SFTBatches(examples, examples, block_size=48, batch_size=4, device=cpu, seed=3, grad_accum=2, packing=packing)
+        ranks = [SFTBatches(examples, examples, block_size=48, batch_size=2, device=cpu, seed=3, rank=r, world_size=2, grad_accum=2,
                             packing=packing) for r in (0, 1)]
         for step, micro in [(0, 0), (0, 1), (5, 1)]:
             assert one.train_rows(step, micro) == ranks[0].train_rows(step, micro) + ranks[1].train_rows(step, micro)
-            again = SFTBatches(examples, examples, 48, 4, cpu, seed=3, grad_accum=2, packing=packing)
+            again = SFTBatches(examples, examples, block_size=48, batch_size=4, device=cpu, seed=3, grad_accum=2, packing=packing)
             assert torch.equal(again.train_batch(step, micro).y, one.train_batch(step, micro).y)
         epoch = [i for j in range(one.stream.rows_per_epoch()) for i in one.stream.row(j)]
         assert sorted(epoch) == list(range(len(examples)))  # every example once per epoch
         assert all(sum(len(examples[i].ids) - 1 for i in one.stream.row(j)) <= 48 for j in range(20))
-        assert SFTBatches(examples, examples, 48, 4, cpu, seed=4, packing=packing).train_rows(0, 0) != \
+        assert SFTBatches(examples, examples, block_size=48, batch_size=4, device=cpu, seed=4, packing=packing).train_rows(0, 0) != \
             one.train_rows(0, 0)
 
 

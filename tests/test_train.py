@@ -1,5 +1,6 @@
 """The training loop: accumulation, exact resume, safe checkpoints, clean stops and clear errors."""
 
+import errno
 import json
 import subprocess
 import sys
@@ -64,8 +65,11 @@ def test_resume_without_checkpoint_is_clear_error(tmp_path, tiny_corpus):
 def test_outputs_resolved_config_metrics_and_best(tmp_path, tiny_corpus):
     cfg, result = run(tmp_path, tiny_corpus, **{"optim.lr": "3e-3", "train.max_iters": 30})
     out = tmp_path / "out"
+    before = load_config(PretrainConfig, None, tiny_overrides(tmp_path, tiny_corpus, **{"optim.lr": "3e-3",
+                                                                                       "train.max_iters": 30}))
+    assert cfg == before  # fit() reads its own view of the config and changes nothing in it
     saved = load_config(PretrainConfig, out / "config.yaml")
-    assert saved.model.n_embd == 16 and saved.model.vocab_size == cfg.model.vocab_size > 0
+    assert saved.model.n_embd == 16 and saved.model.vocab_size > 0 and cfg.model.vocab_size == 0
     rows = metrics(out)
     train_rows = [r for r in rows if "loss" in r]
     assert {"iter", "loss", "lr", "ms_per_iter", "tokens_per_s"} <= train_rows[0].keys()
@@ -74,6 +78,7 @@ def test_outputs_resolved_config_metrics_and_best(tmp_path, tiny_corpus):
     best = json.loads((out / "best" / "meta.json").read_text())
     assert best["val_loss"] == pytest.approx(min(vals))
     model, tok, _, _ = checkpoint.load_model(out)  # best by default
+    assert model.config == saved.model
     assert tok.decode(tok.encode("To be")) == "To be"
 
 
@@ -83,10 +88,10 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, tiny_corpus, monke
     before = weights(out)
 
     def broken_save(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(checkpoint.CheckpointError, match="disk full.*previous .*latest is intact"):
         run(tmp_path, tiny_corpus, **{"train.max_iters": 20, "train.resume": "true"})
     after = weights(out)
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -275,6 +275,7 @@ class TokenBatches:
     def __init__(
         self,
         folder: str | Path,
+        *,
         block_size: int,
         batch_size: int,
         device: torch.device,

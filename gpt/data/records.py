@@ -29,6 +29,7 @@ import numpy as np
 from gpt.config import SFTDataConfig
 from gpt.data.chat import ROLES, ChatTemplate
 from gpt.data.corpus import DataError
+from gpt.data.tokenizer import TokenizerError
 from gpt.errors import UserError
 
 TABLE_BUILDERS = {".csv": "csv", ".parquet": "parquet"}
@@ -274,7 +275,7 @@ def load_file(path: str, fmt: str, template: ChatTemplate, budget: int, train_on
                 example, cut = encode_chat(template, content, budget, train_on_prompt)
                 examples = [example]
                 out.truncated += cut
-        except (RecordError, ValueError) as e:  # ValueError: a character the tokenizer does not know
+        except (RecordError, TokenizerError) as e:  # TokenizerError: a character the tokenizer does not know
             out.invalid.append((where, str(e)))
             continue
         out.formats[kind] = out.formats.get(kind, 0) + 1

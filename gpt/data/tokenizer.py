@@ -9,11 +9,18 @@ them, so user text that looks like a special token stays ordinary text.
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable
 
 import tiktoken
+
+from gpt.errors import UserError
+
+
+class TokenizerError(UserError):
+    """An unknown or unavailable tokenizer, or text it cannot encode."""
 
 
 class Tokenizer(ABC):
@@ -85,7 +92,7 @@ class CharTokenizer(Tokenizer):
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise ValueError(
+            raise TokenizerError(
                 f"character {e.args[0]!r} is not in this model's character vocabulary "
                 f"({len(self.chars)} characters seen in its training corpus)"
             ) from None
@@ -105,12 +112,13 @@ class TiktokenTokenizer(Tokenizer):
         try:
             self.base = tiktoken.get_encoding(name)
         except ValueError as e:
-            raise ValueError(f"unknown tokenizer {name!r}: use 'char' or a tiktoken encoding such as 'gpt2'") from e
+            raise TokenizerError(f"unknown tokenizer {name!r}: use 'char' or a tiktoken encoding such as 'gpt2'") from e
         except Exception as e:  # no network and no cache
-            raise RuntimeError(
-                f"could not load the tiktoken encoding {name!r} ({e}); offline, point TIKTOKEN_CACHE_DIR "
-                "at a folder holding its cached file"
-            ) from e
+            cache = os.environ.get("TIKTOKEN_CACHE_DIR") or "tiktoken's default cache"
+            raise TokenizerError(
+                f"could not load the tiktoken encoding {name!r}: it is not in {cache} and fetching it failed "
+                f"({type(e).__name__}); offline, point TIKTOKEN_CACHE_DIR at a folder holding its cached file"
+            ) from None
         self.special_tokens = dict(special_tokens or {})
         self._rebuild()
 
@@ -157,7 +165,7 @@ def from_spec(spec: dict) -> Tokenizer:
         return CharTokenizer(spec["chars"], spec.get("special_tokens"))
     if kind == "tiktoken":
         return TiktokenTokenizer(spec["name"], spec.get("special_tokens"))
-    raise ValueError(f"unknown tokenizer kind {kind!r} in tokenizer spec")
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} in tokenizer spec")
 
 
 def save(tok: Tokenizer, path: str | Path) -> None:
@@ -168,5 +176,7 @@ def load(path: str | Path) -> Tokenizer:
     p = Path(path)
     try:
         return from_spec(json.loads(p.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{p}: unreadable tokenizer file ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise TokenizerError(f"{p}: unreadable tokenizer file ({type(e).__name__}: {e})") from None
+    except TokenizerError as e:
+        raise TokenizerError(f"{p}: {e}") from None

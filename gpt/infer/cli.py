@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from gpt.checkpoint import load_model
+from gpt.config import ConfigError
 from gpt.device import pick_device, resolve_dtype
 from gpt.infer.engine import Completion, complete
+from gpt.infer.sampling import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights are converted)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (reference path)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: on when writing to a terminal)")
@@ -50,22 +53,27 @@ def read_prompt(args: argparse.Namespace) -> str | None:
         return sys.stdin.read()
     path = Path(args.prompt_file)
     if not path.is_file():
-        raise FileNotFoundError(f"--prompt-file {path}: no such file")
-    return path.read_text(encoding="utf-8")
+        raise ConfigError(f"--prompt-file {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--prompt-file {path}: not UTF-8 text (byte {e.start})") from None
 
 
 def check_args(args: argparse.Namespace) -> None:
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.frequency_penalty,
+                   args.presence_penalty).validate(name=lambda key: "--" + key.replace("_", "-"))
     if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.logprobs < 0:
-        raise ValueError(f"--logprobs must be >= 0, got {args.logprobs}")
+        raise ConfigError(f"--logprobs must be >= 0, got {args.logprobs}")
     if args.chat and (args.json or args.num_samples > 1 or args.logprobs or args.prompt or args.prompt_file):
-        raise ValueError("--chat is interactive: it cannot be combined with --json, --logprobs, --num-samples > 1 "
+        raise ConfigError("--chat is interactive: it cannot be combined with --json, --logprobs, --num-samples > 1 "
                          "or a --prompt/--prompt-file")
     if args.system is not None and not args.chat:
-        raise ValueError("--system only applies to --chat")
+        raise ConfigError("--system only applies to --chat")
 
 
 def run(argv: list[str]) -> None:
@@ -74,7 +82,7 @@ def run(argv: list[str]) -> None:
     prompt = read_prompt(args)
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer, _, folder = load_model(args.ckpt, device)
+    model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
     model.to(dtype=dtype).eval()  # decoding reads every weight per token: store them in the compute dtype
     sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,

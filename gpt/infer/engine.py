@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from gpt.config import ConfigError
 from gpt.data.tokenizer import Tokenizer
 from gpt.infer.fastpath import Decoder
 from gpt.infer.sampling import SamplingParams, filter_logits, sample
@@ -288,10 +289,10 @@ def complete(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         if tokenizer.eot_id is None:
-            raise ValueError("the prompt is empty; give some text with --prompt or --prompt-file")
+            raise ConfigError("the prompt is empty; give some text with --prompt or --prompt-file")
         ids = [tokenizer.eot_id]
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     stops = [s for s in stop if s]
     end_ids = set(stop_ids if stop_ids is not None else ([tokenizer.eot_id] if tokenizer.eot_id is not None else []))
     device = device or next(model.parameters()).device

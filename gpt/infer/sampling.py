@@ -16,8 +16,11 @@ Pure tensor functions on (B, V) float logits, applied in this order (the order o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from gpt.config import check_ranges, ranged
 
 NEG_INF = float("-inf")
 
@@ -26,22 +29,16 @@ NEG_INF = float("-inf")
 class SamplingParams:
     """Decoding controls; the names match sample.py's flags (--top-k is top_k, ...)."""
 
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    temperature: float = ranged(1.0, ge=0)  # 0 = greedy
+    top_k: int | None = ranged(None, ge=0)  # None or 0 = no limit
+    top_p: float = ranged(1.0, gt=0, le=1)
+    repetition_penalty: float = ranged(1.0, gt=0)  # 1 = off
+    frequency_penalty: float = ranged(0.0)  # any finite number; 0 = off
+    presence_penalty: float = ranged(0.0)
 
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 1 (or 0/None for no limit), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+    def validate(self, name: Callable[[str], str] | None = None) -> None:
+        """ConfigError naming the first setting out of range (NaN and infinities included)."""
+        check_ranges(self, "sampling", name=name)
 
     @property
     def needs_history(self) -> bool:

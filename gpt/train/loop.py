@@ -9,6 +9,7 @@ one larger batch and SFT batches with few response tokens are weighted fairly.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpt import checkpoint
-from gpt.config import save_yaml, to_dict
+from gpt.config import LoggingConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
 from gpt.data.corpus import Batch
 from gpt.data.tokenizer import Tokenizer
 from gpt.device import autocast, enable_tf32, gpu_peak_flops, pick_device, resolve_dtype
@@ -40,6 +41,25 @@ class BatchSource(Protocol):
     def val_batches(self) -> Iterable[Batch]: ...
 
 
+@dataclass(frozen=True)
+class FitConfig:
+    """The part of a run config that fit() reads, as its own copy: fit() never writes to the caller's config."""
+
+    out_dir: Path
+    train: TrainConfig
+    optim: OptimConfig
+    logging: LoggingConfig
+    record: dict[str, Any]  # the resolved run config: out_dir/config.yaml and every checkpoint's config.yaml
+
+    @classmethod
+    def of(cls, cfg: Any, model: ModelConfig) -> FitConfig:
+        """From a PretrainConfig or FinetuneConfig and the architecture actually trained (sized to the
+        tokenizer, taken from init_from, grown by chat tokens): checkpoints record that one."""
+        record = to_dict(cfg) | {"model": to_dict(model)}
+        return cls(Path(cfg.out_dir), copy.deepcopy(cfg.train), copy.deepcopy(cfg.optim),
+                   copy.deepcopy(cfg.logging), record)
+
+
 @dataclass
 class FitResult:
     step: int  # optimizer steps completed
@@ -52,7 +72,7 @@ class FitResult:
 def fit(
     model: GPT,
     batches: BatchSource,
-    cfg: Any,
+    cfg: FitConfig,
     tokenizer: Tokenizer,
     device: torch.device,
     dist: distributed.Dist | None = None,
@@ -60,17 +80,16 @@ def fit(
 ) -> FitResult:
     """Train `model` on `batches` for cfg.train.max_iters optimizer steps, checkpointing to cfg.out_dir.
 
-    `cfg` is a run config with train, optim, logging and out_dir (PretrainConfig or the SFT config).
     `export` maps the model to the weights a checkpoint stores (default: its state dict); LoRA passes
     the merged weights so every checkpoint is a plain GPT. `latest` then also keeps the trainable
     parameters as they train (the frozen rest is rebuilt from init_from), so resume stays exact.
     """
     dist = dist or distributed.Dist()
     t, o = cfg.train, cfg.optim
-    out = Path(cfg.out_dir)
+    out = cfg.out_dir
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
+        checkpoint.prepare_out_dir(out)
+        checkpoint.write_yaml(cfg.record, out / "config.yaml")
     dtype = resolve_dtype(t.dtype, device)
     enable_tf32()
     model.to(device)
@@ -88,7 +107,7 @@ def fit(
     if t.compile:
         train_model = torch.compile(train_model)
 
-    log = MetricsLog(out, dist.is_main, t.max_iters, start, cfg.logging.progress, cfg.logging, to_dict(cfg))
+    log = MetricsLog(out, dist.is_main, t.max_iters, start, cfg.logging.progress, cfg.logging, cfg.record)
     if dist.is_main:
         global_batch = t.batch_size * t.grad_accum * dist.world_size
         log.print(f"global batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} ranks = "
@@ -126,7 +145,7 @@ def fit(
                 state["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
             weights, state = distributed.full_state(weights, dist), distributed.full_state(state, dist)
         if dist.is_main:
-            checkpoint.save_checkpoint(out / kind, weights, to_dict(cfg), tokenizer, meta, state)
+            checkpoint.save_checkpoint(out / kind, weights, cfg.record, tokenizer, meta, state)
         dist.barrier()
 
     try:
@@ -298,6 +317,7 @@ def _load_trainable(model, saved: dict[str, torch.Tensor], ckpt: Path) -> None:
 
 def _check_export(model, export, ckpt: Path) -> None:
     """The frozen weights come from init_from again: the export must reproduce the saved weights."""
+    checkpoint.verify_checksum(ckpt / checkpoint.MODEL_FILE)
     saved = load_file(str(ckpt / checkpoint.MODEL_FILE))
     now = export(model) if export is not None else {}
     for name, tensor in saved.items():

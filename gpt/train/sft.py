@@ -30,7 +30,7 @@ from gpt.data.records import Example, load_sft_data
 from gpt.data.tokenizer import Tokenizer
 from gpt.lora import apply_lora, count_trainable, merged_state_dict
 from gpt.model import GPT, IGNORE_INDEX
-from gpt.train.loop import FitResult, fit, start_run
+from gpt.train.loop import FitConfig, FitResult, fit, start_run
 
 
 class RowStream:
@@ -85,7 +85,7 @@ class RowStream:
 class SFTBatches:
     """The BatchSource fit() trains on: deterministic rows of examples, collated with their loss mask."""
 
-    def __init__(self, train: list[Example], val: list[Example], block_size: int, batch_size: int,
+    def __init__(self, train: list[Example], val: list[Example], *, block_size: int, batch_size: int,
                  device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
                  packing: bool = True, eval_batch_size: int = 0, eval_iters: int = 20):
         self.train, self.val = train, val
@@ -179,7 +179,6 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         model, tok, folder = load_pretrained(cfg.init_from)
         new = add_chat_tokens(model, tok, cfg.train.seed)
         log(f"init: {folder}" + (f"; added chat tokens {' '.join(new)}" if new else ""))
-        cfg.model = model.config
         block_size = cfg.sft.block_size or model.config.block_size
         if block_size > model.config.block_size:
             raise ConfigError(f"sft.block_size {block_size} exceeds the block size of {cfg.init_from} "
@@ -197,11 +196,12 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
             export = merged_state_dict
 
         t = cfg.train
-        batches = SFTBatches(data.train, data.val, block_size, t.batch_size, device, t.seed, dist.rank,
-                             dist.world_size, t.grad_accum, cfg.sft.packing, t.eval_batch_size, t.eval_iters)
+        batches = SFTBatches(data.train, data.val, block_size=block_size, batch_size=t.batch_size, device=device,
+                             seed=t.seed, rank=dist.rank, world_size=dist.world_size, grad_accum=t.grad_accum,
+                             packing=cfg.sft.packing, eval_batch_size=t.eval_batch_size, eval_iters=t.eval_iters)
         log(f"data: {'packed' if cfg.sft.packing else 'padded'} windows of {block_size} tokens; "
             f"one epoch is about {batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
-        result = fit(model, batches, cfg, tok, device, dist, export=export)
+        result = fit(model, batches, FitConfig.of(cfg, model.config), tok, device, dist, export=export)
         if (dist.is_main or dist.sharded) and cfg.logging.sample_tokens and not result.interrupted:
             for messages in data.samples:  # fsdp: every rank runs the (sharded) model, rank 0 prints
                 print_reply(model, template, messages, cfg.logging.sample_tokens, device, show=dist.is_main)
