@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable
 
 from gpt.config import ConfigError, load_config
 from gpt.errors import UserError
+
+# A full or read-only disk is never a bug, wherever the write happens (metrics.jsonl, prepared data, ...).
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 USAGE = "usage: python {script} CONFIG.yaml [section.key=value ...]"
 
@@ -29,6 +33,12 @@ def main(fn: Callable[[], object]) -> None:
         result = fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror}{where}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,8 +1,9 @@
-"""Shared test setup: offline tiktoken cache, the Tiny Shakespeare copy, tiny configs."""
+"""Shared test setup: offline tiktoken cache, the Tiny Shakespeare copy, tiny configs, the suite's time budget."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,43 @@ SHARED = ROOT.parent / "shared"
 
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
+
+# Tiny models gain nothing from a second thread, and on a shared CPU the spin-waits of two OpenMP
+# threads make them 2-3x slower; set before torch is imported (subprocesses inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The whole suite must stay fast enough to run on every change: 5 minutes on 2 CPU cores.
+# GPT_TEST_BUDGET_S changes the budget (0 = no limit).
+SUITE_BUDGET_S = float(os.environ.get("GPT_TEST_BUDGET_S", 300))
+_STARTED = pytest.StashKey[tuple[float, float]]()
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and the subprocesses it waited for (entry scripts, torchrun ranks)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_STARTED] = (time.monotonic(), _cpu_seconds())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Report the suite's time and fail the session when it is over budget (--durations=10, set in
+    pyproject.toml, lists the slowest tests). Tests run one at a time on one thread, so on a quiet
+    machine wall time is about CPU time; on a machine shared with other jobs wall time grows and CPU
+    time does not, so the smaller of the two is what is held to the budget."""
+    wall0, cpu0 = session.config.stash.get(_STARTED, (time.monotonic(), _cpu_seconds()))
+    wall, cpu = time.monotonic() - wall0, _cpu_seconds() - cpu0
+    over = SUITE_BUDGET_S > 0 and min(wall, cpu) > SUITE_BUDGET_S
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write("\n")
+        budget = f"{SUITE_BUDGET_S:.0f} s budget" if SUITE_BUDGET_S > 0 else "no budget"
+        reporter.write_line(f"suite time: {wall:.0f} s wall, {cpu:.0f} s CPU ({budget})" +
+                            (": TOO SLOW, make the slowest tests smaller" if over else ""), red=over)
+    if over and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
@@ -32,7 +70,10 @@ def tiny_corpus(tmp_path: Path, shakespeare_text: str) -> Path:
 
 
 def tiny_overrides(tmp_path: Path, corpus: Path, **extra) -> list[str]:
-    """Overrides that make any config a few-thousand-parameter, few-second CPU run."""
+    """Overrides that make any config a few-thousand-parameter, few-second CPU run.
+
+    Numbers are compared in fp32 (`auto` picks bf16 on CPUs with native bf16, fp32 elsewhere, so a
+    test left on auto would compare different things on different machines); bf16 tests say so."""
     base = {
         "out_dir": str(tmp_path / "out"),
         "data.dataset": "tiny",
@@ -48,6 +89,7 @@ def tiny_overrides(tmp_path: Path, corpus: Path, **extra) -> list[str]:
         "train.eval_iters": 2,
         "train.log_interval": 5,
         "train.device": "cpu",
+        "train.dtype": "float32",
         "optim.warmup_iters": 2,
         "logging.progress": "false",
         "logging.sample_tokens": 0,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gpt.config import ModelConfig
+from gpt.config import ConfigError, ModelConfig
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.infer.engine import TextStream, complete, decode_steps, generate, window_start
 from gpt.infer.fastpath import Decoder
@@ -306,9 +306,9 @@ def test_decode_steps_can_stop_early_and_restore_training_mode():
 
 def test_invalid_sampling_values_are_reported():
     model = lively_model()
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(ConfigError, match="top_p"):
         generate(model, torch.zeros(1, 1, dtype=torch.long), 2, top_p=1.5)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ConfigError, match="temperature"):
         generate(model, torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1)
 
 

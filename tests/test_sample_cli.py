@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 
 from gpt.checkpoint import save_checkpoint
-from gpt.config import ModelConfig
+from gpt.config import ConfigError, ModelConfig
 from gpt.data.chat import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.chat import ChatSession, run_chat
@@ -55,7 +55,7 @@ def test_json_output_parses_and_cache_matches_reference_path(ckpt):
         assert r["finish_reason"] in ("length", "stop", "eos") and isinstance(r["text"], str)
         assert all(0 <= i < len(CHARS) for i in r["token_ids"])  # padded ids 62, 63 are never sampled
         assert len(r["logprobs"]) == len(r["token_ids"]) and len(r["logprobs"][0]["top"]) == 2
-    greedy = [sample(*base, "--temperature", 0, *extra) for extra in ([], ["--no-kv-cache"])]
+    greedy = [sample(*base, "--temperature", 0, "--dtype", "float32", *extra) for extra in ([], ["--no-kv-cache"])]
     assert greedy[0].returncode == 0 and greedy[0].stdout == greedy[1].stdout
 
 
@@ -85,9 +85,9 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
 
 
 def test_bad_flag_combinations_are_refused():
-    with pytest.raises(ValueError, match="--chat"):
+    with pytest.raises(ConfigError, match="--chat"):
         check_args(build_parser().parse_args(["--ckpt", "x", "--chat", "--json"]))
-    with pytest.raises(ValueError, match="--num-samples"):
+    with pytest.raises(ConfigError, match="--num-samples"):
         check_args(build_parser().parse_args(["--ckpt", "x", "--num-samples", "0"]))
 
 

@@ -419,7 +419,7 @@ def test_lora_trains_only_adapters_and_the_merged_model_matches(tmp_path):
     assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"], before["transformer.h.0.attn.c_attn.weight"])
     torch.testing.assert_close(model.eval()(x)[0], _plain(cfg, merged)(x)[0], atol=1e-5, rtol=1e-5)
 
-    with pytest.raises(ValueError, match="match no Linear layer"):
+    with pytest.raises(ConfigError, match="match no Linear layer"):
         apply_lora(GPT(cfg), LoRAConfig(rank=2, targets=["q_proj"]))
 
 

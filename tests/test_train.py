@@ -57,6 +57,27 @@ def test_resume_is_bit_exact(tmp_path, tiny_corpus):
     assert state_s["iter"] == state_r["iter"] == 20
 
 
+def test_bf16_autocast_trains_on_any_cpu(tmp_path, tiny_corpus, capsys):
+    """bf16 autocast runs on every CPU (emulated, slowly, without native bf16): the loss falls and the
+    weights, the optimizer state and the checkpoint stay fp32."""
+    _, result = run(tmp_path, tiny_corpus, **{"train.dtype": "bfloat16", "optim.lr": "3e-3", "train.max_iters": 16,
+                                              "train.eval_interval": 8, "train.eval_iters": 1})
+    assert "torch.bfloat16 on cpu" in capsys.readouterr().out
+    vals = [m["val_loss"] for m in metrics(tmp_path / "out") if "val_loss" in m]
+    assert result.step == 16 and vals[-1] < vals[0]
+    assert {t.dtype for t in weights(tmp_path / "out").values()} == {torch.float32}
+
+
+def test_bf16_resume_is_bit_exact(tmp_path, tiny_corpus):
+    common = {"train.dtype": "bfloat16", "optim.lr_decay_iters": 4, "train.eval_interval": 2, "train.eval_iters": 1,
+              "train.batch_size": 2}
+    run(tmp_path / "s", tiny_corpus, **common, **{"train.max_iters": 4})
+    run(tmp_path / "r", tiny_corpus, **common, **{"train.max_iters": 2})
+    run(tmp_path / "r", tiny_corpus, **common, **{"train.max_iters": 4, "train.resume": "true"})
+    ws, wr = weights(tmp_path / "s" / "out"), weights(tmp_path / "r" / "out")
+    assert all(torch.equal(ws[name], wr[name]) for name in ws)
+
+
 def test_resume_without_checkpoint_is_clear_error(tmp_path, tiny_corpus):
     with pytest.raises(checkpoint.CheckpointError, match="no 'latest' checkpoint to resume from"):
         run(tmp_path, tiny_corpus, **{"train.resume": "true"})

@@ -183,6 +183,12 @@ def _chat(row: dict) -> list[dict]:
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise RecordError("no assistant message: nothing to learn from")
+    if not any(m["role"] == "user" for m in out):  # a reply to nothing: likely a broken export
+        raise RecordError("assistant messages only: give the user turn it answers, or use the text format "
+                          "({\"text\": ...}) for text without a prompt")
+    if out[-1]["role"] == "user":  # a question with no answer: likely a cut-off conversation
+        raise RecordError(f"message {len(out)}: the conversation ends on a user turn with no assistant reply; "
+                          "drop that turn or add the reply")
     return out
 
 

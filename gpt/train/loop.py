@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +328,10 @@ def _check_export(model, export, ckpt: Path) -> None:
 
 
 def start_run(cfg: Any) -> tuple[distributed.Dist, torch.device]:
-    """Join torchrun's process group (if any), pick this rank's device, set threads and seed."""
+    """Check out_dir is writable (before any work; this also clears temp folders of dead saves), join
+    torchrun's process group (if any), pick this rank's device, set threads and seed."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        checkpoint.prepare_out_dir(Path(cfg.out_dir))
     dist = distributed.setup(cfg.distributed, cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
