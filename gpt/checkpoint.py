@@ -143,11 +143,13 @@ def write_yaml(data: dict[str, Any], path: Path) -> None:
 
 
 def sha256_of(file: Path) -> str:
-    """Streamed, so memory stays flat; about 1.5 GB/s on a CPU with SHA extensions."""
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    """Streamed through one reused buffer, so memory stays flat and the hash runs at its own speed
+    (about 1.5 GB/s on a CPU with SHA extensions: a 124M-parameter model adds ~0.3 s to a load)."""
+    h, buf = hashlib.sha256(), bytearray(1 << 22)
+    view = memoryview(buf)
+    with open(file, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
