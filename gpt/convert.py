@@ -160,7 +160,7 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
     if not model.config.bias:
         raise CheckpointError(f"{ckpt}: model.bias=false cannot be expressed in GPT-2 (its layers always have biases)")
     out = Path(hf_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.prepare_out_dir(out)
     save_file(ours_to_hf(model.state_dict()), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2), encoding="utf-8")
     if isinstance(tok, TiktokenTokenizer) and tok.name == "gpt2":

@@ -181,6 +181,8 @@ CASES = [
     # ---- python -m gpt.convert
     Case("unsafe pickle in from-hf", "gpt.convert", lambda w, t: ["from-hf", str(pickled_hf_dir(t)), str(t / "o")],
          "pytorch_model.bin: contains Python objects that the safe loader refuses"),
+    Case("to-hf into an impossible folder", "gpt.convert", lambda w, t: ["to-hf", str(w.run), "/dev/null/hf"],
+         "out_dir /dev/null/hf: cannot write there"),
 ]
 
 
