@@ -32,7 +32,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt.config import ConfigError, ModelConfig, check_ranges, from_dict
+from gpt.config import ConfigError, ModelConfig, check_ranges, from_dict, save_yaml
 from gpt.data import tokenizer as tokenizers
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -81,7 +81,7 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "gpt"})
-        write_yaml(config, tmp / "config.yaml")
+        save_yaml(config, tmp / "config.yaml")
         tokenizers.save(tokenizer, tmp / "tokenizer.json")
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
@@ -136,10 +136,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def write_yaml(data: dict[str, Any], path: Path) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
 def sha256_of(file: Path) -> str:

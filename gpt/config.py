@@ -379,7 +379,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write a config (a dataclass, or its dict as checkpoints record it) as YAML, keys in order."""
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
 def _did_you_mean(key: str, names: list[str], prefix: str) -> str:

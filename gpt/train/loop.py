@@ -21,7 +21,14 @@ import torch
 from safetensors.torch import load_file
 
 from gpt import checkpoint
-from gpt.config import LoggingConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
+from gpt.config import (
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    save_yaml,
+    to_dict,
+)
 from gpt.data.corpus import Batch
 from gpt.data.tokenizer import Tokenizer
 from gpt.device import autocast, enable_tf32, gpu_peak_flops, pick_device, resolve_dtype
@@ -90,7 +97,7 @@ def fit(
     out = cfg.out_dir
     if dist.is_main:
         checkpoint.prepare_out_dir(out)
-        checkpoint.write_yaml(cfg.record, out / "config.yaml")
+        save_yaml(cfg.record, out / "config.yaml")
     dtype = resolve_dtype(t.dtype, device)
     enable_tf32()
     model.to(device)
