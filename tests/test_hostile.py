@@ -94,6 +94,19 @@ def damaged_config_ckpt(w: World, tmp: Path) -> Path:
     return ckpt
 
 
+def out_of_range_ckpt(w: World, tmp: Path) -> Path:
+    ckpt = shutil.copytree(w.run / "best", tmp / "best")
+    text = (ckpt / "config.yaml").read_text(encoding="utf-8")
+    (ckpt / "config.yaml").write_text(text.replace("n_layer: 2", "n_layer: -2"), encoding="utf-8")
+    return ckpt
+
+
+def latin1_prompt(tmp: Path) -> Path:
+    p = tmp / "prompt.txt"
+    p.write_bytes("to be \xe9".encode("latin-1"))
+    return p
+
+
 def flipped_weights_ckpt(w: World, tmp: Path) -> Path:
     ckpt = shutil.copytree(w.run / "best", tmp / "best")
     data = bytearray((ckpt / checkpoint.MODEL_FILE).read_bytes())
@@ -172,6 +185,12 @@ CASES = [
                       "no usable CUDA GPU"), marks=NO_CUDA),
     Case("character outside the vocabulary", "sample.py", lambda w, t: ["--ckpt", str(w.run), "--prompt", "Zebra"],
          "character 'Z' is not in this model's character vocabulary"),
+    Case("unknown --dtype", "sample.py", lambda w, t: ["--ckpt", str(w.run), "--dtype", "float8"],
+         "dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
+    Case("non-UTF-8 --prompt-file", "sample.py", lambda w, t: ["--ckpt", str(w.run), "--prompt-file", str(latin1_prompt(t))],
+         "prompt.txt: not UTF-8 text (byte 6)"),
+    Case("out-of-range key in a checkpoint's config.yaml", "sample.py",
+         lambda w, t: ["--ckpt", str(out_of_range_ckpt(w, t))], "best/config.yaml: key 'model.n_layer' must be >= 1"),
     Case("non-UTF-8 config.yaml in a checkpoint", "sample.py",
          lambda w, t: ["--ckpt", str(damaged_config_ckpt(w, t))], "best/config.yaml: not UTF-8 text"),
     Case("weights changed on disk", "sample.py", lambda w, t: ["--ckpt", str(flipped_weights_ckpt(w, t))],
