@@ -246,12 +246,16 @@ def _first_line(e: BaseException) -> str:
 
 
 def model_config_from(config: dict[str, Any], where: str = "checkpoint") -> ModelConfig:
+    """The checkpoint's model section, checked like a config (a hand-edited file fails here, in one line)."""
     try:
-        model_cfg = from_dict(ModelConfig, config["model"], where=where, prefix="model.")
-        check_ranges(model_cfg, where, prefix="model.")
-        return model_cfg
+        m = from_dict(ModelConfig, config["model"], where=where, prefix="model.")
+        check_ranges(m, where, prefix="model.")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    if m.vocab_size < 1 or m.n_embd % m.n_head:
+        raise CheckpointError(f"{where}: model.vocab_size ({m.vocab_size}) must be >= 1 and model.n_embd "
+                              f"({m.n_embd}) divisible by model.n_head ({m.n_head})")
+    return m
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best", verify: bool = True):

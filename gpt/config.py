@@ -40,7 +40,7 @@ class Range:
     lt: float | None = None
 
     def holds(self, v: float) -> bool:
-        return (math.isfinite(v) and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+        return ((isinstance(v, int) or math.isfinite(v)) and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
                 and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
 
     def __str__(self) -> str:
