@@ -322,4 +322,5 @@ def safe_torch_load(f: Path) -> Any:
         raise CheckpointError(f"{f}: contains Python objects that the safe loader refuses; this project never "
                               "loads such files (use safetensors weights)") from None
     except Exception as e:  # a damaged zip or pickle raises many types
-        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}); the file is damaged or not a torch file") from None
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}); the file is damaged or not a torch "
+                              "file") from None

@@ -40,7 +40,8 @@ class Range:
     lt: float | None = None
 
     def holds(self, v: float) -> bool:
-        return ((isinstance(v, int) or math.isfinite(v)) and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+        finite = isinstance(v, int) or math.isfinite(v)  # ints are finite (and may be too large for floats)
+        return (finite and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
                 and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
 
     def __str__(self) -> str:

@@ -82,37 +82,21 @@ def qa(content_roles: list[tuple[str, str]]) -> dict:
 GOOD = qa([("user", "to be"), ("assistant", "or not to be")])
 
 
-def non_utf8_config(tmp: Path) -> Path:
-    p = tmp / "latin1.yaml"
-    p.write_bytes("train:\n  seed: 1  # r\xe9sum\xe9\n".encode("latin-1"))
-    return p
+def written(tmp: Path, name: str, data: bytes) -> Path:
+    (tmp / name).write_bytes(data)
+    return tmp / name
 
 
-def damaged_config_ckpt(w: World, tmp: Path) -> Path:
+def edited_ckpt(w: World, tmp: Path, name: str, edit: Callable[[bytes], bytes]) -> Path:
+    """A copy of the world's best checkpoint with one file's bytes changed by `edit`."""
     ckpt = shutil.copytree(w.run / "best", tmp / "best")
-    (ckpt / "config.yaml").write_bytes(b"model:\n  n_layer: \xff\n")
+    (ckpt / name).write_bytes(edit((ckpt / name).read_bytes()))
     return ckpt
 
 
-def out_of_range_ckpt(w: World, tmp: Path) -> Path:
-    ckpt = shutil.copytree(w.run / "best", tmp / "best")
-    text = (ckpt / "config.yaml").read_text(encoding="utf-8")
-    (ckpt / "config.yaml").write_text(text.replace("n_layer: 2", "n_layer: -2"), encoding="utf-8")
-    return ckpt
-
-
-def latin1_prompt(tmp: Path) -> Path:
-    p = tmp / "prompt.txt"
-    p.write_bytes("to be \xe9".encode("latin-1"))
-    return p
-
-
-def flipped_weights_ckpt(w: World, tmp: Path) -> Path:
-    ckpt = shutil.copytree(w.run / "best", tmp / "best")
-    data = bytearray((ckpt / checkpoint.MODEL_FILE).read_bytes())
-    data[-7] ^= 0x40  # a byte inside the last tensor: the file still parses, the model changes
-    (ckpt / checkpoint.MODEL_FILE).write_bytes(bytes(data))
-    return ckpt
+def flip_a_weight(data: bytes) -> bytes:
+    """One bit of the last tensor: the file still parses, the model changes."""
+    return data[:-7] + bytes([data[-7] ^ 0x40]) + data[-6:]
 
 
 def pickled_hf_dir(tmp: Path) -> Path:
@@ -158,7 +142,9 @@ CASES = [
                       "device 'cuda' requested but this machine has no usable CUDA GPU"), marks=NO_CUDA),
     Case("impossible out_dir", "train.py", lambda w, t: w.train_args(t, out_dir="/dev/null/x"),
          "out_dir /dev/null/x: cannot write there (Not a directory)"),
-    Case("non-UTF-8 config file", "train.py", lambda w, t: [str(non_utf8_config(t))], "latin1.yaml: not UTF-8 text"),
+    Case("non-UTF-8 config file", "train.py",
+         lambda w, t: [str(written(t, "latin1.yaml", "train:\n  seed: 1  # r\xe9sum\xe9\n".encode("latin-1")))],
+         "latin1.yaml: not UTF-8 text"),
     Case("tiktoken encoding not cached, offline", "train.py",
          lambda w, t: w.train_args(t, **{"data.tokenizer": "r50k_base"}),
          "could not load the tiktoken encoding 'r50k_base': it is not in", setup=offline_without_cache),
@@ -181,19 +167,24 @@ CASES = [
          "--frequency-penalty must be a finite number, got nan"),
     Case("top-p above 1", "sample.py", lambda w, t: ["--ckpt", str(w.run), "--top-p", "1.5"],
          "--top-p must be > 0 and <= 1, got 1.5"),
-    pytest.param(Case("--device cuda without a GPU", "sample.py", lambda w, t: ["--ckpt", str(w.run), "--device", "cuda"],
-                      "no usable CUDA GPU"), marks=NO_CUDA),
+    pytest.param(Case("--device cuda without a GPU", "sample.py",
+                      lambda w, t: ["--ckpt", str(w.run), "--device", "cuda"], "no usable CUDA GPU"), marks=NO_CUDA),
     Case("character outside the vocabulary", "sample.py", lambda w, t: ["--ckpt", str(w.run), "--prompt", "Zebra"],
          "character 'Z' is not in this model's character vocabulary"),
     Case("unknown --dtype", "sample.py", lambda w, t: ["--ckpt", str(w.run), "--dtype", "float8"],
          "dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
-    Case("non-UTF-8 --prompt-file", "sample.py", lambda w, t: ["--ckpt", str(w.run), "--prompt-file", str(latin1_prompt(t))],
+    Case("non-UTF-8 --prompt-file", "sample.py",
+         lambda w, t: ["--ckpt", str(w.run), "--prompt-file", str(written(t, "prompt.txt", b"to be \xe9"))],
          "prompt.txt: not UTF-8 text (byte 6)"),
     Case("out-of-range key in a checkpoint's config.yaml", "sample.py",
-         lambda w, t: ["--ckpt", str(out_of_range_ckpt(w, t))], "best/config.yaml: key 'model.n_layer' must be >= 1"),
+         lambda w, t: ["--ckpt", str(edited_ckpt(w, t, "config.yaml", lambda b: b.replace(b"n_layer: 2",
+                                                                                            b"n_layer: -2")))],
+         "best/config.yaml: key 'model.n_layer' must be >= 1"),
     Case("non-UTF-8 config.yaml in a checkpoint", "sample.py",
-         lambda w, t: ["--ckpt", str(damaged_config_ckpt(w, t))], "best/config.yaml: not UTF-8 text"),
-    Case("weights changed on disk", "sample.py", lambda w, t: ["--ckpt", str(flipped_weights_ckpt(w, t))],
+         lambda w, t: ["--ckpt", str(edited_ckpt(w, t, "config.yaml", lambda b: b"model:\n  n_layer: \xff\n"))],
+         "best/config.yaml: not UTF-8 text"),
+    Case("weights changed on disk", "sample.py",
+         lambda w, t: ["--ckpt", str(edited_ckpt(w, t, checkpoint.MODEL_FILE, flip_a_weight))],
          "model.safetensors: its SHA-256 differs from the one recorded"),
     Case("a temp folder of an interrupted save", "sample.py", lambda w, t: ["--ckpt", str(stale_temp_ckpt(w, t))],
          ".best.tmp-999999: an unfinished checkpoint"),
@@ -238,7 +229,8 @@ def test_real_process_prints_one_line(world, tmp_path):
 
 
 def test_no_verify_loads_changed_weights(world, tmp_path, monkeypatch, capsys):
-    args = ["--ckpt", str(flipped_weights_ckpt(world, tmp_path)), "--max-new-tokens", "3", "--no-verify"]
+    ckpt = edited_ckpt(world, tmp_path, checkpoint.MODEL_FILE, flip_a_weight)
+    args = ["--ckpt", str(ckpt), "--max-new-tokens", "3", "--no-verify"]
     code, lines = run_entry("sample.py", args, monkeypatch, capsys)
     assert code == 0, lines
 
