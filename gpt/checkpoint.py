@@ -275,13 +275,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str
 
 def load_weights(model: torch.nn.Module, file: str | Path, verify: bool = True) -> None:
     """Load safetensors weights into `model`, naming every missing, unexpected or misshapen tensor."""
+    load_state_checked(model, read_weights(Path(file), verify), str(file))
+
+
+def read_weights(file: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (checked against its recorded SHA-256 when there is one)."""
     if verify:
-        verify_checksum(Path(file))
+        verify_checksum(file)
     try:
-        state = load_file(str(file))
+        return load_file(str(file))
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{file}: unreadable weights ({e})") from None
-    load_state_checked(model, state, str(file))
 
 
 def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

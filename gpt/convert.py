@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gpt import checkpoint
 from gpt.checkpoint import CheckpointError
@@ -69,7 +69,7 @@ def read_hf_config(folder: Path) -> ModelConfig:
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+        return checkpoint.read_weights(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
         return checkpoint.safe_torch_load(folder / "pytorch_model.bin")
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")

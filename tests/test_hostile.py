@@ -109,6 +109,13 @@ def pickled_hf_dir(tmp: Path) -> Path:
     return folder
 
 
+def truncated_hf_dir(tmp: Path) -> Path:
+    folder = pickled_hf_dir(tmp)
+    (folder / "pytorch_model.bin").unlink()
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    return folder
+
+
 def stale_temp_ckpt(w: World, tmp: Path) -> Path:
     return shutil.copytree(w.run / "best", tmp / ".best.tmp-999999")
 
@@ -191,6 +198,8 @@ CASES = [
     # ---- python -m gpt.convert
     Case("unsafe pickle in from-hf", "gpt.convert", lambda w, t: ["from-hf", str(pickled_hf_dir(t)), str(t / "o")],
          "pytorch_model.bin: contains Python objects that the safe loader refuses"),
+    Case("damaged model.safetensors in from-hf", "gpt.convert",
+         lambda w, t: ["from-hf", str(truncated_hf_dir(t)), str(t / "o")], "hf/model.safetensors: unreadable weights"),
     Case("to-hf into an impossible folder", "gpt.convert", lambda w, t: ["to-hf", str(w.run), "/dev/null/hf"],
          "out_dir /dev/null/hf: cannot write there"),
 ]

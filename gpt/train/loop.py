@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
-from safetensors.torch import load_file
 
 from gpt import checkpoint
 from gpt.config import (
@@ -325,8 +324,7 @@ def _load_trainable(model, saved: dict[str, torch.Tensor], ckpt: Path) -> None:
 
 def _check_export(model, export, ckpt: Path) -> None:
     """The frozen weights come from init_from again: the export must reproduce the saved weights."""
-    checkpoint.verify_checksum(ckpt / checkpoint.MODEL_FILE)
-    saved = load_file(str(ckpt / checkpoint.MODEL_FILE))
+    saved = checkpoint.read_weights(ckpt / checkpoint.MODEL_FILE)
     now = export(model) if export is not None else {}
     for name, tensor in saved.items():
         if name not in now or not torch.allclose(now[name].float().cpu(), tensor.float(), rtol=1e-5, atol=1e-6):
