@@ -113,14 +113,14 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device, dtype: torch.
     if not dist.enabled:
         return model
     if dist.strategy == "fsdp":
-        return _fully_shard(model, dtype)
+        return _fully_shard(model, dtype, device)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids)
 
 
-def _fully_shard(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def _fully_shard(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """One FSDP unit per transformer block, then the root (embeddings, tied lm_head, final norm)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -131,9 +131,14 @@ def _fully_shard(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     # weights live in fp32; blocks compute in the train dtype and gradients are reduced in fp32
     policy = MixedPrecisionPolicy() if dtype == torch.float32 else \
         MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    # The mesh is on the training device: fully_shard's default picks CUDA whenever a GPU exists and sets
+    # device `local_rank`, which fails for CPU ranks on a machine with fewer GPUs than ranks.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (torch_dist.get_world_size(),))
     for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     if model.lm_head.weight is not model.transformer.wte.weight:
         raise RuntimeError("fully_shard untied lm_head.weight from transformer.wte.weight")
     return model
