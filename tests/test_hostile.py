@@ -133,6 +133,16 @@ def offline_without_cache(monkeypatch, tmp: Path) -> None:
     monkeypatch.setattr(tiktoken.load, "read_file", no_network)
 
 
+def disk_full_outside_checkpoints(monkeypatch, tmp: Path) -> None:
+    """Any other write that hits a full disk (here out_dir/config.yaml) is one line too."""
+    import gpt.train.loop
+
+    def full(data, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(gpt.train.loop, "save_yaml", full)
+
+
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 CASES = [
@@ -149,6 +159,8 @@ CASES = [
                       "device 'cuda' requested but this machine has no usable CUDA GPU"), marks=NO_CUDA),
     Case("impossible out_dir", "train.py", lambda w, t: w.train_args(t, out_dir="/dev/null/x"),
          "out_dir /dev/null/x: cannot write there (Not a directory)"),
+    Case("disk full writing out_dir/config.yaml", "train.py", lambda w, t: w.train_args(t),
+         "error: No space left on device: ", setup=disk_full_outside_checkpoints),
     Case("non-UTF-8 config file", "train.py",
          lambda w, t: [str(written(t, "latin1.yaml", "train:\n  seed: 1  # r\xe9sum\xe9\n".encode("latin-1")))],
          "latin1.yaml: not UTF-8 text"),
