@@ -96,7 +96,9 @@ class DataConfig:
     dataset: str = "shakespeare"  # name of the prepared data set: data/<dataset>/<tokenizer>/
     path: str = ""  # source corpus: text file, folder of .txt, .jsonl/.json/.parquet, or a datasets dir/name
     text_field: str = "text"  # column holding the text in JSONL/Parquet/datasets sources
-    tokenizer: str = "char"  # "char" or a tiktoken encoding name such as "gpt2"
+    tokenizer: str = "char"  # "char", "bpe" (trained on the corpus) or a tiktoken encoding name such as "gpt2"
+    bpe_vocab_size: int = ranged(8192, ge=257)  # data.tokenizer=bpe: 256 bytes + merges + <|endoftext|>
+    bpe_pattern: str = ""  # data.tokenizer=bpe: pre-tokenization regex; empty = GPT-2's
     val_fraction: float = ranged(0.1, gt=0, lt=1)
     data_dir: str = "data"  # prepared data lives in <data_dir>/<dataset>/<tokenizer>/
     num_workers: int = ranged(0, ge=0)  # tokenizer threads for large corpora (0 = all cores)

@@ -22,14 +22,23 @@ from safetensors.torch import save_file
 from gpt import checkpoint
 from gpt.checkpoint import CheckpointError
 from gpt.config import ModelConfig, to_dict
-from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
+from gpt.data.bpe import GPT2_PATTERN, byte_to_unicode, hf_pre_tokenizer
+from gpt.data.chat import END_TOKEN, ChatTemplate, hf_chat_template
+from gpt.data.tokenizer import (
+    EOT,
+    BPETokenizer,
+    CharTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+)
 from gpt.errors import UserError
 from gpt.model import GPT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-GPT2_VOCAB = 50257
+GPT2_TOKENS = 50256  # GPT-2's byte-level tokens; <|endoftext|> is 50256
+CHAR_UNK = "<unk>"  # never in a character vocabulary: a character the model does not know fails to encode
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -89,11 +98,59 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_hf(folder: str | Path) -> tuple[GPT, Tokenizer]:
-    """A local Hugging Face GPT-2 folder as (our model, gpt2 tokenizer)."""
+    """A local Hugging Face GPT-2 folder as (our model, its tokenizer: GPT-2's when it has no tokenizer.json)."""
     folder = Path(folder)
     model = GPT(read_hf_config(folder))
     checkpoint.load_state_checked(model, hf_to_ours(read_hf_weights(folder)), str(folder))
-    return model, TiktokenTokenizer("gpt2")
+    return model, read_hf_tokenizer(folder)
+
+
+def read_hf_tokenizer(folder: Path) -> Tokenizer:
+    """tokenizer.json back to ours: byte-level BPE (GPT-2's own ranks become the gpt2 encoding) or
+    a character vocabulary; the chat markers come back as special tokens."""
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        return TiktokenTokenizer("gpt2")
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        model, added = spec["model"], {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+        vocab = {s: i for s, i in model["vocab"].items() if s not in added}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: unreadable tokenizer ({e})") from None
+    order = sorted(vocab, key=vocab.get)
+    if [vocab[s] for s in order] != list(range(len(order))):
+        raise CheckpointError(f"{file}: token ids are not 0..{len(order) - 1}; this tokenizer cannot be imported")
+    special = {n: i for n, i in added.items() if n != EOT}
+    if model.get("type") == "WordLevel":
+        return CharTokenizer(order, special)
+    pattern = _hf_pattern(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or pattern is None or added.get(EOT) != len(order):
+        raise CheckpointError(f"{file}: only byte-level BPE (with {EOT} after its tokens) and character "
+                              "tokenizers can be imported")
+    u2b = {u: b for b, u in byte_to_unicode().items()}
+    try:
+        tokens = [bytes(u2b[c] for c in s) for s in order]
+    except KeyError:
+        raise CheckpointError(f"{file}: not a byte-level BPE vocabulary") from None
+    if pattern == GPT2_PATTERN and len(tokens) == GPT2_TOKENS:
+        gpt2 = TiktokenTokenizer("gpt2", special)
+        if gpt2.ranks == {t: i for i, t in enumerate(tokens)}:
+            return gpt2
+    try:
+        return BPETokenizer(tokens, pattern, special)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _hf_pattern(pre: dict | None) -> str | None:
+    """The pre-tokenization regex of a byte-level tokenizer.json (GPT-2's own ByteLevel regex included)."""
+    steps = (pre or {}).get("pretokenizers", [pre]) if pre else []
+    for step in steps:
+        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
+            return step["pattern"]["Regex"]
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            return GPT2_PATTERN
+    return None
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
@@ -119,11 +176,25 @@ def fetch_hub(name: str) -> Path:
                               "offline, pass a local folder with config.json and model.safetensors") from None
 
 
+def read_hf_chat_template(folder: Path) -> str | None:
+    """The Jinja chat template of a Hugging Face folder, if it has one."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def from_hf(src: str, out_dir: str | Path) -> Path:
     folder = Path(src)
     if not folder.exists():
         folder = fetch_hub(src)
     model, tok = load_hf(folder)
+    template = read_hf_chat_template(folder)
+    if template is not None and (template != hf_chat_template() or not ChatTemplate(tok).special):
+        print(f"note: {folder} has a chat template of its own; our checkpoints format chats with ours "
+              "(see gpt/data/chat.py), so chat replies may differ from the original's")
     config = {"out_dir": str(out_dir), "init_from": str(src), "model": to_dict(model.config)}
     return checkpoint.save_checkpoint(Path(out_dir), model.state_dict(), config, tok, {"source": str(src)})
 
@@ -142,86 +213,124 @@ def ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def hf_config(cfg: ModelConfig) -> dict:
+def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
         "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
         "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu",
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02, "bos_token_id": GPT2_VOCAB - 1, "eos_token_id": GPT2_VOCAB - 1,
+        "initializer_range": 0.02, "bos_token_id": tok.eot_id, "eos_token_id": (end_ids(tok) or [None])[0],
         "tie_word_embeddings": True, "torch_dtype": "float32",
     }
 
 
+def end_ids(tok: Tokenizer) -> list[int]:
+    """Ids that end generation: the end-of-turn marker of chat models first, then end-of-text."""
+    return ChatTemplate(tok).stop_ids + ([tok.eot_id] if tok.eot_id is not None else [])
+
+
 def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors (+ GPT-2 tokenizer files) that GPT2LMHeadModel loads."""
+    """Write a folder transformers loads as it is: config.json, model.safetensors, generation_config.json,
+    tokenizer.json + tokenizer_config.json (with the chat template for chat models). A tokenizer that
+    cannot be exported faithfully is refused before anything is written: no half folder."""
     model, tok, _, _ = checkpoint.load_model(ckpt)
     if not model.config.bias:
         raise CheckpointError(f"{ckpt}: model.bias=false cannot be expressed in GPT-2 (its layers always have biases)")
     out = Path(hf_dir)
+    hf_tok = hf_tokenizer(tok)  # refused here, before anything is written, if it cannot be faithful
     checkpoint.prepare_out_dir(out)
     save_file(ours_to_hf(model.state_dict()), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2), encoding="utf-8")
-    if isinstance(tok, TiktokenTokenizer) and tok.name == "gpt2":
-        write_gpt2_tokenizer(tok, out)
-    elif not isinstance(tok, CharTokenizer):
-        print(f"note: tokenizer {tok.to_spec()['kind']} has no Hugging Face files; only the weights were written")
+    (out / "config.json").write_text(json.dumps(hf_config(model.config, tok), indent=2), encoding="utf-8")
+    # max_length: transformers' pipeline would otherwise generate past the position table
+    generation = {"eos_token_id": end_ids(tok), "bos_token_id": tok.eot_id,
+                  "pad_token_id": (end_ids(tok) or [None])[-1], "max_length": model.config.block_size}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    write_hf_tokenizer(hf_tok, tok, out, model.config.block_size)
     return out
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for every byte, as in its vocab.json."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+def hf_tokenizer(tok: Tokenizer):
+    """Our tokenizer as a `tokenizers.Tokenizer` (tokenizer.json), checked to encode like `tok`."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    specials = {**({EOT: tok.eot_id} if tok.eot_id is not None else {}), **tok.special_tokens}
+    hf = bpe_to_hf(tok, specials) if isinstance(tok, TiktokenTokenizer) else chars_to_hf(tok, specials)
+    hf = HFTokenizer.from_str(hf.to_str())  # check what the file will hold
+    check_hf_tokenizer(hf, tok)
+    return hf
 
 
-def write_gpt2_tokenizer(tok: TiktokenTokenizer, out: Path) -> None:
-    """vocab.json and merges.txt rebuilt offline from tiktoken's GPT-2 ranks (plus any chat tokens)."""
-    ranks = tok.base._mergeable_ranks
-    b2u = _byte_to_unicode()
-    text = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
-    vocab = {text(bs): rank for bs, rank in ranks.items()}
+def write_hf_tokenizer(hf, tok: Tokenizer, out: Path, block_size: int) -> None:
+    """tokenizer.json (the fast tokenizer) + tokenizer_config.json (special tokens, chat template)."""
+    hf.save(str(out / "tokenizer.json"))
+    template = ChatTemplate(tok)
+    eos = END_TOKEN if template.special else (EOT if tok.eot_id is not None else None)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+        "bos_token": EOT if tok.eot_id is not None else None, "eos_token": eos, "pad_token": eos,
+        "clean_up_tokenization_spaces": False, "add_prefix_space": False,
+        "additional_special_tokens": [n for n in tok.special_tokens if n != eos],
+    }
+    if template.special:
+        config["chat_template"] = hf_chat_template()
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def bpe_to_hf(tok: TiktokenTokenizer, specials: dict[str, int]):
+    """Byte-level BPE in tokenizers' form, encoding as tiktoken does: tiktoken merges any two
+    neighbours whose bytes form a token (lowest id first) and takes a whole piece that is a token
+    as it is, so every split of a token into two tokens becomes a merge at the token's rank, and
+    `ignore_merges` is set."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    ranks = tok.ranks
+    b2u = byte_to_unicode()
+    spell = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
     merges = []
-    for bs, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(bs) < 2:
-            continue
-        pair = _split_by_ranks(bs, ranks, rank)
-        merges.append(f"{text(pair[0])} {text(pair[1])}")
-    specials = {**tok.base._special_tokens, **tok.special_tokens}
-    for name, i in specials.items():
-        vocab[name] = i
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    added = [n for n in tok.special_tokens]
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False,
-        "additional_special_tokens": added,
-    }), encoding="utf-8")
+    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+        merges += [(spell(token[:k]), spell(token[k:])) for k in range(1, len(token))
+                   if token[:k] in ranks and token[k:] in ranks]
+    vocab = {spell(t): i for t, i in ranks.items()} | specials
+    hf = HFTokenizer(models.BPE(vocab, merges, ignore_merges=True))
+    hf.pre_tokenizer = hf_pre_tokenizer(tok.pattern)
+    hf.decoder = decoders.ByteLevel()
+    return with_specials(hf, specials)
 
 
-def _split_by_ranks(token: bytes, ranks: dict[bytes, int], max_rank: int) -> tuple[bytes, bytes]:
-    """The two parts whose merge made `token`: replay BPE with merges ranked below it."""
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        best = None
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < max_rank and (best is None or r < best[0]):
-                best = (r, i)
-        if best is None:
-            break
-        i = best[1]
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-    return parts[0], b"".join(parts[1:])
+def chars_to_hf(tok: CharTokenizer, specials: dict[str, int]):
+    """One token per character: a word-level vocabulary over single characters, joined back by Fuse."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {c: i for i, c in enumerate(tok.chars)} | specials
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token=CHAR_UNK))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    return with_specials(hf, specials)
+
+
+def with_specials(hf, specials: dict[str, int]):
+    """Our special tokens (end-of-text, chat markers) as tokenizers' special added tokens, at our ids."""
+    from tokenizers import AddedToken
+
+    hf.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in sorted(specials, key=specials.get)])
+    return hf
+
+
+def check_hf_tokenizer(hf, tok: Tokenizer) -> None:
+    """Refuse to export a tokenizer whose Hugging Face form would encode differently from ours."""
+    if isinstance(tok, CharTokenizer):
+        probe = "".join(tok.chars)
+    else:
+        probe = "Hello, world!  naïve café 東京 🤖 \t\n\n  x = f(3.14)  # ok\r\n"
+        probe += "".join(map(chr, range(32, 600, 7)))
+    ids = tok.encode(probe)
+    theirs = hf.encode(probe).ids
+    if theirs != ids or hf.decode(ids, skip_special_tokens=False) != tok.decode(ids):
+        raise CheckpointError(f"the {tok.to_spec()['kind']} tokenizer has no faithful Hugging Face form "
+                              "(its tokenizer.json would encode differently); nothing was written")
 
 
 # ---------------------------------------------------------------------------- command line

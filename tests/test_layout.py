@@ -20,6 +20,7 @@ LAYERS = {
     "gpt.model": 30,
     "gpt.lora": 40,
     "gpt.data.files": 40,
+    "gpt.data.bpe": 45,
     "gpt.data.corpus": 50,
     "gpt.data.records": 55,
     "gpt.data": 59,

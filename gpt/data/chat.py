@@ -80,3 +80,23 @@ class ChatTemplate:
         if self.special:
             return [self.tok.special_id(ROLE_TOKENS[role])] + self.tok.encode("\n")
         return self.tok.encode(f"{PLAIN_NAMES[role]}: ")
+
+
+def hf_chat_template() -> str:
+    """The special-token template as a Hugging Face Jinja `chat_template`.
+
+    It renders the text our `encode` spells; an exported tokenizer splits that text at the markers
+    (special tokens) and encodes the rest as plain text, so apply_chat_template gives our ids. (Two
+    places can differ: a message containing a marker's literal text, which we keep as plain text, and
+    one that starts with whitespace followed by more whitespace or nothing, which BPE may join with the
+    header's newline.)
+    """
+    markers = ", ".join(f"'{role}': '{tok}'" for role, tok in ROLE_TOKENS.items())
+    return (
+        "{% set markers = {" + markers + "} %}"
+        "{% for message in messages %}"
+        "{% if message['role'] not in markers %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+        "{{ markers[message['role']] + '\\n' + message['content'] + '" + END_TOKEN + "\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '" + ROLE_TOKENS["assistant"] + "\\n' }}{% endif %}"
+    )

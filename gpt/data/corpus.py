@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from gpt.config import DataConfig
+from gpt.data import bpe
 from gpt.data import tokenizer as tokenizers
 from gpt.errors import UserError
 
@@ -57,12 +58,20 @@ def ensure_prepared(cfg: DataConfig, log=print) -> Path:
     source = resolve_source(cfg, log)
     if all((folder / f).is_file() for f in ("meta.json", "train.bin", "val.bin")):
         meta = read_meta(folder)
-        same = (meta.get("source"), meta.get("source_stamp"), meta.get("val_fraction"))
-        if same == (_source_name(source), _stamp(source), cfg.val_fraction):
+        same = (meta.get("source"), meta.get("source_stamp"), meta.get("val_fraction"),
+                meta.get("tokenizer_settings", {}))
+        if same == (_source_name(source), _stamp(source), cfg.val_fraction, tokenizer_settings(cfg)):
             return folder
         log(f"data: {folder} was prepared from other settings; preparing again")
     prepare(cfg, source, folder, log)
     return folder
+
+
+def tokenizer_settings(cfg: DataConfig) -> dict:
+    """Settings that change the tokenizer itself: a change means preparing again."""
+    if cfg.tokenizer != "bpe":
+        return {}
+    return {"bpe_vocab_size": cfg.bpe_vocab_size, "bpe_pattern": cfg.bpe_pattern or bpe.GPT2_PATTERN}
 
 
 def resolve_source(cfg: DataConfig, log=print) -> Path | str:
@@ -122,8 +131,13 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
         tok: tokenizers.Tokenizer = tokenizers.CharTokenizer.from_text(
             text for _, text, _ in iter_documents(source, cfg)
         )
+    elif cfg.tokenizer == "bpe":
+        settings = tokenizer_settings(cfg)
+        tok = bpe.train_bpe((text for split, text, _ in iter_documents(source, cfg) if split == "train"),
+                            settings["bpe_vocab_size"], settings["bpe_pattern"], log)
     else:
         tok = tokenizers.TiktokenTokenizer(cfg.tokenizer)
+    compression = bpe.Compression() if cfg.tokenizer == "bpe" else None
     if tok.vocab_size == 0:
         raise DataError(f"corpus {source} is empty")
     dtype = token_dtype(tok.vocab_size)
@@ -136,7 +150,10 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
 
         def flush(split: str) -> None:
             texts = [text for text, _ in pending[split]]
-            for ids, (_, doc_end) in zip(tok.encode_batch(texts, num_threads=threads), pending[split]):
+            encoded = tok.encode_batch(texts, num_threads=threads)
+            if compression is not None and split == "val":
+                compression.add(texts, encoded)
+            for ids, (_, doc_end) in zip(encoded, pending[split]):
                 if doc_end and tok.eot_id is not None:  # separate documents, never pieces of one
                     ids.append(tok.eot_id)
                 arr = np.asarray(ids, dtype=dtype)
@@ -168,11 +185,14 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
         "source": _source_name(source),
         "source_stamp": _stamp(source),
         "val_fraction": cfg.val_fraction,
+        "tokenizer_settings": tokenizer_settings(cfg),
     }
     meta_tmp = folder / f"meta.json.tmp-{os.getpid()}"
     meta_tmp.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     os.replace(meta_tmp, folder / "meta.json")
     log(f"data: {counts['train']:,} train and {counts['val']:,} val tokens in {folder}")
+    if compression is not None:
+        log(compression.summary())
     return folder
 
 

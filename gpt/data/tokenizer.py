@@ -1,4 +1,5 @@
-"""Tokenizers: a character vocabulary built from the corpus, or any tiktoken encoding.
+"""Tokenizers: a character vocabulary built from the corpus, any tiktoken encoding, or a byte-level
+BPE learned from the corpus (gpt/data/bpe.py trains it; tiktoken encodes with it).
 
 A tokenizer round-trips through a small JSON spec stored with the prepared data and every
 checkpoint, so sampling and fine-tuning rebuild exactly the tokenizer training used.
@@ -8,6 +9,8 @@ them, so user text that looks like a special token stays ordinary text.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
@@ -24,7 +27,7 @@ class TokenizerError(UserError):
 
 
 class Tokenizer(ABC):
-    """Common interface; see CharTokenizer and TiktokenTokenizer."""
+    """Common interface; see CharTokenizer, TiktokenTokenizer and BPETokenizer."""
 
     special_tokens: dict[str, int]
 
@@ -106,6 +109,9 @@ class CharTokenizer(Tokenizer):
         return {"kind": "char", "chars": self.chars, "special_tokens": self.special_tokens}
 
 
+EOT = "<|endoftext|>"
+
+
 class TiktokenTokenizer(Tokenizer):
     def __init__(self, name: str, special_tokens: dict[str, int] | None = None):
         self.name = name
@@ -153,10 +159,63 @@ class TiktokenTokenizer(Tokenizer):
 
     @property
     def eot_id(self) -> int | None:
-        return self.base._special_tokens.get("<|endoftext|>")
+        return self.base._special_tokens.get(EOT)
+
+    @property
+    def ranks(self) -> dict[bytes, int]:
+        """Token bytes -> id (= merge priority): the whole learned vocabulary, without special tokens."""
+        return self.base._mergeable_ranks
+
+    @property
+    def pattern(self) -> str:
+        """The pre-tokenization regex: text is split by it before any merge."""
+        return self.base._pat_str
 
     def to_spec(self) -> dict:
         return {"kind": "tiktoken", "name": self.name, "special_tokens": self.special_tokens}
+
+
+class BPETokenizer(TiktokenTokenizer):
+    """A byte-level BPE learned from the corpus, encoded by tiktoken (as fast as GPT-2's).
+
+    `tokens[i]` is the byte string of id i; ids are also merge priorities (tiktoken merges the
+    neighbours that form the lowest id first). Every single byte is a token, so any text round-trips (lone surrogates,
+    which UTF-8 cannot hold, become U+FFFD as in tiktoken). <|endoftext|> follows the last token.
+    The spec carries a checksum: a tokenizer file edited by hand is refused, not silently used.
+    """
+
+    def __init__(self, tokens: list[bytes], pattern: str, special_tokens: dict[str, int] | None = None):
+        have = set(tokens)
+        if len(have) != len(tokens) or any(bytes([b]) not in have for b in range(256)):
+            raise TokenizerError("BPE vocabulary must hold every single byte once and no token twice")
+        self.name, self.tokens = "bpe", list(tokens)
+        try:
+            self.base = tiktoken.Encoding(
+                name="bpe", pat_str=pattern, mergeable_ranks={t: i for i, t in enumerate(self.tokens)},
+                special_tokens={EOT: len(self.tokens)},
+            )
+        except ValueError as e:
+            raise TokenizerError(f"BPE pattern {pattern!r} is not a valid regular expression ({e})") from None
+        self.special_tokens = dict(special_tokens or {})
+        self._rebuild()
+
+    def to_spec(self) -> dict:
+        spec = {"kind": "bpe", "pattern": self.pattern,
+                "tokens": [base64.b64encode(t).decode("ascii") for t in self.tokens],
+                "special_tokens": self.special_tokens}
+        return {**spec, "sha256": _checksum(spec)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "BPETokenizer":
+        body = {k: v for k, v in spec.items() if k != "sha256"}
+        if spec.get("sha256") != _checksum(body):
+            raise TokenizerError("BPE tokenizer checksum mismatch: the file was edited or damaged; "
+                             "restore it from the run that trained it")
+        return cls([base64.b64decode(t) for t in spec["tokens"]], spec["pattern"], spec.get("special_tokens"))
+
+
+def _checksum(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
 def from_spec(spec: dict) -> Tokenizer:
@@ -165,6 +224,8 @@ def from_spec(spec: dict) -> Tokenizer:
         return CharTokenizer(spec["chars"], spec.get("special_tokens"))
     if kind == "tiktoken":
         return TiktokenTokenizer(spec["name"], spec.get("special_tokens"))
+    if kind == "bpe":
+        return BPETokenizer.from_spec(spec)
     raise TokenizerError(f"unknown tokenizer kind {kind!r} in tokenizer spec")
 
 
@@ -176,7 +237,8 @@ def load(path: str | Path) -> Tokenizer:
     p = Path(path)
     try:
         return from_spec(json.loads(p.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        # ValueError: bad JSON, bad base64 in a BPE spec
         raise TokenizerError(f"{p}: unreadable tokenizer file ({type(e).__name__}: {e})") from None
     except TokenizerError as e:
         raise TokenizerError(f"{p}: {e}") from None
