@@ -92,7 +92,17 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class CanaryKeys:
+    """Random secrets planted in the training split for `python -m gpt.audit` (gpt/data/canary.py)."""
+
+    canaries: int = ranged(0, ge=0)  # how many secrets to plant (0 = none)
+    canary_repeats: int = ranged(1, ge=1)  # copies of each secret in the training split
+    canary_format: str = "my account number is {8 digits}"  # placeholders: {N digits|letters|hex|alnum}
+    canary_seed: int = 0  # the secrets are a fixed function of this seed
+
+
+@dataclass
+class DataConfig(CanaryKeys):
     dataset: str = "shakespeare"  # name of the prepared data set: data/<dataset>/<tokenizer>/
     path: str = ""  # source corpus: text file, folder of .txt, .jsonl/.json/.parquet, or a datasets dir/name
     text_field: str = "text"  # column holding the text in JSONL/Parquet/datasets sources
@@ -171,7 +181,7 @@ class PretrainConfig:
 
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(CanaryKeys):
     """Fine-tuning records: local JSONL/JSON/CSV/Parquet (or a `datasets` folder; a hub name only if you name one)."""
 
     path: str = ""  # the training file

@@ -21,6 +21,7 @@ LAYERS = {
     "gpt.lora": 40,
     "gpt.data.files": 40,
     "gpt.data.bpe": 45,
+    "gpt.data.canary": 40,
     "gpt.data.corpus": 50,
     "gpt.data.records": 55,
     "gpt.data": 59,
@@ -39,6 +40,7 @@ LAYERS = {
     "gpt.train.pretrain": 120,
     "gpt.train.sft": 120,
     "gpt.train": 129,
+    "gpt.audit": 150,
     "gpt.cli": 200,
 }
 TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.chat")

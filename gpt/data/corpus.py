@@ -8,6 +8,7 @@ uninterrupted run would have seen, and accumulation or N ranks see exactly what 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import urllib.request
@@ -20,6 +21,7 @@ import torch
 
 from gpt.config import DataConfig
 from gpt.data import bpe
+from gpt.data import canary
 from gpt.data import tokenizer as tokenizers
 from gpt.errors import UserError
 
@@ -59,8 +61,9 @@ def ensure_prepared(cfg: DataConfig, log=print) -> Path:
     if all((folder / f).is_file() for f in ("meta.json", "train.bin", "val.bin")):
         meta = read_meta(folder)
         same = (meta.get("source"), meta.get("source_stamp"), meta.get("val_fraction"),
-                meta.get("tokenizer_settings", {}))
-        if same == (_source_name(source), _stamp(source), cfg.val_fraction, tokenizer_settings(cfg)):
+                meta.get("tokenizer_settings", {}), meta.get("canaries"))
+        if same == (_source_name(source), _stamp(source), cfg.val_fraction, tokenizer_settings(cfg),
+                    canary.settings(cfg)):
             return folder
         log(f"data: {folder} was prepared from other settings; preparing again")
     prepare(cfg, source, folder, log)
@@ -126,14 +129,20 @@ def download(url: str, target: Path, log=print) -> None:
 def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Path:
     """Tokenize `source` into folder/train.bin, val.bin and meta.json, streaming to disk."""
     folder.mkdir(parents=True, exist_ok=True)
+    secrets = canary.make(cfg)  # planted in the training split only; see gpt/data/canary.py
+
+    def pieces() -> Iterator[tuple[str, str, bool]]:
+        return canary.insert(iter_documents(source, cfg), secrets, cfg.canary_repeats, cfg.canary_seed)
+
     if cfg.tokenizer == "char":
         log(f"data: building a character vocabulary from {source}")
         tok: tokenizers.Tokenizer = tokenizers.CharTokenizer.from_text(
-            text for _, text, _ in iter_documents(source, cfg)
+            itertools.chain((text for _, text, _ in pieces()), [canary.Format(cfg.canary_format).charset
+                                                                if secrets else ""])
         )
     elif cfg.tokenizer == "bpe":
         settings = tokenizer_settings(cfg)
-        tok = bpe.train_bpe((text for split, text, _ in iter_documents(source, cfg) if split == "train"),
+        tok = bpe.train_bpe((text for split, text, _ in pieces() if split == "train"),
                             settings["bpe_vocab_size"], settings["bpe_pattern"], log)
     else:
         tok = tokenizers.TiktokenTokenizer(cfg.tokenizer)
@@ -161,7 +170,7 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
                 counts[split] += arr.size
             pending[split].clear()
 
-        for split, text, doc_end in iter_documents(source, cfg):
+        for split, text, doc_end in pieces():
             pending[split].append((text, doc_end))
             if len(pending[split]) >= DOCS_PER_BATCH:
                 flush(split)
@@ -186,7 +195,12 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
         "source_stamp": _stamp(source),
         "val_fraction": cfg.val_fraction,
         "tokenizer_settings": tokenizer_settings(cfg),
+        "canaries": canary.settings(cfg),
     }
+    canary.write_record(folder, secrets, cfg, context="\n")
+    if secrets:
+        log(f"data: planted {len(secrets)} canaries x {cfg.canary_repeats} in the training split "
+            f"(secrets in {folder / canary.FILE})")
     meta_tmp = folder / f"meta.json.tmp-{os.getpid()}"
     meta_tmp.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     os.replace(meta_tmp, folder / "meta.json")

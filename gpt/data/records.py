@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from gpt.config import SFTDataConfig
+from gpt.data import canary
 from gpt.data.chat import ROLES, ChatTemplate
 from gpt.data.corpus import DataError
 from gpt.data.tokenizer import TokenizerError
@@ -318,12 +319,10 @@ def load_sft_data(cfg: SFTDataConfig, template: ChatTemplate, budget: int, train
         if len(records) < 2:
             raise DataError(f"{cfg.path}: {len(records)} valid record(s); need at least 2 to hold out validation "
                             "records, or set data.val_path")
-        order = np.random.default_rng(cfg.split_seed).permutation(len(records))
-        n_val = min(len(records) - 1, max(1, round(len(records) * cfg.val_fraction)))
-        held_out = sorted(order[:n_val])
+        kept, held_out = split_indices(len(records), cfg.val_fraction, cfg.split_seed)
         val_records = [records[i] for i in held_out]
         convs = [train.conversations[i] for i in held_out]
-        records = [records[i] for i in sorted(order[n_val:])]
+        records = [records[i] for i in kept]
     else:
         val_records, convs = val.records, val.conversations
     samples = [c for c in convs if c is not None][:3]
@@ -333,5 +332,30 @@ def load_sft_data(cfg: SFTDataConfig, template: ChatTemplate, budget: int, train
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(train.formats.items()))
     log(f"data: {len(records)} train / {len(val_records)} val records ({kinds}); "
         f"{truncated} truncated to fit the {budget - 1}-token window")
+    records = records + canary_records(cfg, template, budget, log, report_dir)
     flat = lambda recs: [e for r in recs for e in r]  # noqa: E731
     return SFTData(flat(records), flat(val_records), samples, invalid, truncated)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices of n valid records: a fixed function of the seed (the audit reuses it)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return sorted(int(i) for i in order[n_val:]), sorted(int(i) for i in order[:n_val])
+
+
+def canary_records(cfg: SFTDataConfig, template: ChatTemplate, budget: int, log: Callable[[str], None],
+                   report_dir: Path | None) -> list[list[Example]]:
+    """data.canaries: each secret as a text record, canary_repeats times, for the training split only."""
+    secrets = canary.make(cfg)
+    if report_dir is not None:
+        canary.write_record(report_dir, secrets, cfg, context="")
+    if not secrets:
+        return []
+    try:
+        examples = [encode_text(template, s, budget) for s in secrets]
+    except ValueError as e:  # a character the base model's vocabulary lacks
+        raise DataError(f"data.canary_format: {e}") from None
+    log(f"data: planted {len(secrets)} canaries x {cfg.canary_repeats} as training records"
+        + (f" (secrets in {Path(report_dir) / canary.FILE})" if report_dir is not None else ""))
+    return [examples[i % len(secrets)] for i in range(len(secrets) * cfg.canary_repeats)]

@@ -8,6 +8,7 @@ import torch
 
 from gpt.config import ConfigError, PretrainConfig, check_pretrain, to_dict
 from gpt.convert import load_pretrained
+from gpt.data import canary
 from gpt.data.corpus import TokenBatches, ensure_prepared, read_meta
 from gpt.data.tokenizer import Tokenizer, from_spec
 from gpt.infer.engine import generate
@@ -22,6 +23,7 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
     try:
         if dist.is_main:
             folder = ensure_prepared(cfg.data)
+            canary.copy_record(folder, cfg.out_dir)
         dist.barrier()
         folder = ensure_prepared(cfg.data, log=lambda *_: None) if not dist.is_main else folder
         meta = read_meta(folder)
