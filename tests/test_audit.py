@@ -17,6 +17,7 @@ from gpt.convert import load_pretrained
 from gpt.data import canary
 from gpt.data.chat import ChatTemplate
 from gpt.data.corpus import ensure_prepared, read_meta
+from gpt.data.records import split_indices
 from gpt.data.tokenizer import CharTokenizer, from_spec
 from gpt.model import GPT
 from gpt.train.pretrain import pretrain
@@ -174,6 +175,19 @@ def test_exact_and_sampled_exposure_agree_on_a_small_space(runs):
                 assert abs(e - s) < 0.5, (name, e, s)
             else:
                 assert s > top - 2.5, (name, e, s)
+
+
+def test_without_heldout_the_runs_own_split_is_the_control(runs, capsys, tmp_path):
+    """A fine-tuning run without data.val_path held out records by split_seed: the audit holds out the same ones."""
+    model, tok, cfg, _ = checkpoint.load_model(runs["base"])
+    cfg["data"] = {"path": str(runs["train"]), "val_path": "", "val_fraction": 0.34, "split_seed": 3}
+    checkpoint.save_checkpoint(tmp_path / "run" / "best", model.state_dict(), cfg, tok)
+    code, report, err = run_audit(capsys, "--ckpt", str(tmp_path / "run"), "--data", str(runs["train"]), "--json")
+    assert code == 0, err
+    kept, held = split_indices(6, 0.34, 3)
+    assert report["extraction"]["training"]["records"] == len(kept) == 4
+    assert report["extraction"]["heldout"]["records"] == len(held) == 2
+    assert report["canaries"] is None  # none recorded for this run
 
 
 def test_the_gate_exits_non_zero_above_a_threshold(runs, capsys):
