@@ -19,8 +19,9 @@ Two measures:
 Held-out records, when --heldout is not given: if --data is the checkpoint's own training file, the
 records its run held out (the same seeded split, or data.val_path; for a text corpus its tail).
 Records are named by index only: no record text or secret is ever printed.
-With --max-exposure / --max-extraction the command exits with status 3 when a measure is above its
-threshold, so CI can gate a release.
+With --max-exposure (the largest canary exposure, bits) / --max-extraction (the share of training records
+extracted minus the control's share, or the raw share without a control) the command exits with status 3
+when a measure is above its threshold, so CI can gate a release.
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ def load_probes(args: argparse.Namespace, tok: Tokenizer, config: dict, block_si
         held_records = [per_record[i] for i in held]
     train = [p for i in kept for p in per_record[i]]
     held_out = [p for r in held_records for p in r] if held_records is not None else None
-    pick = lambda probes: [probes[i] for i in sorted(rng.permutation(len(probes))[:args.samples])]  # noqa: E731
+
+    def pick(probes: list[Probe]) -> list[Probe]:  # --samples of them, seeded, in file order
+        return [probes[i] for i in sorted(rng.permutation(len(probes))[:args.samples])]
+
     return pick(train), (pick(held_out) if held_out is not None else None)
 
 
@@ -294,6 +298,9 @@ def audit(args: argparse.Namespace) -> dict:
         raise AuditError("--prefix-tokens, --suffix-tokens, --samples and --candidates must be >= 1")
     device = pick_device(args.device)
     ckpt = checkpoint.resolve(args.ckpt)
+    found = find_canaries(args, ckpt)
+    if args.max_exposure is not None and found is None:
+        raise AuditError("--max-exposure needs canaries: train with data.canaries=N, or pass --canaries FILE")
     model, tok, _ = load_pretrained(ckpt, device)
     model.eval()
     block = model.config.block_size
@@ -308,25 +315,29 @@ def audit(args: argparse.Namespace) -> dict:
               "suffix_tokens": args.suffix_tokens,
               "extraction": {"training": asdict(extraction(model, tok, train, args.batch_size)),
                              "heldout": asdict(extraction(model, tok, held, args.batch_size)) if held else None}}
-    found = find_canaries(args, ckpt)
     report["canaries"] = exposures(model, tok, canary.read_record(found), args.candidates, args.seed) if found else None
     report["gate"] = gate(report, args.max_exposure, args.max_extraction)
     return report
 
 
+def excess_extraction(report: dict) -> float:
+    """The share of training records extracted beyond the held-out control's share (memorization, not
+    modelling); the raw share when there is no control."""
+    held = report["extraction"]["heldout"]
+    return report["extraction"]["training"]["share"] - (held["share"] if held else 0.0)
+
+
 def gate(report: dict, max_exposure: float | None, max_extraction: float | None) -> dict:
+    """Which thresholds the report exceeds (a release gate), with the two measures they are checked on."""
+    excess = excess_extraction(report)
+    worst = max(report["canaries"]["exposures"]) if report["canaries"] else None
     failures = []
-    if max_extraction is not None:
-        share = report["extraction"]["training"]["share"]
-        if share > max_extraction:
-            failures.append(f"extraction {share:.3f} > --max-extraction {max_extraction}")
-    if max_exposure is not None:
-        if report["canaries"] is None:
-            raise AuditError("--max-exposure needs canaries: train with data.canaries=N, or pass --canaries FILE")
-        worst = max(report["canaries"]["exposures"])
-        if worst > max_exposure:
-            failures.append(f"exposure {worst:.1f} bits > --max-exposure {max_exposure}")
-    return {"passed": not failures, "failures": failures}
+    if max_extraction is not None and excess > max_extraction:
+        failures.append(f"extraction {excess:.3f} above the control > --max-extraction {max_extraction}")
+    if max_exposure is not None and worst is not None and worst > max_exposure:
+        failures.append(f"exposure {worst:.1f} bits > --max-exposure {max_exposure}")
+    return {"passed": not failures, "failures": failures, "extraction_above_control": excess,
+            "max_exposure": worst}
 
 
 def format_report(r: dict) -> str:
@@ -342,6 +353,8 @@ def format_report(r: dict) -> str:
             continue
         run = f"{e['mean_common_run']:.1f} of {e['mean_target_tokens']:.1f} tokens"
         lines.append(f"  {name:<20}{e['records']:>8}{e['extracted']:>8}{e['share']:>9.1%}{run:>22}")
+    if r["extraction"]["heldout"] is not None:
+        lines.append(f"  extracted beyond the control: {r['gate']['extraction_above_control']:.1%}")
     shown = r["extraction"]["training"]["extracted_indices"]
     if shown:
         more = f" (+{len(shown) - 20} more in --json)" if len(shown) > 20 else ""
@@ -375,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--max-exposure", type=float, default=None, help="exit 3 if a canary's exposure is above this")
     p.add_argument("--max-extraction", type=float, default=None,
-                   help="exit 3 if the share of training records extracted is above this (0..1)")
+                   help="exit 3 if the share of training records extracted, minus the control's, is above this")
     return p
 
 
