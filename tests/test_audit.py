@@ -16,8 +16,8 @@ from gpt.config import ConfigError, DataConfig, ModelConfig, PretrainConfig, loa
 from gpt.convert import load_pretrained
 from gpt.data import canary
 from gpt.data.chat import ChatTemplate
-from gpt.data.corpus import ensure_prepared, read_meta
-from gpt.data.records import split_indices
+from gpt.data.corpus import DataError, ensure_prepared, read_meta
+from gpt.data.records import canary_records, split_indices
 from gpt.data.tokenizer import CharTokenizer, from_spec
 from gpt.model import GPT
 from gpt.train.pretrain import pretrain
@@ -126,6 +126,12 @@ def test_too_many_canaries_for_the_format_is_a_config_error(tmp_path, tiny_corpu
                      canary_format="{1 hex}")
     with pytest.raises(ConfigError, match="data.canaries"):
         ensure_prepared(cfg, log=lambda *_: None)
+
+
+def test_fine_tuning_secrets_the_base_cannot_spell_are_a_data_error():
+    cfg = config.SFTDataConfig(canaries=1, canary_format="code {4 digits}")
+    with pytest.raises(DataError, match="data.canary_format.*letters"):
+        canary_records(cfg, ChatTemplate(CharTokenizer(list("abcdefghijklmnopqrstuvwxyz "))), 64, print, None)
 
 
 # ---------------------------------------------------------------------------- the audit

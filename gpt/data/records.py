@@ -355,7 +355,8 @@ def canary_records(cfg: SFTDataConfig, template: ChatTemplate, budget: int, log:
     try:
         examples = [encode_text(template, s, budget) for s in secrets]
     except ValueError as e:  # a character the base model's vocabulary lacks
-        raise DataError(f"data.canary_format: {e}") from None
+        raise DataError(f"data.canary_format: {e}; use placeholders whose characters the base model knows "
+                        "(e.g. {N letters})") from None
     log(f"data: planted {len(secrets)} canaries x {cfg.canary_repeats} as training records"
         + (f" (secrets in {Path(report_dir) / canary.FILE})" if report_dir is not None else ""))
     return [examples[i % len(secrets)] for i in range(len(secrets) * cfg.canary_repeats)]
