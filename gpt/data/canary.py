@@ -145,7 +145,7 @@ def insert(pieces: Iterator[tuple[str, str, bool]], secrets: list[str], repeats:
 
 
 def _at_line_starts(text: str, copies: list[str], rng: np.random.Generator) -> str:
-    starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
+    starts = [0] + [m.end() for m in re.finditer("\n", text)]
     where = np.sort(rng.choice(starts, size=len(copies)))
     out, pos = [], 0
     for at, secret in zip(where, copies):
