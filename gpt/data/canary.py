@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from gpt.config import ConfigError
+from gpt.config import CanaryKeys, ConfigError
 
 ALPHABETS = {
     "digits": string.digits,
@@ -96,7 +96,7 @@ class Format:
         return [self.render(c) for c in codes]
 
 
-def settings(cfg) -> dict | None:
+def settings(cfg: CanaryKeys) -> dict | None:
     """The canary keys of a data config (None when off): preparation is redone when they change."""
     if not cfg.canaries:
         return None
@@ -104,7 +104,7 @@ def settings(cfg) -> dict | None:
             "seed": cfg.canary_seed}
 
 
-def make(cfg) -> list[str]:
+def make(cfg: CanaryKeys) -> list[str]:
     """The N distinct secrets of data config `cfg` (empty when data.canaries is 0)."""
     if not cfg.canaries:
         return []
@@ -125,9 +125,10 @@ def insert(pieces: Iterator[tuple[str, str, bool]], secrets: list[str], repeats:
            seed: int = 0) -> Iterator[tuple[str, str, bool]]:
     """Plant every secret `repeats` times, in a seeded shuffled order, into the training pieces.
 
-    Pieces of one document split by position (doc_end False) take the copies at random line starts;
-    whole documents (doc_end True) are each followed by one copy as a document of its own. Copies
-    still left at the end of the stream become documents of their own. Validation never gets any.
+    The first piece of a document split by position (doc_end False: a text file, read in 4 MB pieces)
+    takes all copies at random line starts; whole documents (doc_end True) are each followed by one
+    copy as a document of its own, and copies left at the end of the stream become documents of their
+    own. Validation never gets any.
     """
     rng = np.random.default_rng([seed, 0x5EED])
     copies = [secrets[i] for i in rng.permutation(len(secrets) * repeats) % max(1, len(secrets))]
@@ -154,7 +155,7 @@ def _at_line_starts(text: str, copies: list[str], rng: np.random.Generator) -> s
     return "".join(out) + text[pos:]
 
 
-def write_record(folder: str | Path, secrets: list[str], cfg, context: str) -> None:
+def write_record(folder: str | Path, secrets: list[str], cfg: CanaryKeys, context: str) -> None:
     """canaries.json in `folder` (or its removal when canaries are off), for `python -m gpt.audit`.
 
     context: the text a secret follows in training ("\\n" inside a corpus, "" as its own record)."""
