@@ -42,7 +42,7 @@ from gpt.data import canary
 from gpt.data.chat import ChatTemplate
 from gpt.data.corpus import TABLE_SUFFIXES, _split_text_file
 from gpt.data.records import load_file, split_indices
-from gpt.data.tokenizer import Tokenizer
+from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.device import pick_device
 from gpt.errors import UserError
 from gpt.infer.engine import generate
@@ -137,7 +137,7 @@ def load_probes(args: argparse.Namespace, tok: Tokenizer, config: dict, block_si
     if data.is_file() and data.suffix.lower() not in TABLE_SUFFIXES:  # a text corpus
         try:
             return text_probes(data, own, tok, k, m, args, trained, rng)
-        except ValueError as e:  # a character the model's vocabulary lacks
+        except TokenizerError as e:  # a character the model's vocabulary lacks
             raise AuditError(f"{args.data}: {e}") from None
     per_record = record_probes(str(data), tok, k, m, block_size + 1)
     kept = list(range(len(per_record)))

@@ -98,7 +98,7 @@ class CanaryKeys:
     canaries: int = ranged(0, ge=0)  # how many secrets to plant (0 = none)
     canary_repeats: int = ranged(1, ge=1)  # copies of each secret in the training split
     canary_format: str = "my account number is {8 digits}"  # placeholders: {N digits|letters|hex|alnum}
-    canary_seed: int = 0  # the secrets are a fixed function of this seed
+    canary_seed: int = ranged(0, ge=0)  # the secrets are a fixed function of this seed
 
 
 @dataclass

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from gpt.config import DataConfig
-from gpt.data import bpe
-from gpt.data import canary
+from gpt.data import bpe, canary
 from gpt.data import tokenizer as tokenizers
 from gpt.errors import UserError
 

@@ -354,7 +354,7 @@ def canary_records(cfg: SFTDataConfig, template: ChatTemplate, budget: int, log:
         return []
     try:
         examples = [encode_text(template, s, budget) for s in secrets]
-    except ValueError as e:  # a character the base model's vocabulary lacks
+    except TokenizerError as e:  # a character the base model's vocabulary lacks
         raise DataError(f"data.canary_format: {e}; use placeholders whose characters the base model knows "
                         "(e.g. {N letters})") from None
     log(f"data: planted {len(secrets)} canaries x {cfg.canary_repeats} as training records"
