@@ -36,6 +36,8 @@ LAYERS = {
     "gpt.train.optim": 100,
     "gpt.train.metrics": 100,
     "gpt.train.dist": 100,
+    "gpt.eval": 105,
+    "gpt.plot": 105,
     "gpt.train.loop": 110,
     "gpt.train.pretrain": 120,
     "gpt.train.sft": 120,

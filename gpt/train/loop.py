@@ -32,6 +32,7 @@ from gpt.data.corpus import Batch
 from gpt.data.tokenizer import Tokenizer
 from gpt.device import autocast, enable_tf32, gpu_peak_flops, pick_device, resolve_dtype
 from gpt.errors import UserError
+from gpt.eval import loss_sums
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.train import dist as distributed
 from gpt.train.metrics import MetricsLog
@@ -248,19 +249,9 @@ def _train_step(model, batches: BatchSource, step: int, accum: int, optimizer, s
     return loss, sum(b.x.numel() for b in micro)
 
 
-@torch.no_grad()
 def evaluate(model, batches: BatchSource, device, dtype, dist: distributed.Dist) -> float:
-    """Mean token loss over the validation batches, averaged over all ranks."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, device=device)
-    for b in batches.val_batches():
-        with autocast(device, dtype):
-            _, loss_sum = model(b.x, b.y, doc_ids=b.doc_ids, reduction="sum")
-        sums[0] += loss_sum.float()
-        sums[1] += (b.y != IGNORE_INDEX).sum()
-    model.train(was_training)
-    sums = dist.all_reduce_sum(sums)
+    """Mean token loss over the validation batches, averaged over all ranks (gpt.eval's scoring pass)."""
+    sums = dist.all_reduce_sum(loss_sums(model, batches.val_batches(), device, dtype))
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
