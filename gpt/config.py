@@ -157,6 +157,7 @@ class LoggingConfig:
     wandb_mode: Literal["offline", "online"] = "offline"
     sample_tokens: int = ranged(200, ge=0)  # print a sample of this many tokens when training ends (0 = none)
     sample_prompt: str = "\n"
+    plot: bool = True  # draw out_dir/loss.png when the run ends (python -m gpt.plot)
 
 
 @dataclass

@@ -93,6 +93,7 @@ def tiny_overrides(tmp_path: Path, corpus: Path, **extra) -> list[str]:
         "optim.warmup_iters": 2,
         "logging.progress": "false",
         "logging.sample_tokens": 0,
+        "logging.plot": "false",  # matplotlib costs seconds per run; test_plot.py covers it
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

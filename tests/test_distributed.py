@@ -153,7 +153,7 @@ def test_a_failing_rank_ends_the_run_instead_of_hanging(tmp_path):
 
 FT = {"train.max_iters": K, "train.eval_interval": K, "train.eval_iters": 2, "train.log_interval": 1,
       "train.device": "cpu", "train.dtype": "float32", "optim.lr": 1e-2, "optim.eps": 1e-3, "optim.warmup_iters": 1,
-      "logging.progress": "false", "logging.sample_tokens": 0, "lora.rank": 4}
+      "logging.progress": "false", "logging.sample_tokens": 0, "logging.plot": "false", "lora.rank": 4}
 
 
 @pytest.fixture(scope="module")

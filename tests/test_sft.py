@@ -52,6 +52,7 @@ def sft_config(tmp_path: Path, base: Path, data: Path, **extra) -> FinetuneConfi
         "train.max_iters": 12, "train.batch_size": 4, "train.eval_interval": 6, "train.eval_iters": 2,
         "train.log_interval": 6, "train.device": "cpu", "train.dtype": "float32",
         "optim.lr": 3e-3, "optim.warmup_iters": 2, "logging.progress": False, "logging.sample_tokens": 0,
+        "logging.plot": False,
     }
     values.update(extra)
     return load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in values.items()])

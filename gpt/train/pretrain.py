@@ -13,6 +13,7 @@ from gpt.data.corpus import TokenBatches, ensure_prepared, read_meta
 from gpt.data.tokenizer import Tokenizer, from_spec
 from gpt.infer.engine import generate
 from gpt.model import GPT
+from gpt.plot import plot_run
 from gpt.train.loop import FitConfig, FitResult, fit, start_run
 
 
@@ -35,6 +36,8 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
                                world_size=dist.world_size, grad_accum=t.grad_accum,
                                eval_batch_size=t.eval_batch_size, eval_iters=t.eval_iters)
         result = fit(model, batches, FitConfig.of(cfg, model.config), tokenizer, device, dist)
+        if dist.is_main and cfg.logging.plot:
+            plot_run(cfg.out_dir)
         if (dist.is_main or dist.sharded) and cfg.logging.sample_tokens and not result.interrupted:
             # fsdp: every rank runs the (sharded) model through the same seeded sampler, rank 0 prints
             print_sample(model, tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens, device,

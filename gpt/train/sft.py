@@ -30,6 +30,7 @@ from gpt.data.records import Example, load_sft_data
 from gpt.data.tokenizer import Tokenizer
 from gpt.lora import apply_lora, count_trainable, merged_state_dict
 from gpt.model import GPT, IGNORE_INDEX
+from gpt.plot import plot_run
 from gpt.train.loop import FitConfig, FitResult, fit, start_run
 
 
@@ -202,6 +203,8 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         log(f"data: {'packed' if cfg.sft.packing else 'padded'} windows of {block_size} tokens; "
             f"one epoch is about {batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
         result = fit(model, batches, FitConfig.of(cfg, model.config), tok, device, dist, export=export)
+        if dist.is_main and cfg.logging.plot:
+            plot_run(cfg.out_dir)
         if (dist.is_main or dist.sharded) and cfg.logging.sample_tokens and not result.interrupted:
             for messages in data.samples:  # fsdp: every rank runs the (sharded) model, rank 0 prints
                 print_reply(model, template, messages, cfg.logging.sample_tokens, device, show=dist.is_main)
