@@ -34,7 +34,7 @@ from gpt.convert import load_pretrained
 from gpt.data.chat import ChatTemplate
 from gpt.data.corpus import TABLE_SUFFIXES, Batch, DataError, iter_documents
 from gpt.data.records import RecordError, encode_chat, iter_rows, parse_record
-from gpt.data.tokenizer import Tokenizer
+from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.device import autocast, pick_device, resolve_dtype
 from gpt.errors import UserError
 from gpt.infer.engine import complete
@@ -247,7 +247,7 @@ def evaluate(model: GPT, tokenizer: Tokenizer, texts_or_records: Sequence[str | 
                 windows.append(window)
                 result.conversations += 1
                 result.truncated += cut
-        except ValueError:  # the tokenizer does not know a character; the text itself is not shown
+        except TokenizerError:  # the tokenizer does not know a character; the text itself is not shown
             raise DataError(f"{_locate(tokenizer, item, where)}: has a character this checkpoint's tokenizer "
                             "cannot encode (a char model knows only the characters of its training corpus)") from None
     windows = _cap([w for w in windows if w.score.any()], max_tokens)
@@ -273,7 +273,7 @@ def _locate(tokenizer: Tokenizer, item: str | list[dict], where: str) -> str:
     for lineno, line in enumerate(item.splitlines(), 1):
         try:
             tokenizer.encode(line)
-        except ValueError:
+        except TokenizerError:
             return f"{where}: line {lineno}"
     return where
 

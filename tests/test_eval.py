@@ -149,7 +149,7 @@ def test_chat_records_score_exactly_what_sft_supervises(tmp_path):
     loaded = load_file(str(tmp_path / "chat.jsonl"), "chat", template, 65, train_on_prompt=False)
     examples = [e for r in loaded.records for e in r]
     assert loaded.truncated == 1  # the long tale is cut as SFT cuts it
-    batches = SFTBatches(examples, examples, 64, 2, CPU, eval_iters=100)
+    batches = SFTBatches(examples, examples, block_size=64, batch_size=2, device=CPU, eval_iters=100)
     sft_tokens = sum(int((b.y != IGNORE_INDEX).sum()) for b in batches.val_batches())
     sft_loss = fit_evaluate(model, batches, CPU, torch.float32, distributed.Dist())
 
@@ -232,7 +232,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, char_ckpt, capsys):
     one_line_error(code, out, err, "odd.jsonl:1", "cannot encode")
     assert "東" not in err  # record text never appears in an error
     one_line_error(*run_cli(capsys, "--ckpt", tmp_path / "nope", "--data", good), "nope", "no such")
-    one_line_error(*run_cli(capsys, "--ckpt", damaged, "--data", good), "model.safetensors", "unreadable")
+    one_line_error(*run_cli(capsys, "--ckpt", damaged, "--data", good), "model.safetensors", "damaged")
     one_line_error(*run_cli(capsys, *ck, "--data", good, "--stride", 0), "--stride")
     one_line_error(*run_cli(capsys, *ck, "--data", good, "--stride", 17), "--stride", "16")
 
