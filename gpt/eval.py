@@ -22,7 +22,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -68,12 +68,9 @@ class EvalResult:
     conversations: int = 0
     truncated: int = 0  # conversations cut to fit the window, as SFT cuts them
     exact_match: float | None = None  # share of greedy replies equal to the reference
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(d.pop("extra"))
-        return d
+        return asdict(self)
 
 
 @dataclass
