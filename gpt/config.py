@@ -187,7 +187,8 @@ class SFTDataConfig(CanaryKeys):
 
     path: str = ""  # the training file
     val_path: str = ""  # a separate validation file; empty = hold out val_fraction of `path`
-    format: Literal["auto", "chat", "instruction", "text"] = "auto"  # auto = detected per record
+    # auto = detected per record; preference = DPO pairs (see gpt/data/records.py for every accepted shape)
+    format: Literal["auto", "chat", "sharegpt", "instruction", "text", "preference"] = "auto"
     val_fraction: float = ranged(0.1, ge=0, lt=1)  # used when val_path is empty
     split_seed: int = ranged(0, ge=0)  # the held-out records are a fixed function of this seed
     skip_invalid: bool = False  # skip (and count and report) malformed records instead of stopping
@@ -209,6 +210,18 @@ class LoRAConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Preference tuning, used when the records are preference pairs (data.format: preference or detected)."""
+
+    beta: float = ranged(0.1, gt=0)  # strength of the pull towards the reference model (the KL penalty's weight)
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid = the DPO paper; ipo = Azar et al.; hinge = SLiC
+    label_smoothing: float = ranged(0.0, ge=0, lt=0.5)  # sigmoid only: share of pairs assumed mislabeled (cDPO)
+    # init = a frozen copy of the starting model (with LoRA: the same weights, adapters off); precompute =
+    # its log-probabilities computed once before training and cached in out_dir (one model held)
+    reference: Literal["init", "precompute"] = "init"
+
+
+@dataclass
 class FinetuneConfig:
     """Everything `python finetune.py CONFIG` reads. The model section is taken from init_from."""
 
@@ -218,6 +231,7 @@ class FinetuneConfig:
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, min_lr=1e-5, warmup_iters=20,
                                                                     weight_decay=0.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_iters=500, batch_size=16,
@@ -439,3 +453,5 @@ def check_finetune(cfg: FinetuneConfig) -> None:
                           f"got {cfg.data.val_fraction}")
     if cfg.lora.rank and not cfg.lora.targets:
         raise ConfigError("lora.targets must name at least one Linear layer (c_attn, c_proj, c_fc)")
+    if cfg.dpo.label_smoothing and cfg.dpo.loss != "sigmoid":
+        raise ConfigError(f"dpo.label_smoothing applies to dpo.loss=sigmoid only, not {cfg.dpo.loss}")

@@ -3,13 +3,16 @@
 `apply_lora(model, cfg)` freezes every parameter of a GPT and wraps the chosen Linear layers
 (by name: c_attn, c_proj, c_fc, or a dotted suffix such as mlp.c_proj) in LoRALinear, so only
 the adapters train. B starts at zero, so the wrapped model starts out computing exactly the base
-model. `merged_state_dict(model)` folds W + (alpha / rank) * B @ A back into plain GPT weights:
+model, and `adapters_disabled(model)` switches them off for a while (DPO's reference model is
+the base, held once). `merged_state_dict(model)` folds W + (alpha / rank) * B @ A back into plain GPT weights:
 every checkpoint of a LoRA run is an ordinary GPT that sample.py loads directly.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -33,8 +36,11 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             self.lora_A.uniform_(-bound, bound, generator=generator)
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
@@ -58,6 +64,19 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
         base = getattr(parent, child)
         setattr(parent, child, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, gen).to(base.weight.device))
     return names
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside this block the model computes its frozen base weights exactly, as if LoRA were absent."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def _matches(name: str, targets: list[str]) -> bool:

@@ -146,7 +146,8 @@ class GPT(nn.Module):
         kv_cache/start_pos: write this chunk's keys/values at start_pos and attend to all before it.
         doc_ids: (B, T) document number of each token in a packed window: positions restart and
             attention stays inside each document, so packed examples never see each other.
-        reduction: "mean" over supervised tokens, or "sum" (the loop normalises across micro-batches).
+        reduction: "mean" over supervised tokens, "sum" (the loop normalises across micro-batches), or
+            "none": the (B, T) token losses, 0 where ignored (DPO sums them per sequence).
         logits_to_keep: 0 = logits for every position, k = only the last k (cheap decoding).
         """
         B, T = idx.shape
@@ -210,13 +211,14 @@ class GPT(nn.Module):
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Token cross-entropy ignoring IGNORE_INDEX; an all-ignored batch gives 0, not NaN."""
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    flat = logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+    if reduction == "none":
+        return F.cross_entropy(*flat, ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    total = F.cross_entropy(*flat, ignore_index=IGNORE_INDEX, reduction="sum")
     if reduction == "sum":
         return total
     if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 

@@ -39,6 +39,7 @@ LAYERS = {
     "gpt.eval": 105,
     "gpt.plot": 105,
     "gpt.train.loop": 110,
+    "gpt.train.dpo": 115,
     "gpt.train.pretrain": 120,
     "gpt.train.sft": 120,
     "gpt.train": 129,

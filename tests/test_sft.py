@@ -253,9 +253,10 @@ def test_malformed_records_name_file_and_line_and_skip_invalid_counts(tmp_path):
     lines: list[str] = []
     cfg.skip_invalid = True
     data = load_sft_data(cfg, tpl, 49, False, log=lines.append, report_dir=tmp_path / "out")
-    assert len(data.skipped) == 5 and "skipped 5 of 9 invalid records" in lines[0]
+    assert lines[0] == f"data: {path}: read as 2 messages, 1 instruction, 1 text"  # once per file, no record text
+    assert len(data.skipped) == 5 and "skipped 5 of 9 invalid records" in lines[1]
     assert len((tmp_path / "out" / "skipped_records.txt").read_text().splitlines()) == 5
-    assert "3 train / 1 val records (2 chat, 1 instruction, 1 text)" in lines[1]  # auto-detected per record
+    assert "3 train / 1 val records (2 chat, 1 instruction, 1 text)" in lines[2]  # auto-detected per record
 
 
 def test_csv_parquet_and_json_errors_name_the_row(tmp_path):

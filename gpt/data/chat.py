@@ -8,8 +8,9 @@ where the markers are special tokens added to the tokenizer (ids past the base v
 Text inside a message is always encoded as plain text, so a user writing "<|end|>" cannot end
 a turn. Fine-tuning puts loss on each assistant turn's content and its <|end|> (what the model
 must learn to write, including when to stop); role headers, other turns and the newline after
-<|end|> carry none. Models without these tokens (plain pretrained checkpoints) get a plain template,
-"User: ...\\nAssistant: ...\\n", whose turn ends at a newline followed by "User:".
+<|end|> carry none, nor does an assistant turn marked `"weight": 0` (OpenAI's fine-tuning format: a
+reply shown as context, not learned). Models without these tokens (plain pretrained checkpoints) get a
+plain template, "User: ...\\nAssistant: ...\\n", whose turn ends at a newline followed by "User:".
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ PLAIN_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 @dataclass
 class Segment:
     ids: list[int]
-    trainable: bool  # True for assistant content and its end marker: what SFT puts loss on
+    trainable: bool  # True for assistant content and its end marker (unless weight 0): what SFT puts loss on
 
 
 class ChatTemplate:
@@ -64,11 +65,12 @@ class ChatTemplate:
                 raise ValueError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
             out.append(Segment(self._header(role), False))
             body = self.tok.encode(content)
+            learned = role == "assistant" and msg.get("weight", 1) != 0
             if self.special:
-                out.append(Segment(body + [self.tok.special_id(END_TOKEN)], role == "assistant"))
+                out.append(Segment(body + [self.tok.special_id(END_TOKEN)], learned))
                 out.append(Segment(self.tok.encode("\n"), False))  # separator: never generated
             else:
-                out.append(Segment(body + self.tok.encode("\n"), role == "assistant"))
+                out.append(Segment(body + self.tok.encode("\n"), learned))
         if add_generation_prompt:
             out.append(Segment(self._header("assistant"), False))
         return out

@@ -1,9 +1,17 @@
 """Fine-tuning data: records from local files -> validated conversations -> token ids + loss mask.
 
-Three record shapes, detected per record (`data.format: auto`) or required (`chat | instruction | text`):
-  chat         {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+Record shapes, detected per record (`data.format: auto`) or required (`data.format: <kind>`):
+  chat         {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}, OpenAI's chat
+               fine-tuning format in full: an assistant turn with "weight": 0 carries no loss, "name" is
+               accepted, content given as [{"type": "text", "text": ...}, ...] is joined; tool/function
+               roles, tool calls and non-text parts are reported as unsupported, never dropped
+  sharegpt     {"conversations": [{"from": "system"|"human"|"gpt"|"user"|"assistant", "value": "..."}, ...]}
   instruction  {"prompt": ..., "response": ...} or {"instruction": ..., "input": ..., "output": ...}
   text         {"text": ...}   continued pretraining: loss on every token, long texts split into windows
+  preference   DPO pairs: {"prompt", "chosen", "rejected"} as strings, or TRL's conversational form (prompt
+               a list of messages, chosen/rejected assistant messages or lists of them), or OpenAI's
+               {"input": {"messages"}, "preferred_output": [...], "non_preferred_output": [...]}
+Each file's records are counted per shape and the counts printed once, so a user sees how it was read.
 
 Every record is checked; a bad one is reported by file and line (JSONL), record (JSON array) or row
 (CSV/Parquet, 1-based, header not counted). JSON and JSONL are parsed here, line by line, because
@@ -14,7 +22,8 @@ Truncation rule for a conversation longer than the window (block_size + 1 tokens
 the last assistant turn and everything after it, the "prompt" everything before. The prompt keeps
 its end (it holds the question and the assistant header) and the response keeps its beginning; the
 response gets everything the prompt does not need, but at least half the window. Truncated examples
-are counted and reported.
+are counted and reported. A preference pair is two such sequences, prompt + chosen and prompt +
+rejected, each cut by the same rule with its reply as the response.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from gpt.config import SFTDataConfig
+from gpt.config import ConfigError, SFTDataConfig
 from gpt.data import canary
 from gpt.data.chat import ROLES, ChatTemplate
 from gpt.data.corpus import DataError
@@ -56,16 +65,27 @@ class Loaded:
     total: int = 0
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
     truncated: int = 0
-    formats: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, int] = field(default_factory=dict)  # per kind: chat, instruction, text, preference
+    shapes: dict[str, int] = field(default_factory=dict)  # per shape as written (sharegpt, openai preference...)
+
+
+@dataclass
+class Preference:
+    """A DPO record: one prompt, the reply people preferred and the one they did not (assistant turns)."""
+
+    prompt: list[dict]
+    chosen: list[dict]
+    rejected: list[dict]
 
 
 @dataclass
 class SFTData:
-    train: list[Example]
+    train: list[Example]  # preference data: chosen, rejected, chosen, rejected, ... (pair i = 2i, 2i + 1)
     val: list[Example]
     samples: list[list[dict]]  # validation conversations to answer after training
     skipped: list[tuple[str, str]]
     truncated: int
+    preference: bool = False  # the records are preference pairs: train with DPO
 
 
 # ---------------------------------------------------------------------------- reading rows
@@ -130,67 +150,218 @@ def _table_rows(name: str, load: Callable) -> Iterator[tuple[str, Any]]:
 
 # ---------------------------------------------------------------------------- records
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+TOOL_ROLES = ("tool", "function", "ipython", "observation", "function_call", "tool_call")  # no tool use here
+
 
 def parse_record(row: Any, fmt: str) -> tuple[str, Any]:
-    """("chat", messages) or ("text", text) for one row, or RecordError saying what is wrong."""
+    """(kind, content) for one row: ("chat"|"instruction", messages), ("text", text) or ("preference",
+    Preference); raises RecordError saying what is wrong."""
+    _, kind, content = read_record(row, fmt)
+    return kind, content
+
+
+def read_record(row: Any, fmt: str) -> tuple[str, str, Any]:
+    """(shape, kind, content): the shape says how the row was written, for the per-file counts."""
     if isinstance(row, RecordError):
         raise row
     if not isinstance(row, dict):
         raise RecordError(f"expected an object with fields, got {type(row).__name__}")
     kind = fmt if fmt != "auto" else detect_format(row)
     if kind == "chat":
-        return "chat", _chat(row)
+        messages = _chat(row)
+        weighted = any(m.get("weight") == 0 for m in messages)
+        return ("messages with weight-0 turns" if weighted else "messages"), "chat", messages
+    if kind == "sharegpt":
+        return "sharegpt", "chat", _sharegpt(row)
     if kind == "instruction":
-        return "instruction", _instruction(row)
-    return "text", _text(row)
+        return "instruction", "instruction", _instruction(row)
+    if kind == "preference":
+        shape, pair = _preference(row)
+        return shape, "preference", pair
+    return "text", "text", _text(row)
 
 
 def detect_format(row: dict) -> str:
     present = {k for k, v in row.items() if v is not None}  # tables give missing columns as None
+    if "conversations" in present:
+        return "sharegpt"
     if "messages" in present:
         return "chat"
+    if present & {"chosen", "rejected", "preferred_output", "non_preferred_output"}:
+        return "preference"
     if present & {"prompt", "response", "instruction", "output"}:
         return "instruction"
     if "text" in present:
         return "text"
-    raise RecordError(f"cannot tell the format: no 'messages', 'prompt'/'response', 'instruction'/'output' or "
-                      f"'text' field (fields: {', '.join(map(str, row)) or 'none'})")
+    raise RecordError(f"cannot tell the format: no 'messages', 'conversations', 'prompt'/'response', "
+                      f"'chosen'/'rejected', 'instruction'/'output' or 'text' field "
+                      f"(fields: {', '.join(map(str, row)) or 'none'})")
 
 
 def _chat(row: dict) -> list[dict]:
-    messages = row.get("messages")
-    if messages is None:
+    if row.get("messages") is None:
         raise RecordError("missing field 'messages'")
-    if isinstance(messages, str):  # CSV cells hold the list as JSON text
+    _no_tools(row)
+    return _conversation(_messages(row["messages"], "messages"))
+
+
+def _sharegpt(row: dict) -> list[dict]:
+    turns = _json_list(row.get("conversations"), "conversations", "{\"from\", \"value\"}")
+    messages = []
+    for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RecordError(f"message {i}: expected an object with 'from' and 'value'")
+        who = turn["from"]
+        if who not in SHAREGPT_ROLES and who not in TOOL_ROLES:
+            raise RecordError(f"message {i}: unknown 'from' {who!r} (expected system, human, gpt, user or assistant)")
+        extra = {k: v for k, v in turn.items() if k not in ("from", "value")}  # weight, name
+        messages.append({**extra, "role": SHAREGPT_ROLES.get(who, who), "content": turn["value"]})
+    return _conversation([_message(i, m) for i, m in enumerate(messages, 1)])
+
+
+def _json_list(value: Any, name: str, item: str) -> list:
+    if value is None:
+        raise RecordError(f"missing field '{name}'")
+    if isinstance(value, str):  # CSV cells hold the list as JSON text
         try:
-            messages = json.loads(messages)
+            value = json.loads(value)
         except json.JSONDecodeError:
-            raise RecordError("'messages' is text that is not a JSON list") from None
-    if not isinstance(messages, list) or not messages:
-        raise RecordError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
-    out = []
-    for i, msg in enumerate(messages, 1):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise RecordError(f"message {i}: expected an object with 'role' and 'content'")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise RecordError(f"message {i}: unknown role {role!r} (expected {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise RecordError(f"message {i}: 'content' must be text, got {type(content).__name__}")
-        if role == "system" and i != 1:
+            raise RecordError(f"'{name}' is text that is not a JSON list") from None
+    if not isinstance(value, list) or not value:
+        raise RecordError(f"'{name}' must be a non-empty list of {item} objects")
+    return value
+
+
+def _messages(value: Any, name: str) -> list[dict]:
+    return [_message(i, m) for i, m in enumerate(_json_list(value, name, '{"role", "content"}'), 1)]
+
+
+def _message(i: int, msg: Any) -> dict:
+    """One validated message {"role", "content"[, "weight": 0]}; OpenAI's extra fields are checked here."""
+    if not isinstance(msg, dict) or "role" not in msg:
+        raise RecordError(f"message {i}: expected an object with 'role' and 'content'")
+    role = msg["role"]
+    if role in TOOL_ROLES or msg.get("tool_calls") or msg.get("function_call"):
+        what = f"role {role!r}" if role in TOOL_ROLES else "a tool call"
+        raise RecordError(f"message {i}: {what} is not supported (this model has no tool or function calls); "
+                          "remove the record or that turn")
+    if role not in ROLES:
+        raise RecordError(f"message {i}: unknown role {role!r} (expected {', '.join(ROLES)})")
+    if "content" not in msg:
+        raise RecordError(f"message {i}: expected an object with 'role' and 'content'")
+    content = _content(i, msg["content"])
+    if role == "assistant" and not content.strip():
+        raise RecordError(f"message {i}: empty assistant response")
+    if msg.get("name") is not None and not isinstance(msg["name"], str):
+        raise RecordError(f"message {i}: 'name' must be text, got {type(msg['name']).__name__}")
+    out = {"role": role, "content": content}
+    weight = msg.get("weight")
+    if weight is not None:
+        if role != "assistant":
+            raise RecordError(f"message {i}: 'weight' is only allowed on assistant messages")
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise RecordError(f"message {i}: 'weight' must be 0 or 1, got {weight!r}")
+        if weight == 0:
+            out["weight"] = 0
+    return out
+
+
+def _content(i: int, content: Any) -> str:
+    """Text, or OpenAI's list of {"type": "text", "text": ...} parts joined as written (no separator)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content, 1):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif isinstance(kind, str) and kind != "text":
+                raise RecordError(f"message {i}: content part {j} of type {kind!r} is not supported (text only)")
+            else:
+                raise RecordError(f"message {i}: content part {j}: expected {{\"type\": \"text\", \"text\": ...}}")
+        return "".join(texts)
+    what = "null" if content is None else type(content).__name__
+    raise RecordError(f"message {i}: 'content' must be text or a list of text parts, got {what}")
+
+
+def _no_tools(obj: dict) -> None:
+    for key in ("tools", "functions"):
+        if obj.get(key):
+            raise RecordError(f"'{key}' (function definitions) is not supported: this model has no tool calls")
+
+
+def _conversation(messages: list[dict]) -> list[dict]:
+    for i, m in enumerate(messages, 1):
+        if m["role"] == "system" and i != 1:
             raise RecordError(f"message {i}: a system message may only come first")
-        if role == "assistant" and not content.strip():
-            raise RecordError(f"message {i}: empty assistant response")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant:
         raise RecordError("no assistant message: nothing to learn from")
-    if not any(m["role"] == "user" for m in out):  # a reply to nothing: likely a broken export
+    if all(m.get("weight") == 0 for m in assistant):
+        raise RecordError("every assistant message has weight 0: nothing to learn from")
+    if not any(m["role"] == "user" for m in messages):  # a reply to nothing: likely a broken export
         raise RecordError("assistant messages only: give the user turn it answers, or use the text format "
                           "({\"text\": ...}) for text without a prompt")
-    if out[-1]["role"] == "user":  # a question with no answer: likely a cut-off conversation
-        raise RecordError(f"message {len(out)}: the conversation ends on a user turn with no assistant reply; "
+    if messages[-1]["role"] == "user":  # a question with no answer: likely a cut-off conversation
+        raise RecordError(f"message {len(messages)}: the conversation ends on a user turn with no assistant reply; "
                           "drop that turn or add the reply")
-    return out
+    return messages
+
+
+def _preference(row: dict) -> tuple[str, Preference]:
+    """TRL's standard and conversational forms, or OpenAI's preference format."""
+    if {"input", "preferred_output", "non_preferred_output"} & {k for k, v in row.items() if v is not None}:
+        source = row.get("input")
+        if not isinstance(source, dict) or source.get("messages") is None:
+            raise RecordError("'input' must be an object with 'messages'")
+        _no_tools(source)
+        shape, prompt = "openai preference", _messages(source["messages"], "input.messages")
+        sides = ("preferred_output", "non_preferred_output")
+    else:
+        text = row.get("prompt")
+        if text is None:
+            raise RecordError("missing field 'prompt'")
+        if isinstance(text, str):
+            if not text.strip():
+                raise RecordError("empty prompt")
+            system = _field(row, "system")
+            shape = "prompt/chosen/rejected"
+            prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        else:
+            shape, prompt = "prompt/chosen/rejected (conversational)", _messages(text, "prompt")
+        sides = ("chosen", "rejected")
+    for i, m in enumerate(prompt, 1):
+        if m["role"] == "system" and i != 1:
+            raise RecordError(f"prompt message {i}: a system message may only come first")
+    if prompt[-1]["role"] != "user":
+        raise RecordError(f"the prompt must end with a user message, not {prompt[-1]['role']!r}")
+    chosen, rejected = (_reply(row, side) for side in sides)
+    if [m["content"] for m in chosen] == [m["content"] for m in rejected]:
+        raise RecordError(f"'{sides[0]}' and '{sides[1]}' are identical: nothing to prefer")
+    return shape, Preference(prompt, chosen, rejected)
+
+
+def _reply(row: dict, name: str) -> list[dict]:
+    """One side of a pair: a string, an assistant message, or a list of them (weights do not apply)."""
+    value = row.get(name)
+    if value is None:
+        raise RecordError(f"missing field '{name}'")
+    if isinstance(value, str):
+        if not value.strip():
+            raise RecordError(f"'{name}': empty reply")
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    try:
+        messages = _messages(value, name)
+    except RecordError as e:
+        raise RecordError(f"'{name}': {e}") from None
+    for i, m in enumerate(messages, 1):
+        if m["role"] != "assistant":
+            raise RecordError(f"'{name}': message {i}: expected role 'assistant', got {m['role']!r}")
+    return [{"role": "assistant", "content": m["content"]} for m in messages]
 
 
 def _field(row: dict, *names: str) -> str | None:
@@ -246,6 +417,25 @@ def encode_chat(template: ChatTemplate, messages: list[dict], budget: int,
             response_start = len(ids)
         ids += seg.ids
         mask += [seg.trainable or train_on_prompt] * len(seg.ids)
+    return _cut(ids, mask, response_start, budget)
+
+
+def encode_reply(template: ChatTemplate, prompt: list[dict], reply: list[dict], budget: int) -> tuple[Example, bool]:
+    """One side of a preference pair: loss mask on the reply's assistant content only (never on the
+    prompt, even its assistant turns), truncated like encode_chat with the reply as the response."""
+    ids = template.encode(prompt)
+    mask = [False] * len(ids)
+    reply_start = None
+    for seg in template.segments(reply):
+        if seg.trainable and reply_start is None:
+            reply_start = len(ids)
+        ids += seg.ids
+        mask += [seg.trainable] * len(seg.ids)
+    return _cut(ids, mask, reply_start or 0, budget)
+
+
+def _cut(ids: list[int], mask: list[bool], response_start: int, budget: int) -> tuple[Example, bool]:
+    """The truncation rule: the prompt keeps its end, the response its beginning (and at least half)."""
     truncated = len(ids) > budget
     if truncated:
         response_len = len(ids) - response_start
@@ -275,9 +465,15 @@ def load_file(path: str, fmt: str, template: ChatTemplate, budget: int, train_on
     for where, row in iter_rows(path):
         out.total += 1
         try:
-            kind, content = parse_record(row, fmt)
+            shape, kind, content = read_record(row, fmt)
+            conversation = content if kind != "text" else None
             if kind == "text":
                 examples = encode_text(template, content, budget)
+            elif kind == "preference":
+                (chosen, cut), (rejected, cut_too) = (encode_reply(template, content.prompt, reply, budget)
+                                                      for reply in (content.chosen, content.rejected))
+                examples, conversation = [chosen, rejected], content.prompt + content.chosen
+                out.truncated += cut or cut_too
             else:
                 example, cut = encode_chat(template, content, budget, train_on_prompt)
                 examples = [example]
@@ -286,8 +482,9 @@ def load_file(path: str, fmt: str, template: ChatTemplate, budget: int, train_on
             out.invalid.append((where, str(e)))
             continue
         out.formats[kind] = out.formats.get(kind, 0) + 1
+        out.shapes[shape] = out.shapes.get(shape, 0) + 1
         out.records.append(examples)
-        out.conversations.append(content if kind != "text" else None)
+        out.conversations.append(conversation)
     if out.total == 0:
         raise DataError(f"{path}: no records found")
     return out
@@ -298,6 +495,16 @@ def load_sft_data(cfg: SFTDataConfig, template: ChatTemplate, budget: int, train
     """Train and validation examples per the data config; stops on invalid records unless skip_invalid."""
     train = load_file(cfg.path, cfg.format, template, budget, train_on_prompt)
     val = load_file(cfg.val_path, cfg.format, template, budget, train_on_prompt) if cfg.val_path else None
+    kinds: set[str] = set()
+    for path, loaded in ((cfg.path, train), (cfg.val_path, val)):
+        if loaded is not None:
+            shapes = ", ".join(f"{n} {shape}" for shape, n in sorted(loaded.shapes.items(), key=lambda kv: -kv[1]))
+            log(f"data: {path}: read as {shapes or 'nothing valid'}")
+            kinds |= set(loaded.formats)
+    preference = "preference" in kinds
+    if preference and len(kinds) > 1:
+        raise DataError(f"{cfg.path}{' and ' + cfg.val_path if cfg.val_path else ''}: preference pairs mixed with "
+                        f"SFT records ({', '.join(sorted(kinds))}); DPO trains on pairs only: use separate files")
     invalid = train.invalid + (val.invalid if val else [])
     total = train.total + (val.total if val else 0)
     if invalid:
@@ -332,9 +539,12 @@ def load_sft_data(cfg: SFTDataConfig, template: ChatTemplate, budget: int, train
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(train.formats.items()))
     log(f"data: {len(records)} train / {len(val_records)} val records ({kinds}); "
         f"{truncated} truncated to fit the {budget - 1}-token window")
+    if preference and cfg.canaries:
+        raise ConfigError("data.canaries plants text records, which preference pairs (DPO) cannot hold: "
+                        "set data.canaries=0 for this run, or audit the SFT run instead")
     records = records + canary_records(cfg, template, budget, log, report_dir)
     flat = lambda recs: [e for r in recs for e in r]  # noqa: E731
-    return SFTData(flat(records), flat(val_records), samples, invalid, truncated)
+    return SFTData(flat(records), flat(val_records), samples, invalid, truncated, preference)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -360,3 +570,55 @@ def canary_records(cfg: SFTDataConfig, template: ChatTemplate, budget: int, log:
     log(f"data: planted {len(secrets)} canaries x {cfg.canary_repeats} as training records"
         + (f" (secrets in {Path(report_dir) / canary.FILE})" if report_dir is not None else ""))
     return [examples[i % len(secrets)] for i in range(len(secrets) * cfg.canary_repeats)]
+
+
+# ---------------------------------------------------------------------------- training order
+
+
+class RowStream:
+    """The training stream's rows (lists of example indices), epoch after epoch."""
+
+    def __init__(self, lengths: list[int], capacity: int, packing: bool, seed: int, shuffle: bool = True):
+        self.lengths, self.capacity, self.packing = lengths, capacity, packing
+        self.seed, self.shuffle = seed, shuffle
+        self.rows: list[list[int]] = []  # packed rows built so far (packing only)
+        self.epoch_rows: list[int] = []  # rows per packed epoch
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This epoch's order of examples (cached: consecutive rows mostly share an epoch)."""
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.lengths)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def row(self, j: int) -> list[int]:
+        if not self.packing:
+            epoch, k = divmod(j, len(self.lengths))
+            return [int(self.order(epoch)[k])]
+        while len(self.rows) <= j:
+            self._pack_epoch(len(self.epoch_rows))
+        return self.rows[j]
+
+    def rows_per_epoch(self) -> int:
+        if not self.packing:
+            return len(self.lengths)
+        if not self.epoch_rows:
+            self._pack_epoch(0)
+        return self.epoch_rows[0]
+
+    def _pack_epoch(self, epoch: int) -> None:
+        """Greedy, in order: an example that does not fit in the current row starts the next one."""
+        before = len(self.rows)
+        current: list[int] = []
+        used = 0
+        for i in self.order(epoch):
+            n = self.lengths[i]
+            if current and used + n > self.capacity:
+                self.rows.append(current)
+                current, used = [], 0
+            current.append(int(i))
+            used += n
+        self.rows.append(current)
+        self.epoch_rows.append(len(self.rows) - before)

@@ -5,6 +5,10 @@ mixed precision, gradient accumulation, clipping, the non-finite guard, evaluati
 checkpoints and exact resume. The loss of a step is the sum of token losses over all its
 micro-batches (and ranks) divided by the number of supervised tokens, so accumulation equals
 one larger batch and SFT batches with few response tokens are weighted fairly.
+
+What a step minimises is an Objective: token cross-entropy by default (pretraining, SFT), or
+another loss summed over its own units (DPO: over preference pairs), with extra metrics that are
+averaged the same way and logged beside the loss.
 """
 
 from __future__ import annotations
@@ -44,9 +48,34 @@ class TrainingError(UserError):
 
 
 class BatchSource(Protocol):
-    def train_batch(self, step: int, micro: int) -> Batch: ...
+    def train_batch(self, step: int, micro: int) -> Any: ...
 
-    def val_batches(self) -> Iterable[Batch]: ...
+    def val_batches(self) -> Iterable[Any]: ...
+
+
+class Objective(Protocol):
+    """A loss summed over units (tokens, pairs) of a batch; fit() divides by the units of the whole step."""
+
+    metrics: tuple[str, ...]  # names of the extra values, each summed over units like the loss
+
+    def units(self, batch: Any) -> torch.Tensor: ...
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss summed over the batch's units, the metrics summed likewise: a (len(metrics),) tensor)."""
+        ...
+
+
+class TokenLoss:
+    """Cross-entropy summed over supervised tokens: pretraining and SFT."""
+
+    metrics: tuple[str, ...] = ()
+
+    def units(self, b: Batch) -> torch.Tensor:
+        return (b.y != IGNORE_INDEX).sum()
+
+    def __call__(self, model, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        _, loss_sum = model(b.x, b.y, doc_ids=b.doc_ids, reduction="sum")
+        return loss_sum, loss_sum.new_zeros(0)
 
 
 @dataclass(frozen=True)
@@ -85,14 +114,17 @@ def fit(
     device: torch.device,
     dist: distributed.Dist | None = None,
     export: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None,
+    objective: Objective | None = None,
 ) -> FitResult:
     """Train `model` on `batches` for cfg.train.max_iters optimizer steps, checkpointing to cfg.out_dir.
 
     `export` maps the model to the weights a checkpoint stores (default: its state dict); LoRA passes
     the merged weights so every checkpoint is a plain GPT. `latest` then also keeps the trainable
     parameters as they train (the frozen rest is rebuilt from init_from), so resume stays exact.
+    `objective` is what a step minimises (default: TokenLoss).
     """
     dist = dist or distributed.Dist()
+    objective = objective or TokenLoss()
     t, o = cfg.train, cfg.optim
     out = cfg.out_dir
     if dist.is_main:
@@ -126,22 +158,22 @@ def fit(
     stale_evals, result = 0, None
     step = start
 
-    pending: list[torch.Tensor] = []  # step losses not yet checked: one device sync per log line, not per step
+    pending: list[torch.Tensor] = []  # (loss, *metrics) per step not yet checked: one device sync per log line
 
-    def check_finite() -> float:
-        """Raise on the first non-finite loss since the last check; return the latest loss."""
+    def check_finite() -> list[float]:
+        """Raise on the first non-finite loss since the last check; return the latest (loss, *metrics)."""
         if not pending:
-            return math.nan
-        losses = torch.stack(pending).tolist()
-        first = step - len(losses)
+            return [math.nan]
+        rows = torch.stack(pending).tolist()
+        first = step - len(rows)
         pending.clear()
-        for i, value in enumerate(losses):
+        for i, (value, *_) in enumerate(rows):
             if not math.isfinite(value):
                 raise TrainingError(
                     f"iter {first + i}: loss is {value}; stopping. The last good checkpoint in {out} is kept: "
                     "lower optim.lr, raise optim.warmup_iters or use dtype=float32"
                 )
-        return losses[-1]
+        return rows[-1]
 
     def save(kind: str, val_loss: float) -> None:
         check_finite()  # never write weights from a diverged step
@@ -161,12 +193,15 @@ def fit(
         while True:
             due = step % t.eval_interval == 0 and step != start or step == t.max_iters or (step == 0 and start == 0)
             if due and t.eval_iters > 0:
-                last_val = evaluate(train_model, batches, device, dtype, dist)
+                last_val, val_metrics = evaluate(train_model, batches, device, dtype, dist, objective)
                 improved = last_val < best
                 best = min(best, last_val)
-                ppl = math.exp(min(last_val, 50.0))
-                log.print(f"iter {step}: val loss {last_val:.4f}, ppl {ppl:.2f}" + (" (best)" if improved else ""))
-                log.record(iter=step, val_loss=last_val, val_ppl=ppl)
+                if objective.metrics:
+                    extra = {f"val_{k}": v for k, v in val_metrics.items()}
+                else:
+                    extra = {"val_ppl": math.exp(min(last_val, 50.0))}
+                log.print(f"iter {step}: val loss {last_val:.4f}" + _shown(extra) + (" (best)" if improved else ""))
+                log.record(iter=step, val_loss=last_val, **extra)
                 if step > 0 and (not t.checkpoint_interval or step % t.checkpoint_interval == 0 or step == t.max_iters):
                     save("latest", last_val)
                     if improved:
@@ -186,19 +221,21 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_t, n_tokens = _train_step(train_model, batches, step, t.grad_accum, optimizer, scaler,
-                                           device, dtype, dist, o.grad_clip)
+                                           device, dtype, dist, o.grad_clip, objective)
             pending.append(loss_t)
             step += 1
             tokens_since += n_tokens
             log.advance()
             if step % t.log_interval == 0 or step == t.max_iters:
-                loss = check_finite()  # also waits for the device, so the timing below is real
+                loss, *stats = check_finite()  # also waits for the device, so the timing below is real
                 now = time.perf_counter()
                 n_steps = t.log_interval if step % t.log_interval == 0 else step % t.log_interval
                 ms = (now - t_last) * 1000 / max(1, n_steps)
                 tok_s = tokens_since / max(now - t_last, 1e-9)
-                line = f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {ms:.1f} ms/iter, {tok_s:,.0f} tok/s"
-                values = dict(iter=step, loss=loss, lr=lr, ms_per_iter=ms, tokens_per_s=tok_s)
+                step_metrics = dict(zip(objective.metrics, stats))
+                line = (f"iter {step}: loss {loss:.4f}{_shown(step_metrics)}, lr {lr:.2e}, {ms:.1f} ms/iter, "
+                        f"{tok_s:,.0f} tok/s")
+                values = dict(iter=step, loss=loss, **step_metrics, lr=lr, ms_per_iter=ms, tokens_per_s=tok_s)
                 if peak:
                     flops_per_step = flops_per_step or model.flops_per_token(training=True)
                     mfu = tok_s * flops_per_step / peak / dist.world_size
@@ -224,21 +261,25 @@ def fit(
     return result
 
 
+def _shown(metrics: dict[str, float]) -> str:
+    return "".join(f", {k} {v:.4f}" if "ppl" not in k else f", ppl {v:.2f}" for k, v in metrics.items())
+
+
 def _train_step(model, batches: BatchSource, step: int, accum: int, optimizer, scaler, device, dtype, dist,
-                grad_clip: float) -> tuple[torch.Tensor, int]:
-    """One optimizer step over `accum` micro-batches; returns (mean token loss as a 0-d tensor, left on
+                grad_clip: float, objective: Objective) -> tuple[torch.Tensor, int]:
+    """One optimizer step over `accum` micro-batches; returns ((mean loss, *mean metrics) as a tensor, left on
     the device so the step does not wait for it, and the tokens seen on this rank)."""
     micro = [batches.train_batch(step, m) for m in range(accum)]
-    counts = torch.stack([(b.y != IGNORE_INDEX).sum() for b in micro]).sum().to(device, torch.float32)
+    counts = torch.stack([objective.units(b) for b in micro]).sum().to(device, torch.float32)
     n_supervised = dist.all_reduce_sum(counts.clone()).clamp(min=1)
     # DDP averages gradients over ranks; multiply back so the result is sum(loss)/n_supervised.
     scale = dist.world_size / n_supervised
-    total = torch.zeros((), device=device)
+    total = torch.zeros(1 + len(objective.metrics), device=device)
     for m, b in enumerate(micro):
         with dist.no_sync(model, skip=m < accum - 1), autocast(device, dtype):
-            _, loss_sum = model(b.x, b.y, doc_ids=b.doc_ids, reduction="sum")
+            loss_sum, stats = objective(model, b)
         scaler.scale(loss_sum * scale).backward()
-        total += loss_sum.detach()
+        total += torch.cat([loss_sum.detach().float().view(1), stats.detach().float()])
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -249,10 +290,32 @@ def _train_step(model, batches: BatchSource, step: int, accum: int, optimizer, s
     return loss, sum(b.x.numel() for b in micro)
 
 
-def evaluate(model, batches: BatchSource, device, dtype, dist: distributed.Dist) -> float:
-    """Mean token loss over the validation batches, averaged over all ranks (gpt.eval's scoring pass)."""
-    sums = dist.all_reduce_sum(loss_sums(model, batches.val_batches(), device, dtype))
-    return (sums[0] / sums[1].clamp(min=1)).item()
+def evaluate(model, batches: BatchSource, device, dtype, dist: distributed.Dist,
+             objective: Objective | None = None) -> tuple[float, dict[str, float]]:
+    """Mean validation loss and the objective's metrics, averaged over all ranks. Token loss is gpt.eval's
+    scoring pass; another objective (DPO) is scored by itself, per its units."""
+    if objective is None or isinstance(objective, TokenLoss):
+        sums = dist.all_reduce_sum(loss_sums(model, batches.val_batches(), device, dtype))
+        return (sums[0] / sums[1].clamp(min=1)).item(), {}
+    sums = dist.all_reduce_sum(_objective_sums(model, batches, objective, device, dtype))
+    loss, _, *stats = (sums / sums[1].clamp(min=1)).tolist()
+    return loss, dict(zip(objective.metrics, stats))
+
+
+@torch.no_grad()
+def _objective_sums(model, batches: BatchSource, objective: Objective, device, dtype) -> torch.Tensor:
+    """(loss, units, *metrics) summed over this rank's validation batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2 + len(objective.metrics), device=device)
+    try:
+        for b in batches.val_batches():
+            with autocast(device, dtype):
+                loss_sum, stats = objective(model, b)
+            sums += torch.cat([loss_sum.float().view(1), objective.units(b).float().view(1), stats.float()])
+    finally:
+        model.train(was_training)
+    return sums
 
 
 def _train_state(optimizer, scaler, step: int, best: float) -> dict:

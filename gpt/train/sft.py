@@ -1,4 +1,5 @@
 """Supervised fine-tuning: `finetune(cfg)` = base checkpoint + chat tokens + SFT batches -> the same fit().
+Records that are preference pairs train with DPO instead (gpt/train/dpo.py), in the same run.
 
 The base model comes from one of our checkpoint directories or a Hugging Face GPT-2 directory.
 Its tokenizer gains the chat markers (<|system|> <|user|> <|assistant|> <|end|>) as special tokens,
@@ -26,61 +27,13 @@ from gpt.config import ConfigError, FinetuneConfig, check_finetune
 from gpt.convert import load_pretrained
 from gpt.data.chat import CHAT_TOKENS, ChatTemplate
 from gpt.data.corpus import Batch
-from gpt.data.records import Example, load_sft_data
+from gpt.data.records import Example, RowStream, load_sft_data
 from gpt.data.tokenizer import Tokenizer
 from gpt.lora import apply_lora, count_trainable, merged_state_dict
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.plot import plot_run
-from gpt.train.loop import FitConfig, FitResult, fit, start_run
-
-
-class RowStream:
-    """The training stream's rows (lists of example indices), epoch after epoch."""
-
-    def __init__(self, lengths: list[int], capacity: int, packing: bool, seed: int, shuffle: bool = True):
-        self.lengths, self.capacity, self.packing = lengths, capacity, packing
-        self.seed, self.shuffle = seed, shuffle
-        self.rows: list[list[int]] = []  # packed rows built so far (packing only)
-        self.epoch_rows: list[int] = []  # rows per packed epoch
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def order(self, epoch: int) -> np.ndarray:
-        """This epoch's order of examples (cached: consecutive rows mostly share an epoch)."""
-        if self._order is None or self._order[0] != epoch:
-            n = len(self.lengths)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order = (epoch, perm)
-        return self._order[1]
-
-    def row(self, j: int) -> list[int]:
-        if not self.packing:
-            epoch, k = divmod(j, len(self.lengths))
-            return [int(self.order(epoch)[k])]
-        while len(self.rows) <= j:
-            self._pack_epoch(len(self.epoch_rows))
-        return self.rows[j]
-
-    def rows_per_epoch(self) -> int:
-        if not self.packing:
-            return len(self.lengths)
-        if not self.epoch_rows:
-            self._pack_epoch(0)
-        return self.epoch_rows[0]
-
-    def _pack_epoch(self, epoch: int) -> None:
-        """Greedy, in order: an example that does not fit in the current row starts the next one."""
-        before = len(self.rows)
-        current: list[int] = []
-        used = 0
-        for i in self.order(epoch):
-            n = self.lengths[i]
-            if current and used + n > self.capacity:
-                self.rows.append(current)
-                current, used = [], 0
-            current.append(int(i))
-            used += n
-        self.rows.append(current)
-        self.epoch_rows.append(len(self.rows) - before)
+from gpt.train import dpo
+from gpt.train.loop import FitConfig, FitResult, Objective, fit, start_run
 
 
 class SFTBatches:
@@ -188,6 +141,8 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         data = load_sft_data(cfg.data, template, block_size + 1, cfg.sft.train_on_prompt, log,
                              report_dir=Path(cfg.out_dir) if dist.is_main else None)
 
+        if data.preference and cfg.sft.train_on_prompt:
+            raise ConfigError("sft.train_on_prompt does not apply to preference pairs: DPO compares replies only")
         export = None
         if cfg.lora.rank:
             names = apply_lora(model, cfg.lora, cfg.train.seed)
@@ -197,12 +152,20 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
             export = merged_state_dict
 
         t = cfg.train
-        batches = SFTBatches(data.train, data.val, block_size=block_size, batch_size=t.batch_size, device=device,
-                             seed=t.seed, rank=dist.rank, world_size=dist.world_size, grad_accum=t.grad_accum,
-                             packing=cfg.sft.packing, eval_batch_size=t.eval_batch_size, eval_iters=t.eval_iters)
-        log(f"data: {'packed' if cfg.sft.packing else 'padded'} windows of {block_size} tokens; "
-            f"one epoch is about {batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
-        result = fit(model, batches, FitConfig.of(cfg, model.config), tok, device, dist, export=export)
+        objective: Objective | None = None
+        if data.preference:
+            batches, objective = dpo.prepare(cfg, model, data, device, dist, log)
+            log(f"data: pairs of windows up to {block_size} tokens; one epoch is about "
+                f"{batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
+        else:
+            batches = SFTBatches(data.train, data.val, block_size=block_size, batch_size=t.batch_size,
+                                 device=device, seed=t.seed, rank=dist.rank, world_size=dist.world_size,
+                                 grad_accum=t.grad_accum, packing=cfg.sft.packing, eval_batch_size=t.eval_batch_size,
+                                 eval_iters=t.eval_iters)
+            log(f"data: {'packed' if cfg.sft.packing else 'padded'} windows of {block_size} tokens; "
+                f"one epoch is about {batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
+        result = fit(model, batches, FitConfig.of(cfg, model.config), tok, device, dist, export=export,
+                     objective=objective)
         if dist.is_main and cfg.logging.plot:
             plot_run(cfg.out_dir)
         if (dist.is_main or dist.sharded) and cfg.logging.sample_tokens and not result.interrupted:
