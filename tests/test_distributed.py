@@ -183,3 +183,25 @@ def test_finetune_with_lora_on_two_ranks_matches_one_process(sft_single, strateg
     assert merged.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.allclose(merged[name], tensor, atol=1e-6), name
+
+
+def test_dpo_on_two_ranks_matches_one_process(tmp_path):
+    """DPO with the reference precomputed by both ranks (each its share): the same losses and metrics."""
+    base = write_base(tmp_path / "base")
+    words = ["cat", "sun", "red", "one", "up", "hot", "yes", "big"]
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"{w}?", "chosen": f"{w}.", "rejected": f"{w[::-1]}."}
+                                                  for w in words])
+    values = {**FT, "lora.rank": 0, "train.grad_accum": 2, "init_from": base,
+              "data.path": data, "data.val_path": data, "dpo.reference": "precompute", "dpo.beta": 0.5}
+    # the same global batch; every validation pair evaluated (2 ranks x 3 leaves a padding pair, and a rank idle)
+    single = {**values, "out_dir": tmp_path / "single", "train.batch_size": 4, "train.eval_batch_size": 6}
+    single = [f"{k}={v}" for k, v in single.items()]
+    in_process(lambda: finetune(parse_run_args(FinetuneConfig, single, "finetune.py")))
+    args = {**values, "out_dir": tmp_path / "ddp", "train.batch_size": 2, "train.eval_batch_size": 3, "train.threads": 1}
+    proc = launch("finetune.py", [f"{k}={v}" for k, v in args.items()], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("global batch: 2 x 2 accum x 2 ranks = 8 pairs") == 1
+    for key in ("loss", "accuracy", "margin", "val_loss", "val_accuracy", "val_reward_chosen"):
+        assert metrics(tmp_path / "ddp", key) == pytest.approx(metrics(tmp_path / "single", key), **TOL), key
+    assert metrics(tmp_path / "ddp", "val_accuracy")[K] > 0.5  # it trained
+    assert files(tmp_path / "ddp") == files(tmp_path / "single")  # one cache file, one writer

@@ -429,3 +429,81 @@ def _plain(cfg: ModelConfig, state: dict) -> GPT:
     model = GPT(cfg)
     checkpoint.load_state_checked(model, state, "merged")
     return model.eval()
+
+
+# ---------------------------------------------------------------------------- other formats
+
+
+def test_sharegpt_and_openai_records_give_the_tokens_of_messages_records(tmp_path):
+    from gpt.config import SFTDataConfig
+    from gpt.data.records import load_sft_data
+
+    tpl = chat_template()
+    turns = [("system", "be brief."), ("user", "cat?"), ("assistant", "dog."), ("user", "sun?"),
+             ("assistant", "moon.")]
+    messages = {"messages": [{"role": r, "content": c} for r, c in turns]}
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": names[r], "value": c} for r, c in turns]}
+    sharegpt_plain = {"conversations": [{"from": r, "value": c} for r, c in turns]}
+    openai = {"messages": [{"role": "system", "content": [{"type": "text", "text": "be "},
+                                                          {"type": "text", "text": "brief."}]},
+                           {"role": "user", "content": "cat?", "name": "ann"},
+                           {"role": "assistant", "content": "dog.", "weight": 1},
+                           {"role": "user", "content": [{"type": "text", "text": "sun?"}]},
+                           {"role": "assistant", "content": "moon.", "name": "bot", "weight": 1}]}
+    weighted = json.loads(json.dumps(openai))
+    weighted["messages"][2]["weight"] = 0  # shown as context, not learned
+    path = write_jsonl(tmp_path / "mixed.jsonl", [messages, sharegpt, sharegpt_plain, openai, weighted])
+    lines: list[str] = []
+    data = load_sft_data(SFTDataConfig(path=str(path), val_path=str(path)), tpl, 100, False, lines.append)
+    assert lines[0] == f"data: {path}: read as 2 messages, 2 sharegpt, 1 messages with weight-0 turns"
+    assert sum(str(path) in line for line in lines) == 2  # once per file (here both train and val)
+
+    reference = data.train[0]
+    for other in data.train[1:4]:
+        assert other.ids.tolist() == reference.ids.tolist() and other.mask.tolist() == reference.mask.tolist()
+    w = data.train[4]
+    assert w.ids.tolist() == reference.ids.tolist()
+    assert tpl.tok.decode(reference.ids[reference.mask].tolist()) == "dog.<|end|>moon.<|end|>"
+    assert tpl.tok.decode(w.ids[w.mask].tolist()) == "moon.<|end|>"  # weight 0: no loss on "dog."
+
+
+BAD_FORMATS = [
+    ({"conversations": [{"from": "bot", "value": "x"}, {"from": "gpt", "value": "y"}]}, "message 1: unknown 'from' 'bot'"),
+    ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]},
+     "message 1: expected an object with 'from' and 'value'"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{}"}]},
+     "message 2: role 'function_call' is not supported"),
+    ({"conversations": "not json"}, "'conversations' is text that is not a JSON list"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"},
+                   {"role": "assistant", "content": "z"}]}, "message 2: role 'tool' is not supported"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+                                                      "tool_calls": [{"id": "1"}]}]},
+     "message 2: a tool call is not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+                   {"role": "assistant", "content": "z"}]}, "message 1: content part 1 of type 'image_url' is not"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "z", "weight": 2}]},
+     "message 2: 'weight' must be 0 or 1"),
+    ({"messages": [{"role": "user", "content": "x", "weight": 1}, {"role": "assistant", "content": "z"}]},
+     "message 1: 'weight' is only allowed on assistant messages"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "z", "weight": 0}]},
+     "every assistant message has weight 0"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "z"}],
+      "tools": [{"type": "function"}]}, "'tools' (function definitions) is not supported"),
+    ({"messages": [{"role": "user", "content": "x", "name": 3}, {"role": "assistant", "content": "z"}]},
+     "message 1: 'name' must be text"),
+    ({"messages": [{"role": "user", "content": [{"text": "x"}]}, {"role": "assistant", "content": "z"}]},
+     "message 1: content part 1: expected"),
+]
+
+
+def test_malformed_sharegpt_and_openai_records_are_file_line_errors(tmp_path):
+    from gpt.data.records import load_file
+
+    tpl = chat_template()
+    path = write_jsonl(tmp_path / "bad.jsonl", [qa("cat", "dog")] + [row for row, _ in BAD_FORMATS])
+    loaded = load_file(str(path), "auto", tpl, 49, False)
+    assert len(loaded.records) == 1
+    assert [where for where, _ in loaded.invalid] == [f"{path}:{i}" for i in range(2, len(BAD_FORMATS) + 2)]
+    for (_, message), (_, expected) in zip(loaded.invalid, BAD_FORMATS):
+        assert message.startswith(expected), message

@@ -1,11 +1,16 @@
 """Write a small synthetic question-answering set for fine-tuning the Shakespeare char model.
 
     python data/qa/prepare.py            # -> data/qa/train.jsonl, data/qa/val.jsonl (chat format)
+                                         #    and data/qa/pairs_{train,val}.jsonl (preference pairs, for DPO)
 
 Nothing here is real data: questions and answers come from a few templates (greetings, spelling,
 opposites, sums in words, facts about the plays). Every character is one that Tiny Shakespeare
 contains (letters, space, newline and !$&',-.3:;?), because the char model knows no others; and
 each conversation fits the model's 64-token window together with the chat markers.
+
+A preference pair asks one question and prefers its correct answer to a near miss: a sum off by
+one, a spelling with two letters swapped, or the answer to another question of the same kind
+(another name greeted, another play's setting).
 """
 
 from __future__ import annotations
@@ -84,11 +89,32 @@ def conversation(rng: random.Random) -> dict:
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
 
+def preference_pair(rng: random.Random) -> dict:
+    """{"prompt", "chosen", "rejected"}: the right answer, and a near miss of the same form."""
+    task = rng.choice(TASKS)
+    q, a = task(rng)
+    if task is add:  # the sum off by one
+        *head, total = a[:-1].split(" ")
+        n = NUMBERS.index(total)
+        wrong = " ".join(head + [NUMBERS[n + 1 if n == 0 or (n < 10 and rng.random() < 0.5) else n - 1]]) + "."
+    elif task is spell and len(set(a[:-1].split("-"))) > 1:  # two neighbouring letters swapped
+        letters = a[:-1].split("-")
+        i = rng.choice([i for i in range(len(letters) - 1) if letters[i] != letters[i + 1]])
+        letters[i], letters[i + 1] = letters[i + 1], letters[i]
+        wrong = "-".join(letters) + "."
+    else:  # the answer to another question of the same kind
+        wrong = a
+        while wrong == a:
+            _, wrong = task(rng)
+    return {"prompt": q, "chosen": a, "rejected": wrong}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent), help="folder for train.jsonl and val.jsonl")
     ap.add_argument("--train", type=int, default=3000, help="training conversations")
     ap.add_argument("--val", type=int, default=200, help="validation conversations")
+    ap.add_argument("--pairs", type=int, default=2000, help="training preference pairs (validation: --val)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -100,6 +126,13 @@ def main() -> None:
             for _ in range(n):
                 f.write(json.dumps(conversation(rng)) + "\n")
         print(f"wrote {n} conversations to {path}")
+    pairs = random.Random(args.seed + 1)  # its own stream: the conversations above stay as they were
+    for split, n in (("pairs_train", args.pairs), ("pairs_val", args.val)):
+        path = out / f"{split}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for _ in range(n):
+                f.write(json.dumps(preference_pair(pairs)) + "\n")
+        print(f"wrote {n} preference pairs to {path}")
 
 
 if __name__ == "__main__":

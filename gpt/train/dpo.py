@@ -86,6 +86,7 @@ class DPOLoss:
     where policy = reference, reads as chance: 0.5), 0 otherwise."""
 
     metrics = ("reward_chosen", "reward_rejected", "margin", "accuracy")
+    batch_unit = "pairs"
 
     def __init__(self, cfg: DPOConfig, reference: Reference):
         self.cfg, self.reference = cfg, reference

@@ -57,6 +57,7 @@ class Objective(Protocol):
     """A loss summed over units (tokens, pairs) of a batch; fit() divides by the units of the whole step."""
 
     metrics: tuple[str, ...]  # names of the extra values, each summed over units like the loss
+    batch_unit: str  # what train.batch_size counts ("sequences", "pairs")
 
     def units(self, batch: Any) -> torch.Tensor: ...
 
@@ -69,6 +70,7 @@ class TokenLoss:
     """Cross-entropy summed over supervised tokens: pretraining and SFT."""
 
     metrics: tuple[str, ...] = ()
+    batch_unit = "sequences"
 
     def units(self, b: Batch) -> torch.Tensor:
         return (b.y != IGNORE_INDEX).sum()
@@ -151,7 +153,7 @@ def fit(
     if dist.is_main:
         global_batch = t.batch_size * t.grad_accum * dist.world_size
         log.print(f"global batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} ranks = "
-                  f"{global_batch} sequences; {model.num_params() / 1e6:.2f}M parameters; {dtype} on {device}")
+                  f"{global_batch} {objective.batch_unit}; {model.num_params() / 1e6:.2f}M parameters; {dtype} on {device}")
         log.record(iter=start, global_batch=global_batch, world_size=dist.world_size)
     peak = gpu_peak_flops(device)
     flops_per_step = None
@@ -196,12 +198,9 @@ def fit(
                 last_val, val_metrics = evaluate(train_model, batches, device, dtype, dist, objective)
                 improved = last_val < best
                 best = min(best, last_val)
-                if objective.metrics:
-                    extra = {f"val_{k}": v for k, v in val_metrics.items()}
-                else:
-                    extra = {"val_ppl": math.exp(min(last_val, 50.0))}
-                log.print(f"iter {step}: val loss {last_val:.4f}" + _shown(extra) + (" (best)" if improved else ""))
-                log.record(iter=step, val_loss=last_val, **extra)
+                shown = val_metrics if objective.metrics else {"ppl": math.exp(min(last_val, 50.0))}
+                log.print(f"iter {step}: val loss {last_val:.4f}" + _shown(shown) + (" (best)" if improved else ""))
+                log.record(iter=step, val_loss=last_val, **{f"val_{k}": v for k, v in shown.items()})
                 if step > 0 and (not t.checkpoint_interval or step % t.checkpoint_interval == 0 or step == t.max_iters):
                     save("latest", last_val)
                     if improved:
@@ -262,7 +261,7 @@ def fit(
 
 
 def _shown(metrics: dict[str, float]) -> str:
-    return "".join(f", {k} {v:.4f}" if "ppl" not in k else f", ppl {v:.2f}" for k, v in metrics.items())
+    return "".join(f", {k} {v:.2f}" if k == "ppl" else f", {k} {v:.4f}" for k, v in metrics.items())
 
 
 def _train_step(model, batches: BatchSource, step: int, accum: int, optimizer, scaler, device, dtype, dist,

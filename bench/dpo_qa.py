@@ -1,0 +1,53 @@
+"""Held-out before/after for the DPO QA example: each checkpoint's own ranking of the pairs and its answers.
+
+    python bench/dpo_qa.py out/sft_qa out/dpo_qa
+
+preference accuracy: share of data/qa/pairs_val.jsonl where the model gives the correct answer a higher
+log-probability than the wrong one (its own ranking, no reference model). exact match: share of
+data/qa/val.jsonl questions whose greedy answer is exactly the reference answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from gpt import checkpoint
+from gpt.data.chat import ChatTemplate
+from gpt.data.records import load_file
+from gpt.train.dpo import PairBatches, sequence_logps
+from gpt.train.sft import greedy_reply
+
+
+@torch.no_grad()
+def score(ckpt: str, pairs: str, questions: str, device: torch.device) -> tuple[float, float]:
+    model, tok, _, _ = checkpoint.load_model(ckpt, device)
+    model.eval()
+    template = ChatTemplate(tok)
+    budget = model.config.block_size + 1
+    examples = [e for record in load_file(pairs, "preference", template, budget, False).records for e in record]
+    batches = PairBatches(examples, [], batch_size=64, device=device)
+    wins = 0.0
+    for b in batches.split_batches("train", 64):
+        chosen, rejected = sequence_logps(model, b).view(2, -1)
+        wins += ((chosen > rejected) & (b.index >= 0)).sum().item()
+    convs = [c for c in load_file(questions, "chat", template, budget, False).conversations if c]
+    hits = sum(greedy_reply(model, template, c[:-1], 40, device) == c[-1]["content"] for c in convs)
+    return wins / (len(examples) // 2), hits / len(convs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--pairs", default="data/qa/pairs_val.jsonl")
+    ap.add_argument("--questions", default="data/qa/val.jsonl")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    for ckpt in args.checkpoints:
+        accuracy, exact = score(ckpt, args.pairs, args.questions, torch.device(args.device))
+        print(f"{ckpt}: held-out preference accuracy {accuracy:.3f}, greedy exact match {exact:.3f}")
+
+
+if __name__ == "__main__":
+    main()
