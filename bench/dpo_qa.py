@@ -21,7 +21,7 @@ from gpt.train.sft import greedy_reply
 
 
 @torch.no_grad()
-def score(ckpt: str, pairs: str, questions: str, device: torch.device) -> tuple[float, float]:
+def score(ckpt: str, pairs: str, questions: str, n_questions: int, device: torch.device) -> tuple[float, float]:
     model, tok, _, _ = checkpoint.load_model(ckpt, device)
     model.eval()
     template = ChatTemplate(tok)
@@ -32,9 +32,9 @@ def score(ckpt: str, pairs: str, questions: str, device: torch.device) -> tuple[
     for b in batches.split_batches("train", 64):
         chosen, rejected = sequence_logps(model, b).view(2, -1)
         wins += ((chosen > rejected) & (b.index >= 0)).sum().item()
-    convs = [c for c in load_file(questions, "chat", template, budget, False).conversations if c]
+    convs = [c for c in load_file(questions, "chat", template, budget, False).conversations if c][:n_questions]
     hits = sum(greedy_reply(model, template, c[:-1], 40, device) == c[-1]["content"] for c in convs)
-    return wins / (len(examples) // 2), hits / len(convs)
+    return wins / (len(examples) // 2), hits / max(1, len(convs))
 
 
 def main() -> None:
@@ -42,11 +42,13 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--pairs", default="data/qa/pairs_val.jsonl")
     ap.add_argument("--questions", default="data/qa/val.jsonl")
+    ap.add_argument("--n-questions", type=int, default=200, help="questions answered greedily (slow on a busy CPU)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     for ckpt in args.checkpoints:
-        accuracy, exact = score(ckpt, args.pairs, args.questions, torch.device(args.device))
-        print(f"{ckpt}: held-out preference accuracy {accuracy:.3f}, greedy exact match {exact:.3f}")
+        accuracy, exact = score(ckpt, args.pairs, args.questions, args.n_questions, torch.device(args.device))
+        print(f"{ckpt}: held-out preference accuracy {accuracy:.3f}, greedy exact match {exact:.3f} "
+              f"(first {args.n_questions} questions)")
 
 
 if __name__ == "__main__":
