@@ -117,23 +117,19 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=2000, help="training preference pairs (validation: --val)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    rng = random.Random(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", args.train), ("val", args.val)):
-        path = out / f"{split}.jsonl"
+    conversations, pairs = random.Random(args.seed), random.Random(args.seed + 1)  # pairs leave the chats as they were
+    for name, n, make, what in (("train", args.train, conversation, "conversations"),
+                                ("val", args.val, conversation, "conversations"),
+                                ("pairs_train", args.pairs, preference_pair, "preference pairs"),
+                                ("pairs_val", args.val, preference_pair, "preference pairs")):
+        rng = conversations if make is conversation else pairs
+        path = out / f"{name}.jsonl"
         with open(path, "w", encoding="utf-8") as f:
             for _ in range(n):
-                f.write(json.dumps(conversation(rng)) + "\n")
-        print(f"wrote {n} conversations to {path}")
-    pairs = random.Random(args.seed + 1)  # its own stream: the conversations above stay as they were
-    for split, n in (("pairs_train", args.pairs), ("pairs_val", args.val)):
-        path = out / f"{split}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for _ in range(n):
-                f.write(json.dumps(preference_pair(pairs)) + "\n")
-        print(f"wrote {n} preference pairs to {path}")
-
+                f.write(json.dumps(make(rng)) + "\n")
+        print(f"wrote {n} {what} to {path}")
 
 if __name__ == "__main__":
     main()
