@@ -131,8 +131,8 @@ def test_every_numeric_key_declares_its_range(cls):
 def test_every_shipped_config_loads():
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs
-    for path in configs:  # fine-tuning configs are named sft_*.yaml
-        if path.stem.startswith("sft"):
+    for path in configs:  # fine-tuning configs are named sft_*.yaml or dpo_*.yaml
+        if path.stem.startswith(("sft", "dpo")):
             check_finetune(load_config(FinetuneConfig, path))
         else:
             check_pretrain(load_config(PretrainConfig, path))
