@@ -263,20 +263,23 @@ def test_dpo_raises_held_out_preference_accuracy_and_moves_greedy_replies(prefer
 
 
 @pytest.mark.parametrize("reference,lora", [("init", 0), ("precompute", 0), ("init", 4)])
-def test_resume_is_bit_exact(preference_files, tmp_path, reference, lora):
+def test_resume_is_bit_exact(preference_files, tmp_path, reference, lora, capsys):
     _, base, train, val = preference_files
     extra = {"dpo.reference": reference, "lora.rank": lora, "train.max_iters": 6, "train.eval_interval": 3,
              "train.grad_accum": 2, "optim.lr_decay_iters": 6}
     finetune(dpo_run(tmp_path / "a", base, train, val, **extra))
     finetune(dpo_run(tmp_path / "b", base, train, val, **{**extra, "train.max_iters": 3}))
+    capsys.readouterr()
     resumed = finetune(dpo_run(tmp_path / "b", base, train, val, **{**extra, "train.resume": True}))
+    if reference == "precompute":  # the resumed run reads the cache instead of recomputing it
+        assert "dpo: reference log-probs from" in capsys.readouterr().out
     assert resumed.step == 6
     a = load_tensors(tmp_path / "a" / "out" / "latest" / checkpoint.MODEL_FILE)
     b = load_tensors(tmp_path / "b" / "out" / "latest" / checkpoint.MODEL_FILE)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     last = lambda out: [m for m in metrics(out) if m.get("iter") == 6]  # noqa: E731
-    assert last(tmp_path / "a" / "out") [-1]["val_loss"] == last(tmp_path / "b" / "out")[-1]["val_loss"]
+    assert last(tmp_path / "a" / "out")[-1]["val_loss"] == last(tmp_path / "b" / "out")[-1]["val_loss"]
     assert (tmp_path / "b" / "out" / REFERENCE_FILE).is_file() == (reference == "precompute")
 
 
