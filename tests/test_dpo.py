@@ -294,6 +294,9 @@ def test_dpo_config_and_mixed_files_are_errors(preference_files, tmp_path):
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [pair("cat"), {"prompt": "a", "response": "b"}])
     with pytest.raises(DataError, match="preference pairs mixed with SFT records"):
         load_sft_data(SFTDataConfig(path=str(mixed), val_path=str(mixed)), chat_template(), 49, False, lambda s: None)
+    with pytest.raises(ConfigError, match="data.canaries plants text records"):
+        load_sft_data(SFTDataConfig(path=str(train), val_path=str(val), canaries=2), chat_template(), 49, False,
+                      lambda s: None)
 
 
 # ---------------------------------------------------------------------------- preference records
