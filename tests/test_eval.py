@@ -151,7 +151,7 @@ def test_chat_records_score_exactly_what_sft_supervises(tmp_path):
     assert loaded.truncated == 1  # the long tale is cut as SFT cuts it
     batches = SFTBatches(examples, examples, block_size=64, batch_size=2, device=CPU, eval_iters=100)
     sft_tokens = sum(int((b.y != IGNORE_INDEX).sum()) for b in batches.val_batches())
-    sft_loss = fit_evaluate(model, batches, CPU, torch.float32, distributed.Dist())
+    sft_loss, _ = fit_evaluate(model, batches, CPU, torch.float32, distributed.Dist())
 
     r = gpt_eval.evaluate(model, tok, gpt_eval.read_data(tmp_path / "chat.jsonl"), batch_size=2)
     assert (r.tokens, r.conversations, r.truncated) == (sft_tokens, 3, 1)

@@ -265,9 +265,10 @@ def _shown(metrics: dict[str, float]) -> str:
 
 
 def _train_step(model, batches: BatchSource, step: int, accum: int, optimizer, scaler, device, dtype, dist,
-                grad_clip: float, objective: Objective) -> tuple[torch.Tensor, int]:
+                grad_clip: float, objective: Objective | None = None) -> tuple[torch.Tensor, int]:
     """One optimizer step over `accum` micro-batches; returns ((mean loss, *mean metrics) as a tensor, left on
     the device so the step does not wait for it, and the tokens seen on this rank)."""
+    objective = objective or TokenLoss()
     micro = [batches.train_batch(step, m) for m in range(accum)]
     counts = torch.stack([objective.units(b) for b in micro]).sum().to(device, torch.float32)
     n_supervised = dist.all_reduce_sum(counts.clone()).clamp(min=1)
