@@ -1,6 +1,6 @@
 """Sample from a checkpoint: python sample.py --ckpt out/shakespeare [--prompt TEXT] [--chat] ...
 
-All flags: python sample.py --help. The engine is gpt/generate.py; this script only parses arguments.
+All flags: python sample.py --help. The engine is gpt/infer/engine.py; this script only parses arguments.
 """
 
 import sys

@@ -5,7 +5,7 @@
 
 For each model shape (the Shakespeare character model, and a GPT-2-124M-shaped random model),
 batch size and prompt length it measures decode tokens/s of:
-  ours          gpt.infer.engine.generate with the KV cache (prefill + the lean one-token decoder)
+  ours          gpt.infer.engine.generate with the KV cache (prefill, then GPT.forward one token per row)
   ours-nocache  gpt.infer.engine.generate(use_kv_cache=False): the whole window through the model every token
   hf            transformers GPT2LMHeadModel.generate(use_cache=True), the same weights
   hf-nocache    the same with use_cache=False                      (batch 1 only: it is slow)
@@ -33,12 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt.config import ModelConfig  # noqa: E402
 from gpt.infer.engine import generate  # noqa: E402
+from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
 SHAPES = {
     "char": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0),
     "124m": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0),
 }
+GREEDY = SamplingParams(temperature=0)
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -107,12 +109,12 @@ def bench_shape(name: str, args) -> None:
             idx = torch.randint(0, cfg.vocab_size, (batch, plen), generator=torch.Generator().manual_seed(plen))
             n, n_slow = args.new_tokens, args.uncached_tokens
             rows = {}
-            rows["ours"] = decode_rate(lambda k: generate(model, idx, k, temperature=0), batch, n, args.repeats)
+            rows["ours"] = decode_rate(lambda k: generate(model, idx, k, GREEDY), batch, n, args.repeats)
             if args.sampled:
                 rows["ours-sampled"] = decode_rate(
-                    lambda k: generate(model, idx, k, temperature=0.8, top_k=200, seed=0), batch, n, args.repeats)
+                    lambda k: generate(model, idx, k, SamplingParams(temperature=0.8, top_k=200, seed=0)), batch, n, args.repeats)
             rows["ours-nocache"] = decode_rate(
-                lambda k: generate(model, idx, k, temperature=0, use_kv_cache=False), batch, n_slow, 1)
+                lambda k: generate(model, idx, k, GREEDY, use_kv_cache=False), batch, n_slow, 1)
             if hf is not None:
                 def hf_run(k, cache=True):
                     with torch.inference_mode():
@@ -138,7 +140,7 @@ def check_parity(model: GPT, hf) -> None:
     """Greedy tokens must agree with transformers on the same weights (within our block_size)."""
     idx = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     k = min(24, model.config.block_size - 8)
-    ours = generate(model, idx, k, temperature=0)
+    ours = generate(model, idx, k, GREEDY)
     with torch.inference_mode():
         theirs = hf.generate(idx, max_new_tokens=k, min_new_tokens=k, do_sample=False)
     print(f"greedy tokens identical to transformers on the same weights: {torch.equal(ours, theirs)}")

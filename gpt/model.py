@@ -44,29 +44,33 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, layer_cache=None, start_pos: int = 0, attn_mask=None):
+    def forward(self, x, layer_cache=None, start_pos: int | torch.Tensor = 0, attn_mask=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-
-        is_causal = attn_mask is None
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        is_causal = attn_mask is None  # q, k, v: (B, nh, T, hd)
         if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            end = start_pos + T
-            cache_k[:, :, start_pos:end] = k
-            cache_v[:, :, start_pos:end] = v
-            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-            if T == 1:  # one new token sees every cached position
-                is_causal = False
-            elif start_pos > 0 and attn_mask is None:
-                # is_causal would align the triangle to the top-left; queries sit at the end.
-                q_pos = torch.arange(start_pos, end, device=x.device)[:, None]
-                attn_mask = torch.arange(end, device=x.device)[None, :] <= q_pos
-                is_causal = False
+            cache_k, cache_v = layer_cache  # (B, nh, max_len, hd)
+            if isinstance(start_pos, torch.Tensor):  # one token per row, each at its own position
+                rows = torch.arange(B, device=x.device)
+                cache_k[rows, :, start_pos] = k[:, :, 0]
+                cache_v[rows, :, start_pos] = v[:, :, 0]
+                k, v = cache_k, cache_v  # attn_mask (from GPT.forward) hides each row's unused tail
+            else:
+                end = start_pos + T
+                cache_k[:, :, start_pos:end] = k
+                cache_v[:, :, start_pos:end] = v
+                k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+                if T == 1:  # one new token sees every cached position
+                    is_causal = False
+                elif start_pos > 0 and attn_mask is None:
+                    # is_causal would align the triangle to the top-left; queries sit at the end.
+                    q_pos = torch.arange(start_pos, end, device=x.device)[:, None]
+                    attn_mask = torch.arange(end, device=x.device)[None, :] <= q_pos
+                    is_causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -91,7 +95,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, layer_cache=None, start_pos: int = 0, attn_mask=None):
+    def forward(self, x, layer_cache=None, start_pos: int | torch.Tensor = 0, attn_mask=None):
         x = x + self.attn(self.ln_1(x), layer_cache, start_pos, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -135,7 +139,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         kv_cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         doc_ids: torch.Tensor | None = None,
         reduction: str = "mean",
         logits_to_keep: int = 0,
@@ -144,6 +148,9 @@ class GPT(nn.Module):
 
         idx, targets: (B, T) token ids; targets equal to IGNORE_INDEX carry no loss.
         kv_cache/start_pos: write this chunk's keys/values at start_pos and attend to all before it.
+            start_pos may also be a (B,) tensor with one position per row (T = 1): continuous
+            batching, where each row of the cache holds a sequence of its own length. The caller
+            keeps every position below the cache's max_len.
         doc_ids: (B, T) document number of each token in a packed window: positions restart and
             attention stays inside each document, so packed examples never see each other.
         reduction: "mean" over supervised tokens, "sum" (the loop normalises across micro-batches), or
@@ -151,20 +158,27 @@ class GPT(nn.Module):
         logits_to_keep: 0 = logits for every position, k = only the last k (cheap decoding).
         """
         B, T = idx.shape
-        end = start_pos + T
-        limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
-        if end > self.config.block_size or end > limit:
-            raise ValueError(
-                f"sequence of {end} tokens is longer than the model's block_size ({self.config.block_size}); "
-                "shorten the prompt or crop it to the last block_size tokens"
-            )
         attn_mask = None
-        if doc_ids is not None:
-            if kv_cache is not None:
-                raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
-            pos, attn_mask = _packed_positions_and_mask(doc_ids)
+        if isinstance(start_pos, torch.Tensor):
+            if kv_cache is None or T != 1:
+                raise ValueError("per-row start positions need a KV cache and one token per row")
+            pos = start_pos[:, None]
+            keys = torch.arange(kv_cache.max_len, device=idx.device)
+            attn_mask = (keys[None, :] <= pos)[:, None, None, :]  # (B, 1, 1, max_len): each row's own length
         else:
-            pos = torch.arange(start_pos, end, device=idx.device)
+            end = start_pos + T
+            limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
+            if end > self.config.block_size or end > limit:
+                raise ValueError(
+                    f"sequence of {end} tokens is longer than the model's block_size ({self.config.block_size}); "
+                    "shorten the prompt or crop it to the last block_size tokens"
+                )
+            if doc_ids is not None:
+                if kv_cache is not None:
+                    raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+                pos, attn_mask = _packed_positions_and_mask(doc_ids)
+            else:
+                pos = torch.arange(start_pos, end, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             layer_cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None

@@ -69,6 +69,22 @@ def tiny_corpus(tmp_path: Path, shakespeare_text: str) -> Path:
     return p
 
 
+def lively_model(vocab_size: int, block_size: int = 16, n_embd: int = 32, seed: int = 0):
+    """A random GPT whose greedy output does not collapse into one repeated token (large weights)."""
+    import torch
+
+    from gpt.config import ModelConfig
+    from gpt.model import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" not in name:
+                p.normal_(0, 1.0 if "wpe" in name else 0.3)
+    return model.eval()
+
+
 def tiny_overrides(tmp_path: Path, corpus: Path, **extra) -> list[str]:
     """Overrides that make any config a few-thousand-parameter, few-second CPU run.
 
@@ -99,4 +115,4 @@ def tiny_overrides(tmp_path: Path, corpus: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-__all__ = ["ROOT", "SHARED", "tiny_overrides"]
+__all__ = ["ROOT", "SHARED", "lively_model", "tiny_overrides"]

@@ -2,35 +2,30 @@
 
 import math
 
+import conftest
 import pytest
 import torch
 
-from gpt.config import ConfigError, ModelConfig
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
-from gpt.infer.engine import TextStream, complete, decode_steps, generate, window_start
-from gpt.infer.fastpath import Decoder
+from gpt.errors import UserError
+from gpt.infer.engine import Engine, TextStream, complete, generate, window_start
 from gpt.infer.sampling import (
+    SamplingError,
     SamplingParams,
     apply_frequency_presence,
     apply_repetition_penalty,
     apply_top_p,
+    draw,
     filter_logits,
-    sample,
 )
-from gpt.model import GPT, KVCache
+from gpt.model import GPT
 
+P = SamplingParams
 CHARS = list("abcdefghijklmnopqrstuvwxyz <>:.\n")
 
 
 def lively_model(vocab_size=len(CHARS), block_size=16, n_embd=32, seed=0) -> GPT:
-    """A random model whose greedy output does not collapse into one repeated token."""
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" not in name:
-                p.normal_(0, 1.0 if "wpe" in name else 0.3)
-    return model.eval()
+    return conftest.lively_model(vocab_size, block_size, n_embd, seed)
 
 
 def reference_greedy(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -50,8 +45,8 @@ def test_cached_greedy_equals_uncached_past_block_size(prompt_len):
     model = lively_model()
     idx = torch.randint(0, model.config.vocab_size, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     n = 45  # about three windows of 16: the window slides several times
-    cached = generate(model, idx, n, temperature=0)
-    uncached = generate(model, idx, n, temperature=0, use_kv_cache=False)
+    cached = generate(model, idx, n, P(temperature=0))
+    uncached = generate(model, idx, n, P(temperature=0), use_kv_cache=False)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, reference_greedy(model, idx, n))
     assert len(set(cached[0, prompt_len:].tolist())) > 3  # a real sequence, not one repeated token
@@ -69,26 +64,26 @@ def test_window_rule_drops_the_oldest_half():
 def test_sampled_output_is_the_same_with_and_without_cache():
     model = lively_model()
     idx = torch.randint(0, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(1))
-    a = generate(model, idx, 40, temperature=1.0, top_k=10, seed=5)
-    b = generate(model, idx, 40, temperature=1.0, top_k=10, seed=5, use_kv_cache=False)
+    a = generate(model, idx, 40, P(temperature=1.0, top_k=10, seed=5))
+    b = generate(model, idx, 40, P(temperature=1.0, top_k=10, seed=5), use_kv_cache=False)
     assert torch.equal(a, b)
 
 
 def test_batch_rows_are_independent_samples():
     model = lively_model()
     idx = torch.zeros(4, 3, dtype=torch.long)
-    out = generate(model, idx, 30, temperature=1.0, seed=0)
+    out = generate(model, idx, 30, P(temperature=1.0, seed=0))
     assert len({tuple(r) for r in out[:, 3:].tolist()}) == 4
-    greedy = generate(model, idx, 30, temperature=0)
+    greedy = generate(model, idx, 30, P(temperature=0))
     assert all(torch.equal(greedy[0], r) for r in greedy)
 
 
 def test_seed_reproducibility():
     model = lively_model()
     idx = torch.zeros(1, 2, dtype=torch.long)
-    a = generate(model, idx, 50, temperature=1.2, seed=123)
-    assert torch.equal(a, generate(model, idx, 50, temperature=1.2, seed=123))
-    assert not torch.equal(a, generate(model, idx, 50, temperature=1.2, seed=124))
+    a = generate(model, idx, 50, P(temperature=1.2, seed=123))
+    assert torch.equal(a, generate(model, idx, 50, P(temperature=1.2, seed=123)))
+    assert not torch.equal(a, generate(model, idx, 50, P(temperature=1.2, seed=124)))
 
 
 def test_padded_vocab_ids_are_never_sampled():
@@ -96,9 +91,9 @@ def test_padded_vocab_ids_are_never_sampled():
     with torch.no_grad():
         model.lm_head.weight[40:] *= 50  # make the padding rows the most likely by far
     idx = torch.zeros(2, 2, dtype=torch.long)
-    assert generate(model, idx, 30, temperature=0)[:, 2:].max() >= 40  # unrestricted, they win
+    assert generate(model, idx, 30, P(temperature=0))[:, 2:].max() >= 40  # unrestricted, they win
     for t in (0.0, 1.0):
-        out = generate(model, idx, 30, temperature=t, seed=0, vocab_limit=40)
+        out = generate(model, idx, 30, P(temperature=t, seed=0), vocab_limit=40)
         assert out[:, 2:].max() < 40
 
 
@@ -145,12 +140,12 @@ def test_sampler_draws_from_the_filtered_distribution():
     n = 40000
     logits = torch.tensor([[0.1, 0.6, 0.0, 0.3]]).log().expand(n, 4)
     gen = torch.Generator().manual_seed(0)
-    draws = sample(*filter_logits(logits, SamplingParams()), SamplingParams(), gen)
+    draws = draw(*filter_logits(logits, SamplingParams()), SamplingParams(), gen)
     freq = torch.bincount(draws, minlength=4).float() / n
     assert freq[2] == 0  # zero probability is never drawn
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.0, 0.3]), atol=0.01, rtol=0)
     params = SamplingParams(top_k=2)
-    draws = sample(*filter_logits(logits, params), params, gen)
+    draws = draw(*filter_logits(logits, params), params, gen)
     freq = torch.bincount(draws, minlength=4).float() / n
     torch.testing.assert_close(freq, torch.tensor([0.0, 2 / 3, 0.0, 1 / 3]), atol=0.01, rtol=0)
 
@@ -172,21 +167,21 @@ def test_temperature_zero_is_argmax_after_penalties():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
     params = SamplingParams(temperature=0, repetition_penalty=2.0)
     out, ids = filter_logits(logits, params, seen=torch.tensor([[True, False, False]]))
-    assert sample(out, ids, params, None).tolist() == [1]
+    assert draw(out, ids, params, None).tolist() == [1]
 
 
 def test_penalties_change_generation():
     model = lively_model()
     idx = torch.tensor([[1, 2, 3]])
-    plain = generate(model, idx, 20, temperature=0)[0, 3:].tolist()
+    plain = generate(model, idx, 20, P(temperature=0))[0, 3:].tolist()
     assert len(set(plain)) < 20  # greedy repeats itself
-    distinct = generate(model, idx, 20, temperature=0, presence_penalty=100.0)[0, 3:].tolist()
+    distinct = generate(model, idx, 20, P(temperature=0, presence_penalty=100.0))[0, 3:].tolist()
     assert len(set(distinct)) == 20  # a token once generated is never chosen again
-    no_prompt = generate(model, idx, 20, temperature=0, repetition_penalty=1e6)[0, 3:].tolist()
+    no_prompt = generate(model, idx, 20, P(temperature=0, repetition_penalty=1e6))[0, 3:].tolist()
     assert not {1, 2, 3} & set(no_prompt)  # repetition penalty covers the prompt too
     # frequency/presence count generated tokens only (OpenAI): the prompt's tokens stay available
-    freq = generate(model, torch.tensor([[plain[0]]]), 1, temperature=0, presence_penalty=100.0)[0, 1:].tolist()
-    assert freq == generate(model, torch.tensor([[plain[0]]]), 1, temperature=0)[0, 1:].tolist()
+    freq = generate(model, torch.tensor([[plain[0]]]), 1, P(temperature=0, presence_penalty=100.0))[0, 1:].tolist()
+    assert freq == generate(model, torch.tensor([[plain[0]]]), 1, P(temperature=0))[0, 1:].tolist()
 
 
 # ---------------------------------------------------------------------------- text, stops, streaming
@@ -243,10 +238,10 @@ def test_streaming_decodes_multibyte_characters_split_across_tokens():
 
 def test_complete_stops_at_a_stop_string_spanning_tokens():
     model, tok = lively_model(), char_tok()
-    free = complete(model, tok, "ab", max_new_tokens=30, temperature=0)[0]
+    free = complete(model, tok, "ab", P(max_tokens=30, temperature=0))[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 30
     stop = free.text[10:13]  # three characters = three tokens
-    cut = complete(model, tok, "ab", max_new_tokens=30, temperature=0, stop=[stop])[0]
+    cut = complete(model, tok, "ab", P(max_tokens=30, temperature=0, stop=(stop,)))[0]
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[: free.text.index(stop)]
     assert len(cut.token_ids) == free.text.index(stop) + len(stop)  # ends on the token completing it
@@ -254,25 +249,25 @@ def test_complete_stops_at_a_stop_string_spanning_tokens():
 
 def test_complete_streams_exactly_the_final_text():
     model, tok = lively_model(), char_tok()
-    ref = complete(model, tok, "ab", num_samples=2, max_new_tokens=25, temperature=0.9, seed=3)
+    ref = complete(model, tok, "ab", P(max_tokens=25, temperature=0.9, seed=3), num_samples=2)
     stop = ref[0].text[5:7]
     got = {0: "", 1: ""}
 
     def on_text(i, s):
         got[i] += s
 
-    res = complete(model, tok, "ab", num_samples=2, max_new_tokens=25, temperature=0.9, seed=3, stop=[stop],
+    res = complete(model, tok, "ab", P(max_tokens=25, temperature=0.9, seed=3, stop=(stop,)), num_samples=2,
                    on_text=on_text)
     assert [got[0], got[1]] == [r.text for r in res]
     assert res[0].finish_reason == "stop" and stop not in res[0].text
 
 
-def test_eos_token_ends_a_sample():
+def test_eos_token_ends_a_draw():
     model, tok = lively_model(), char_tok()
-    free = complete(model, tok, "ab", max_new_tokens=20, temperature=0)[0]
+    free = complete(model, tok, "ab", P(max_tokens=20, temperature=0))[0]
     eos = free.token_ids[6]
     first = free.token_ids.index(eos)
-    res = complete(model, tok, "ab", max_new_tokens=20, temperature=0, stop_ids=[eos])[0]
+    res = complete(model, tok, "ab", P(max_tokens=20, temperature=0), stop_ids=[eos])[0]
     assert res.finish_reason == "eos"
     assert res.token_ids == free.token_ids[: first + 1] and res.text == free.text[:first]
 
@@ -280,7 +275,7 @@ def test_eos_token_ends_a_sample():
 def test_logprobs_report_the_model_distribution():
     model, tok = lively_model(), char_tok()
     V = len(CHARS)
-    res = complete(model, tok, "ab", max_new_tokens=5, temperature=0.7, seed=0, logprobs=V)[0]
+    res = complete(model, tok, "ab", P(max_tokens=5, temperature=0.7, seed=0, logprobs=V))[0]
     assert len(res.logprobs) == 5
     for tok_id, e in zip(res.token_ids, res.logprobs):
         assert e["id"] == tok_id and e["token"] == tok.decode([tok_id])
@@ -294,72 +289,66 @@ def test_logprobs_report_the_model_distribution():
     assert res.logprobs[0]["top"][0]["logprob"] == pytest.approx(logits[0, -1].log_softmax(-1).max().item(), abs=1e-5)
 
 
-def test_decode_steps_can_stop_early_and_restore_training_mode():
+def test_invalid_sampling_values_are_reported():
+    model = lively_model()
+    for bad, param in ((P(top_p=1.5), "top_p"), (P(temperature=-1), "temperature"), (P(temperature=math.nan), "temperature"),
+                       (P(frequency_penalty=math.nan), "frequency_penalty"), (P(logprobs=-1), "logprobs")):
+        with pytest.raises(SamplingError, match=param) as e:
+            generate(model, torch.zeros(1, 1, dtype=torch.long), 2, bad)
+        assert e.value.param == param and isinstance(e.value, UserError)
+
+
+# ---------------------------------------------------------------------------- continuous batching
+
+
+def test_requests_joining_a_running_batch_get_what_they_get_alone():
+    model, tok = lively_model(), char_tok()
+    prompts = ["a", "hello there", "xyz:.", "a much longer prompt than the window"]
+    params = [P(temperature=0, max_tokens=25), P(temperature=0.9, seed=1, max_tokens=30),
+              P(temperature=0.7, top_k=5, seed=2, max_tokens=7), P(temperature=0, max_tokens=40, stop=("zz",))]
+    alone = [complete(model, tok, pr, pa)[0] for pr, pa in zip(prompts, params)]
+    engine = Engine(model, tok, max_batch=3)  # fewer rows than requests: the last one waits for a free row
+    reqs = []
+    for i, (pr, pa) in enumerate(zip(prompts, params)):
+        reqs.append(engine.add(tok.encode(pr), pa))
+        for _ in range(i * 3):  # later requests join a batch that is already decoding
+            engine.step()
+        assert len(engine.active) <= 3
+    engine.run()
+    assert [r.completion(tok) for r in reqs] == alone
+    assert len({len(r.out_ids) for r in reqs}) > 1  # they left the batch at different steps
+
+
+def test_a_cancelled_request_leaves_and_frees_its_row():
+    model, tok = lively_model(), char_tok()
+    engine = Engine(model, tok, max_batch=1)
+    first = engine.add(tok.encode("ab"), P(temperature=0, max_tokens=1000))
+    engine.step()
+    second = engine.add(tok.encode("cd"), P(temperature=0, max_tokens=5))
+    first.cancel()
+    engine.run()
+    assert first.finish_reason == "cancelled" and len(first.out_ids) == 1
+    assert second.completion(tok) == complete(model, tok, "cd", P(temperature=0, max_tokens=5))[0]
+
+
+def test_engine_restores_training_mode():
     model = lively_model().train()
-    steps = decode_steps(model, torch.zeros(1, 1, dtype=torch.long), 100, SamplingParams(temperature=0))
-    for i, _ in enumerate(steps):
-        if i == 3:
-            steps.close()
-            break
+    generate(model, torch.zeros(1, 1, dtype=torch.long), 3, P(temperature=0))
     assert model.training
 
 
-def test_invalid_sampling_values_are_reported():
-    model = lively_model()
-    with pytest.raises(ConfigError, match="top_p"):
-        generate(model, torch.zeros(1, 1, dtype=torch.long), 2, top_p=1.5)
-    with pytest.raises(ConfigError, match="temperature"):
-        generate(model, torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1)
+def test_n_samples_are_distinct_and_the_first_is_the_seeded_single_sample():
+    model, tok = lively_model(), char_tok()
+    three = complete(model, tok, "ab", P(temperature=1.0, seed=9, max_tokens=20), num_samples=3)
+    assert len({r.text for r in three}) == 3
+    assert three[0] == complete(model, tok, "ab", P(temperature=1.0, seed=9, max_tokens=20))[0]
 
 
-# ---------------------------------------------------------------------------- the lean decoder
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_decoder_step_matches_model_forward(bias):
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=40, bias=bias)).eval()
-    idx = torch.randint(0, 40, (3, 10))
-    decoder, cache = Decoder(model), KVCache.empty(model.config, 3, 16, "cpu", torch.float32)
-    with torch.no_grad():
-        full, _ = model(idx)
-        ref_cache = KVCache.empty(model.config, 3, 16, "cpu", torch.float32)
-        model(idx[:, :4], kv_cache=ref_cache)
-        prefill = decoder.forward(idx[:, :4], 0, cache)
-        torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)  # same cache layout and content
-        steps = [decoder.forward(idx[:, t : t + 1], t, cache) for t in range(4, 10)]
-    torch.testing.assert_close(prefill, full[:, 3], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
-
-
-def test_unknown_modules_fall_back_to_model_forward():
-    model = lively_model()
-    idx = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
-    ref = generate(model, idx, 20, temperature=0)
-
-    class Scaled(torch.nn.Linear):  # an adapter-like subclass the decoder does not know
-        def forward(self, x):
-            return super().forward(x) * 2.0
-
-    block = model.transformer.h[0]
-    old = block.mlp.c_fc
-    block.mlp.c_fc = Scaled(old.in_features, old.out_features)
-    block.mlp.c_fc.load_state_dict(old.state_dict())
-    assert Decoder.supports(model) is False
-    changed = generate(model, idx, 20, temperature=0)
-    assert torch.equal(changed, generate(model, idx, 20, temperature=0, use_kv_cache=False))
-    assert not torch.equal(changed, ref)
-
-
-def test_decoder_is_reused_until_the_weights_change():
-    model = lively_model()
-    idx = torch.zeros(1, 2, dtype=torch.long)
-    first = Decoder.for_model(model)
-    assert Decoder.for_model(model) is first
-    before = generate(model, idx, 10, temperature=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(-1.0)  # an in-place update, as an optimizer step makes
-    assert Decoder.for_model(model) is not first
-    after = generate(model, idx, 10, temperature=0)
-    assert torch.equal(after, generate(model, idx, 10, temperature=0, use_kv_cache=False))
-    assert not torch.equal(before, after)
+def test_logit_bias_bans_and_forces_tokens():
+    model, tok = lively_model(), char_tok()
+    free = complete(model, tok, "ab", P(temperature=0, max_tokens=10))[0]
+    banned = free.token_ids[0]
+    out = complete(model, tok, "ab", P(temperature=0, max_tokens=10, logit_bias={banned: -100.0}))[0]
+    assert banned not in out.token_ids
+    forced = complete(model, tok, "ab", P(temperature=1.0, seed=0, max_tokens=10, logit_bias={5: 100.0}))[0]
+    assert forced.token_ids == [5] * 10

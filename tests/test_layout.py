@@ -28,7 +28,6 @@ LAYERS = {
     "gpt.checkpoint": 60,
     "gpt.convert": 70,
     "gpt.infer.sampling": 70,
-    "gpt.infer.fastpath": 70,
     "gpt.infer.engine": 80,
     "gpt.infer.chat": 90,
     "gpt.infer.cli": 95,
@@ -44,6 +43,11 @@ LAYERS = {
     "gpt.train.sft": 120,
     "gpt.train": 129,
     "gpt.audit": 150,
+    "gpt.serve.protocol": 140,
+    "gpt.serve.worker": 140,
+    "gpt.serve.app": 145,
+    "gpt.serve.cli": 150,
+    "gpt.serve": 159,
     "gpt.cli": 200,
 }
 TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.chat")

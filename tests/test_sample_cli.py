@@ -8,27 +8,22 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, lively_model
 
 from gpt.checkpoint import save_checkpoint
-from gpt.config import ConfigError, ModelConfig
+from gpt.config import ConfigError
 from gpt.data.chat import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.chat import ChatSession, run_chat
 from gpt.infer.cli import build_parser, check_args
+from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
 
 CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ <>:.,!?'\n")
 
 
 def tiny_model(vocab_size: int, block_size: int = 32) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" not in name:
-                p.normal_(0, 1.0 if "wpe" in name else 0.3)
-    return model.eval()
+    return lively_model(vocab_size, block_size=block_size, n_embd=16)
 
 
 @pytest.fixture
@@ -122,7 +117,7 @@ def test_chat_loop_streams_replies_resets_and_exits():
         return next(inputs)
 
     out, err = io.StringIO(), io.StringIO()
-    run_chat(model, tok, system="Be nice.", max_new_tokens=10, temperature=0, read=read, out=out, err=err)
+    run_chat(model, tok, SamplingParams(temperature=0, max_tokens=10), system="Be nice.", read=read, out=out, err=err)
     assert len(prompts) == 5  # /exit ends the loop
     assert "dropped" in err.getvalue() and "history cleared" in err.getvalue()
     assert len(out.getvalue().splitlines()) == 3  # three streamed replies
@@ -144,7 +139,7 @@ def test_chat_ends_on_ctrl_d_and_stops_at_the_end_of_turn_token():
             raise EOFError from None
 
     out = io.StringIO()
-    run_chat(model, tok, max_new_tokens=30, temperature=0, read=read, out=out, err=io.StringIO())
+    run_chat(model, tok, SamplingParams(temperature=0, max_tokens=30), read=read, out=out, err=io.StringIO())
     assert "<|end|>" not in out.getvalue() and len(out.getvalue()) < 30
 
 

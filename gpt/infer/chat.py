@@ -9,11 +9,13 @@ whole user/assistant exchanges at a time, and the user is told; the system promp
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Callable, TextIO
 
 from gpt.data.chat import ChatTemplate
 from gpt.data.tokenizer import Tokenizer
 from gpt.infer.engine import complete
+from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
 
 HELP = "/reset clears the history, /exit or Ctrl-D leaves"
@@ -49,21 +51,21 @@ class ChatSession:
 def run_chat(
     model: GPT,
     tokenizer: Tokenizer,
+    params: SamplingParams,
     *,
     system: str | None = None,
-    max_new_tokens: int = 256,
-    stop: list[str] | None = None,
+    use_kv_cache: bool = True,
     read: Callable[[str], str] = input,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
-    **sampling,
 ) -> None:
-    """Read a message, stream the reply, repeat; `sampling` holds complete()'s decoding keywords."""
+    """Read a message, stream the reply, repeat; params.max_tokens bounds each reply, params.stop adds
+    to the template's own end-of-turn strings."""
     template = ChatTemplate(tokenizer)
     block = model.config.block_size
-    session = ChatSession(template, block - min(max_new_tokens, block // 2), system)
+    session = ChatSession(template, block - min(params.max_tokens, block // 2), system)
     stop_ids = template.stop_ids + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
-    stops = template.stop_strings + list(stop or [])
+    params = replace(params, stop=tuple(template.stop_strings) + tuple(params.stop))
     print(f"chat ({template.name} template, {block}-token context); {HELP}", file=err)
     while True:
         try:
@@ -92,8 +94,8 @@ def run_chat(
             out.flush()
 
         try:
-            reply = complete(model, tokenizer, ids, max_new_tokens=max_new_tokens, stop=stops, stop_ids=stop_ids,
-                             on_text=show, **sampling)[0]
+            reply = complete(model, tokenizer, ids, params, stop_ids=stop_ids, use_kv_cache=use_kv_cache,
+                             on_text=show)[0]
         except KeyboardInterrupt:
             print("\n(interrupted)", file=err)
             session.turns.pop()

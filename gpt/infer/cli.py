@@ -60,18 +60,22 @@ def read_prompt(args: argparse.Namespace) -> str | None:
         raise ConfigError(f"--prompt-file {path}: not UTF-8 text (byte {e.start})") from None
 
 
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The flags as the engine's one SamplingParams (validated: a bad value is a one-line error naming the flag)."""
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                            presence_penalty=args.presence_penalty, max_tokens=args.max_new_tokens,
+                            stop=tuple(args.stop), seed=args.seed, logprobs=args.logprobs)
+    return params.validate(name=lambda key: "--max-new-tokens" if key == "max_tokens" else "--" + key.replace("_", "-"))
+
+
 def check_args(args: argparse.Namespace) -> None:
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.frequency_penalty,
-                   args.presence_penalty).validate(name=lambda key: "--" + key.replace("_", "-"))
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.logprobs < 0:
-        raise ConfigError(f"--logprobs must be >= 0, got {args.logprobs}")
+    sampling_params(args)
     if args.chat and (args.json or args.num_samples > 1 or args.logprobs or args.prompt or args.prompt_file):
         raise ConfigError("--chat is interactive: it cannot be combined with --json, --logprobs, --num-samples > 1 "
-                         "or a --prompt/--prompt-file")
+                          "or a --prompt/--prompt-file")
     if args.system is not None and not args.chat:
         raise ConfigError("--system only applies to --chat")
 
@@ -84,15 +88,12 @@ def run(argv: list[str]) -> None:
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
     model.to(dtype=dtype).eval()  # decoding reads every weight per token: store them in the compute dtype
-    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                    presence_penalty=args.presence_penalty, seed=args.seed, use_kv_cache=not args.no_kv_cache,
-                    logprobs=args.logprobs)
+    params = sampling_params(args)
     if args.chat:
         from gpt.infer.chat import run_chat
 
         print(f"loaded {folder}", file=sys.stderr)
-        run_chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling)
+        run_chat(model, tokenizer, params, system=args.system, use_kv_cache=not args.no_kv_cache)
         return
     if prompt is None:
         prompt = "" if tokenizer.eot_id is not None else "\n"
@@ -102,8 +103,8 @@ def run(argv: list[str]) -> None:
         sys.stdout.write(prompt)
     on_text = _write_stream if stream else None
 
-    results = complete(model, tokenizer, prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                       stop=args.stop, on_text=on_text, **sampling)
+    results = complete(model, tokenizer, prompt, params, num_samples=args.num_samples,
+                       use_kv_cache=not args.no_kv_cache, on_text=on_text)
     for i, r in enumerate(results):
         if args.json:
             print(json.dumps({"index": i, **r.to_dict()}, ensure_ascii=False))

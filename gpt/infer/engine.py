@@ -1,37 +1,42 @@
-"""Text generation: one prefill pass over the prompt, then one cached forward per new token.
+"""Text generation: the one decode loop, shared by sample.py, the chat session, training's samples and the server.
 
-Layers, from the bottom up:
-  decode_steps(model, idx, ...)  yields the next token of every sequence in the batch, step by step
-  generate(model, idx, ...)      the same as a (B, T + n) tensor (training's sample uses it)
-  complete(model, tokenizer, prompt, ...)  text in, `Completion`s out: stop strings, end-of-text,
-                                 UTF-8-safe streaming, log-probabilities, finish reasons
+`Engine` holds a batch of sequences in one KV cache and advances all of them by one token per
+`step()`. Sequences join at the next step (`add`) and leave when they finish, so prompts of
+different lengths, each with its own SamplingParams (seed, stops, max_tokens, penalties), share
+a batch: continuous batching. Built on it:
+  generate(model, idx, n, params)          (B, T) tensor in, (B, T + n) out (training's samples)
+  complete(model, tokenizer, prompt, params)  text in, `Completion`s out: stop strings, end-of-text,
+                                          UTF-8-safe streaming, log-probabilities, finish reasons
 
-The KV cache is pre-allocated once for batch x window length; each step writes one position.
-`use_kv_cache=False` runs the naive reference instead: the whole window through the model for
-every token. Both see exactly the same context at every step, so greedy outputs are identical.
+One step. A new sequence is prefilled into its own row of the cache (all its window but the last
+token); then every row's last token goes through GPT.forward together (T = 1, a per-row position
+and a mask hiding each row's unused tail), and each row draws its token with its own
+torch.Generator, so a seeded sequence gives the same tokens whatever else shares the batch (up to
+floating-point differences between batch shapes, which do not occur in float32 on the CPU tests).
+`use_kv_cache=False` runs the naive reference instead: each sequence's whole window through the
+model for every token. Both see exactly the same context at every step.
 
 Context window (sliding). GPT-2 learns absolute positions, so cached keys are tied to the
-position they were computed at and cannot simply be shifted. When the sequence outgrows
-block_size we therefore drop the oldest half of the window at once: the context restarts at the
-last `block_size - block_size // 2` tokens, which are re-encoded from position 0 in one prefill
-pass, and cached decoding continues from there (one re-encoding per block_size / 2 new tokens;
-the model always sees between half a window and a full one). The uncached path applies the same
-rule (`window_start`), so both paths condition on the same tokens and greedy outputs match.
-A prompt longer than block_size keeps its last block_size tokens.
+position they were computed at and cannot simply be shifted. When a sequence outgrows
+block_size we therefore drop the oldest half of its window at once: the context restarts at the
+last `block_size - block_size // 2` tokens, which are re-encoded from position 0 into the
+sequence's row, and cached decoding continues from there (one re-encoding per block_size / 2 new
+tokens; the model always sees between half a window and a full one). The uncached path applies
+the same rule (`window_start`). A prompt longer than block_size keeps its last block_size tokens.
 """
 
 from __future__ import annotations
 
 import codecs
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
 
 import torch
 
-from gpt.config import ConfigError
 from gpt.data.tokenizer import Tokenizer
-from gpt.infer.fastpath import Decoder
-from gpt.infer.sampling import SamplingParams, filter_logits, sample
+from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
 from gpt.model import GPT, KVCache
 
 FINISH_REASONS = ("length", "stop", "eos")
@@ -45,148 +50,11 @@ def window_start(n_tokens: int, start: int, block_size: int) -> int:
     return n_tokens - keep
 
 
-@dataclass
-class Step:
-    """One decoding step for the whole batch; log-prob fields are set when asked for."""
-
-    ids: list[int]  # (B,) the sampled tokens
-    logprobs: list[float] | None = None  # (B,) log-probability of each sampled token
-    top_ids: list[list[int]] | None = None  # (B, K) the K most likely tokens
-    top_logprobs: list[list[float]] | None = None
-
-
-@torch.inference_mode()
-def decode_steps(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    params: SamplingParams | None = None,
-    *,
-    seed: int | None = None,
-    vocab_limit: int | None = None,
-    use_kv_cache: bool = True,
-    logprobs: int = 0,
-) -> Iterator[Step]:
-    """Yield max_new_tokens steps for the prompts idx (B, T); stop iterating to stop early.
-
-    vocab_limit: sample only ids below it (the model's vocabulary may be padded past the tokenizer's).
-    logprobs: also report the K most likely tokens of the model's distribution (before penalties,
-        temperature and truncation: what the model believes, as hosted APIs report it).
-    """
-    params = params or SamplingParams()
-    params.validate()
-    if idx.ndim != 2 or idx.shape[1] == 0:
-        raise ValueError("the prompt must be a non-empty (batch, tokens) tensor")
-    cfg = model.config
-    B, T = idx.shape
-    V = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
-    device = idx.device
-    block = cfg.block_size
-    was_training = model.training
-    model.eval()
-    try:
-        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # whole history, no cat
-        tokens[:, :T] = idx
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed) if seed is not None else gen.seed()
-        seen = counts = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
-            seen.scatter_(1, idx, True)
-        if params.frequency_penalty or params.presence_penalty:
-            counts = torch.zeros(B, cfg.vocab_size, device=device)
-        ones = torch.ones(B, 1, device=device)
-
-        n, start = T, max(0, T - block)
-        if max_new_tokens <= 0:
-            return
-        if use_kv_cache:
-            cached = _CachedForward(model, B, min(block, T + max_new_tokens))
-            logits = cached(tokens[:, start:n], 0)
-        else:
-            logits = _uncached(model, tokens[:, start:n])
-        for i in range(max_new_tokens):
-            logits = (logits if logits.size(-1) == V else logits[:, :V]).float()
-            candidates, ids = filter_logits(
-                logits, params, None if seen is None else seen[:, :V], None if counts is None else counts[:, :V]
-            )
-            nxt = sample(candidates, ids, params, gen)
-            tokens.select(1, n).copy_(nxt)
-            n += 1
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
-            if counts is not None:
-                counts.scatter_add_(1, nxt[:, None], ones)
-            yield _step(nxt, logits, logprobs)
-            if i == max_new_tokens - 1:
-                break
-            new_start = window_start(n, start, block)
-            if not use_kv_cache:
-                logits = _uncached(model, tokens[:, new_start:n])
-            elif new_start != start:  # the window slid: re-encode the kept tokens from position 0
-                logits = cached(tokens[:, new_start:n], 0)
-            else:
-                logits = cached(tokens[:, n - 1 : n], n - 1 - start)
-            start = new_start
-    finally:
-        model.train(was_training)
-
-
-class _CachedForward:
-    """Logits of a chunk's last token, its keys/values written to a pre-allocated cache.
-
-    Uses the lean Decoder (gpt/decode.py) when the model is a plain GPT, else GPT.forward."""
-
-    def __init__(self, model: GPT, batch: int, max_len: int):
-        dtype = next(model.parameters()).dtype
-        self.model, self.decoder = model, Decoder.for_model(model)
-        self.cache = KVCache.empty(model.config, batch, max_len, next(model.parameters()).device, dtype)
-
-    def __call__(self, chunk: torch.Tensor, pos: int) -> torch.Tensor:
-        if self.decoder is not None:
-            return self.decoder.forward(chunk, pos, self.cache)
-        return self.model(chunk, kv_cache=self.cache, start_pos=pos, logits_to_keep=1)[0][:, -1]
-
-
-def _uncached(model: GPT, window: torch.Tensor) -> torch.Tensor:
-    """The reference: the whole window through the model, no cache."""
-    return model(window, logits_to_keep=1)[0][:, -1]
-
-
-def _step(nxt: torch.Tensor, logits: torch.Tensor, k: int) -> Step:
-    if not k:
-        return Step(nxt.tolist())
-    logp = logits.log_softmax(-1)
-    top = logp.topk(min(k, logp.size(-1)), dim=-1)
-    chosen = logp.gather(1, nxt[:, None]).squeeze(1)
-    return Step(nxt.tolist(), chosen.tolist(), top.indices.tolist(), top.values.tolist())
-
-
-def generate(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    frequency_penalty: float = 0.0,
-    presence_penalty: float = 0.0,
-    seed: int | None = None,
-    vocab_limit: int | None = None,
-    use_kv_cache: bool = True,
-) -> torch.Tensor:
-    """Append max_new_tokens tokens to idx (B, T) and return (B, T + max_new_tokens); temperature 0 is greedy."""
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty, frequency_penalty, presence_penalty)
-    steps = [s.ids for s in decode_steps(model, idx, max_new_tokens, params, seed=seed, vocab_limit=vocab_limit,
-                                         use_kv_cache=use_kv_cache)]
-    if not steps:
-        return idx.clone()
-    new = torch.tensor(steps, dtype=torch.long, device=idx.device).T  # (B, n)
-    return torch.cat([idx, new], dim=1)
-
-
-# ------------------------------------------------------------------------------ text level
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed of the index-th sample of a request: the request's own seed for the first, then distinct ones."""
+    if seed is None or index == 0:
+        return seed
+    return (seed * 1_000_003 + index) % (2**63)
 
 
 @dataclass
@@ -259,85 +127,274 @@ class TextStream:
         return best
 
 
+class Request:
+    """One sequence being continued: its tokens, its sampling state, its row in the cache, its output.
+
+    on_token(request, token_id, new_text) is called after each token (new_text is "" without a
+    tokenizer, or while text is held back); `finish_reason` is set once the request is done.
+    """
+
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: Sequence[int], tokenizer: Tokenizer | None,
+                 on_token: Callable[["Request", int, str], None] | None, vocab_size: int, device):
+        self.prompt, self.params, self.stop_ids = prompt, params, set(stop_ids)
+        self.tokens = list(prompt)  # prompt + generated: the whole history
+        self.out_ids: list[int] = []
+        self.out_logprobs: list[float] = []  # the model's log-probability of each generated token
+        self.top: list[list[tuple[int, float]]] = []  # the params.logprobs most likely tokens at each step
+        self.stream = TextStream(tokenizer, [s for s in params.stop if s]) if tokenizer is not None else None
+        self.on_token = on_token
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.row: int | None = None  # its row of the KV cache while it is in the batch
+        self.start = 0  # first token of its window (see window_start)
+        self.fresh = True  # its row must be (re)filled before the next step
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed) if params.seed is not None else self.generator.seed()
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(prompt, device=device).clamp(max=vocab_size - 1)] = True
+        if params.frequency_penalty or params.presence_penalty:
+            self.counts = torch.zeros(1, vocab_size, device=device)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating (thread-safe): the request leaves the batch at the next step."""
+        self.cancelled = True
+
+    def mean_logprob(self) -> float:
+        return sum(self.out_logprobs) / max(1, len(self.out_logprobs))
+
+    def completion(self, tokenizer: Tokenizer | None = None) -> Completion:
+        text = self.stream.text if self.stream is not None else ""
+        lp = None
+        if self.params.logprobs and tokenizer is not None:
+            lp = [_logprob_entry(tokenizer, t, p, top) for t, p, top in zip(self.out_ids, self.out_logprobs, self.top)]
+        return Completion(text, list(self.out_ids), self.finish_reason or "length", lp)
+
+    def _accept(self, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+        self.tokens.append(token)
+        self.out_ids.append(token)
+        self.out_logprobs.append(logprob)
+        if top is not None:
+            self.top.append(top)
+        if self.seen is not None:
+            self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
+        if token in self.stop_ids:
+            self.finish_reason = "eos"
+        elif self.stream is not None and self.stream.push(token):
+            self.finish_reason = "stop"
+        elif len(self.out_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        self.notify(token)
+
+    def notify(self, token: int | None) -> None:
+        """Hand on_token the text that can be shown now (token None: the request ended without a new one)."""
+        new = ""
+        if self.stream is not None:
+            if self.done:
+                self.stream.finish()
+            new = self.stream.pop_new(final=self.done)
+        if self.on_token is not None:
+            self.on_token(self, token, new)
+
+
+class Engine:
+    """The decode loop: up to max_batch sequences in one KV cache, joining and leaving between steps.
+
+    add() may be called from any thread; step() from one thread at a time (the server's worker,
+    or complete() running until its requests are done).
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
+                 use_kv_cache: bool = True, vocab_limit: int | None = None):
+        self.model, self.tokenizer, self.max_batch, self.use_kv_cache = model, tokenizer, max_batch, use_kv_cache
+        cfg = model.config
+        limit = vocab_limit or (tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size)
+        self.vocab = min(limit, cfg.vocab_size)  # sample only ids below it (the vocabulary may be padded)
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = KVCache.empty(cfg, max_batch, cfg.block_size, p.device, p.dtype) if use_kv_cache else None
+        self.active: list[Request] = []  # active[i] lives in cache row i
+        self.waiting: list[Request] = []
+        self._lock = threading.Lock()
+
+    def add(self, prompt: Sequence[int], params: SamplingParams, *, stop_ids: Sequence[int] = (),
+            on_token: Callable[[Request, int, str], None] | None = None) -> Request:
+        """Queue a prompt (token ids); it joins the batch at the next step with a free row."""
+        params.validate()
+        if not prompt:
+            raise SamplingError("prompt", "the prompt is empty")
+        req = Request(list(prompt), params, stop_ids, self.tokenizer, on_token, self.vocab, self.device)
+        if params.max_tokens == 0:
+            req.finish_reason = "length"
+            req.notify(None)
+            return req
+        with self._lock:
+            self.waiting.append(req)
+        return req
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    @torch.no_grad()  # not inference_mode: FSDP2-sharded models (samples after training) update parameters in place
+    def step(self) -> None:
+        """Admit waiting requests, drop cancelled ones, give every active one its next token."""
+        self._admit()
+        if not self.active:
+            return
+        if self.model.training:  # dropout off while decoding (run() switches once for all its steps)
+            with _eval_mode(self.model):
+                logits = self._next_logits()
+        else:
+            logits = self._next_logits()
+        logp = logits.log_softmax(-1)
+        for i, req in enumerate(self.active):
+            p = req.params
+            row = logits[i : i + 1]
+            candidates, ids = filter_logits(row, p, None if req.seen is None else req.seen[:, : self.vocab],
+                                            None if req.counts is None else req.counts[:, : self.vocab])
+            token = int(draw(candidates, ids, p, req.generator))
+            top = None
+            if p.logprobs:
+                values, indices = logp[i].topk(min(p.logprobs, self.vocab))
+                top = list(zip(indices.tolist(), values.tolist()))
+            req._accept(token, float(logp[i, token]), top)
+            if not req.done:
+                new_start = window_start(len(req.tokens), req.start, self.model.config.block_size)
+                req.fresh, req.start = req.fresh or new_start != req.start, new_start
+        self._release([r for r in self.active if r.done])
+
+    def run(self) -> None:
+        """Step until every request is done."""
+        with _eval_mode(self.model):
+            while self.busy:
+                self.step()
+
+    # ------------------------------------------------------------------ internals
+
+    def _admit(self) -> None:
+        self._release([r for r in self.active if r.cancelled])
+        with self._lock:
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+            while self.waiting and len(self.active) < self.max_batch:
+                req = self.waiting.pop(0)
+                req.row, req.start = len(self.active), max(0, len(req.tokens) - self.model.config.block_size)
+                self.active.append(req)
+
+    def _release(self, done: list[Request]) -> None:
+        """Finished or cancelled requests leave; the last rows move into the freed ones (rows stay 0..A-1)."""
+        for req in done:
+            last = self.active.pop()
+            if last is not req:
+                self.active[req.row] = last
+                if self.cache is not None and not last.fresh:
+                    n = len(last.tokens) - last.start
+                    self.cache.k[:, req.row, :, :n] = self.cache.k[:, last.row, :, :n]
+                    self.cache.v[:, req.row, :, :n] = self.cache.v[:, last.row, :, :n]
+                last.row = req.row
+            req.row = None
+            if req.cancelled and not req.done:
+                req.finish_reason = "cancelled"
+
+    def _next_logits(self) -> torch.Tensor:
+        """(A, vocab) float logits of the next token of every active request."""
+        if not self.use_kv_cache:
+            rows = [self.model(torch.tensor([r.tokens[r.start :]], device=self.device), logits_to_keep=1)[0][:, -1]
+                    for r in self.active]
+            return torch.cat(rows)[:, : self.vocab].float()
+        for req in self.active:
+            if req.fresh:  # its window but the last token, from position 0 of its row
+                if len(req.tokens) - req.start > 1:
+                    window = torch.tensor([req.tokens[req.start : -1]], device=self.device)
+                    row = KVCache(self.cache.k[:, req.row : req.row + 1], self.cache.v[:, req.row : req.row + 1])
+                    self.model(window, kv_cache=row, start_pos=0, logits_to_keep=1)
+                req.fresh = False
+        a = len(self.active)
+        positions = [len(r.tokens) - 1 - r.start for r in self.active]
+        length = max(positions) + 1
+        view = KVCache(self.cache.k[:, :a, :, :length], self.cache.v[:, :a, :, :length])
+        last = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        logits = self.model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
+        return logits[:, : self.vocab].float()
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, params: SamplingParams | None = None, *,
+             vocab_limit: int | None = None, use_kv_cache: bool = True) -> torch.Tensor:
+    """Append max_new_tokens tokens to each row of idx (B, T) -> (B, T + max_new_tokens).
+
+    Row b draws with sample_seed(params.seed, b); params.max_tokens and params.stop are ignored.
+    """
+    params = replace(params or SamplingParams(), max_tokens=max_new_tokens, stop=())
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError("the prompt must be a non-empty (batch, tokens) tensor")
+    engine = Engine(model, max_batch=idx.shape[0], use_kv_cache=use_kv_cache, vocab_limit=vocab_limit)
+    reqs = [engine.add(row, replace(params, seed=sample_seed(params.seed, b))) for b, row in enumerate(idx.tolist())]
+    engine.run()
+    new = torch.tensor([r.out_ids for r in reqs], dtype=torch.long, device=idx.device).view(len(reqs), -1)
+    return torch.cat([idx, new], dim=1)
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """Token ids of a prompt; an empty one is the end-of-text token (an unconditional sample)."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        if tokenizer.eot_id is None:
+            raise SamplingError("prompt", "the prompt is empty; give some text with --prompt or --prompt-file")
+        ids = [tokenizer.eot_id]
+    return ids
+
+
 def complete(
     model: GPT,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
+    params: SamplingParams | None = None,
     *,
     num_samples: int = 1,
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    frequency_penalty: float = 0.0,
-    presence_penalty: float = 0.0,
-    stop: Sequence[str] = (),
     stop_ids: Sequence[int] | None = None,
-    seed: int | None = None,
-    logprobs: int = 0,
     use_kv_cache: bool = True,
     on_text: Callable[[int, str], None] | None = None,
-    device: torch.device | str | None = None,
 ) -> list[Completion]:
     """Generate num_samples continuations of `prompt` (text or token ids) in one batch.
 
-    Generation of a sample ends at max_new_tokens ("length"), at the first stop sequence, which is
-    not included ("stop"), or at a token of stop_ids ("eos"; default: the tokenizer's end-of-text).
+    Generation of a sample ends at params.max_tokens ("length"), at the first of params.stop, which
+    is not included ("stop"), or at a token of stop_ids ("eos"; default: the tokenizer's
+    end-of-text). Sample i draws with sample_seed(params.seed, i), as the server's n does.
     on_text(sample_index, text) receives each sample's text as it is generated.
     """
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        if tokenizer.eot_id is None:
-            raise ConfigError("the prompt is empty; give some text with --prompt or --prompt-file")
-        ids = [tokenizer.eot_id]
+    params = params or SamplingParams()
     if num_samples < 1:
-        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
-    stops = [s for s in stop if s]
-    end_ids = set(stop_ids if stop_ids is not None else ([tokenizer.eot_id] if tokenizer.eot_id is not None else []))
-    device = device or next(model.parameters()).device
-    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty, frequency_penalty, presence_penalty)
-
-    streams = [TextStream(tokenizer, stops) for _ in range(num_samples)]
-    out_ids: list[list[int]] = [[] for _ in range(num_samples)]
-    out_lp: list[list[dict]] = [[] for _ in range(num_samples)]
-    reasons: list[str | None] = [None] * num_samples
-    steps = decode_steps(model, idx, max_new_tokens, params, seed=seed, vocab_limit=tokenizer.vocab_size,
-                         use_kv_cache=use_kv_cache, logprobs=logprobs)
-    for step in steps:
-        for b, tok in enumerate(step.ids):
-            if reasons[b] is not None:
-                continue
-            out_ids[b].append(tok)
-            if logprobs:
-                out_lp[b].append(_logprob_entry(tokenizer, step, b))
-            if tok in end_ids:
-                reasons[b] = "eos"
-            elif streams[b].push(tok):
-                reasons[b] = "stop"
-            if on_text is not None:
-                new = streams[b].pop_new()
-                if new:
-                    on_text(b, new)
-        if all(r is not None for r in reasons):
-            steps.close()
-            break
-    results = []
-    for b, s in enumerate(streams):
-        s.finish()
-        if on_text is not None:
-            tail = s.pop_new(final=True)
-            if tail:
-                on_text(b, tail)
-        results.append(Completion(s.text, out_ids[b], reasons[b] or "length", out_lp[b] if logprobs else None))
-    return results
+        raise SamplingError("n", f"num_samples must be >= 1, got {num_samples}")
+    ids = prompt_ids(tokenizer, prompt)
+    end_ids = list(stop_ids) if stop_ids is not None else ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    engine = Engine(model, tokenizer, max_batch=num_samples, use_kv_cache=use_kv_cache)
+    reqs: list[Request] = []
+    for i in range(num_samples):
+        show = None if on_text is None else (lambda _r, _t, text, i=i: text and on_text(i, text))
+        reqs.append(engine.add(ids, replace(params, seed=sample_seed(params.seed, i)), stop_ids=end_ids, on_token=show))
+    engine.run()
+    return [r.completion(tokenizer) for r in reqs]
 
 
-def _logprob_entry(tokenizer: Tokenizer, step: Step, b: int) -> dict:
-    tok = step.ids[b]
-    top = [
-        {"id": i, "token": tokenizer.decode([i]), "logprob": lp}
-        for i, lp in zip(step.top_ids[b], step.top_logprobs[b])
-    ]
-    return {"id": tok, "token": tokenizer.decode([tok]), "logprob": step.logprobs[b], "top": top}
+def _logprob_entry(tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+    alternatives = [{"id": i, "token": tokenizer.decode([i]), "logprob": lp} for i, lp in top]
+    return {"id": token, "token": tokenizer.decode([token]), "logprob": logprob, "top": alternatives}

@@ -10,24 +10,41 @@ Pure tensor functions on (B, V) float logits, applied in this order (the order o
 3. temperature: 0 means greedy (argmax of the penalised logits); otherwise logits / temperature.
 4. top_k: keep the k most likely tokens. 5. top_p (nucleus): keep the smallest set of most likely
    tokens whose probability reaches top_p (the most likely token is always kept).
+0. logit_bias (OpenAI): added to the logits of the given token ids.
 6. a draw from the remaining distribution with a seeded torch.Generator: one seed, one output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from gpt.config import check_ranges, ranged
+from gpt.config import ConfigError, check_ranges, ranged
 
 NEG_INF = float("-inf")
 
 
+class SamplingError(ConfigError):
+    """A decoding setting out of range; `param` names it (the server reports it as OpenAI's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
-    """Decoding controls; the names match sample.py's flags (--top-k is top_k, ...)."""
+    """Everything that decides one continuation: the one object passed through complete(), generate(),
+    the chat session, sample.py and the server (the names match sample.py's flags and OpenAI's fields).
+
+    seed: the continuation is a pure function of (model, prompt, params) when set, whatever else is in
+        the batch (every sequence draws from its own generator).
+    logit_bias: token id -> value added to its logit before penalties and temperature (OpenAI's).
+    logprobs: also report the K most likely tokens at each step (0 = only the chosen token's).
+    """
 
     temperature: float = ranged(1.0, ge=0)  # 0 = greedy
     top_k: int | None = ranged(None, ge=0)  # None or 0 = no limit
@@ -35,14 +52,33 @@ class SamplingParams:
     repetition_penalty: float = ranged(1.0, gt=0)  # 1 = off
     frequency_penalty: float = ranged(0.0)  # any finite number; 0 = off
     presence_penalty: float = ranged(0.0)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    max_tokens: int = ranged(256, ge=0)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int = ranged(0, ge=0)
 
-    def validate(self, name: Callable[[str], str] | None = None) -> None:
-        """ConfigError naming the first setting out of range (NaN and infinities included)."""
-        check_ranges(self, "sampling", name=name)
+    def validate(self, name: Callable[[str], str] | None = None) -> "SamplingParams":
+        """SamplingError naming the first setting out of range (NaN and infinities included); returns self.
+
+        name turns a field into what the user typed (sample.py gives `--top-p`)."""
+        failed: list[str] = []
+
+        def shown(key: str) -> str:
+            failed.append(key)
+            return name(key) if name else f"key '{key}'"
+
+        try:
+            check_ranges(self, "sampling", name=shown)
+        except ConfigError as e:
+            raise SamplingError(failed[-1], str(e)) from None
+        if any(not math.isfinite(b) for b in self.logit_bias.values()):
+            raise SamplingError("logit_bias", "sampling: logit_bias values must be finite numbers")
+        return self
 
     @property
-    def needs_history(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -80,11 +116,15 @@ def filter_logits(
     seen: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Penalties, temperature, top-k and top-p -> (candidate logits (B, K), their token ids (B, K)).
+    """Bias, penalties, temperature, top-k and top-p -> (candidate logits (B, K), their token ids (B, K)).
 
     ids is None when every token is a candidate (K = V). Top-k keeps only the k best candidates
     (topk), which is cheaper than masking the whole vocabulary; top-p sets dropped ones to -inf.
     """
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias.items())
+        logits = logits.index_add(-1, torch.tensor(ids, device=logits.device),
+                                  torch.tensor(bias, dtype=logits.dtype, device=logits.device).expand(len(logits), -1))
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if counts is not None:
@@ -99,7 +139,7 @@ def filter_logits(
     return apply_top_p(logits, params.top_p, is_sorted=ids is not None), ids
 
 
-def sample(logits: torch.Tensor, ids: torch.Tensor | None, params: SamplingParams, generator) -> torch.Tensor:
+def draw(logits: torch.Tensor, ids: torch.Tensor | None, params: SamplingParams, generator) -> torch.Tensor:
     """Draw one token per row from filter_logits' output -> (B,) token ids; argmax at temperature 0.
 
     The draw inverts the cumulative distribution with one uniform number per row: a cumsum and a

@@ -12,6 +12,7 @@ from gpt.data import canary
 from gpt.data.corpus import TokenBatches, ensure_prepared, read_meta
 from gpt.data.tokenizer import Tokenizer, from_spec
 from gpt.infer.engine import generate
+from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
 from gpt.plot import plot_run
 from gpt.train.loop import FitConfig, FitResult, fit, start_run
@@ -70,7 +71,7 @@ def init_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
 
 def print_sample(model: GPT, tokenizer: Tokenizer, prompt: str, n_tokens: int, device, show: bool = True) -> None:
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id or 0]
-    out = generate(model, torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=200, seed=1337,
-                   vocab_limit=tokenizer.vocab_size)
+    out = generate(model, torch.tensor([ids], device=device), n_tokens,
+                   SamplingParams(temperature=0.8, top_k=200, seed=1337), vocab_limit=tokenizer.vocab_size)
     if show:
         print("--- sample ---\n" + tokenizer.decode(out[0].tolist()) + "\n--------------", flush=True)

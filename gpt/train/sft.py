@@ -29,6 +29,8 @@ from gpt.data.chat import CHAT_TOKENS, ChatTemplate
 from gpt.data.corpus import Batch
 from gpt.data.records import Example, RowStream, load_sft_data
 from gpt.data.tokenizer import Tokenizer
+from gpt.infer.engine import complete
+from gpt.infer.sampling import SamplingParams
 from gpt.lora import apply_lora, count_trainable, merged_state_dict
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.plot import plot_run
@@ -176,23 +178,11 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         dist.close()
 
 
-@torch.no_grad()
-def greedy_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_new_tokens: int,
-                 device: torch.device) -> str:
-    """The model's greedy answer to `messages` (a short uncached loop: this runs once after training)."""
-    was_training = model.training
-    model.eval()
+def greedy_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_new_tokens: int) -> str:
+    """The model's greedy answer to `messages`, from the engine sample.py --chat uses."""
     ids = template.encode(messages, add_generation_prompt=True)
-    start, stop = len(ids), set(template.stop_ids)
-    for _ in range(max_new_tokens):
-        window = torch.tensor([ids[-model.config.block_size:]], device=device)
-        logits, _ = model(window, logits_to_keep=1)
-        nxt = int(logits[0, -1, : template.tok.vocab_size].argmax())
-        if nxt in stop:
-            break
-        ids.append(nxt)
-    model.train(was_training)
-    return template.tok.decode(ids[start:])
+    params = SamplingParams(temperature=0, max_tokens=max_new_tokens)
+    return complete(model, template.tok, ids, params, stop_ids=template.stop_ids)[0].text
 
 
 def print_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_new_tokens: int, device,
@@ -201,7 +191,7 @@ def print_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_ne
     if last == 0:
         return
     prompt, expected = messages[:last], messages[last]["content"]
-    reply = greedy_reply(model, template, prompt, max_new_tokens, device)
+    reply = greedy_reply(model, template, prompt, max_new_tokens)
     if show:
         print(f"--- sample ---\n{prompt[-1]['role']}: {prompt[-1]['content']}\nexpected: {expected}\n"
               f"model: {reply}\n--------------", flush=True)

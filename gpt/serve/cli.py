@@ -1,0 +1,71 @@
+"""`python serve.py --ckpt DIR`: load a checkpoint once and serve it over OpenAI's API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import uvicorn
+
+from gpt.checkpoint import load_model
+from gpt.device import pick_device, resolve_dtype
+from gpt.errors import UserError
+from gpt.serve.app import ServerConfig, create_app
+
+
+class ServeError(UserError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serve.py", description="Serve a checkpoint with OpenAI's HTTP API.")
+    p.add_argument("--ckpt", required=True, help="output directory (its best checkpoint, else latest) or a checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY, else none)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint folder's name)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (the batch's rows)")
+    p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond it requests get 429")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
+    return p
+
+
+def run(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    for flag in ("max_batch", "port"):
+        if getattr(args, flag) < 1 or (flag == "port" and args.port > 65535):
+            raise ServeError(f"--{flag.replace('_', '-')} out of range: {getattr(args, flag)}")
+    if args.max_queue < 0 or args.max_body < 1:
+        raise ServeError("--max-queue must be >= 0 and --max-body >= 1")
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer, _, folder = load_model(args.ckpt, device)
+    model.to(dtype=dtype).eval()
+    name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
+    cfg = ServerConfig(name, args.api_key or os.environ.get("GPT_API_KEY") or None, args.max_batch, args.max_queue,
+                       args.max_body)
+    app = create_app(model, tokenizer, cfg)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=True,
+                                   timeout_graceful_shutdown=30, server_header=False))
+    server.ready_line = f"serving {name} ({folder}) at http://{args.host}:{args.port}/v1" + (
+        " (API key required)" if cfg.api_key else "")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: exit 0 then, not "killed by a signal"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.run()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, printing one line once the socket accepts requests."""
+
+    ready_line = ""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(self.ready_line, file=sys.stderr, flush=True)

@@ -1,0 +1,264 @@
+"""OpenAI's request fields checked and turned into the engine's terms; OpenAI's error shape.
+
+Every value a client can send is checked here, with OpenAI's ranges, and a bad one becomes an
+`APIError` (400 and the offending `param`), never an exception further down. Unknown fields are
+ignored, as the hosted API does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from gpt.data.chat import ROLES, ChatTemplate
+from gpt.data.tokenizer import Tokenizer
+from gpt.infer.sampling import SamplingParams
+
+MAX_STOPS = 4
+MAX_N = 64  # n and best_of
+MAX_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass
+class Job:
+    """One API request in the engine's terms: prompts x best_of sequences, of which n are returned."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int = 1
+    best_of: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # None: not asked for; K: the chosen token and the K most likely
+    stop_ids: list[int] = field(default_factory=list)
+
+    @property
+    def sequences(self) -> int:
+        return len(self.prompts) * self.best_of
+
+
+# ---------------------------------------------------------------------------- field readers
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise bad(name, f"{name} must be a number, got {v!r}")
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise bad(name, f"{name} must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v}")
+    return float(v)
+
+
+def _int(body: dict, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(name, f"{name} must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise bad(name, f"{name} must be >= {lo}" + (f" and <= {hi}" if hi is not None else "") + f", got {v}")
+    return v
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(name, f"{name} must be true or false, got {v!r}")
+    return v
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("stop", "stop must be a string or a list of strings")
+    if len(stops) > MAX_STOPS:
+        raise bad("stop", f"stop takes at most {MAX_STOPS} sequences, got {len(stops)}")
+    return tuple(s for s in stops if s)
+
+
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad("logit_bias", "logit_bias must be an object mapping token ids to numbers from -100 to 100")
+    out = {}
+    for key, value in v.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise bad("logit_bias", f"logit_bias key {key!r} is not a token id") from None
+        if not 0 <= token < vocab_size:
+            raise bad("logit_bias", f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})")
+        out[token] = _number({"logit_bias": value}, "logit_bias", 0.0, -100.0, 100.0)
+    return out
+
+
+def _sampling(body: dict, tokenizer: Tokenizer, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("seed", f"seed must be an integer, got {seed!r}")
+    return SamplingParams(
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        logit_bias=_logit_bias(body, tokenizer.vocab_size),
+        max_tokens=max_tokens,
+        stop=_stops(body),
+        seed=None if seed is None else seed % 2**63,
+        logprobs=logprobs or 0,
+    )
+
+
+def _fits(prompt: list[int], max_tokens: int, block_size: int, param: str) -> None:
+    if len(prompt) + max_tokens > block_size:
+        raise bad(param, f"This model's maximum context length is {block_size} tokens, however you requested "
+                         f"{len(prompt) + max_tokens} tokens ({len(prompt)} in your prompt; {max_tokens} for the "
+                         "completion). Please reduce your prompt or completion length.", "context_length_exceeded")
+
+
+def _n_best_of(body: dict, stream: bool) -> tuple[int, int]:
+    n = _int(body, "n", 1, 1, MAX_N)
+    best_of = _int(body, "best_of", n, 1, MAX_N)
+    if best_of < n:
+        raise bad("best_of", f"best_of ({best_of}) must be >= n ({n})")
+    if stream and best_of > n:
+        raise bad("best_of", "best_of cannot be used with stream (the best candidates are known only at the end)")
+    return n, best_of
+
+
+def _include_usage(body: dict, stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise bad("stream_options", "stream_options must be an object")
+    if not stream:
+        raise bad("stream_options", "stream_options is only allowed with stream: true")
+    return _bool(opts, "include_usage")
+
+
+# ---------------------------------------------------------------------------- the two endpoints
+
+
+def completion_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
+    """POST /v1/completions: prompt (string, strings, token ids or lists of ids) and OpenAI's legacy fields."""
+    prompts = _prompts(body.get("prompt"), tokenizer)
+    stream = _bool(body, "stream")
+    max_tokens = _int(body, "max_tokens", 16, 0)
+    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    for p in prompts:
+        _fits(p, max_tokens, block_size, "max_tokens")
+    n, best_of = _n_best_of(body, stream)
+    eot = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
+    return Job(prompts, _sampling(body, tokenizer, max_tokens, logprobs), n, best_of, stream,
+               _include_usage(body, stream), _bool(body, "echo"), logprobs, eot)
+
+
+def chat_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
+    """POST /v1/chat/completions: messages rendered with the checkpoint's chat template."""
+    template = ChatTemplate(tokenizer)
+    try:
+        prompt = template.encode(_messages(body.get("messages")), add_generation_prompt=True)
+    except ValueError as e:  # text the tokenizer cannot encode (a character model's unknown character)
+        raise bad("messages", str(e)) from None
+    stream = _bool(body, "stream")
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _int(body, param, None, 1)
+    if max_tokens is None:
+        max_tokens = block_size - len(prompt)  # OpenAI: as much as the context allows
+        if max_tokens < 1:
+            _fits(prompt, 1, block_size, "messages")
+    _fits(prompt, max_tokens, block_size, param)
+    logprobs = None
+    if _bool(body, "logprobs"):
+        logprobs = _int(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
+    elif body.get("top_logprobs") is not None:
+        raise bad("top_logprobs", "top_logprobs requires logprobs: true")
+    n, best_of = _n_best_of({"n": body.get("n")}, stream)
+    params = _sampling(body, tokenizer, max_tokens, logprobs)
+    params.stop = tuple(template.stop_strings) + params.stop
+    stop_ids = template.stop_ids + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    return Job([prompt], params, n, best_of, stream, _include_usage(body, stream), False, logprobs, stop_ids)
+
+
+def _prompts(v, tokenizer: Tokenizer) -> list[list[int]]:
+    if v is None:
+        raise bad("prompt", "prompt is required")
+    if isinstance(v, str):
+        items = [v]
+    elif isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        items = [v]  # one prompt as token ids
+    elif isinstance(v, list) and v:
+        items = v
+    else:
+        raise bad("prompt", "prompt must be a string, a list of strings, or token ids")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = _encode(tokenizer, item, "prompt")
+        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            if any(not 0 <= t < tokenizer.vocab_size for t in item):
+                raise bad("prompt", f"prompt token ids must be in 0..{tokenizer.vocab_size - 1}")
+            ids = list(item)
+        else:
+            raise bad("prompt", "prompt must be a string, a list of strings, or token ids")
+        if not ids:
+            if tokenizer.eot_id is None:
+                raise bad("prompt", "the prompt is empty")
+            ids = [tokenizer.eot_id]  # an unconditional sample, as sample.py does
+        out.append(ids)
+    return out
+
+
+def _encode(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:  # a character model's unknown character
+        raise bad(param, str(e)) from None
+
+
+def _messages(v) -> list[dict]:
+    if not isinstance(v, list) or not v:
+        raise bad("messages", "messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or m.get("role") not in ROLES + ("developer",):
+            raise bad(f"messages[{i}].role", f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is understood by a text model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise bad(f"messages[{i}].content", "only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        if content is None and m["role"] == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise bad(f"messages[{i}].content", f"messages[{i}].content must be a string")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out

@@ -1,0 +1,134 @@
+"""One forward pass: cached decoding computes the uncached model for every ModelConfig option.
+
+OPTIONS lists, for every field of ModelConfig, the values the parity tests try; a field added to
+ModelConfig without a row here fails `test_every_model_option_is_covered`, so a new option cannot
+skip the parity check. VARIANTS adds the model states that are not config fields (LoRA, a vocabulary
+grown for chat tokens, padded vocabulary rows). Parity is checked in float32: bf16 matmuls of one
+row and of a whole window reduce in different orders, so there cached and uncached greedy decoding
+may part after a near-tie (the README states where the promise holds).
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt.config import LoRAConfig, ModelConfig
+from gpt.infer.engine import generate
+from gpt.infer.sampling import SamplingParams
+from gpt.lora import apply_lora, merged_state_dict
+from gpt.model import GPT, KVCache
+
+BASE = dict(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=40, dropout=0.1)
+OPTIONS = {
+    "block_size": [5, 12],
+    "vocab_size": [40, 70],
+    "vocab_multiple": [1, 64],
+    "n_layer": [1, 3],
+    "n_head": [1, 4],
+    "n_embd": [16, 24],
+    "dropout": [0.0, 0.3],  # eval mode: dropout is off in both paths
+    "bias": [True, False],
+    "gelu": ["tanh", "exact"],
+}
+VARIANTS = ["plain", "lora", "lora_merged", "chat_vocab", "untied_head"]
+
+
+def test_every_model_option_is_covered():
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert fields == set(OPTIONS), f"add the new ModelConfig option(s) {fields - set(OPTIONS)} to OPTIONS"
+
+
+def build(field: str, value, variant: str = "plain") -> GPT:
+    kw = dict(BASE, **{field: value})
+    if field == "vocab_multiple":  # as training builds it: the vocabulary rounded up
+        kw["vocab_size"] = -(-kw["vocab_size"] // value) * value
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5 if "ln" not in name else 0.1).add_(1.0 if name.endswith("ln_1.weight") else 0.0)
+    if variant in ("lora", "lora_merged"):
+        apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=["c_attn", "c_fc"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+        if variant == "lora_merged":
+            merged = GPT(model.config)
+            merged.load_state_dict(merged_state_dict(model))
+            model = merged
+    elif variant == "chat_vocab":
+        model.resize_vocab(model.config.vocab_size + 4)
+    elif variant == "untied_head":
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone().mul_(0.5))
+    return model.eval()
+
+
+CASES = [(f, v, "plain") for f, vs in OPTIONS.items() for v in vs] + [("bias", True, v) for v in VARIANTS[1:]]
+
+
+@pytest.mark.parametrize("field,value,variant", CASES)
+def test_cached_steps_give_the_uncached_logits(field, value, variant):
+    """Per-row positions (continuous batching): rows of different lengths, one token at a time."""
+    model = build(field, value, variant)
+    block, V = model.config.block_size, model.config.vocab_size
+    seqs = torch.randint(0, V, (3, block), generator=torch.Generator().manual_seed(1))
+    lengths = [1, block // 2, block - 1]  # prefilled tokens per row
+    cache = KVCache.empty(model.config, 3, block, "cpu", torch.float32)
+    with torch.no_grad():
+        for r, n in enumerate(lengths):
+            if n > 1:
+                row = KVCache(cache.k[:, r : r + 1], cache.v[:, r : r + 1])
+                model(seqs[r : r + 1, : n - 1], kv_cache=row, start_pos=0)
+        pos = torch.tensor(lengths) - 1
+        for _ in range(2):
+            last = seqs[torch.arange(3), pos.clamp(max=block - 1)][:, None]
+            step = model(last, kv_cache=cache, start_pos=pos.clamp(max=block - 1), logits_to_keep=1)[0][:, -1]
+            for r in range(3):
+                p = min(int(pos[r]), block - 1)
+                ref = model(seqs[r : r + 1, : p + 1])[0][0, -1]
+                torch.testing.assert_close(step[r], ref, rtol=0, atol=1e-5)
+            pos = pos + 1
+            if int(pos.max()) >= block:
+                break
+
+
+@pytest.mark.parametrize("field,value,variant", CASES)
+def test_cached_greedy_equals_uncached_for_every_option(field, value, variant):
+    model = build(field, value, variant)
+    idx = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(2))
+    n = 2 * model.config.block_size + 3  # the window slides
+    params = SamplingParams(temperature=0)
+    assert torch.equal(generate(model, idx, n, params), generate(model, idx, n, params, use_kv_cache=False))
+
+
+def briefly_trained(gelu: str, bias: bool) -> tuple[GPT, list[int]]:
+    """A char model trained for a few seconds on the README (float32): peaked, near-tie-prone logits."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()[:20000]
+    chars = sorted(set(text))
+    data = torch.tensor([chars.index(c) for c in text])
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=len(chars), gelu=gelu,
+                            bias=bias))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - 33, (16,), generator=gen)
+        batch = torch.stack([data[s : s + 33] for s in starts.tolist()])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), [chars.index(c) for c in "## Training\n"]
+
+
+@pytest.mark.parametrize("gelu,bias", [("exact", False), ("tanh", True)])
+def test_trained_model_cached_greedy_equals_uncached_for_300_tokens(gelu, bias):
+    model, prompt = briefly_trained(gelu, bias)
+    idx = torch.tensor([prompt])
+    params = SamplingParams(temperature=0)
+    cached = generate(model, idx, 300, params)  # block_size 32: the window slides about 18 times
+    assert torch.equal(cached, generate(model, idx, 300, params, use_kv_cache=False))
+    assert len(set(cached[0].tolist())) > 5

@@ -1,0 +1,126 @@
+"""The playground page in a real headless browser (Debian's chromium + chromedriver, driven by Selenium).
+
+.ci/run installs chromium and its driver when they are missing; where neither can be had the test
+is skipped, saying so. The page must only ever talk to the server that served it.
+"""
+
+import json
+import shutil
+
+import pytest
+from conftest import lively_model
+from test_serve import BLOCK, CHARS, Running
+
+from gpt.data.chat import ChatTemplate
+from gpt.data.tokenizer import CharTokenizer
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+if not (CHROMIUM and DRIVER):
+    pytest.skip("chromium and chromedriver are not installed (.ci/run installs them with apt)", allow_module_level=True)
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server():
+    tok = CharTokenizer(CHARS)
+    ChatTemplate.add_tokens(tok)
+    s = Running(lively_model(tok.vocab_size, block_size=BLOCK), tok)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
+                "--disable-background-networking", "--disable-component-update", "--no-first-run"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
+    yield driver
+    driver.quit()
+
+
+def set_value(driver, element_id: str, value) -> None:
+    driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                          "e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change'));",
+                          element_id, str(value))
+
+
+def run_and_wait(driver) -> str:
+    driver.execute_script("document.getElementById('status').textContent = ''")  # no stale "done"
+    driver.find_element(By.ID, "submit").click()
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "error")))
+    return driver.find_element(By.ID, "status").text
+
+
+def generated(driver, root: str = "output") -> str:
+    return "".join(e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, f"#{root} .gen"))
+
+
+def test_playground_complete_chat_probabilities_and_code(server, browser):
+    d = browser
+    d.get(server.url + "/")
+    d.execute_script("localStorage.clear()")
+    d.get(server.url + "/")
+    WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+    free = server.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=20)
+    stop = free.choices[0].text[6:8]
+    api = server.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=20, top_p=1,
+                                           stop=[stop]).choices[0].text
+
+    # Complete mode: temperature 0, a stop sequence; the streamed text is the API's
+    d.find_element(By.ID, "prompt").send_keys("Hello")
+    set_value(d, "temperature", 0)
+    set_value(d, "max_tokens", 20)
+    set_value(d, "stop_seqs", stop.replace("\n", "\\n"))
+    assert run_and_wait(d) == "done (stop)"
+    assert generated(d) == api
+    assert "prompt tokens" in d.find_element(By.ID, "count").text
+
+    # View code: the Python it shows returns the same text with the openai client
+    d.find_element(By.ID, "view-code").click()
+    code = d.find_element(By.ID, "code-python").text
+    assert "stream=True" in code and "curl" in d.find_element(By.ID, "code-curl").text
+    scope: dict = {}
+    exec(code.replace("stream=True", "stream=False"), scope)  # the page streams; one response is simpler here
+    assert scope["response"].choices[0].text == api
+    d.find_element(By.ID, "code-close").click()
+
+    # Show probabilities: every generated token is shaded and has a probability; focus shows alternatives
+    set_value(d, "stop_seqs", "")
+    d.find_element(By.CSS_SELECTOR, "#show_probs option[value=full]").click()
+    assert run_and_wait(d) == "done (length)"
+    toks = d.find_elements(By.CSS_SELECTOR, "#output .tok")
+    assert len(toks) == 20 and all(0 < float(t.get_attribute("data-p")) <= 1 for t in toks)
+    assert generated(d) == free.choices[0].text
+    d.execute_script("arguments[0].focus()", toks[0])
+    panel = d.find_element(By.ID, "prob-panel")
+    assert panel.is_displayed() and "%" in panel.text and len(panel.find_elements(By.TAG_NAME, "li")) == 5
+
+    # Chat mode: a system message and a user turn; the reply is the API's greedy reply
+    d.find_element(By.ID, "mode-chat").click()
+    set_value(d, "show_probs", "off")
+    set_value(d, "stop_seqs", "")
+    d.find_element(By.ID, "system").send_keys("Be brief.")
+    d.find_element(By.ID, "user-input").send_keys("hi there")
+    assert run_and_wait(d).startswith("done")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]
+    reply = server.client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=20)
+    assert generated(d, "turns") == reply.choices[0].message.content
+
+    # The settings persist in local storage
+    d.get(server.url + "/")
+    WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+    assert d.find_element(By.ID, "temperature").get_attribute("value") == "0"
+    assert not d.find_element(By.ID, "chat-pane").get_attribute("hidden")
+
+    # Nothing but the server was contacted
+    urls = [json.loads(e["message"])["message"].get("params", {}).get("request", {}).get("url", "")
+            for e in d.get_log("performance")]
+    urls = [u for u in urls if u]
+    assert urls and all(u.startswith(server.url) or u.startswith(("data:", "blob:", "about:")) for u in urls), urls

@@ -1,0 +1,275 @@
+"""The OpenAI-compatible server, driven by the real `openai` client against in-process uvicorn on loopback."""
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from conftest import ROOT, lively_model
+
+from gpt.checkpoint import save_checkpoint
+from gpt.data.chat import ChatTemplate
+from gpt.data.tokenizer import CharTokenizer
+from gpt.infer.engine import complete
+from gpt.infer.sampling import SamplingParams
+from gpt.serve.app import ServerConfig, create_app
+
+CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ <>:.,!?'\n")
+BLOCK = 96
+
+
+class Running:
+    """uvicorn in a thread on a free loopback port."""
+
+    def __init__(self, model, tok, **cfg):
+        app = create_app(model, tok, ServerConfig("tiny", **cfg))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=cfg.get("api_key") or "none", max_retries=0)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = CharTokenizer(CHARS)
+    ChatTemplate.add_tokens(t)
+    return t
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return lively_model(tok.vocab_size + 3, block_size=BLOCK)  # padded past the tokenizer: padding ids are never served
+
+
+@pytest.fixture(scope="module")
+def srv(model, tok):
+    s = Running(model, tok, max_batch=4, max_queue=16)
+    yield s
+    s.stop()
+
+
+def greedy(model, tok, prompt, n=20, **kw):
+    return complete(model, tok, prompt, SamplingParams(temperature=0, max_tokens=n, **kw))[0]
+
+
+def test_models_and_health(srv):
+    assert [m.id for m in srv.client.models.list().data] == ["tiny"]
+    assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+
+
+def test_greedy_and_logprobs_equal_sample_py(srv, model, tok, tmp_path):
+    save_checkpoint(tmp_path / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path), "--prompt", "Hello there",
+                           "--temperature", "0", "--max-new-tokens", "24", "--logprobs", "3", "--json", "--dtype", "float32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ref = json.loads(proc.stdout)
+    r = srv.client.completions.create(model="tiny", prompt="Hello there", temperature=0, max_tokens=24, logprobs=3)
+    c = r.choices[0]
+    assert c.text == ref["text"] and c.finish_reason == "length"
+    assert r.usage.prompt_tokens == 11 and r.usage.completion_tokens == 24
+    assert c.logprobs.tokens == [e["token"] for e in ref["logprobs"]]
+    assert c.logprobs.token_logprobs == pytest.approx([e["logprob"] for e in ref["logprobs"]], abs=1e-5)
+    assert [list(t) for t in c.logprobs.top_logprobs] == [[a["token"] for a in e["top"]] for e in ref["logprobs"]]
+    assert c.logprobs.text_offset[0] == len("Hello there")
+
+
+def test_concurrent_requests_each_equal_alone(srv, model, tok):
+    prompts = ["a", "Hello there, how are you", "xyz", "The quick brown fox jumps over", "Q", "ok ok ok"]
+    kws = [dict(temperature=0), dict(temperature=0.9, seed=5), dict(temperature=0), dict(temperature=1.0, seed=7),
+           dict(temperature=0.5, seed=1, top_p=0.9), dict(temperature=0)]
+    lengths = [30, 12, 25, 8, 20, 16]
+
+    def call(i):
+        return srv.client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], **kws[i])
+
+    alone = [call(i).choices[0].text for i in range(len(prompts))]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = [r.choices[0].text for r in pool.map(call, range(len(prompts)))]
+    assert together == alone
+    assert alone[0] == greedy(model, tok, "a", 30).text
+
+
+def test_streaming_equals_non_streaming(srv):
+    kw = dict(model="tiny", prompt="Once upon", temperature=0.8, seed=3, max_tokens=20)
+    full = srv.client.completions.create(**kw).choices[0].text
+    chunks = list(srv.client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert chunks[-1].usage.completion_tokens == 20
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    chat = srv.client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=15)
+    parts = list(srv.client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=15,
+                                                     stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == chat.choices[0].message.content
+    assert chat.object == "chat.completion" and chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_uses_the_template_and_ends_at_the_end_of_turn(srv, model, tok):
+    end = tok.special_id("<|end|>")
+    with torch.no_grad():
+        saved = model.lm_head.weight[end].clone()
+        model.lm_head.weight[end] *= 40  # the model ends its turn at once
+    try:
+        r = srv.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               temperature=0, max_completion_tokens=30, logprobs=True, top_logprobs=2)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[end] = saved
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and "<|end|>" not in c.message.content and len(c.message.content) < 30
+    assert len(c.logprobs.content) == r.usage.completion_tokens - 1  # the end token is not reported
+    assert all(len(e.top_logprobs) == 2 for e in c.logprobs.content)
+
+
+def test_n_and_best_of_returns_the_best_by_mean_logprob(srv):
+    kw = dict(model="tiny", prompt="ab", temperature=1.0, seed=11, max_tokens=10)
+    four = srv.client.completions.create(n=4, logprobs=0, **kw).choices
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in four]
+    best = [four[i].text for i in sorted(range(4), key=lambda i: means[i], reverse=True)[:2]]
+    got = srv.client.completions.create(n=2, best_of=4, **kw).choices
+    assert [c.text for c in got] == best and [c.index for c in got] == [0, 1]
+    assert len({c.text for c in four}) == 4
+
+
+def test_stop_across_token_boundaries_penalties_echo_and_bias(srv, model, tok):
+    free = greedy(model, tok, "Hello", 30).text
+    stop = free[8:12]
+    r = srv.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=30, stop=[stop, "QQQ"])
+    assert r.choices[0].text == free[: free.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in srv.client.completions.create(
+        model="tiny", prompt="Hello", temperature=0, max_tokens=30, stop=stop, stream=True))
+    assert streamed == r.choices[0].text  # the stop sequence is never streamed
+    pen = srv.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=30,
+                                        presence_penalty=2.0, frequency_penalty=1.0).choices[0].text
+    assert pen == greedy(model, tok, "Hello", 30, presence_penalty=2.0, frequency_penalty=1.0).text != free
+    echo = srv.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=5, echo=True,
+                                         logprobs=1).choices[0]
+    assert echo.text == "Hello" + greedy(model, tok, "Hello", 5).text
+    assert echo.logprobs.token_logprobs[0] is None and len(echo.logprobs.tokens) == 10
+    banned = greedy(model, tok, "Hello", 1).token_ids[0]
+    biased = srv.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=5,
+                                           logit_bias={str(banned): -100}).choices[0].text
+    assert not biased.startswith(tok.decode([banned]))
+
+
+def post(srv, path, body, **kw):
+    return httpx.post(srv.url + path, content=body if isinstance(body, bytes) else json.dumps(body), **kw)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"n": 0}, "n"),
+    ({"n": 3, "best_of": 2}, "best_of"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"max_tokens": BLOCK}, "max_tokens"), ({"frequency_penalty": 3}, "frequency_penalty"),
+    ({"logit_bias": {"999": 1}}, "logit_bias"), ({"temperature": "hot"}, "temperature"),
+    ({"prompt": 5}, "prompt"), ({"prompt": "no ~ in this vocabulary"}, "prompt"), ({"logprobs": 99}, "logprobs"), ({"seed": 1.5}, "seed"),
+])
+def test_bad_parameters_are_400_with_the_param(srv, body, param):
+    r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "hi", "unknown_field": 1, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+    if param == "max_tokens":
+        assert err["code"] == "context_length_exceeded"
+
+
+def test_error_statuses(srv, model, tok):
+    with pytest.raises(openai.NotFoundError):
+        srv.client.completions.create(model="other", prompt="hi")
+    with pytest.raises(openai.BadRequestError) as e:
+        srv.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * BLOCK}])
+    assert e.value.code == "context_length_exceeded"
+    assert post(srv, "/v1/completions", b"{not json").status_code == 400
+    assert post(srv, "/v1/completions", b"[" * 100_000).status_code == 400
+    assert post(srv, "/v1/completions", b"x" * (2 << 20)).status_code == 413
+    assert post(srv, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}).status_code == 400
+    missing = httpx.get(srv.url + "/v1/nothing")
+    assert missing.status_code == 404 and "error" in missing.json()
+    keyed = Running(model, tok, api_key="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert keyed.client.completions.create(model="tiny", prompt="a", max_tokens=2).choices[0].text
+    finally:
+        keyed.stop()
+
+
+def test_full_queue_is_429_and_a_disconnect_frees_the_slot(model, tok):
+    small = Running(model, tok, max_batch=1, max_queue=0)
+    try:
+        stream = small.client.completions.create(model="tiny", prompt="a", max_tokens=BLOCK - 1, temperature=0,
+                                                 stream=True)
+        next(iter(stream))  # generating
+        with pytest.raises(openai.RateLimitError):
+            small.client.completions.create(model="tiny", prompt="b", max_tokens=3)
+        with pytest.raises(openai.BadRequestError, match="at most 1"):  # could never fit: not worth a retry
+            small.client.completions.create(model="tiny", prompt="b", max_tokens=3, n=2)
+        stream.close()  # the client goes away mid-stream
+        for _ in range(100):  # the slot is freed within a step or two
+            try:
+                r = small.client.completions.create(model="tiny", prompt="b", max_tokens=3)
+                break
+            except openai.RateLimitError:
+                time.sleep(0.05)
+        assert r.choices[0].finish_reason == "length"
+        assert not small.server.config.app.state.worker.engine.busy
+    finally:
+        small.stop()
+
+
+def test_seeded_chat_is_reproducible_and_logprobs_are_probabilities(srv):
+    msgs = [{"role": "user", "content": "tell me"}]
+    a = srv.client.chat.completions.create(model="tiny", messages=msgs, seed=4, max_tokens=12, logprobs=True)
+    b = srv.client.chat.completions.create(model="tiny", messages=msgs, seed=4, max_tokens=12, logprobs=True)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert all(math.exp(e.logprob) <= 1.0 for e in a.choices[0].logprobs.content)
+
+
+def test_serve_py_prints_its_url_serves_and_stops_on_sigterm(model, tok, tmp_path):
+    save_checkpoint(tmp_path / "run" / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "serve.py", "--ckpt", str(tmp_path / "run"), "--port", str(port),
+                             "--dtype", "float32"], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "GPT_API_KEY": "k"})
+    try:
+        for line in proc.stderr:
+            if "serving" in line:
+                break
+        assert "serving run" in line and f"http://127.0.0.1:{port}/v1" in line and "API key" in line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        r = client.completions.create(model="run", prompt="Secret prompt text", temperature=0, max_tokens=8)
+        assert r.choices[0].text == greedy(model, tok, "Secret prompt text", 8).text
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        log = proc.stderr.read() + proc.stdout.read()
+        assert "POST /v1/completions" in log and "Secret" not in log and "Traceback" not in log
+    finally:
+        proc.kill()
+
+
+def test_serve_py_bad_checkpoint_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "serve.py", "--ckpt", str(tmp_path / "none")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
