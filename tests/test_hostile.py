@@ -68,7 +68,7 @@ def world(tmp_path_factory) -> World:
 @dataclass
 class Case:
     name: str
-    entry: str  # train.py, finetune.py, sample.py or gpt.convert
+    entry: str  # train.py, finetune.py, sample.py, serve.py or gpt.convert
     args: Callable[[World, Path], list[str]]  # (world, this row's tmp_path) -> command-line arguments
     cause: str  # the one stderr line must contain this
     lines: int = 1  # stderr lines; only the records summary lists its records one per line
@@ -207,6 +207,13 @@ CASES = [
          "model.safetensors: its SHA-256 differs from the one recorded"),
     Case("a temp folder of an interrupted save", "sample.py", lambda w, t: ["--ckpt", str(stale_temp_ckpt(w, t))],
          ".best.tmp-999999: an unfinished checkpoint"),
+    # ---- serve.py
+    Case("serve.py: weights changed on disk", "serve.py",
+         lambda w, t: ["--ckpt", str(edited_ckpt(w, t, checkpoint.MODEL_FILE, flip_a_weight))],
+         "model.safetensors: its SHA-256 differs from the one recorded"),
+    Case("serve.py: --max-batch 0", "serve.py", lambda w, t: ["--ckpt", str(w.run), "--max-batch", "0"],
+         "--max-batch out of range: 0"),
+    Case("serve.py: no such checkpoint", "serve.py", lambda w, t: ["--ckpt", str(t / "none")], "no such checkpoint"),
     # ---- python -m gpt.convert
     Case("unsafe pickle in from-hf", "gpt.convert", lambda w, t: ["from-hf", str(pickled_hf_dir(t)), str(t / "o")],
          "pytorch_model.bin: contains Python objects that the safe loader refuses"),

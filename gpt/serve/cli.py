@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint folder's name)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (the batch's rows)")
     p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond it requests get 429")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
@@ -44,7 +45,7 @@ def run(argv: list[str]) -> None:
         raise ServeError("--max-queue must be >= 0 and --max-body >= 1")
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer, _, folder = load_model(args.ckpt, device)
+    model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
     model.to(dtype=dtype).eval()
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, args.api_key or os.environ.get("GPT_API_KEY") or None, args.max_batch, args.max_queue,
