@@ -18,6 +18,7 @@ from gpt.data.bpe import train_bpe
 from gpt.data.chat import END_TOKEN, ChatTemplate
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.infer.engine import complete
+from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -98,7 +99,7 @@ def test_chat_template_end_of_turn_and_greedy_generation_match(exported):
     gen = json.loads((folder / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [tok.special_id(END_TOKEN), tok.eot_id]
 
-    [reply] = complete(model.eval(), tok, ours, max_new_tokens=20, temperature=0,
+    [reply] = complete(model.eval(), tok, ours, SamplingParams(temperature=0, max_tokens=20),
                        stop_ids=template.stop_ids + [tok.eot_id])
     assert reply.finish_reason == "eos" and reply.token_ids[-1] == tok.special_id(END_TOKEN)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()

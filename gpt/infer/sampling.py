@@ -52,10 +52,10 @@ class SamplingParams:
     repetition_penalty: float = ranged(1.0, gt=0)  # 1 = off
     frequency_penalty: float = ranged(0.0)  # any finite number; 0 = off
     presence_penalty: float = ranged(0.0)
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    logit_bias: dict = field(default_factory=dict)  # token id -> bias in logits (values checked in validate)
     max_tokens: int = ranged(256, ge=0)
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    seed: int | None = ranged(None)  # None = a random seed
     logprobs: int = ranged(0, ge=0)
 
     def validate(self, name: Callable[[str], str] | None = None) -> "SamplingParams":

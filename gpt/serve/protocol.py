@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from gpt.data.chat import ROLES, ChatTemplate
 from gpt.data.tokenizer import Tokenizer
+from gpt.errors import UserError
 from gpt.infer.sampling import SamplingParams
 
 MAX_STOPS = 4
@@ -185,7 +186,7 @@ def chat_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
     template = ChatTemplate(tokenizer)
     try:
         prompt = template.encode(_messages(body.get("messages")), add_generation_prompt=True)
-    except ValueError as e:  # text the tokenizer cannot encode (a character model's unknown character)
+    except (UserError, ValueError) as e:  # text the tokenizer cannot encode (a character model's unknown character)
         raise bad("messages", str(e)) from None
     stream = _bool(body, "stream")
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -239,7 +240,7 @@ def _prompts(v, tokenizer: Tokenizer) -> list[list[int]]:
 def _encode(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
     try:
         return tokenizer.encode(text)
-    except ValueError as e:  # a character model's unknown character
+    except (UserError, ValueError) as e:  # a character model's unknown character
         raise bad(param, str(e)) from None
 
 
