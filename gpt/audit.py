@@ -46,6 +46,7 @@ from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.device import pick_device
 from gpt.errors import UserError
 from gpt.infer.engine import generate
+from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
 
 GATE_FAILED = 3
@@ -187,7 +188,7 @@ def extraction(model: GPT, tok: Tokenizer, probes: list[Probe], batch_size: int 
             chunk = members[i:i + batch_size]
             m = max(len(probes[n].target) for n in chunk)
             idx = torch.tensor([probes[n].prompt[-length:] for n in chunk], dtype=torch.long, device=device)
-            out = generate(model, idx, m, temperature=0.0, vocab_limit=tok.vocab_size)[:, length:]
+            out = generate(model, idx, m, SamplingParams(temperature=0.0), vocab_limit=tok.vocab_size)[:, length:]
             for n, row in zip(chunk, out.tolist()):
                 outputs[n] = row[:len(probes[n].target)]
     exact = [n for n, p in enumerate(probes) if outputs[n] == p.target]

@@ -38,6 +38,7 @@ from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.device import autocast, pick_device, resolve_dtype
 from gpt.errors import UserError
 from gpt.infer.engine import complete
+from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT, IGNORE_INDEX
 
 FORMATS = ("auto", "text", "chat", "instruction")
@@ -287,8 +288,8 @@ def exact_match_rate(model: GPT, template: ChatTemplate, conversations: list[lis
         reference = messages[last]["content"]
         budget = max_new_tokens or len(tok.encode(reference)) + 8
         prompt = template.encode(messages[:last], add_generation_prompt=True)
-        reply = complete(model, tok, prompt, max_new_tokens=budget, temperature=0.0, stop=template.stop_strings,
-                         stop_ids=stop_ids, device=device)[0].text
+        params = SamplingParams(temperature=0.0, max_tokens=budget, stop=tuple(template.stop_strings))
+        reply = complete(model, tok, prompt, params, stop_ids=stop_ids)[0].text
         hits += reply.strip() == reference.strip()
         n += 1
     return hits / n if n else None

@@ -17,6 +17,7 @@ from gpt.data.chat import ChatTemplate
 from gpt.data.records import load_file
 from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.engine import complete
+from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.train import dist as distributed
 from gpt.train.loop import evaluate as fit_evaluate
@@ -168,7 +169,7 @@ def test_exact_match_compares_the_greedy_reply_with_the_reference():
     template = ChatTemplate(tok)
     prompt = [{"role": "user", "content": "Spell love."}]
     ids = template.encode(prompt, add_generation_prompt=True)
-    greedy = complete(model, tok, ids, max_new_tokens=6, temperature=0.0, stop_ids=template.stop_ids)[0].text
+    greedy = complete(model, tok, ids, SamplingParams(temperature=0.0, max_tokens=6), stop_ids=template.stop_ids)[0].text
     assert greedy.strip()
     right = prompt + [{"role": "assistant", "content": greedy}]
     wrong = prompt + [{"role": "assistant", "content": greedy + "x"}]
