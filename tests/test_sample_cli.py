@@ -82,6 +82,8 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
 def test_bad_flag_combinations_are_refused():
     with pytest.raises(ConfigError, match="--chat"):
         check_args(build_parser().parse_args(["--ckpt", "x", "--chat", "--json"]))
+    with pytest.raises(ConfigError, match="--threads"):
+        check_args(build_parser().parse_args(["--ckpt", "x", "--threads", "-1"]))
     with pytest.raises(ConfigError, match="--num-samples"):
         check_args(build_parser().parse_args(["--ckpt", "x", "--num-samples", "0"]))
 

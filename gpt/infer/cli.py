@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 from gpt.checkpoint import load_model
 from gpt.config import ConfigError
 from gpt.device import pick_device, resolve_dtype
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights are converted)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default; 1 is often fastest for small models on shared cores)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (reference path)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -72,6 +76,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def check_args(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     sampling_params(args)
     if args.chat and (args.json or args.num_samples > 1 or args.logprobs or args.prompt or args.prompt_file):
         raise ConfigError("--chat is interactive: it cannot be combined with --json, --logprobs, --num-samples > 1 "
@@ -86,6 +92,8 @@ def run(argv: list[str]) -> None:
     prompt = read_prompt(args)
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
     model.to(dtype=dtype).eval()  # decoding reads every weight per token: store them in the compute dtype
     params = sampling_params(args)

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+import torch
 import uvicorn
 
 from gpt.checkpoint import load_model
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint folder's name)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (the batch's rows)")
     p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond it requests get 429")
@@ -41,8 +43,10 @@ def run(argv: list[str]) -> None:
     for flag in ("max_batch", "port"):
         if getattr(args, flag) < 1 or (flag == "port" and args.port > 65535):
             raise ServeError(f"--{flag.replace('_', '-')} out of range: {getattr(args, flag)}")
-    if args.max_queue < 0 or args.max_body < 1:
-        raise ServeError("--max-queue must be >= 0 and --max-body >= 1")
+    if args.max_queue < 0 or args.max_body < 1 or args.threads < 0:
+        raise ServeError("--max-queue and --threads must be >= 0 and --max-body >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
