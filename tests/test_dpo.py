@@ -237,7 +237,7 @@ def preference_files(tmp_path_factory):
 def test_dpo_raises_held_out_preference_accuracy_and_moves_greedy_replies(preference_files):
     tmp, base, train, val = preference_files
     cfg = dpo_run(tmp / "learn", base, train, val, **{"train.max_iters": 40, "train.eval_interval": 20})
-    template, device = None, torch.device("cpu")
+    template = None
     model, tok, _, _ = checkpoint.load_model(base)
     from gpt.data.chat import ChatTemplate
     from gpt.train.sft import add_chat_tokens
@@ -245,7 +245,7 @@ def test_dpo_raises_held_out_preference_accuracy_and_moves_greedy_replies(prefer
     add_chat_tokens(model, tok, cfg.train.seed)
     template = ChatTemplate(tok)
     held_out = [[{"role": "user", "content": f"{w}?"}] for w in WORDS[16:]]
-    before = [greedy_reply(model, template, p, 6, device) for p in held_out]
+    before = [greedy_reply(model, template, p, 6) for p in held_out]
 
     result = finetune(cfg)
     assert result.step == 40
@@ -257,7 +257,7 @@ def test_dpo_raises_held_out_preference_accuracy_and_moves_greedy_replies(prefer
     assert logged and {"loss", "reward_chosen", "reward_rejected", "margin"} <= set(logged[-1])
 
     trained, tok, _, _ = checkpoint.load_model(Path(cfg.out_dir) / "latest")
-    after = [greedy_reply(trained, ChatTemplate(tok), p, 6, device) for p in held_out]
+    after = [greedy_reply(trained, ChatTemplate(tok), p, 6) for p in held_out]
     assert sum(r.startswith("yes") for r in after) > sum(r.startswith("yes") for r in before)
     assert sum(r.startswith("yes") for r in after) >= 0.75 * len(held_out), after
 
