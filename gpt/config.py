@@ -102,9 +102,22 @@ class CanaryKeys:
 
 
 @dataclass
-class DataConfig(CanaryKeys):
+class SourceConfig:
+    """How pretraining and fine-tuning read their files: text encoding and redaction before tokenization."""
+
+    encoding: str = "utf-8"  # text encoding of the data files (e.g. latin-1, cp1252)
+    encoding_errors: Literal["strict", "replace"] = "strict"  # strict: refuse invalid text; replace: count it
+    redact: list[str] = field(default_factory=list)  # PII kinds to redact before tokenization, or [all]
+    redact_mode: Literal["placeholder", "pseudonym"] = "placeholder"  # <EMAIL>, or consistent fake values
+    redact_patterns: list[str] = field(default_factory=list)  # your own regexes, replaced by <CUSTOM>
+    redact_terms: str = ""  # a file of literal terms (names), one per line: case-insensitive whole words
+    redact_salt_file: str = ""  # pseudonym secret; empty = a fresh random salt per preparation
+
+
+@dataclass
+class DataConfig(SourceConfig, CanaryKeys):
     dataset: str = "shakespeare"  # name of the prepared data set: data/<dataset>/<tokenizer>/
-    path: str = ""  # source corpus: text file, folder of .txt, .jsonl/.json/.parquet, or a datasets dir/name
+    path: str = ""  # corpus: text file, folder, .jsonl/.json/.csv/.parquet, a datasets folder, or hf://org/name
     text_field: str = "text"  # column holding the text in JSONL/Parquet/datasets sources
     tokenizer: str = "char"  # "char", "bpe" (trained on the corpus) or a tiktoken encoding name such as "gpt2"
     bpe_vocab_size: int = ranged(8192, ge=257)  # data.tokenizer=bpe: 256 bytes + merges + <|endoftext|>
@@ -112,7 +125,7 @@ class DataConfig(CanaryKeys):
     val_fraction: float = ranged(0.1, gt=0, lt=1)
     data_dir: str = "data"  # prepared data lives in <data_dir>/<dataset>/<tokenizer>/
     num_workers: int = ranged(0, ge=0)  # tokenizer threads for large corpora (0 = all cores)
-    allow_download: bool = True  # fetch a built-in corpus (Tiny Shakespeare) from its public URL when absent
+    allow_download: bool = False  # fetch a built-in corpus (Tiny Shakespeare) from its public URL when absent
 
 
 @dataclass
@@ -158,6 +171,7 @@ class LoggingConfig:
     sample_tokens: int = ranged(200, ge=0)  # print a sample of this many tokens when training ends (0 = none)
     sample_prompt: str = "\n"
     plot: bool = True  # draw out_dir/loss.png when the run ends (python -m gpt.plot)
+    show_examples: bool = False  # fine-tuning: print validation prompts, answers and replies at the end
 
 
 @dataclass
@@ -182,8 +196,8 @@ class PretrainConfig:
 
 
 @dataclass
-class SFTDataConfig(CanaryKeys):
-    """Fine-tuning records: local JSONL/JSON/CSV/Parquet (or a `datasets` folder; a hub name only if you name one)."""
+class SFTDataConfig(SourceConfig, CanaryKeys):
+    """Fine-tuning records: local JSONL/JSON/CSV/Parquet, a folder, a `datasets` folder, or hf://org/name."""
 
     path: str = ""  # the training file
     val_path: str = ""  # a separate validation file; empty = hold out val_fraction of `path`

@@ -24,6 +24,7 @@ from gpt.checkpoint import CheckpointError
 from gpt.config import ModelConfig, to_dict
 from gpt.data.bpe import GPT2_PATTERN, byte_to_unicode, hf_pre_tokenizer
 from gpt.data.chat import END_TOKEN, ChatTemplate, hf_chat_template
+from gpt.data.files import HUB_PREFIX
 from gpt.data.tokenizer import (
     EOT,
     BPETokenizer,
@@ -163,14 +164,15 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     return model, tok, folder
 
 
-def fetch_hub(name: str) -> Path:
-    """Download a hub model (only when the user names one); needs huggingface_hub and a network."""
+def fetch_hub(name: str, cache_dir: Path) -> Path:
+    """Download a hub model, named explicitly as hf://org/name; needs huggingface_hub and a network.
+    The download goes into `cache_dir` (inside the output folder), never ~/.cache."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"'{name}' is not a local folder; to download it, pip install huggingface_hub") from None
+        raise CheckpointError(f"to download {HUB_PREFIX}{name}, pip install huggingface_hub") from None
     try:
-        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors"]))
+        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors"], cache_dir=cache_dir))
     except Exception as e:  # offline, unknown repo, ...
         raise CheckpointError(f"could not download '{name}' from the Hugging Face hub ({type(e).__name__}); "
                               "offline, pass a local folder with config.json and model.safetensors") from None
@@ -187,9 +189,14 @@ def read_hf_chat_template(folder: Path) -> str | None:
 
 
 def from_hf(src: str, out_dir: str | Path) -> Path:
-    folder = Path(src)
-    if not folder.exists():
-        folder = fetch_hub(src)
+    """A local Hugging Face GPT-2 folder, or hf://org/name (the only way this touches the network)."""
+    if src.startswith(HUB_PREFIX):
+        folder = fetch_hub(src[len(HUB_PREFIX):], Path(out_dir) / ".hub_download")
+    else:
+        folder = Path(src)
+        if not folder.exists():
+            raise CheckpointError(f"{src}: no such folder; for a Hugging Face hub model write {HUB_PREFIX}{src} "
+                                  "(downloads it)")
     model, tok = load_hf(folder)
     template = read_hf_chat_template(folder)
     if template is not None and (template != hf_chat_template() or not ChatTemplate(tok).special):
@@ -339,7 +346,7 @@ def check_hf_tokenizer(hf, tok: Tokenizer) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m gpt.convert", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("from-hf", help="Hugging Face GPT-2 folder (or hub name, online) -> our checkpoint")
+    a = sub.add_parser("from-hf", help="Hugging Face GPT-2 folder (or hf://org/name, online) -> our checkpoint")
     a.add_argument("src")
     a.add_argument("out_dir")
     b = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face GPT-2 folder")

@@ -1,8 +1,10 @@
-"""Shared test setup: offline tiktoken cache, the Tiny Shakespeare copy, tiny configs, the suite's time budget."""
+"""Shared test setup: the network guard, offline tiktoken cache, the Tiny Shakespeare copy, tiny configs, the
+suite's time budget."""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +12,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+NETGUARD = Path(__file__).resolve().parent / "netguard"
+sys.path.insert(0, str(NETGUARD))
+
+from netguard_rules import install  # noqa: E402
+
+# The network guard, for the whole session (module fixtures included) and every Python process the
+# tests start: connecting off this machine, or looking up a remote name, raises and fails the test.
+NETWORK_ATTEMPTS: list[str] = []
+install(NETWORK_ATTEMPTS.append)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(NETGUARD)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(NETGUARD)])
+
+
+@pytest.fixture(autouse=True)
+def network_guard() -> list[str]:
+    """Fails a test that tried to use the network, even if the code under test caught the error."""
+    yield NETWORK_ATTEMPTS
+    attempts = list(NETWORK_ATTEMPTS)
+    NETWORK_ATTEMPTS.clear()
+    assert not attempts, f"the test tried to use the network: {attempts}"
+
 
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")

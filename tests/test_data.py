@@ -45,7 +45,7 @@ def test_text_file_round_trips_with_tail_as_validation(tmp_path, tiny_corpus, to
 
 
 def test_big_file_streams_in_pieces(tmp_path, tiny_corpus, monkeypatch):
-    monkeypatch.setattr(gdata, "CHUNK_CHARS", 1000)  # many pieces: the split point lands inside one
+    monkeypatch.setattr(gdata, "PIECE_BYTES", 1000)  # many pieces: the split point lands inside one
     folder = ensure_prepared(cfg_for(tmp_path, tiny_corpus), log=lambda *_: None)
     train, val = prepared_text(folder)
     assert train + val == tiny_corpus.read_text()
@@ -55,7 +55,7 @@ def write_docs(tmp_path, n=30):
     return [f"document {i}: " + "To be, or not to be. " * (i % 5 + 1) for i in range(n)]
 
 
-def test_directory_jsonl_parquet_and_datasets_folder_agree(tmp_path):
+def test_directory_jsonl_parquet_csv_mixed_folder_and_datasets_folder_agree(tmp_path):
     import datasets
 
     docs = write_docs(tmp_path)
@@ -66,8 +66,16 @@ def test_directory_jsonl_parquet_and_datasets_folder_agree(tmp_path):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(docs)))
     datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "c.parquet"))
     datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "c.csv").write_text("id,text\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(docs)))
+    mixed = tmp_path / "mixed"  # a folder of several formats
+    (mixed / "b").mkdir(parents=True)
+    (mixed / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs[:10]))
+    (mixed / "b" / "c.txt").write_text(docs[10])
+    (mixed / "b" / "d.csv").write_text("text\n" + "".join(f'"{t}"\n' for t in docs[11:]))
+    (mixed / ".hidden.txt").write_text("never read")
     results = []
-    for i, src in enumerate([d, tmp_path / "c.jsonl", tmp_path / "c.parquet", tmp_path / "saved"]):
+    for i, src in enumerate([d, tmp_path / "c.jsonl", tmp_path / "c.parquet", tmp_path / "saved",
+                             tmp_path / "c.csv", mixed]):
         cfg = DataConfig(dataset=f"s{i}", path=str(src), data_dir=str(tmp_path / "prep"), tokenizer="gpt2",
                          val_fraction=0.2)
         train, val = prepared_text(ensure_prepared(cfg, log=lambda *_: None))
@@ -103,6 +111,10 @@ def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gdata.urllib.request, "urlopen", offline)
     cfg = DataConfig(dataset="shakespeare", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"input.txt is missing: put Tiny Shakespeare there, or set "
+                                        r"data.allow_download=true"):
+        ensure_prepared(cfg, log=lambda *_: None)  # no network unless asked
+    cfg.allow_download = True
     with pytest.raises(DataError, match=r"could not download.*copy the file to .*shakespeare/input.txt"):
         ensure_prepared(cfg, log=lambda *_: None)
 
@@ -146,3 +158,92 @@ def test_preparation_is_reused_and_redone_when_settings_change(tmp_path, tiny_co
     cfg.val_fraction = 0.2
     ensure_prepared(cfg, log=logs.append)
     assert any("preparing again" in line for line in logs[n:])
+
+
+# ---------------------------------------------------------------------------- text encodings (issue 16.1)
+
+
+def test_text_that_is_not_utf8_is_refused_naming_file_offset_line_and_count(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"abc\n" * 10 + "caf\u00e9 cr\u00e8me\n".encode("latin-1") + b"more text\n" * 50)
+    with pytest.raises(DataError) as err:
+        ensure_prepared(cfg_for(tmp_path, bad), log=lambda *_: None)
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: not valid utf-8: 2 invalid byte sequence(s), the first at byte 43 (line 11)")
+    assert "data.encoding (e.g. latin-1) or data.encoding_errors=replace" in msg and "\n" not in msg
+    assert not list((tmp_path / "prepared").rglob("*.bin*"))  # nothing half-written stays behind
+
+    binary = tmp_path / "random.bin"
+    binary.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match=r"random.bin: not valid utf-8: \d+ invalid byte sequence\(s\), the first at"):
+        ensure_prepared(cfg_for(tmp_path, binary), log=lambda *_: None)
+
+
+def test_encoding_and_counted_replacement_are_opt_in(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    text = "caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n" * 200
+    bad.write_bytes(text.encode("latin-1"))
+    folder = ensure_prepared(cfg_for(tmp_path, bad, encoding="latin-1"), log=lambda *_: None)
+    train, val = prepared_text(folder)
+    assert train + val == text  # é stays é
+    logs: list[str] = []
+    folder = ensure_prepared(cfg_for(tmp_path, bad, encoding_errors="replace"), log=logs.append)
+    assert "data: replaced 800 invalid utf-8 byte sequence(s) with U+FFFD in 1 file(s)" in "\n".join(logs)
+    assert read_meta(folder)["replaced_bytes"] == {str(bad.resolve()): 800}
+    from gpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.encoding 'latin-9000' is not a text encoding"):
+        ensure_prepared(cfg_for(tmp_path, bad, encoding="latin-9000"), log=lambda *_: None)
+
+
+def test_multibyte_characters_across_piece_boundaries_are_not_invalid(tmp_path, monkeypatch):
+    monkeypatch.setattr(gdata, "PIECE_BYTES", 7)  # every few characters a piece ends inside one
+    p = tmp_path / "utf8.txt"
+    text = "\u00e9t\u00e9 \u2014 \u65e5\u672c\u8a9e \U0001f600 na\u00efve\n" * 40
+    p.write_text(text, encoding="utf-8")
+    train, val = prepared_text(ensure_prepared(cfg_for(tmp_path, p), log=lambda *_: None))
+    assert train + val == text
+
+
+def test_fine_tuning_records_that_are_not_utf8_are_refused(tmp_path):
+    from gpt.data.records import load_file
+
+    p = tmp_path / "r.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{p}: not valid utf-8: 1 invalid byte sequence\(s\), the first at byte 28 "
+                                        r"\(line 2\)"):
+        load_file(str(p), "auto", None, 16, False)
+    csv = tmp_path / "r.csv"
+    csv.write_bytes("prompt,response\nq,caf\u00e9\n".encode("cp1252"))
+    with pytest.raises(DataError, match=r"r.csv: not valid utf-8"):
+        load_file(str(csv), "auto", None, 16, False)
+
+
+def test_reading_tables_imports_no_datasets_and_writes_no_cache(tmp_path):
+    import subprocess
+    import sys
+
+    import datasets
+    from conftest import ROOT
+
+    docs = write_docs(tmp_path)
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "c.parquet"))
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "c.csv").write_text("text\n" + "".join(f'"{d}"\n' for d in docs))
+    code = ("import sys; from gpt.data import files; d = files.Decoding(); "
+            "n = [sum(1 for _ in files.iter_rows(p, d)) for p in sys.argv[1:]]; "
+            "print(n, 'datasets' in sys.modules)")
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.parquet"), str(tmp_path / "saved"),
+                           str(tmp_path / "c.csv")], cwd=ROOT, capture_output=True, text=True,
+                          env={**__import__("os").environ, "HOME": str(home)})
+    assert proc.stdout.strip() == "[30, 30, 30] False", proc.stderr
+    assert not list(home.rglob("*"))
+
+
+def test_a_malformed_jsonl_line_in_a_corpus_names_file_and_line(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"text": "a"}\n{"text": "b"\n')
+    with pytest.raises(DataError, match=rf"^{p}:2: malformed JSON"):
+        ensure_prepared(cfg_for(tmp_path, p), log=lambda *_: None)

@@ -270,7 +270,7 @@ def test_csv_parquet_and_json_errors_name_the_row(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text('prompt,response\ncat,dog\nsun,\nred,"blue"\n', encoding="utf-8")
     loaded = load_file(str(csv), "instruction", tpl, 49, False)
-    assert loaded.invalid == [(f"{csv}: row 2", "missing field 'response' (or 'output')")]
+    assert loaded.invalid == [(f"{csv}:3", "missing field 'response' (or 'output')")]  # file:line, header = line 1
     assert len(loaded.records) == 2
 
     parquet = tmp_path / "d.parquet"

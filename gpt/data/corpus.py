@@ -20,19 +20,13 @@ import numpy as np
 import torch
 
 from gpt.config import DataConfig
-from gpt.data import bpe, canary
+from gpt.data import bpe, canary, files, redact
 from gpt.data import tokenizer as tokenizers
-from gpt.errors import UserError
+from gpt.data.files import DataError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-CHUNK_CHARS = 4 << 20  # stream big text files in ~4 MB pieces
+PIECE_BYTES = files.PIECE_BYTES  # stream big text files in ~4 MB pieces
 DOCS_PER_BATCH = 1024
-
-
-class DataError(UserError):
-    """Missing, empty or unreadable training data; the message says what to do."""
 
 
 @dataclass
@@ -54,17 +48,16 @@ def read_meta(folder: Path) -> dict:
 
 
 def ensure_prepared(cfg: DataConfig, log=print) -> Path:
-    """Prepare the data set unless an up-to-date preparation is already on disk."""
+    """Prepare the data set unless an up-to-date preparation is already on disk: the same source
+    files (names, sizes and modification times of every file of a folder), split, encoding and
+    redaction settings."""
     folder = prepared_dir(cfg)
     source = resolve_source(cfg, log)
     if all((folder / f).is_file() for f in ("meta.json", "train.bin", "val.bin")):
         meta = read_meta(folder)
-        same = (meta.get("source"), meta.get("source_stamp"), meta.get("val_fraction"),
-                meta.get("tokenizer_settings", {}), meta.get("canaries"))
-        if same == (_source_name(source), _stamp(source), cfg.val_fraction, tokenizer_settings(cfg),
-                    canary.settings(cfg)):
+        if meta.get("settings") == _settings(cfg, source):
             return folder
-        log(f"data: {folder} was prepared from other settings; preparing again")
+        log(f"data: {folder} was prepared from other settings or source files; preparing again")
     prepare(cfg, source, folder, log)
     return folder
 
@@ -76,40 +69,28 @@ def tokenizer_settings(cfg: DataConfig) -> dict:
     return {"bpe_vocab_size": cfg.bpe_vocab_size, "bpe_pattern": cfg.bpe_pattern or bpe.GPT2_PATTERN}
 
 
-def resolve_source(cfg: DataConfig, log=print) -> Path | str:
-    """Where the corpus comes from: data.path, or the built-in Tiny Shakespeare (downloaded if absent)."""
+def resolve_source(cfg: DataConfig, log=print) -> str:
+    """Where the corpus comes from: data.path (a local path, or hf://org/name for the hub), or the
+    built-in Tiny Shakespeare (downloaded only when data.allow_download is true)."""
     if cfg.path:
-        p = Path(cfg.path)
-        if p.exists():
-            return p
-        if _looks_like_hub_name(cfg.path):
-            return cfg.path  # a Hugging Face hub dataset; only reached when the user names one
-        raise DataError(f"data.path '{cfg.path}': no such file or directory")
+        return cfg.path if files.is_hub(cfg.path) else str(files.local_path(cfg.path).resolve())
     if cfg.dataset != "shakespeare":
         raise DataError(f"data.dataset '{cfg.dataset}' is not built in: set data.path to your corpus")
     target = Path(cfg.data_dir) / "shakespeare" / "input.txt"
     if not target.is_file():
         if not cfg.allow_download:
-            raise DataError(f"{target} is missing and data.allow_download is false: put Tiny Shakespeare there")
+            raise DataError(f"{target} is missing: put Tiny Shakespeare there, or set data.allow_download=true "
+                            f"to fetch it from {SHAKESPEARE_URL}")
         download(SHAKESPEARE_URL, target, log)
-    return target
+    return str(target.resolve())
 
 
-def _source_name(source: Path | str) -> str:
-    """The same corpus reached by a relative or an absolute path has the same name."""
-    return str(source.resolve()) if isinstance(source, Path) else source
-
-
-def _stamp(source: Path | str) -> list[int] | None:
-    """Size and modification time of a corpus file, so an edited corpus is prepared again."""
-    if isinstance(source, Path) and source.is_file():
-        st = source.stat()
-        return [st.st_size, st.st_mtime_ns]
-    return None
-
-
-def _looks_like_hub_name(name: str) -> bool:
-    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).suffix
+def _settings(cfg: DataConfig, source: str) -> dict:
+    """Everything the prepared tokens depend on besides the tokenizer (which names the folder)."""
+    return {"source": source, "stamp": files.stamp(source), "val_fraction": cfg.val_fraction,
+            "text_field": cfg.text_field, "encoding": [cfg.encoding, cfg.encoding_errors],
+            "redact": redact.settings(cfg), "tokenizer": tokenizer_settings(cfg),
+            "canaries": canary.settings(cfg)}
 
 
 def download(url: str, target: Path, log=print) -> None:
@@ -125,23 +106,29 @@ def download(url: str, target: Path, log=print) -> None:
     os.replace(tmp, target)
 
 
-def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Path:
-    """Tokenize `source` into folder/train.bin, val.bin and meta.json, streaming to disk."""
+def prepare(cfg: DataConfig, source: str, folder: Path, log=print) -> Path:
+    """Tokenize `source` into folder/train.bin, val.bin and meta.json, streaming to disk.
+
+    Text is decoded per data.encoding and redacted per data.redact before anything is tokenized;
+    the redaction counts go into meta.json (never the values)."""
     folder.mkdir(parents=True, exist_ok=True)
+    redactor = redact.from_config(cfg)  # one salt for every pass: the same pseudonyms each time
     secrets = canary.make(cfg)  # planted in the training split only; see gpt/data/canary.py
 
-    def pieces() -> Iterator[tuple[str, str, bool]]:
-        return canary.insert(iter_documents(source, cfg), secrets, cfg.canary_repeats, cfg.canary_seed)
+    def pieces(dec: files.Decoding) -> Iterator[tuple[str, str, bool]]:
+        """Decoded, redacted text, then the canaries (after redaction, so they stay as planted)."""
+        return canary.insert(iter_documents(source, cfg, dec, redactor), secrets, cfg.canary_repeats,
+                             cfg.canary_seed)
 
     if cfg.tokenizer == "char":
         log(f"data: building a character vocabulary from {source}")
         tok: tokenizers.Tokenizer = tokenizers.CharTokenizer.from_text(
-            itertools.chain((text for _, text, _ in pieces()), [canary.Format(cfg.canary_format).charset
-                                                                if secrets else ""])
+            itertools.chain((text for _, text, _ in pieces(decoding(cfg))),
+                            [canary.Format(cfg.canary_format).charset if secrets else ""])
         )
     elif cfg.tokenizer == "bpe":
         settings = tokenizer_settings(cfg)
-        tok = bpe.train_bpe((text for split, text, _ in pieces() if split == "train"),
+        tok = bpe.train_bpe((text for split, text, _ in pieces(decoding(cfg)) if split == "train"),
                             settings["bpe_vocab_size"], settings["bpe_pattern"], log)
     else:
         tok = tokenizers.TiktokenTokenizer(cfg.tokenizer)
@@ -152,7 +139,10 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
     threads = cfg.num_workers or os.cpu_count() or 1
     counts = {"train": 0, "val": 0}
     tmp = {split: folder / f"{split}.bin.tmp-{os.getpid()}" for split in counts}  # per process: runs may race
-    files = {split: open(path, "wb") for split, path in tmp.items()}
+    files_out = {split: open(path, "wb") for split, path in tmp.items()}
+    dec = decoding(cfg)
+    if redactor:
+        redactor.reset()  # count the pass that is tokenized
     try:
         pending: dict[str, list[tuple[str, bool]]] = {"train": [], "val": []}
 
@@ -165,19 +155,24 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
                 if doc_end and tok.eot_id is not None:  # separate documents, never pieces of one
                     ids.append(tok.eot_id)
                 arr = np.asarray(ids, dtype=dtype)
-                arr.tofile(files[split])
+                arr.tofile(files_out[split])
                 counts[split] += arr.size
             pending[split].clear()
 
-        for split, text, doc_end in pieces():
+        for split, text, doc_end in pieces(dec):
             pending[split].append((text, doc_end))
             if len(pending[split]) >= DOCS_PER_BATCH:
                 flush(split)
         for split in pending:
             flush(split)
-    finally:
-        for f in files.values():
+    except BaseException:
+        for f in files_out.values():
             f.close()
+        for p in tmp.values():  # no half-written tokens of a refused corpus stay behind
+            p.unlink(missing_ok=True)
+        raise
+    for f in files_out.values():
+        f.close()
     if counts["train"] == 0:
         for p in tmp.values():
             p.unlink(missing_ok=True)
@@ -190,11 +185,9 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
         "dtype": np.dtype(dtype).name,
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
-        "source": _source_name(source),
-        "source_stamp": _stamp(source),
-        "val_fraction": cfg.val_fraction,
-        "tokenizer_settings": tokenizer_settings(cfg),
-        "canaries": canary.settings(cfg),
+        "settings": _settings(cfg, source),
+        "replaced_bytes": dec.replaced,
+        "redaction": redactor.summary() if redactor else None,
     }
     canary.write_record(folder, secrets, cfg, context="\n")
     if secrets:
@@ -203,10 +196,18 @@ def prepare(cfg: DataConfig, source: Path | str, folder: Path, log=print) -> Pat
     meta_tmp = folder / f"meta.json.tmp-{os.getpid()}"
     meta_tmp.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     os.replace(meta_tmp, folder / "meta.json")
+    if dec.report():
+        log(dec.report())
+    if redactor:
+        log(redactor.log_line())
     log(f"data: {counts['train']:,} train and {counts['val']:,} val tokens in {folder}")
     if compression is not None:
         log(compression.summary())
     return folder
+
+
+def decoding(cfg: DataConfig) -> files.Decoding:
+    return files.Decoding(cfg.encoding, cfg.encoding_errors)
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -214,15 +215,23 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def iter_documents(source: Path | str, cfg: DataConfig) -> Iterator[tuple[str, str, bool]]:
-    """Yield (split, text, doc_end) pieces. One text file splits by position (its tail is
-    validation); many documents split by a seeded coin per document. doc_end marks the end of a
-    document (where an end-of-text token goes); pieces of a single document never get one."""
-    if isinstance(source, Path) and source.is_file() and source.suffix.lower() not in TABLE_SUFFIXES:
-        yield from _split_text_file(source, cfg.val_fraction)
+def iter_documents(source: str, cfg: DataConfig, dec: files.Decoding,
+                   redactor: redact.Redactor | None = None) -> Iterator[tuple[str, str, bool]]:
+    """Yield (split, text, doc_end) pieces, decoded and redacted. One text file splits by position
+    (its tail, from a line end, is validation); many documents split by a seeded coin per document.
+    doc_end marks the end of a document (where an end-of-text token goes); pieces of a single
+    document never get one."""
+    clean = (lambda text, where: redactor.redact(text, where)) if redactor else (lambda text, where: text)
+    if not files.is_hub(source) and files.is_text_file(Path(source)):
+        path = Path(source)
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"corpus {path} is empty")
+        for text, is_val in dec.pieces(path, PIECE_BYTES, cut=int(size * (1 - cfg.val_fraction))):
+            yield ("val" if is_val else "train"), clean(text, source), False
         return
     rng = np.random.default_rng(0)
-    docs = _iter_texts(source, cfg)
+    docs = (clean(text, where) for where, text in _iter_texts(source, cfg, dec))
     first = next(docs, None)
     second = next(docs, None)
     if first is None:
@@ -238,59 +247,22 @@ def iter_documents(source: Path | str, cfg: DataConfig) -> Iterator[tuple[str, s
         yield ("val" if rng.random() < cfg.val_fraction else "train"), doc, True
 
 
-def _split_text_file(path: Path, val_fraction: float) -> Iterator[tuple[str, str, bool]]:
-    size = path.stat().st_size
-    if size == 0:
-        raise DataError(f"corpus {path} is empty")
-    cut = int(size * (1 - val_fraction))
-    with open(path, "r", encoding="utf-8", errors="replace", newline="") as f:
-        done = 0
-        while True:
-            lines = f.readlines(CHUNK_CHARS)
-            if not lines:
-                break
-            text = "".join(lines)
-            n = len(text.encode("utf-8"))
-            if done < cut < done + n:  # the split point falls in this piece
-                k = _char_index_of_byte(text, cut - done)
-                yield "train", text[:k], False
-                yield "val", text[k:], False
-            else:
-                yield ("train" if done + n <= cut else "val"), text, False
-            done += n
-
-
-def _char_index_of_byte(text: str, byte_offset: int) -> int:
-    return len(text.encode("utf-8")[:byte_offset].decode("utf-8", errors="ignore"))
-
-
-def _iter_texts(source: Path | str, cfg: DataConfig) -> Iterator[str]:
-    if isinstance(source, Path) and source.is_dir() and any(source.rglob("*.txt")):
-        for f in sorted(p for p in source.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES):
-            yield f.read_text(encoding="utf-8", errors="replace")
-        return
-    for row in _load_table(source):
-        if cfg.text_field not in row:
-            raise DataError(
-                f"{source}: records have no '{cfg.text_field}' field (fields: {', '.join(row)}); set data.text_field"
-            )
-        text = row[cfg.text_field]
+def _iter_texts(source: str, cfg: DataConfig, dec: files.Decoding) -> Iterator[tuple[str, str]]:
+    """(file, text) of every document: a whole text file, or the text field of every record."""
+    for where, row in files.iter_rows(source, dec, cache_dir=Path(cfg.data_dir) / "hf_cache"):
+        if isinstance(row, str):
+            text = row
+        elif isinstance(row, files.RecordError):
+            raise DataError(f"{where}: {row}")
+        elif isinstance(row, dict):
+            if cfg.text_field not in row:
+                raise DataError(f"{where}: records have no '{cfg.text_field}' field (fields: {', '.join(row)}); "
+                                "set data.text_field")
+            text = row[cfg.text_field]
+        else:
+            raise DataError(f"{where}: not a record with a '{cfg.text_field}' field")
         if isinstance(text, str) and text:
-            yield text
-
-
-def _load_table(source: Path | str):
-    """Rows of a JSONL/JSON/CSV/Parquet file or a `datasets` dataset (folder or hub name)."""
-    import datasets  # heavy import, only for these sources
-
-    if isinstance(source, Path) and source.is_file():
-        builder = TABLE_SUFFIXES[source.suffix.lower()]
-        return datasets.load_dataset(builder, data_files=str(source), split="train", streaming=True)
-    if isinstance(source, Path) and (source / "dataset_info.json").is_file():
-        return datasets.load_from_disk(str(source))
-    if isinstance(source, Path) and (source / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(source))["train"]
-    return datasets.load_dataset(str(source), split="train", streaming=True)
+            yield files.file_of(where), text
 
 
 # ---------------------------------------------------------------------------- batches

@@ -13,10 +13,10 @@ Record shapes, detected per record (`data.format: auto`) or required (`data.form
                {"input": {"messages"}, "preferred_output": [...], "non_preferred_output": [...]}
 Each file's records are counted per shape and the counts printed once, so a user sees how it was read.
 
-Every record is checked; a bad one is reported by file and line (JSONL), record (JSON array) or row
-(CSV/Parquet, 1-based, header not counted). JSON and JSONL are parsed here, line by line, because
-`datasets` rejects a whole file at its first bad line without saying where; CSV, Parquet, saved
-`datasets` folders and hub names (network only when you name one) go through `datasets`.
+Files are read by gpt/data/files.py (the one reader: JSONL/JSON/CSV/Parquet, folders, saved `datasets`
+folders, hf://org/name only when named). Every record is checked; a bad one is reported by file and
+line (JSONL, CSV), record (JSON array) or row (Parquet, saved folders), never by its text.
+With data.redact, every message (and text) is redacted before it is tokenized.
 
 Truncation rule for a conversation longer than the window (block_size + 1 tokens): the "response" is
 the last assistant turn and everything after it, the "prompt" everything before. The prompt keeps
@@ -31,23 +31,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
 from gpt.config import ConfigError, SFTDataConfig
-from gpt.data import canary
+from gpt.data import canary, files, redact
 from gpt.data.chat import ROLES, ChatTemplate
-from gpt.data.corpus import DataError
+from gpt.data.files import DataError, RecordError
 from gpt.data.tokenizer import TokenizerError
-from gpt.errors import UserError
 
-TABLE_BUILDERS = {".csv": "csv", ".parquet": "parquet"}
 MAX_LISTED = 10  # invalid records named in an error or log line; all go to the skipped-records file
-
-
-class RecordError(UserError):
-    """One record is malformed; the caller adds where it is."""
 
 
 @dataclass
@@ -86,66 +80,7 @@ class SFTData:
     skipped: list[tuple[str, str]]
     truncated: int
     preference: bool = False  # the records are preference pairs: train with DPO
-
-
-# ---------------------------------------------------------------------------- reading rows
-
-
-def iter_rows(path: str) -> Iterator[tuple[str, Any]]:
-    """(where, row) for every record in `path`; row is a RecordError for a line that is not JSON."""
-    p = Path(path)
-    if p.is_file():
-        suffix = p.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            yield from _json_rows(p)
-        elif suffix in TABLE_BUILDERS:
-            yield from _table_rows(str(p), lambda ds: ds.load_dataset(TABLE_BUILDERS[suffix], data_files=str(p),
-                                                                      split="train"))
-        else:
-            raise DataError(f"{p}: unsupported file type '{suffix}'; use .jsonl, .json, .csv or .parquet")
-    elif p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
-        yield from _table_rows(str(p), lambda ds: _load_saved(ds, str(p)))
-    elif p.exists():
-        raise DataError(f"{p}: a folder, but not one saved by datasets.save_to_disk; point data.path at a file")
-    elif not path.startswith((".", "/", "~")) and path.count("/") <= 1 and not p.suffix:
-        yield from _table_rows(path, lambda ds: ds.load_dataset(path, split="train"))  # a hub name: network
-    else:
-        raise DataError(f"{path}: no such file")
-
-
-def _json_rows(p: Path) -> Iterator[tuple[str, Any]]:
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        for i, row in enumerate(rows, 1):
-            yield f"{p}: record {i}", row
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{p}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{p}:{lineno}", RecordError(f"malformed JSON: {e.msg} (column {e.colno})")
-
-
-def _load_saved(ds, path: str):
-    loaded = ds.load_from_disk(path)
-    return loaded["train"] if isinstance(loaded, ds.DatasetDict) else loaded
-
-
-def _table_rows(name: str, load: Callable) -> Iterator[tuple[str, Any]]:
-    import datasets  # heavy; only for these sources
-
-    try:
-        table = load(datasets)
-    except Exception as e:  # datasets raises many types for unreadable files and unknown names
-        raise DataError(f"{name}: could not read it with datasets ({type(e).__name__}: {e})") from None
-    for i, row in enumerate(table, 1):
-        yield f"{name}: row {i}", row
+    redaction: dict | None = None  # what data.redact replaced: kinds and counts, never values
 
 
 # ---------------------------------------------------------------------------- records
@@ -165,6 +100,8 @@ def read_record(row: Any, fmt: str) -> tuple[str, str, Any]:
     """(shape, kind, content): the shape says how the row was written, for the per-file counts."""
     if isinstance(row, RecordError):
         raise row
+    if isinstance(row, str):  # a whole text file: continued pretraining on it
+        return "text file", "text", _text({"text": row})
     if not isinstance(row, dict):
         raise RecordError(f"expected an object with fields, got {type(row).__name__}")
     kind = fmt if fmt != "auto" else detect_format(row)
@@ -459,13 +396,17 @@ def encode_text(template: ChatTemplate, text: str, budget: int) -> list[Example]
     return out
 
 
-def load_file(path: str, fmt: str, template: ChatTemplate, budget: int, train_on_prompt: bool) -> Loaded:
-    """Read, check and tokenize every record of one file; problems are collected, not raised."""
+def load_file(path: str, fmt: str, template: ChatTemplate, budget: int, train_on_prompt: bool,
+              decoding: files.Decoding | None = None, redactor: redact.Redactor | None = None,
+              cache_dir: Path | None = None) -> Loaded:
+    """Read, check, redact and tokenize every record of one data path; problems are collected, not raised."""
     out = Loaded()
-    for where, row in iter_rows(path):
+    for where, row in files.iter_rows(path, decoding or files.Decoding(), cache_dir):
         out.total += 1
         try:
             shape, kind, content = read_record(row, fmt)
+            if redactor is not None:
+                content = redact_content(content, redactor, files.file_of(where))
             conversation = content if kind != "text" else None
             if kind == "text":
                 examples = encode_text(template, content, budget)
@@ -490,11 +431,32 @@ def load_file(path: str, fmt: str, template: ChatTemplate, budget: int, train_on
     return out
 
 
+def redact_content(content: Any, redactor: redact.Redactor, where: str) -> Any:
+    """A text, a conversation's message contents or a preference pair's, with the configured kinds replaced."""
+    if isinstance(content, str):
+        return redactor.redact(content, where)
+    if isinstance(content, Preference):
+        return Preference(*(redact_content(part, redactor, where)
+                            for part in (content.prompt, content.chosen, content.rejected)))
+    return [{**m, "content": redactor.redact(m["content"], where)} for m in content]
+
+
 def load_sft_data(cfg: SFTDataConfig, template: ChatTemplate, budget: int, train_on_prompt: bool,
                   log: Callable[[str], None] = print, report_dir: Path | None = None) -> SFTData:
     """Train and validation examples per the data config; stops on invalid records unless skip_invalid."""
-    train = load_file(cfg.path, cfg.format, template, budget, train_on_prompt)
-    val = load_file(cfg.val_path, cfg.format, template, budget, train_on_prompt) if cfg.val_path else None
+    decoding = files.Decoding(cfg.encoding, cfg.encoding_errors)
+    redactor = redact.from_config(cfg)
+    read = dict(decoding=decoding, redactor=redactor, cache_dir=report_dir / "hf_cache" if report_dir else None)
+    train = load_file(cfg.path, cfg.format, template, budget, train_on_prompt, **read)
+    val = load_file(cfg.val_path, cfg.format, template, budget, train_on_prompt, **read) if cfg.val_path else None
+    if decoding.report():
+        log(decoding.report())
+    if redactor is not None:
+        log(redactor.log_line())
+        if report_dir is not None:
+            report_dir.mkdir(parents=True, exist_ok=True)
+            (report_dir / "redaction_report.json").write_text(json.dumps(redactor.report(), indent=1),
+                                                              encoding="utf-8")
     kinds: set[str] = set()
     for path, loaded in ((cfg.path, train), (cfg.val_path, val)):
         if loaded is not None:
@@ -544,7 +506,8 @@ def load_sft_data(cfg: SFTDataConfig, template: ChatTemplate, budget: int, train
                         "set data.canaries=0 for this run, or audit the SFT run instead")
     records = records + canary_records(cfg, template, budget, log, report_dir)
     flat = lambda recs: [e for r in recs for e in r]  # noqa: E731
-    return SFTData(flat(records), flat(val_records), samples, invalid, truncated, preference)
+    return SFTData(flat(records), flat(val_records), samples, invalid, truncated, preference,
+                   redactor.summary() if redactor else None)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

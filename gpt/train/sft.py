@@ -170,7 +170,8 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
                      objective=objective)
         if dist.is_main and cfg.logging.plot:
             plot_run(cfg.out_dir)
-        if (dist.is_main or dist.sharded) and cfg.logging.sample_tokens and not result.interrupted:
+        show = cfg.logging.show_examples and cfg.logging.sample_tokens  # record text: printed only if asked
+        if (dist.is_main or dist.sharded) and show and not result.interrupted:
             for messages in data.samples:  # fsdp: every rank runs the (sharded) model, rank 0 prints
                 print_reply(model, template, messages, cfg.logging.sample_tokens, device, show=dist.is_main)
         return result

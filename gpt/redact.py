@@ -1,0 +1,144 @@
+"""Redact personal data from a corpus or record files: `python -m gpt.redact IN OUT [--kinds ...] [--report FILE]`.
+
+IN is a text file, a JSONL/JSON/CSV/Parquet file or a folder of them; OUT gets the same layout with
+every string (text fields, chat message contents, CSV cells) redacted, written as UTF-8. The report
+(JSON) holds counts per kind and per file and masked examples, never a value; the console gets counts.
+The engine is gpt/data/redact.py, the same one `data.redact` uses during preparation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gpt.data import files
+from gpt.data.redact import (
+    KINDS,
+    Redactor,
+    ner_status,
+    read_salt,
+    read_terms,
+    resolve_kinds,
+)
+from gpt.errors import UserError
+
+
+def redact_value(value: Any, redactor: Redactor, where: str) -> Any:
+    """Every string inside a record (field values, message contents), keys and structure kept."""
+    if isinstance(value, str):
+        return redactor.redact(value, where)
+    if isinstance(value, list):
+        return [redact_value(v, redactor, where) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_value(v, redactor, where) for k, v in value.items()}
+    return value
+
+
+def redact_file(src: Path, dst: Path, redactor: Redactor, decoding: files.Decoding) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    where, suffix = str(src), src.suffix.lower()
+    tmp = dst.with_name(dst.name + ".tmp")
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = None
+        try:
+            for batch in files.parquet_batches(src):
+                rows = [redact_value(r, redactor, where) for r in batch.to_pylist()]
+                table = pa.Table.from_pylist(rows, schema=batch.schema)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            tmp.write_bytes(src.read_bytes())  # no rows: an empty file with the same schema
+        tmp.replace(dst)
+        return
+    with open(tmp, "w", encoding="utf-8", newline="") as out:
+        if suffix == ".csv":
+            w = csv.writer(out)
+            for i, (_, cells) in enumerate(files.csv_lines(src, decoding)):
+                w.writerow(cells if i == 0 else [redactor.redact(c, where) for c in cells])
+        elif suffix == ".jsonl" or (suffix == ".json" and not decoding.read(src).lstrip().startswith("[")):
+            for line in decoding.lines(src):
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:  # not JSON: redact it as text
+                    out.write(redactor.redact(line, where))
+                    continue
+                out.write(line if row is None else json.dumps(redact_value(row, redactor, where),
+                                                              ensure_ascii=False) + "\n")
+        elif suffix == ".json":
+            out.write(json.dumps(redact_value(json.loads(decoding.read(src)), redactor, where),
+                                 ensure_ascii=False, indent=1) + "\n")
+        else:
+            for text, _ in decoding.pieces(src):
+                out.write(redactor.redact(text, where))
+    tmp.replace(dst)
+
+
+def redact_path(src: str, dst: str, redactor: Redactor, decoding: files.Decoding) -> dict:
+    """Redact a file or a folder of data files into `dst`; returns the report."""
+    start = time.perf_counter()
+    inp, out = files.local_path(src), Path(dst)
+    if out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents:
+        raise files.DataError(f"{dst}: the output must be outside the input {src}")
+    if inp.is_dir() and out.is_file():
+        raise files.DataError(f"{dst}: a file; the redacted copy of a folder needs a folder")
+    if files.is_saved_dataset(inp):
+        raise files.DataError(f"{src}: a datasets folder; export it to JSONL or Parquet first")
+    if inp.is_dir():
+        chosen = files.folder_files(inp)
+        for f in chosen:
+            redact_file(f, out / f.relative_to(inp), redactor, decoding)
+        skipped = sorted(str(f.relative_to(inp)) for f in inp.rglob("*") if f.is_file() and f not in chosen)
+    else:
+        redact_file(inp, out, redactor, decoding)
+        skipped = []
+    seconds = time.perf_counter() - start
+    return {"input": src, "output": dst, **redactor.report(), "replaced_bytes": decoding.replaced,
+            "skipped_files": skipped, "seconds": round(seconds, 3), "names": ner_status()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m gpt.redact", description=__doc__.splitlines()[0])
+    p.add_argument("input", help="a text/JSONL/JSON/CSV/Parquet file or a folder of them")
+    p.add_argument("output", help="where the redacted copy goes (same layout)")
+    p.add_argument("--kinds", default="all", help=f"comma-separated: all, {', '.join(KINDS)}")
+    p.add_argument("--mode", choices=["placeholder", "pseudonym"], default="placeholder")
+    p.add_argument("--pattern", action="append", default=[], help="your own regex (repeatable), -> <CUSTOM>")
+    p.add_argument("--terms", help="a file of literal terms (names), one per line: whole words, any case")
+    p.add_argument("--salt-file", help="pseudonym secret (created if missing); default: random per run")
+    p.add_argument("--encoding", default="utf-8")
+    p.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict")
+    p.add_argument("--report", help="write the report (counts, masked examples) to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        kinds = resolve_kinds([k.strip() for k in args.kinds.split(",") if k.strip()])
+        redactor = Redactor(kinds, args.mode, args.pattern, read_terms(args.terms) if args.terms else [],
+                            read_salt(args.salt_file) if args.salt_file else None)
+        decoding = files.Decoding(args.encoding, args.encoding_errors,
+                                  hint="pass --encoding (e.g. latin-1) or --encoding-errors replace")
+        report = redact_path(args.input, args.output, redactor, decoding)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    found = ", ".join(f"{n} {k}" for k, n in report["counts"].items()) or "nothing found"
+    print(f"redacted {args.input} -> {args.output}: {found} in {len(report['files'])} file(s)"
+          + (f"; report: {args.report}" if args.report else ""))
+    if report["skipped_files"]:
+        print(f"not copied (not a data file): {len(report['skipped_files'])} file(s), listed in the report")
+    print(f"names in free text: {report['names']}")
+
+
+if __name__ == "__main__":
+    main()
