@@ -38,9 +38,9 @@ import torch
 
 from gpt import checkpoint
 from gpt.convert import load_pretrained
-from gpt.data import canary
+from gpt.data import canary, files
 from gpt.data.chat import ChatTemplate
-from gpt.data.corpus import TABLE_SUFFIXES, _split_text_file
+from gpt.data.corpus import split_text_file
 from gpt.data.records import load_file, split_indices
 from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.device import pick_device
@@ -105,10 +105,11 @@ def text_probes(data: Path, own: bool, tok: Tokenizer, k: int, m: int, args: arg
     """A text corpus: its training part (all of it, or the part before its run's validation tail) and
     the held-out part (that tail, or --heldout)."""
     parts: dict[str, list[str]] = {"train": [], "val": []}
-    for split, piece, _ in _split_text_file(data, float(trained.get("val_fraction", 0.0)) if own else 0.0):
+    dec = files.Decoding(trained.get("encoding", "utf-8"), trained.get("encoding_errors", "strict"))
+    for split, piece, _ in split_text_file(data, float(trained.get("val_fraction", 0.0)) if own else 0.0, dec):
         parts[split].append(piece)
     if args.heldout:
-        parts["val"] = [piece for _, piece, _ in _split_text_file(Path(args.heldout), 0.0)]
+        parts["val"] = [piece for _, piece, _ in split_text_file(Path(args.heldout), 0.0, dec)]
     train = windows("".join(parts["train"]), tok, k, m, args.samples, rng)
     held = windows("".join(parts["val"]), tok, k, m, args.samples, rng) if parts["val"] else None
     return train, held
@@ -135,7 +136,7 @@ def load_probes(args: argparse.Namespace, tok: Tokenizer, config: dict, block_si
                                      if trained.get("dataset") == "shakespeare" else "")
     own = bool(source) and Path(source).resolve() == data.resolve()
     k, m = args.prefix_tokens, args.suffix_tokens
-    if data.is_file() and data.suffix.lower() not in TABLE_SUFFIXES:  # a text corpus
+    if files.is_text_file(data):  # a text corpus
         try:
             return text_probes(data, own, tok, k, m, args, trained, rng)
         except TokenizerError as e:  # a character the model's vocabulary lacks

@@ -15,12 +15,12 @@ SHARED = ROOT.parent / "shared"
 NETGUARD = Path(__file__).resolve().parent / "netguard"
 sys.path.insert(0, str(NETGUARD))
 
+from netguard_rules import ATTEMPTS as NETWORK_ATTEMPTS  # noqa: E402
 from netguard_rules import install  # noqa: E402
 
 # The network guard, for the whole session (module fixtures included) and every Python process the
 # tests start: connecting off this machine, or looking up a remote name, raises and fails the test.
-NETWORK_ATTEMPTS: list[str] = []
-install(NETWORK_ATTEMPTS.append)
+install()  # once per process, even when conftest is imported a second time (`from conftest import ...`)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(NETGUARD)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(NETGUARD)])
 

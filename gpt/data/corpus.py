@@ -223,12 +223,8 @@ def iter_documents(source: str, cfg: DataConfig, dec: files.Decoding,
     document never get one."""
     clean = (lambda text, where: redactor.redact(text, where)) if redactor else (lambda text, where: text)
     if not files.is_hub(source) and files.is_text_file(Path(source)):
-        path = Path(source)
-        size = path.stat().st_size
-        if size == 0:
-            raise DataError(f"corpus {path} is empty")
-        for text, is_val in dec.pieces(path, PIECE_BYTES, cut=int(size * (1 - cfg.val_fraction))):
-            yield ("val" if is_val else "train"), clean(text, source), False
+        for split, text, _ in split_text_file(Path(source), cfg.val_fraction, dec):
+            yield split, clean(text, source), False
         return
     rng = np.random.default_rng(0)
     docs = (clean(text, where) for where, text in _iter_texts(source, cfg, dec))
@@ -245,6 +241,16 @@ def iter_documents(source: str, cfg: DataConfig, dec: files.Decoding,
     yield "val", second, True  # both splits are never empty
     for doc in docs:
         yield ("val" if rng.random() < cfg.val_fraction else "train"), doc, True
+
+
+def split_text_file(path: Path, val_fraction: float, dec: files.Decoding) -> Iterator[tuple[str, str, bool]]:
+    """(split, piece, False) of one text file: its last val_fraction (from a line start) is validation."""
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"corpus {path} is empty")
+    cut = int(size * (1 - val_fraction)) if val_fraction > 0 else None  # 0: all of it is training text
+    for text, is_val in dec.pieces(path, PIECE_BYTES, cut=cut):
+        yield ("val" if is_val else "train"), text, False
 
 
 def _iter_texts(source: str, cfg: DataConfig, dec: files.Decoding) -> Iterator[tuple[str, str]]:

@@ -27,8 +27,13 @@ def is_local(host) -> bool:
     return addr.is_loopback or addr.is_unspecified
 
 
-def install(record: Callable[[str], None] = lambda what: None) -> Callable[[], None]:
-    """Patch the socket module; returns a function that undoes it."""
+ATTEMPTS: list[str] = []  # what was refused, for the pytest fixture to report (one list per process)
+
+
+def install(record: Callable[[str], None] = ATTEMPTS.append) -> Callable[[], None]:
+    """Patch the socket module once per process (a second call changes nothing); returns a function that undoes it."""
+    if getattr(socket.socket.connect, "netguard", False):
+        return lambda: None
     real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
 
     def check(sock, address) -> None:
@@ -50,6 +55,7 @@ def install(record: Callable[[str], None] = lambda what: None) -> Callable[[], N
             raise NetworkBlocked(f"the tests may not look up {host} (network guard, tests/conftest.py)")
         return real_getaddrinfo(host, *args, **kwargs)
 
+    connect.netguard = True  # type: ignore[attr-defined]
     socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
 
     def undo() -> None:
