@@ -31,9 +31,10 @@ import torch
 
 from gpt.config import DataConfig
 from gpt.convert import load_pretrained
+from gpt.data import files
 from gpt.data.chat import ChatTemplate
-from gpt.data.corpus import TABLE_SUFFIXES, Batch, DataError, iter_documents
-from gpt.data.records import RecordError, encode_chat, iter_rows, parse_record
+from gpt.data.corpus import Batch, DataError, iter_documents
+from gpt.data.records import RecordError, encode_chat, parse_record
 from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.device import autocast, pick_device, resolve_dtype
 from gpt.errors import UserError
@@ -90,7 +91,7 @@ def read_data(path: str | Path, fmt: str = "auto") -> EvalData:
     p = Path(path)
     if not p.exists():  # never a hub name: evaluation stays offline
         raise DataError(f"{p}: no such file or directory")
-    is_corpus = (p.is_file() and p.suffix.lower() not in TABLE_SUFFIXES) or (p.is_dir() and any(p.rglob("*.txt")))
+    is_corpus = files.is_text_file(p) or (p.is_dir() and any(p.rglob("*.txt")))
     if is_corpus:
         if fmt in ("chat", "instruction"):
             raise DataError(f"{p}: plain text, not {fmt} records; use --format text or auto")
@@ -105,7 +106,7 @@ def read_data(path: str | Path, fmt: str = "auto") -> EvalData:
 def _read_corpus(p: Path) -> EvalData:
     """Whole documents (pretraining's reader yields pieces; doc_end closes a document)."""
     data, pieces = EvalData([], []), []
-    for _, text, doc_end in iter_documents(p, DataConfig(val_fraction=0.0)):
+    for _, text, doc_end in iter_documents(str(p), DataConfig(val_fraction=0.0), files.Decoding()):
         pieces.append(text)
         if doc_end:
             _add_document(data, pieces, p)
@@ -123,7 +124,7 @@ def _add_document(data: EvalData, pieces: list[str], p: Path) -> None:
 
 def _read_records(p: Path, fmt: str) -> EvalData:
     data, invalid = EvalData([], []), []
-    for where, row in iter_rows(str(p)):
+    for where, row in files.iter_rows(str(p), files.Decoding()):
         try:
             _, content = parse_record(row, fmt)
         except RecordError as e:

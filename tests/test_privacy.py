@@ -158,7 +158,9 @@ def test_entry_point_runs_offline_and_leaves_no_record_text_outside_its_folders(
     assert proc.returncode == 0, proc.stderr[-2000:]
     for folder in (entry_runs["home"], entry_runs["tmpdir"]):
         assert not files_with(folder, MARKER.encode()), f"record text copied under {folder}"
-        assert not [p for p in folder.rglob("*") if p.is_file()], f"files left under {folder}"
+        # nothing else either, but matplotlib's font list (gpt.plot draws loss.png at the end of a run)
+        left = [p for p in folder.rglob("*") if p.is_file() and "matplotlib" not in p.parts]
+        assert not left, f"files left under {folder}: {left}"
     if entry != "sample":  # sample prints what the model writes: that is its job
         assert MARKER not in proc.stdout + proc.stderr, "record text on the console"
     if entry in ("train", "finetune"):
