@@ -371,3 +371,14 @@ def test_custom_bpe_is_trained_on_redacted_text(tmp_path):
     # the merges were learned from "<EMAIL>", not from the address (unredacted: 8 tokens and 7)
     assert len(tok.encode("jane.doe@example.com")) >= 16 and len(tok.encode("<EMAIL>")) <= 4
     assert meta["redaction"]["counts"] == {"email": 40}
+
+
+def test_preference_pairs_are_redacted_on_every_side():
+    from gpt.data.records import Preference, redact_content
+
+    pair = Preference([{"role": "user", "content": "mail jane@example.com?"}],
+                      [{"role": "assistant", "content": "sure, jane@example.com"}],
+                      [{"role": "assistant", "content": "call +44 20 7946 0958"}])
+    out = redact_content(pair, Redactor(), "p.jsonl")
+    assert (out.prompt[0]["content"], out.chosen[0]["content"], out.rejected[0]["content"]) == (
+        "mail <EMAIL>?", "sure, <EMAIL>", "call <PHONE>")
