@@ -84,6 +84,8 @@ def plot(run_dirs: list[str | Path], out: str | Path, log_scale: bool = False) -
     """Draw the runs into one PNG at `out` (written atomically); returns its path."""
     names = [Path(d).resolve().name for d in run_dirs]
     runs = [read_run(d, name if names.count(name) == 1 else str(d)) for d, name in zip(run_dirs, names)]
+    # matplotlib keeps a font cache in ~/.cache unless told otherwise: keep it beside the plot, in the user's folder
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(out).resolve().parent / ".matplotlib"))
     import matplotlib
 
     matplotlib.use("Agg")
