@@ -1,46 +1,67 @@
-"""Training throughput: tokens/s and MFU of our training step, against a naive baseline in the same run.
+"""Training throughput: tokens/s, MFU and peak memory of our step against baselines, each in a fresh process.
 
-    python bench/train_throughput.py                      # shakespeare + GPT-2-124M shapes, auto dtype
-    python bench/train_throughput.py --models 124m --dtype float32 --steps 5 --compile
+    python bench/train_throughput.py                        # shakespeare, bpe-small, 124m; dtype auto
+    python bench/train_throughput.py --models 124m --steps 3 --compile
+    python bench/train_throughput.py --models bpe-small --systems ours,before
 
-MFU is measured against a matmul peak this script measures itself on the current device for the
-dtype in use, so the figure means "share of what this machine's matmuls can do". The baseline is a
-nanoGPT-style model written naively (manual attention, the same GELU, unfused AdamW) trained on the
-same shape in the same process, so ratios hold on a noisy machine.
+Systems (each one runs in its own fresh Python process, so allocator state and memory peaks are its own):
+  ours         our training step (gpt.train.loop._train_step) with the glibc allocator tuned
+               (gpt.device.tune_allocator) and model.fused_loss=auto
+  before       the same step with default settings: glibc's default allocator, fused_loss=off
+               (what this project did before the allocator and fused loss; the ratio shows their gain)
+  nanogpt      a faithful nanoGPT step (its model.py: SDPA causal attention, exact GELU, tied head,
+               AdamW in decay groups; its train.py: clip 1.0, set_to_none) with default settings, fp32
+  nanogpt-amp  the same under bf16/fp16 autocast (what nanoGPT does on GPUs; its CPU default is fp32)
+MFU is against a matmul peak this script measures on the device for the dtype in use. Peak memory is the
+worker's peak RSS on CPU (the whole process: model, optimizer, activations) or max allocated on CUDA.
+The machine may be shared: compare the ratios of one run, not absolute figures across runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from gpt.config import ModelConfig, OptimConfig, PretrainConfig, load_config  # noqa: E402
 from gpt.data.corpus import Batch  # noqa: E402
-from gpt.device import autocast, pick_device, resolve_dtype  # noqa: E402
+from gpt.device import autocast, pick_device, resolve_dtype, tune_allocator  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.train.dist import Dist  # noqa: E402
 from gpt.train.loop import _train_step  # noqa: E402
 from gpt.train.optim import make_optimizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ("ours", "before", "nanogpt", "nanogpt-amp")
 
 
 def shapes() -> dict[str, tuple[ModelConfig, int]]:
-    """name -> (model config, batch size): the shipped shakespeare config, and GPT-2 124M at batch 4."""
+    """name -> (model config, batch size). nanoGPT's defaults (no bias, exact GELU) beyond the shipped config."""
     sh = load_config(PretrainConfig, ROOT / "configs" / "shakespeare.yaml")
     sh.model.vocab_size = 65
+
+    def gpt(n_layer, n_head, n_embd, block_size=256, vocab_size=50304):
+        return ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                           n_embd=n_embd, bias=False, gelu="exact", dropout=0.0)
+
     return {
         "shakespeare": (sh.model, sh.train.batch_size),
-        "124m": (ModelConfig(vocab_size=50304, block_size=256, n_layer=12, n_head=12, n_embd=768), 4),
+        "bpe-small": (gpt(2, 4, 128, block_size=64), 16),  # GPT-2 BPE vocabulary dominates this step
+        "10m": (gpt(6, 6, 192), 8),
+        "50m": (gpt(8, 8, 512), 4),
+        "124m": (gpt(12, 12, 768), 4),
+        "350m": (gpt(24, 16, 1024), 2),
     }
 
 
@@ -66,56 +87,79 @@ def sync(device: torch.device) -> None:
 class RandomBatches:
     def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device):
         g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=g).to(device)
+        data = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=g).to(device)
+        self.x, self.y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
     def train_batch(self, step: int, micro: int) -> Batch:
-        return Batch(self.x[:, :-1], self.x[:, 1:])
+        return Batch(self.x, self.y)
 
     def val_batches(self):
         return iter(())
 
 
-# ---------------------------------------------------------------------------- naive baseline
+# ---------------------------------------------------------------------------- nanoGPT, as its model.py
 
 
-class NaiveBlock(nn.Module):
+class NanoBlock(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.n_head = c.n_head
-        self.ln1, self.ln2 = nn.LayerNorm(c.n_embd), nn.LayerNorm(c.n_embd)
-        self.gelu = nn.GELU(approximate="tanh" if c.gelu == "tanh" else "none")  # same curve as ours
-        self.qkv, self.proj = nn.Linear(c.n_embd, 3 * c.n_embd), nn.Linear(c.n_embd, c.n_embd)
-        self.fc, self.out = nn.Linear(c.n_embd, 4 * c.n_embd), nn.Linear(4 * c.n_embd, c.n_embd)
-        self.register_buffer("mask", torch.tril(torch.ones(c.block_size, c.block_size)).bool())
+        self.ln_1, self.ln_2 = nn.LayerNorm(c.n_embd, bias=c.bias), nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.c_attn, self.c_proj = nn.Linear(c.n_embd, 3 * c.n_embd, c.bias), nn.Linear(c.n_embd, c.n_embd, c.bias)
+        self.c_fc, self.mlp_proj = nn.Linear(c.n_embd, 4 * c.n_embd, c.bias), nn.Linear(4 * c.n_embd, c.n_embd, c.bias)
+
+    def attn(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-        att = att.masked_fill(~self.mask[:T, :T], float("-inf")).softmax(dim=-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, C))
-        return x + self.out(self.gelu(self.fc(self.ln2(x))))
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
 
 
-class NaiveGPT(nn.Module):
+class NanoGPT(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(c.vocab_size, c.n_embd), nn.Embedding(c.block_size, c.n_embd)
-        self.blocks = nn.Sequential(*[NaiveBlock(c) for _ in range(c.n_layer)])
-        self.ln_f, self.head = nn.LayerNorm(c.n_embd), nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.head.weight = self.wte.weight
+        self.h = nn.ModuleList(NanoBlock(c) for _ in range(c.n_layer))
+        self.ln_f, self.lm_head = nn.LayerNorm(c.n_embd, bias=c.bias), nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
 
     def forward(self, idx, targets):
         x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
-        logits = self.head(self.ln_f(self.blocks(x)))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-# ---------------------------------------------------------------------------- timing
+def nanogpt_step(cfg: ModelConfig, batch_size: int, device, dtype):
+    torch.manual_seed(0)
+    model = NanoGPT(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    b = RandomBatches(cfg, batch_size, device).train_batch(0, 0)
+
+    def step(i):
+        with autocast(device, dtype):
+            _, loss = model(b.x, b.y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
 
 
-def time_ours(cfg, batch_size, device, dtype, steps, compile_model) -> float:
+def ours_step(cfg: ModelConfig, batch_size: int, device, dtype, compile_model: bool):
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     opt = make_optimizer(model, OptimConfig(), device.type)
@@ -126,66 +170,111 @@ def time_ours(cfg, batch_size, device, dtype, steps, compile_model) -> float:
     def step(i):
         _train_step(train_model, batches, i, 1, opt, scaler, device, dtype, Dist(), 1.0)
 
-    return tokens_per_s(step, batch_size * cfg.block_size, device, steps)
+    return model, step
 
 
-def time_naive(cfg, batch_size, device, dtype, steps) -> float:
-    torch.manual_seed(0)
-    model = NaiveGPT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
-    x = RandomBatches(cfg, batch_size, device).train_batch(0, 0)
-
-    def step(i):
-        with autocast(device, dtype):
-            loss = model(x.x, x.y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-
-    return tokens_per_s(step, batch_size * cfg.block_size, device, steps)
+# ---------------------------------------------------------------------------- one system, one process
 
 
-def tokens_per_s(step, tokens_per_step: int, device, steps: int) -> float:
-    for i in range(2):  # warm-up (and compilation)
-        step(i)
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    sync(device)
-    return tokens_per_step * steps / (time.perf_counter() - t0)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="shakespeare,124m", help="comma list of: shakespeare, 124m")
-    p.add_argument("--gelu", choices=["tanh", "exact"], help="override the GELU form (124m uses GPT-2's tanh)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--steps", type=int, default=0, help="timed steps (default: 40 small, 3 for 124m on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model")
-    p.add_argument("--threads", type=int, default=0)
-    args = p.parse_args()
+def worker(args) -> None:
+    """Time one system on one shape and print a JSON line; runs in its own process."""
+    allocator = tune_allocator() if args.system == "ours" else "default"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    cfg, batch_size = shapes()[args.model]
+    if args.system == "nanogpt":
+        dtype = torch.float32
+    if args.system in ("nanogpt", "nanogpt-amp"):
+        model, step = nanogpt_step(cfg, batch_size, device, dtype)
+    else:
+        cfg.fused_loss = "auto" if args.system == "ours" else "off"
+        model, step = ours_step(cfg, batch_size, device, dtype, args.compile and args.system == "ours")
+    for i in range(2):  # warm-up (and compilation)
+        step(i)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        step(i)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    fused = GPT(cfg).fuses_loss() if args.system in ("ours", "before") else False
+    print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb,
+                          allocator=allocator, fused_loss=fused, dtype=str(dtype).replace("torch.", ""))))
+
+
+def run_worker(system: str, model: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--models", model, "--device", args.device,
+           "--dtype", args.dtype, "--steps", str(args.steps or default_steps(model, args.device)),
+           "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise SystemExit(f"{system} on {model} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def default_steps(model: str, device: str) -> int:
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if not on_cpu:
+        return 20
+    return {"shakespeare": 40, "bpe-small": 10, "10m": 5}.get(model, 3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="shakespeare,bpe-small,124m", help=f"comma list of: {', '.join(shapes())}")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of: {', '.join(SYSTEMS)}")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--steps", type=int, default=0, help="timed steps (default: 40 shakespeare, 10 bpe-small, "
+                                                        "3 for 124m on CPU; 20 on GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--worker", choices=SYSTEMS, dest="system", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.system:
+        args.model = args.models
+        return worker(args)
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     peak = matmul_peak(device, dtype)
-    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, threads {torch.get_num_threads()}, "
-          f"measured matmul peak {peak / 1e9:,.0f} GFLOP/s")
-    print(f"{'model':<12} {'params':>8} {'ours tok/s':>11} {'MFU':>6} {'naive tok/s':>12} {'ratio':>6}")
-    for name in args.models.split(","):
-        cfg, batch_size = shapes()[name]
-        if args.gelu:
-            cfg.gelu = args.gelu
-        steps = args.steps or (3 if device.type == "cpu" and cfg.n_embd > 256 else 40)
-        ours = time_ours(cfg, batch_size, device, dtype, steps, args.compile)
-        naive = time_naive(cfg, batch_size, device, dtype, steps)
-        flops = GPT(cfg).flops_per_token(training=True)
-        print(f"{name:<12} {GPT(cfg).num_params() / 1e6:>7.1f}M {ours:>11,.0f} {ours * flops / peak:>6.1%} "
-              f"{naive:>12,.0f} {ours / naive:>5.2f}x", flush=True)
+    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if cpu_flag(f)})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {os.cpu_count()} cores {flags}"
+    print(f"{name}; torch {torch.__version__}; dtype {str(dtype).replace('torch.', '')}, "
+          f"threads {args.threads or torch.get_num_threads()}, compile {args.compile}, "
+          f"measured matmul peak {peak / 1e9:,.0f} GFLOP/s; every system in a fresh process")
+    systems = args.systems.split(",")
+    print(f"{'model':<12} {'params':>7} {'system':<12} {'tok/s':>9} {'MFU':>6} {'peak MB':>8} {'vs before':>9} "
+          f"{'vs nanogpt':>10} {'vs amp':>7}  notes")
+    rows = []
+    for model in args.models.split(","):
+        cfg, _ = shapes()[model]
+        gpt = GPT(cfg)
+        flops, n_params = gpt.flops_per_token(training=True), gpt.num_params()
+        results = {s: run_worker(s, model, args) for s in systems}
+        for system, r in results.items():
+            ratios = [f"{r['tok_s'] / results[b]['tok_s']:.2f}x" if b in results else "-"
+                      for b in ("before", "nanogpt", "nanogpt-amp")]
+            notes = f"{r['dtype']}, allocator {r['allocator']}" + (", fused loss" if r["fused_loss"] else "")
+            print(f"{model:<12} {n_params / 1e6:>6.1f}M {system:<12} {r['tok_s']:>9,.0f} "
+                  f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {ratios[0]:>9} {ratios[1]:>10} "
+                  f"{ratios[2]:>7}  {notes}", flush=True)
+            rows.append(dict(model=model, params=n_params, system=system, mfu=r["tok_s"] * flops / peak, **r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def cpu_flag(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

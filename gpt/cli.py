@@ -7,6 +7,7 @@ import sys
 from typing import Callable
 
 from gpt.config import ConfigError, load_config
+from gpt.device import tune_allocator
 from gpt.errors import UserError
 
 # A full or read-only disk is never a bug, wherever the write happens (metrics.jsonl, prepared data, ...).
@@ -29,6 +30,7 @@ def parse_run_args(cls: type, argv: list[str], script: str):
 
 def main(fn: Callable[[], object]) -> None:
     """Run fn; known errors print one line (no traceback) and exit 1, Ctrl-C exits 130."""
+    tune_allocator()  # before the first big allocation (GPT_MALLOC_TUNE=0 turns it off)
     try:
         result = fn()
     except UserError as e:

@@ -89,6 +89,9 @@ class ModelConfig:
     # GELU form: "tanh" is GPT-2's approximation (needed to match GPT-2 weights exactly); "exact"
     # (erf) is the same curve within 1e-3 and many times faster on CPUs without AVX-512.
     gelu: Literal["tanh", "exact"] = "tanh"
+    # LM head + loss computed in row chunks, never holding the (tokens, vocab) logits: "auto" = for
+    # vocabularies of 1024+ (faster and far less memory there; the same loss and gradients)
+    fused_loss: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import os
 import platform
 from functools import lru_cache
 
@@ -86,3 +89,38 @@ def gpu_peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+# glibc mallopt parameters (malloc.h); values are C ints, so 2**31 - 1 is the largest setting.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP = 2**31 - 1
+_allocator_state: str | None = None
+
+
+def tune_allocator() -> str:
+    """Tell glibc's malloc to keep freed memory for reuse; returns "on", "off" or why not.
+
+    By default every buffer over 32 MB (activations, logits, their gradients) is mmap'ed on allocation
+    and unmapped on free, so the kernel zeroes fresh pages every training step; on CPU that page
+    faulting cost more than the matmuls at small shapes. Raising the mmap and trim thresholds lets
+    the heap keep and reuse those buffers (what MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ do,
+    without needing them set before Python starts). GPT_MALLOC_TUNE=0 in the environment turns it off.
+    Call it before the first big allocation; later calls return the first answer.
+    """
+    global _allocator_state
+    if _allocator_state is None:
+        _allocator_state = _set_malloc_thresholds()
+    return _allocator_state
+
+
+def _set_malloc_thresholds() -> str:
+    if os.environ.get("GPT_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return "off"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "off (not glibc)"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _KEEP) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP)
+    except (OSError, AttributeError):
+        return "off (mallopt unavailable)"
+    return "on" if ok else "off (mallopt refused)"

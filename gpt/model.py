@@ -14,8 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
+from gpt.losses import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 
-IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens in SFT, padding)
+__all__ = ["GPT", "KVCache", "IGNORE_INDEX", "cross_entropy"]
+FUSED_LOSS_MIN_VOCAB = 1024  # "auto" fuses head + loss from here up (bench/train_throughput.py: faster, less memory)
 
 
 @dataclass
@@ -144,7 +146,7 @@ class GPT(nn.Module):
         reduction: str = "mean",
         logits_to_keep: int = 0,
     ):
-        """Return (logits, loss).
+        """Return (logits, loss); with targets and the fused loss (model.fused_loss), logits is None.
 
         idx, targets: (B, T) token ids; targets equal to IGNORE_INDEX carry no loss.
         kv_cache/start_pos: write this chunk's keys/values at start_pos and attend to all before it.
@@ -189,11 +191,19 @@ class GPT(nn.Module):
             if logits_to_keep:
                 x = x[:, -logits_to_keep:]
             return self.lm_head(x), None
+        if self.fuses_loss() and reduction != "none":  # the (B*T, vocab) logits are never built: none returned
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, reduction)
         logits = self.lm_head(x)
-        loss = cross_entropy(logits, targets, reduction)
-        return logits, loss
+        return logits, cross_entropy(logits, targets, reduction)
 
     # ------------------------------------------------------------------ helpers
+
+    def fuses_loss(self) -> bool:
+        """Head + loss fused in row chunks (gpt/losses.py) for large vocabularies, plain for small ones."""
+        mode = self.config.fused_loss
+        if mode == "auto":
+            return type(self.lm_head) is nn.Linear and self.config.vocab_size >= FUSED_LOSS_MIN_VOCAB
+        return mode == "on"
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position embedding is excluded by default (it does no matmuls)."""
@@ -221,19 +231,6 @@ class GPT(nn.Module):
         self.transformer.wte = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
         self.transformer.wte.weight = self.lm_head.weight
         self.config.vocab_size = new_size
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Token cross-entropy ignoring IGNORE_INDEX; an all-ignored batch gives 0, not NaN."""
-    flat = logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
-    if reduction == "none":
-        return F.cross_entropy(*flat, ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-    total = F.cross_entropy(*flat, ignore_index=IGNORE_INDEX, reduction="sum")
-    if reduction == "sum":
-        return total
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _packed_positions_and_mask(doc_ids: torch.Tensor):
