@@ -30,6 +30,7 @@ LAYERS = {
     "gpt.checkpoint": 60,
     "gpt.convert": 70,
     "gpt.infer.sampling": 70,
+    "gpt.infer.quantize": 70,
     "gpt.infer.engine": 80,
     "gpt.infer.chat": 90,
     "gpt.infer.cli": 95,
