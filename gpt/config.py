@@ -133,6 +133,7 @@ class DataConfig(SourceConfig, CanaryKeys):
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
     lr: float = ranged(1e-3, gt=0)
     min_lr: float = ranged(1e-4, ge=0)
     weight_decay: float = ranged(0.1, ge=0)

@@ -1,4 +1,4 @@
-"""AdamW with GPT-2 style weight-decay groups, and the learning-rate schedule."""
+"""The optimizer (AdamW with GPT-2 style weight-decay groups, or Muon + AdamW) and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -10,7 +10,20 @@ import torch
 from gpt.config import OptimConfig
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str):
+    """optim.name=adamw: AdamW for all. muon: Muon for the blocks' weight matrices, AdamW for the rest."""
+    if cfg.name == "muon":
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        matrices = [p for n, p in named if p.dim() == 2 and ".h." in f".{n}"]  # not embeddings or the head
+        ids = {id(p) for p in matrices}
+        rest = torch.nn.ParameterList([p for _, p in named if id(p) not in ids])
+        # match_rms_adamw scales each update to AdamW's size, so one lr and schedule serve both
+        muon = torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+        return Optimizers(muon, _adamw(rest, cfg, device_type))
+    return _adamw(model, cfg, device_type)
+
+
+def _adamw(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
     """Decay matrices and embeddings (dim >= 2); never biases or LayerNorm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -23,6 +36,36 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -
     if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
         extra["fused"] = True
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon + AdamW): what fit() and GradScaler use of an optimizer."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for o in self.optimizers for k, v in o.state.items()}
+
+    def step(self, closure=None) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
