@@ -32,7 +32,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt.config import ModelConfig  # noqa: E402
+from gpt.device import pick_device, resolve_dtype, tune_allocator  # noqa: E402
 from gpt.infer.engine import generate  # noqa: E402
+from gpt.infer.quantize import quantize_int8  # noqa: E402
 from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
@@ -96,17 +98,26 @@ def decode_rate(run, batch: int, n: int, repeats: int) -> float:
 
 def bench_shape(name: str, args) -> None:
     torch.manual_seed(0)
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     model = GPT(SHAPES[name]).eval()
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    cap = args.bandwidth_gbs * 1e9 / (4 * n_params)
-    print(f"\n## {name}: {cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, block {cfg.block_size}, "
-          f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params, fp32; bandwidth cap at batch 1 ~{cap:.0f} tok/s")
     hf = None if args.skip_hf else hf_model(model, max(cfg.block_size, max(args.prompts) + args.new_tokens))
+    hf = hf.to(device, dtype) if hf is not None else None
+    model.to(device, dtype)
+    if args.quantize == "int8":
+        quantize_int8(model)
+    width = 1 if args.quantize == "int8" else torch.finfo(dtype).bits // 8
+    cap = args.bandwidth_gbs * 1e9 / (width * n_params)
+    print(f"\n## {name}: {cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, block {cfg.block_size}, "
+          f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params, {str(dtype).replace('torch.', '')} on {device}"
+          f"{', int8 weights (ours only)' if args.quantize else ''}; bandwidth cap at batch 1 ~{cap:.0f} tok/s")
     print(f"{'batch':>5} {'prompt':>6} {'system':>13} {'tok/s':>9} {'ms/tok':>8}  note")
     for batch in args.batches:
         for plen in args.prompts:
             idx = torch.randint(0, cfg.vocab_size, (batch, plen), generator=torch.Generator().manual_seed(plen))
+            idx = idx.to(device)
             n, n_slow = args.new_tokens, args.uncached_tokens
             rows = {}
             rows["ours"] = decode_rate(lambda k: generate(model, idx, k, GREEDY), batch, n, args.repeats)
@@ -139,6 +150,7 @@ def bench_shape(name: str, args) -> None:
 def check_parity(model: GPT, hf) -> None:
     """Greedy tokens must agree with transformers on the same weights (within our block_size)."""
     idx = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    idx = idx.to(model.transformer.wpe.weight.device)
     k = min(24, model.config.block_size - 8)
     ours = generate(model, idx, k, GREEDY)
     with torch.inference_mode():
@@ -155,15 +167,19 @@ def main() -> None:
     p.add_argument("--uncached-tokens", type=int, default=6, help="tokens for the slow uncached systems")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", help="weights and activations: float32, bfloat16, auto")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for ours (gpt/infer/quantize.py)")
     p.add_argument("--bandwidth-gbs", type=float, default=40.0, help="memory bandwidth for the cap column")
     p.add_argument("--sampled", action="store_true", help="also time ours with temperature 0.8 / top-k 200")
     p.add_argument("--skip-hf", action="store_true")
     args = p.parse_args()
+    allocator = tune_allocator()
     args.batches = [int(x) for x in args.batches.split(",")]
     args.prompts = [int(x) for x in args.prompts.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decode tokens/s (median of "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator {allocator}; decode tokens/s (median of "
           f"{args.repeats}); noisy on a shared machine")
     for name in args.models.split(","):
         bench_shape(name, args)

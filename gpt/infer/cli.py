@@ -12,7 +12,7 @@ import torch
 
 from gpt.checkpoint import load_model
 from gpt.config import ConfigError
-from gpt.device import pick_device, resolve_dtype
+from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.infer.engine import Completion, complete
 from gpt.infer.sampling import SamplingParams
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights are converted)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0 = torch's default; 1 is often fastest for small models on shared cores)")
+                   help="CPU threads for torch (0 = the cores other processes leave idle; see README, Performance)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 Linear layers (faster decoding on CPU, ~0.5%% perplexity)")
@@ -79,7 +79,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+        raise ConfigError(f"--threads must be >= 0 (0 = the cores other processes leave idle), got {args.threads}")
     sampling_params(args)
     if args.chat and (args.json or args.num_samples > 1 or args.logprobs or args.prompt or args.prompt_file):
         raise ConfigError("--chat is interactive: it cannot be combined with --json, --logprobs, --num-samples > 1 "
@@ -94,8 +94,7 @@ def run(argv: list[str]) -> None:
     prompt = read_prompt(args)
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(pick_threads(args.threads))  # barriers on shared cores cost a time slice each
     model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
     model.to(dtype=dtype).eval()  # decoding reads every weight per token: store them in the compute dtype
     if args.quantize == "int8":
