@@ -201,9 +201,10 @@ class GPT(nn.Module):
     def fuses_loss(self) -> bool:
         """Head + loss fused in row chunks (gpt/losses.py) for large vocabularies, plain for small ones."""
         mode = self.config.fused_loss
+        plain_head = type(self.lm_head) is nn.Linear  # a quantized or adapted head has no plain weight
         if mode == "auto":
-            return type(self.lm_head) is nn.Linear and self.config.vocab_size >= FUSED_LOSS_MIN_VOCAB
-        return mode == "on"
+            return plain_head and self.config.vocab_size >= FUSED_LOSS_MIN_VOCAB
+        return plain_head and mode == "on"
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position embedding is excluded by default (it does no matmuls)."""

@@ -1,0 +1,114 @@
+"""How cost grows: training tokens/s and peak memory against model size, decode ms/token against context.
+
+    python bench/scaling.py                                   # writes bench/scaling.png and bench/scaling.json
+    python bench/scaling.py --models shakespeare,10m --contexts 16,64 --out /tmp/scaling.png
+
+Training rows come from bench/train_throughput.py's worker (our step, each size in a fresh process,
+a few steps: the figures are indicative). Decoding uses the 124M shape in the dtype `auto` picks:
+the prompt fills the context, then each new token's time is measured (median), for batch 1 and 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from train_throughput import run_worker, shapes  # noqa: E402
+
+from gpt.device import pick_device, pick_threads, resolve_dtype, tune_allocator  # noqa: E402
+from gpt.infer.engine import generate  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+
+
+def decode_ms_per_token(model: GPT, batch: int, context: int, device, new: int = 6) -> float:
+    """Median decode time per step once the cache holds `context` tokens (prefill excluded)."""
+    idx = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    times = []
+    for n in (1, new):
+        t0 = time.perf_counter()
+        generate(model, idx, n, temperature=0)
+        times.append(time.perf_counter() - t0)
+    return 1000 * (times[1] - times[0]) / (new - 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="shakespeare,10m,50m,124m,350m")
+    p.add_argument("--contexts", default="16,64,256,1024")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "bench" / "scaling.png"))
+    args = p.parse_args()
+    args.threads, args.compile = 0, False
+    tune_allocator()
+    train = []
+    for name in args.models.split(","):
+        cfg, batch = shapes()[name]
+        r = run_worker("ours", name, args)
+        train.append(dict(model=name, params=GPT(cfg).num_params(), batch=batch, block=cfg.block_size, **r))
+        print(f"train {name:<12} {train[-1]['params'] / 1e6:7.1f}M {r['tok_s']:>9,.0f} tok/s  {r['peak_mb']:>7,.0f} MB",
+              flush=True)
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cpu":
+        torch.set_num_threads(pick_threads())
+    cfg, _ = shapes()["124m"]
+    cfg.block_size = max(int(c) for c in args.contexts.split(",")) + 8
+    torch.manual_seed(0)
+    model = GPT(cfg).eval().to(device, dtype)
+    decode = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        for context in (int(c) for c in args.contexts.split(",")):
+            ms = statistics.median(decode_ms_per_token(model, batch, context, device) for _ in range(args.repeats))
+            decode.append(dict(batch=batch, context=context, ms_per_token=ms))
+            print(f"decode 124m batch {batch} context {context:>5}: {ms:7.1f} ms/step", flush=True)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(dict(train=train, decode=decode, dtype=str(dtype)), indent=1))
+    plot(train, decode, out, f"{device}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def plot(train: list[dict], decode: list[dict], out: Path, where: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=80)
+    params = [r["params"] / 1e6 for r in train]
+    a.loglog(params, [r["tok_s"] for r in train], "o-", label="tokens/s")
+    a.set_xlabel("parameters (M)")
+    a.set_ylabel("training tokens/s")
+    a2 = a.twinx()
+    a2.loglog(params, [r["peak_mb"] for r in train], "s--", color="tab:red", label="peak MB")
+    a2.set_ylabel("peak memory (MB)", color="tab:red")
+    for r, x in zip(train, params):
+        a.annotate(r["model"], (x, r["tok_s"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    a.set_title("training step vs model size")
+    for batch in sorted({r["batch"] for r in decode}):
+        rows = [r for r in decode if r["batch"] == batch]
+        b.semilogx([r["context"] for r in rows], [r["ms_per_token"] for r in rows], "o-", label=f"batch {batch}")
+    b.set_xlabel("context length (tokens in the KV cache)")
+    b.set_ylabel("ms per decode step")
+    b.set_ylim(bottom=0)
+    b.legend()
+    b.set_title("124M decode step vs context")
+    fig.suptitle(where, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+if __name__ == "__main__":
+    main()
