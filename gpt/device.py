@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import time
 from functools import lru_cache
 
 import torch
@@ -85,16 +86,28 @@ def pick_threads(requested: int = 0) -> int:
     the int8 kernel) end in a barrier. When another process holds one of the cores, every kernel
     waits for the descheduled thread -- a scheduler time slice -- so decoding the 124M model fell
     from 18.6 to 5.2 tok/s (fp32) and 16.7 to 2.1 (bf16) on 2 shared cores (README, "Threads").
-    The 1-minute load average says how many cores are busy; we take the rest, at least one.
+    How many cores are busy is read from the kernel's count of runnable threads (/proc/loadavg),
+    sampled for 50 ms -- not the 1-minute load average, which still counts a job that just ended.
     """
     if requested > 0:
         return requested
     try:
         cores = len(os.sched_getaffinity(0))
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
+        busy = _other_runnable()
+    except (AttributeError, OSError, ValueError):
         return torch.get_num_threads()
-    return max(1, min(cores, int(cores - busy + 0.5)))
+    return max(1, min(cores, cores - busy))
+
+
+def _other_runnable(samples: int = 5) -> int:
+    """Median count of runnable threads other than this one, over `samples` reads 10 ms apart."""
+    counts = []
+    for i in range(samples):
+        with open("/proc/loadavg", encoding="ascii") as f:
+            counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        if i < samples - 1:
+            time.sleep(0.01)
+    return max(0, sorted(counts)[len(counts) // 2])
 
 
 def enable_tf32() -> None:

@@ -34,7 +34,15 @@ from gpt.config import (
 )
 from gpt.data.corpus import Batch
 from gpt.data.tokenizer import Tokenizer
-from gpt.device import autocast, enable_tf32, gpu_peak_flops, pick_device, resolve_dtype
+from gpt.device import (
+    autocast,
+    enable_tf32,
+    gpu_peak_flops,
+    pick_device,
+    pick_threads,
+    resolve_dtype,
+    tune_allocator,
+)
 from gpt.errors import UserError
 from gpt.eval import loss_sums
 from gpt.model import GPT, IGNORE_INDEX
@@ -391,9 +399,9 @@ def start_run(cfg: Any) -> tuple[distributed.Dist, torch.device]:
     torchrun's process group (if any), pick this rank's device, set threads and seed."""
     if int(os.environ.get("RANK", 0)) == 0:
         checkpoint.prepare_out_dir(Path(cfg.out_dir))
+    tune_allocator()  # library callers too, not only the entry scripts (GPT_MALLOC_TUNE=0: off)
     dist = distributed.setup(cfg.distributed, cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch.set_num_threads(pick_threads(cfg.train.threads))  # 0 = the cores not busy with other processes
     device = distributed.device_for(dist, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed + dist.rank)
     return dist, device
