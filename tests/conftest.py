@@ -130,6 +130,7 @@ def tiny_overrides(tmp_path: Path, corpus: Path, **extra) -> list[str]:
         "train.device": "cpu",
         "train.dtype": "float32",
         "optim.warmup_iters": 2,
+        "optim.name": "adamw",  # configs/shakespeare.yaml uses muon; these tests compare AdamW runs
         "logging.progress": "false",
         "logging.sample_tokens": 0,
         "logging.plot": "false",  # matplotlib costs seconds per run; test_plot.py covers it

@@ -7,13 +7,16 @@ import math
 
 import torch
 
-from gpt.config import OptimConfig
+from gpt.config import ConfigError, OptimConfig
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str):
     """optim.name=adamw: AdamW for all. muon: Muon for the blocks' weight matrices, AdamW for the rest."""
     if cfg.name == "muon":
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if any(type(p).__name__ == "DTensor" for _, p in named):
+            raise ConfigError("optim.name=muon does not support distributed.strategy=fsdp (sharded matrices); "
+                              "use optim.name=adamw or distributed.strategy=ddp")
         matrices = [p for n, p in named if p.dim() == 2 and ".h." in f".{n}"]  # not embeddings or the head
         ids = {id(p) for p in matrices}
         rest = torch.nn.ParameterList([p for _, p in named if id(p) not in ids])
