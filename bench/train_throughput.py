@@ -3,6 +3,8 @@
     python bench/train_throughput.py                        # shakespeare, bpe-small, 124m; dtype auto
     python bench/train_throughput.py --models 124m --steps 3 --compile
     python bench/train_throughput.py --models bpe-small --systems ours,before
+    python bench/train_throughput.py --models 124m --batch-size 16 --compile     # on a GPU: MFU with bf16,
+                                                                                # compile and flash SDPA
 
 Systems (each one runs in its own fresh Python process, so allocator state and memory peaks are its own):
   ours         our training step (gpt.train.loop._train_step) with the glibc allocator tuned
@@ -184,6 +186,7 @@ def worker(args) -> None:
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cfg, batch_size = shapes()[args.model]
+    batch_size = args.batch_size or batch_size
     if args.system == "nanogpt":
         dtype = torch.float32
     if args.system in ("nanogpt", "nanogpt-amp"):
@@ -211,7 +214,8 @@ def worker(args) -> None:
 def run_worker(system: str, model: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--models", model, "--device", args.device,
            "--dtype", args.dtype, "--steps", str(args.steps or default_steps(model, args.device)),
-           "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
+           "--threads", str(args.threads), "--batch-size", str(getattr(args, "batch_size", 0))]
+    cmd += ["--compile"] if args.compile else []
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
         raise SystemExit(f"{system} on {model} failed:\n{done.stderr[-3000:]}")
@@ -234,6 +238,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="timed steps (default: 40 shakespeare, 10 bpe-small, "
                                                         "3 for 124m on CPU; 20 on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--batch-size", type=int, default=0, help="sequences per step (default: the shape's; "
+                                                              "on a GPU try 16 for 124m)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--worker", choices=SYSTEMS, dest="system", help=argparse.SUPPRESS)
