@@ -1,8 +1,16 @@
 """Weight-only int8: close to the float model, same greedy tokens, decodes through the engine."""
 
-import torch
+import dataclasses
+import json
+import subprocess
+import sys
 
+import torch
+from conftest import ROOT
+
+from gpt.checkpoint import save_checkpoint
 from gpt.config import ModelConfig
+from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.engine import generate
 from gpt.infer.quantize import Int8Linear, quantize_int8
 from gpt.model import GPT
@@ -35,3 +43,15 @@ def test_quantized_model_keeps_float_embedding_and_greedy_tokens():
     out = generate(model, idx, 12, temperature=0)  # cached decoding through the model's own modules
     assert out.shape == (2, 20)
     assert (out == generate(ref, idx, 12, temperature=0)).float().mean() > 0.8
+
+
+
+def test_sample_script_quantize_int8(tmp_path):
+    model = tiny()
+    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,!?:;'\n-"))
+    save_checkpoint(tmp_path / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path), "--prompt", "Hi", "--temperature",
+                           "0", "--max-new-tokens", "8", "--json", "--quantize", "int8", "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout.splitlines()[0])["token_ids"]) == 8
