@@ -39,7 +39,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from gpt.config import ModelConfig, OptimConfig, PretrainConfig, load_config  # noqa: E402
 from gpt.data.corpus import Batch  # noqa: E402
-from gpt.device import autocast, pick_device, resolve_dtype, tune_allocator  # noqa: E402
+from gpt.device import (  # noqa: E402
+    autocast,
+    pick_device,
+    pick_threads,
+    resolve_dtype,
+    tune_allocator,
+)
 from gpt.model import GPT  # noqa: E402
 from gpt.train.dist import Dist  # noqa: E402
 from gpt.train.loop import _train_step  # noqa: E402
@@ -181,8 +187,8 @@ def ours_step(cfg: ModelConfig, batch_size: int, device, dtype, compile_model: b
 def worker(args) -> None:
     """Time one system on one shape and print a JSON line; runs in its own process."""
     allocator = tune_allocator() if args.system == "ours" else "default"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.system == "ours":  # ours picks threads as train.py does; baselines: torch's default
+        torch.set_num_threads(pick_threads(args.threads))
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cfg, batch_size = shapes()[args.model]
@@ -208,6 +214,7 @@ def worker(args) -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     fused = GPT(cfg).fuses_loss() if args.system in ("ours", "before") else False
     print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb,
+                          threads=torch.get_num_threads(),
                           allocator=allocator, fused_loss=fused, dtype=str(dtype).replace("torch.", ""))))
 
 
@@ -267,7 +274,7 @@ def main() -> None:
         for system, r in results.items():
             ratios = [f"{r['tok_s'] / results[b]['tok_s']:.2f}x" if b in results else "-"
                       for b in ("before", "nanogpt", "nanogpt-amp")]
-            notes = f"{r['dtype']}, allocator {r['allocator']}" + (", fused loss" if r["fused_loss"] else "")
+            notes = f"{r['dtype']}, {r['threads']} threads, allocator {r['allocator']}" + (", fused loss" if r["fused_loss"] else "")
             print(f"{model:<12} {n_params / 1e6:>6.1f}M {system:<12} {r['tok_s']:>9,.0f} "
                   f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {ratios[0]:>9} {ratios[1]:>10} "
                   f"{ratios[2]:>7}  {notes}", flush=True)
