@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench" / "scaling.png"))
     args = p.parse_args()
-    args.threads, args.compile = 0, False
+    args.threads, args.compile = pick_threads(), False  # the cores other jobs leave idle (README, Performance)
     tune_allocator()
     train = []
     for name in args.models.split(","):

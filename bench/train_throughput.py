@@ -42,8 +42,7 @@ from gpt.data.corpus import Batch  # noqa: E402
 from gpt.device import (  # noqa: E402
     autocast,
     pick_device,
-    pick_threads,
-    resolve_dtype,
+        resolve_dtype,
     tune_allocator,
 )
 from gpt.model import GPT  # noqa: E402
@@ -187,8 +186,8 @@ def ours_step(cfg: ModelConfig, batch_size: int, device, dtype, compile_model: b
 def worker(args) -> None:
     """Time one system on one shape and print a JSON line; runs in its own process."""
     allocator = tune_allocator() if args.system == "ours" else "default"
-    if args.threads or args.system == "ours":  # ours picks threads as train.py does; baselines: torch's default
-        torch.set_num_threads(pick_threads(args.threads))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cfg, batch_size = shapes()[args.model]

@@ -162,7 +162,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
-    threads: int = ranged(0, ge=0)  # torch CPU threads (0 = the cores not busy with other processes at start)
+    threads: int = ranged(0, ge=0)  # torch CPU threads (0 = torch's default; 1 when other jobs share the cores)
 
 
 @dataclass

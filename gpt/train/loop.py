@@ -39,8 +39,7 @@ from gpt.device import (
     enable_tf32,
     gpu_peak_flops,
     pick_device,
-    pick_threads,
-    resolve_dtype,
+        resolve_dtype,
     tune_allocator,
 )
 from gpt.errors import UserError
@@ -401,7 +400,8 @@ def start_run(cfg: Any) -> tuple[distributed.Dist, torch.device]:
         checkpoint.prepare_out_dir(Path(cfg.out_dir))
     tune_allocator()  # library callers too, not only the entry scripts (GPT_MALLOC_TUNE=0: off)
     dist = distributed.setup(cfg.distributed, cfg.train.device)
-    torch.set_num_threads(pick_threads(cfg.train.threads))  # 0 = the cores not busy with other processes
+    if cfg.train.threads:  # 0 keeps torch's default: a thread count that followed the load would make
+        torch.set_num_threads(cfg.train.threads)  # runs (and resume) differ in the last bits
     device = distributed.device_for(dist, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed + dist.rank)
     return dist, device
