@@ -66,3 +66,5 @@ def test_model_fused_loss_on_matches_off_and_trains_the_tied_head():
     for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), name
     assert fused(idx)[0].shape == (3, 16, 97)  # no targets: logits as before
+    per_token = fused(idx, targets, reduction="none")[1]  # DPO's per-token losses: the plain path
+    assert per_token.shape == (3, 16) and torch.allclose(per_token.sum(), b.detach() * (targets >= 0).sum(), atol=1e-4)
