@@ -26,6 +26,9 @@ from gpt.data.corpus import prepared_dir, read_meta  # noqa: E402
 from gpt.device import pick_threads, tune_allocator  # noqa: E402
 from gpt.infer.engine import generate  # noqa: E402
 from gpt.infer.quantize import quantize_int8  # noqa: E402
+from gpt.infer.sampling import SamplingParams  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0)
 
 
 @torch.no_grad()
@@ -38,11 +41,11 @@ def val_loss(model, val: np.ndarray, block: int, batch: int = 32) -> float:
 
 
 def speed(model, prompt: torch.Tensor, n: int = 100) -> float:
-    generate(model, prompt, 2, temperature=0)
+    generate(model, prompt, 2, GREEDY)
     t0 = time.perf_counter()
-    generate(model, prompt, 1, temperature=0)
+    generate(model, prompt, 1, GREEDY)
     t1 = time.perf_counter()
-    generate(model, prompt, n, temperature=0)
+    generate(model, prompt, n, GREEDY)
     return (n - 1) / ((time.perf_counter() - t1) - (t1 - t0))
 
 
@@ -70,8 +73,8 @@ def main() -> None:
     for i in range(args.prompts):
         start = i * len(val) // args.prompts
         prompt = torch.from_numpy(val[start : start + 16].astype(np.int64))[None]
-        a = generate(ref, prompt, args.tokens, temperature=0)[0, 16:]
-        b = generate(q, prompt, args.tokens, temperature=0)[0, 16:]
+        a = generate(ref, prompt, args.tokens, GREEDY)[0, 16:]
+        b = generate(q, prompt, args.tokens, GREEDY)[0, 16:]
         eq = (a == b).tolist()
         same.append(sum(eq) / len(eq))
         prefix.append(eq.index(False) if False in eq else len(eq))

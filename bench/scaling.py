@@ -26,7 +26,10 @@ from train_throughput import run_worker, shapes  # noqa: E402
 
 from gpt.device import pick_device, pick_threads, resolve_dtype, tune_allocator  # noqa: E402
 from gpt.infer.engine import generate  # noqa: E402
+from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.model import GPT  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0)
 
 
 def decode_ms_per_token(model: GPT, batch: int, context: int, device, new: int = 6) -> float:
@@ -35,7 +38,7 @@ def decode_ms_per_token(model: GPT, batch: int, context: int, device, new: int =
     times = []
     for n in (1, new):
         t0 = time.perf_counter()
-        generate(model, idx, n, temperature=0)
+        generate(model, idx, n, GREEDY)
         times.append(time.perf_counter() - t0)
     return 1000 * (times[1] - times[0]) / (new - 1)
 

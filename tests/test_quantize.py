@@ -13,7 +13,10 @@ from gpt.config import ModelConfig
 from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.engine import generate
 from gpt.infer.quantize import Int8Linear, quantize_int8
+from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
+
+GREEDY = SamplingParams(temperature=0)
 
 
 def tiny() -> GPT:
@@ -40,9 +43,9 @@ def test_quantized_model_keeps_float_embedding_and_greedy_tokens():
     idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     logits, ref_logits = model(idx)[0], ref(idx)[0]
     assert (logits - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
-    out = generate(model, idx, 12, temperature=0)  # cached decoding through the model's own modules
+    out = generate(model, idx, 12, GREEDY)  # cached decoding through the model's own modules
     assert out.shape == (2, 20)
-    assert (out == generate(ref, idx, 12, temperature=0)).float().mean() > 0.8
+    assert (out == generate(ref, idx, 12, GREEDY)).float().mean() > 0.8
 
 
 
