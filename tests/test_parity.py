@@ -31,6 +31,7 @@ OPTIONS = {
     "dropout": [0.0, 0.3],  # eval mode: dropout is off in both paths
     "bias": [True, False],
     "gelu": ["tanh", "exact"],
+    "fused_loss": ["off", "on"],  # changes only how the loss is computed with targets; logits never
 }
 VARIANTS = ["plain", "lora", "lora_merged", "chat_vocab", "untied_head"]
 
