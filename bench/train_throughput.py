@@ -211,7 +211,7 @@ def worker(args) -> None:
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    fused = GPT(cfg).fuses_loss() if args.system in ("ours", "before") else False
+    fused = getattr(model, "_orig_mod", model).fuses_loss() if args.system in ("ours", "before") else False
     print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb,
                           threads=torch.get_num_threads(),
                           allocator=allocator, fused_loss=fused, dtype=str(dtype).replace("torch.", ""))))

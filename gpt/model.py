@@ -199,11 +199,13 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ helpers
 
     def fuses_loss(self) -> bool:
-        """Head + loss fused in row chunks (gpt/losses.py) for large vocabularies, plain for small ones."""
+        """Head + loss fused in row chunks (gpt/losses.py) for large vocabularies on CPU, plain otherwise:
+        on a GPU the plain path is faster (measured on an H100 with torch.compile: 0.59x nanoGPT fused)."""
         mode = self.config.fused_loss
         plain_head = type(self.lm_head) is nn.Linear  # a quantized or adapted head has no plain weight
         if mode == "auto":
-            return plain_head and self.config.vocab_size >= FUSED_LOSS_MIN_VOCAB
+            on_cpu = self.lm_head.weight.device.type == "cpu"
+            return plain_head and on_cpu and self.config.vocab_size >= FUSED_LOSS_MIN_VOCAB
         return plain_head and mode == "on"
 
     def num_params(self, non_embedding: bool = True) -> int:
