@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt import checkpoint
+from gpt import checkpoint, cli
 from gpt.convert import load_pretrained
 from gpt.data import canary, files
 from gpt.data.chat import ChatTemplate
@@ -396,11 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        report = audit(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    report = cli.main(lambda: audit(args))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     if not report["gate"]["passed"]:
         if args.json:

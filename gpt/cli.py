@@ -28,8 +28,8 @@ def parse_run_args(cls: type, argv: list[str], script: str):
     return load_config(cls, files[0] if files else None, overrides)
 
 
-def main(fn: Callable[[], object]) -> None:
-    """Run fn; known errors print one line (no traceback) and exit 1, Ctrl-C exits 130."""
+def main(fn: Callable[[], object]):
+    """Run fn and return its result; known errors print one line (no traceback) and exit 1, Ctrl-C exits 130."""
     tune_allocator()  # before the first big allocation (GPT_MALLOC_TUNE=0 turns it off)
     try:
         result = fn()
@@ -47,3 +47,4 @@ def main(fn: Callable[[], object]) -> None:
         sys.exit(130)
     if getattr(result, "interrupted", False):
         sys.exit(130)
+    return result

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from gpt import checkpoint
+from gpt import checkpoint, cli
 from gpt.checkpoint import CheckpointError
 from gpt.config import ModelConfig, to_dict
 from gpt.data.bpe import GPT2_PATTERN, byte_to_unicode, hf_pre_tokenizer
@@ -32,7 +31,6 @@ from gpt.data.tokenizer import (
     TiktokenTokenizer,
     Tokenizer,
 )
-from gpt.errors import UserError
 from gpt.model import GPT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -353,14 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("ckpt")
     b.add_argument("hf_dir")
     args = p.parse_args(argv)
-    try:
-        if args.command == "from-hf":
-            print(f"wrote {from_hf(args.src, args.out_dir)}")
-        else:
-            print(f"wrote {to_hf(args.ckpt, args.hf_dir)}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    if args.command == "from-hf":
+        cli.main(lambda: print(f"wrote {from_hf(args.src, args.out_dir)}"))
+    else:
+        cli.main(lambda: print(f"wrote {to_hf(args.ckpt, args.hf_dir)}"))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -29,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from gpt import cli
 from gpt.config import DataConfig
 from gpt.convert import load_pretrained
 from gpt.data import files
@@ -369,11 +369,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, EvalResult]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.main(lambda: run(args))
 
 
 if __name__ == "__main__":

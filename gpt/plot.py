@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from gpt import cli
 from gpt.errors import UserError
 
 SERIES = ("loss", "val_loss", "lr")
@@ -155,11 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-o", "--out", default="loss.png", help="PNG to write (default: loss.png)")
     p.add_argument("--log", action="store_true", help="log-scale loss axis")
     args = p.parse_args(argv)
-    try:
-        print(f"wrote {plot(args.run_dirs, args.out, args.log)}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.main(lambda: print(f"wrote {plot(args.run_dirs, args.out, args.log)}"))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from gpt import cli
 from gpt.data import files
 from gpt.data.redact import (
     KINDS,
@@ -25,7 +25,6 @@ from gpt.data.redact import (
     read_terms,
     resolve_kinds,
 )
-from gpt.errors import UserError
 
 
 def redact_value(value: Any, redactor: Redactor, where: str) -> Any:
@@ -120,16 +119,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict")
     p.add_argument("--report", help="write the report (counts, masked examples) to this JSON file")
     args = p.parse_args(argv)
-    try:
+    def run() -> dict:
         kinds = resolve_kinds([k.strip() for k in args.kinds.split(",") if k.strip()])
         redactor = Redactor(kinds, args.mode, args.pattern, read_terms(args.terms) if args.terms else [],
                             read_salt(args.salt_file) if args.salt_file else None)
         decoding = files.Decoding(args.encoding, args.encoding_errors,
                                   hint="pass --encoding (e.g. latin-1) or --encoding-errors replace")
-        report = redact_path(args.input, args.output, redactor, decoding)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return redact_path(args.input, args.output, redactor, decoding)
+
+    report = cli.main(run)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     found = ", ".join(f"{n} {k}" for k, n in report["counts"].items()) or "nothing found"

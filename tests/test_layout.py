@@ -14,6 +14,7 @@ PKG = ROOT / "gpt"
 LAYERS = {
     "gpt.errors": 0,
     "gpt.config": 10,
+    "gpt.cli": 25,
     "gpt.device": 20,
     "gpt.data.tokenizer": 20,
     "gpt.losses": 25,
@@ -52,7 +53,6 @@ LAYERS = {
     "gpt.serve.app": 145,
     "gpt.serve.cli": 150,
     "gpt.serve": 159,
-    "gpt.cli": 200,
 }
 TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.chat")
 
