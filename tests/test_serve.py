@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, driven by the real `openai` client against in-process uvicorn on loopback."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -22,6 +23,7 @@ from gpt.checkpoint import save_checkpoint
 from gpt.data.chat import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.engine import complete
+from gpt.infer.quantize import quantize_int8
 from gpt.infer.sampling import SamplingParams
 from gpt.serve.app import ServerConfig, create_app
 
@@ -250,13 +252,15 @@ def test_seeded_chat_is_reproducible_and_logprobs_are_probabilities(srv):
     assert all(math.exp(e.logprob) <= 1.0 for e in a.choices[0].logprobs.content)
 
 
-def test_serve_py_prints_its_url_serves_and_stops_on_sigterm(model, tok, tmp_path):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_serve_py_prints_its_url_serves_and_stops_on_sigterm(model, tok, tmp_path, quantize):
     save_checkpoint(tmp_path / "run" / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "serve.py", "--ckpt", str(tmp_path / "run"), "--port", str(port),
-                             "--dtype", "float32"], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             "--dtype", "float32", *(["--quantize", quantize] if quantize else [])],
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "GPT_API_KEY": "k"})
     try:
         for line in proc.stderr:
@@ -265,7 +269,8 @@ def test_serve_py_prints_its_url_serves_and_stops_on_sigterm(model, tok, tmp_pat
         assert "serving run" in line and f"http://127.0.0.1:{port}/v1" in line and "API key" in line
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         r = client.completions.create(model="run", prompt="Secret prompt text", temperature=0, max_tokens=8)
-        assert r.choices[0].text == greedy(model, tok, "Secret prompt text", 8).text
+        served = quantize_int8(copy.deepcopy(model)) if quantize else model  # what the server computes
+        assert r.choices[0].text == greedy(served, tok, "Secret prompt text", 8).text
         proc.terminate()
         assert proc.wait(timeout=60) == 0
         log = proc.stderr.read() + proc.stdout.read()

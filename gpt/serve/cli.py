@@ -14,6 +14,7 @@ import uvicorn
 from gpt.checkpoint import load_model
 from gpt.device import pick_device, resolve_dtype
 from gpt.errors import UserError
+from gpt.infer.quantize import quantize_int8
 from gpt.serve.app import ServerConfig, create_app
 
 
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 Linear layers (faster decoding on CPU; see README, Performance)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (the batch's rows)")
     p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond it requests get 429")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
@@ -51,6 +54,8 @@ def run(argv: list[str]) -> None:
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
     model.to(dtype=dtype).eval()
+    if args.quantize == "int8":
+        quantize_int8(model)
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, args.api_key or os.environ.get("GPT_API_KEY") or None, args.max_batch, args.max_queue,
                        args.max_body)
