@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator
@@ -280,7 +281,7 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-class Shape:
+class Shape(ABC):
     """OpenAI's response objects for one endpoint."""
 
     object_full = object_chunk = ""
@@ -314,11 +315,11 @@ class Shape:
     async def opening(self, seqs: list[Seq]) -> list[dict]:
         return []
 
-    def chunk_choice(self, i: int, text: str | None, lp: dict | None, reason: str | None) -> dict:
-        raise NotImplementedError
+    @abstractmethod
+    def chunk_choice(self, i: int, text: str | None, lp: dict | None, reason: str | None) -> dict: ...
 
-    def logprobs(self, seq: Seq, indices: list[int]) -> dict:
-        raise NotImplementedError
+    @abstractmethod
+    def logprobs(self, seq: Seq, indices: list[int]) -> dict: ...
 
     def delta(self, i: int, e: Event) -> dict | None:
         """The chunk for one token event (None when it shows nothing yet)."""
