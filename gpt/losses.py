@@ -3,9 +3,12 @@
 With a 50k vocabulary the (B*T, V) fp32 logits and their gradient are the largest tensors of a
 small model's step: at 2 layers x 128 they cost more time (allocation, page zeroing, memory traffic)
 than every transformer block together. `linear_cross_entropy` computes head + loss in row chunks
-and, while each chunk's logits are at hand, their gradient too (softmax - one_hot), folded straight
-into the gradients of the hidden states and of the head weight. So the step holds one chunk of
-logits at a time, and the backward pass only scales the saved gradients: no recomputation.
+and, while each chunk's logits are at hand, their gradient too (softmax - one_hot): at once into the
+gradient of the hidden states, and kept in the matmul dtype (bf16 under autocast) for the head's
+gradient, which takes one matmul per GRAD_BUFFER_ELEMENTS of them (a fold per chunk would read and
+write all V x C fp32 each time: at the 124M shape on a CPU that made the fused path slower than the
+plain one). So the step holds one fp32 chunk of logits and at most a bounded bf16 buffer, and the
+backward pass only scales the saved gradients (not at all when the loss is backpropagated unscaled).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens in SFT, padding)
 CHUNK_ELEMENTS = 2**23  # logits per chunk: 32 MB in fp32, whatever the vocabulary
+GRAD_BUFFER_ELEMENTS = 2**26  # chunk gradients gathered for one fold into the head's gradient: 128 MB in bf16
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -35,15 +39,16 @@ def linear_cross_entropy(
     Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as in the plain path.
     chunk_rows: rows per chunk (0 = as many as keep one chunk's logits near CHUNK_ELEMENTS).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     x2, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.size(0))
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    scale = 1.0 if reduction == "sum" else 1.0 / (t != IGNORE_INDEX).sum().clamp(min=1)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        total = _LinearCrossEntropy.apply(x2, weight, t, rows, dtype)
-    else:
-        with torch.autocast(x.device.type, enabled=False):
-            total = sum_chunked_loss(x2, weight, t, rows, dtype)
-    return _reduce(total, targets, reduction)
+        return _LinearCrossEntropy.apply(x2, weight, t, rows, dtype, scale)
+    with torch.autocast(x.device.type, enabled=False):
+        return chunked_loss(x2, weight, t, rows, dtype, scale)[0]
 
 
 def _reduce(total: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -54,47 +59,50 @@ def _reduce(total: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def sum_chunked_loss(x, weight, targets, rows: int, dtype, grads: tuple | None = None) -> torch.Tensor:
-    """Summed token loss over row chunks; with grads=(grad_x or None, grad_w or None), also the gradient
-    of that sum, written into grad_x (rows of x) and accumulated into grad_w (fp32)."""
+def chunked_loss(x, weight, targets, rows: int, dtype, scale, grad_x=None, head_grad: bool = False):
+    """(scale * the summed token loss, the head's gradient or None), over row chunks. With grad_x (shaped
+    like x) its gradient to x is written there; with head_grad its gradient to weight is returned (fp32)."""
     w = weight.to(dtype)
+    n = x.size(0)
     total = torch.zeros((), device=x.device, dtype=torch.float32)
-    for start in range(0, x.size(0), rows):
-        xc, tc = x[start : start + rows].to(dtype), targets[start : start + rows]
-        logits = (xc @ w.t()).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        valid = tc != IGNORE_INDEX
-        tgt = tc.clamp(min=0)[:, None]  # ignored rows point at token 0 and are masked out (no device sync)
-        total += ((lse - logits.gather(1, tgt).squeeze(1)) * valid).sum()
-        if grads is None:
-            continue
-        # d(sum of losses)/d(logits) = softmax - one_hot(target), zero on ignored rows; in the logits' buffer
-        g = logits.sub_(lse[:, None]).exp_()
-        g.scatter_add_(1, tgt, -torch.ones_like(tgt, dtype=g.dtype))
-        g = g.mul_(valid[:, None]).to(dtype)
-        grad_x, grad_w = grads
-        if grad_x is not None:
-            if grad_x.dtype == dtype:
-                torch.mm(g, w, out=grad_x[start : start + rows])
-            else:
-                grad_x[start : start + rows] = g @ w
-        if grad_w is not None:
-            if dtype == torch.float32:
-                grad_w.addmm_(g.t(), xc)
-            else:
-                grad_w += (g.t() @ xc).float()
-    return total
+    grad_w = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if head_grad and n == 0 else None
+    # the head's gradient is (chunk gradients)^T @ x: gather the chunk gradients of GRAD_BUFFER_ELEMENTS
+    # and fold them in with one matmul, rather than one per chunk (each fold reads and writes all V x C)
+    group = rows * max(1, GRAD_BUFFER_ELEMENTS // (rows * w.size(0))) if head_grad else rows
+    for first in range(0, n, group):
+        last = min(n, first + group)
+        buffer = torch.empty(last - first, w.size(0), device=x.device, dtype=dtype) if head_grad else None
+        for start in range(first, last, rows):
+            end = min(last, start + rows)
+            xc, tc = x[start:end].to(dtype), targets[start:end]
+            logits = (xc @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = tc != IGNORE_INDEX
+            tgt = tc.clamp(min=0)[:, None]  # ignored rows point at token 0 and are masked out (no device sync)
+            total += ((lse - logits.gather(1, tgt).squeeze(1)) * valid).sum()
+            if grad_x is None and not head_grad:
+                continue
+            # d(scale * sum of losses)/d(logits) = scale * (softmax - one_hot(target)), 0 on ignored rows
+            g = logits.sub_(lse[:, None]).exp_()
+            g.scatter_add_(1, tgt, -torch.ones_like(tgt, dtype=g.dtype))
+            g = g.mul_(valid[:, None] * scale)
+            g = buffer[start - first : end - first].copy_(g) if head_grad else g.to(dtype)
+            if grad_x is not None:
+                grad_x[start:end] = g @ w
+        if head_grad:
+            part = buffer.t() @ x[first:last].to(dtype)
+            grad_w = part.float() if grad_w is None else grad_w.add_(part)
+    return total * scale, grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed loss of x @ weight.T; the gradients are computed chunk by chunk in the forward pass."""
+    """scale * summed loss of x @ weight.T; the gradients are computed chunk by chunk in the forward pass."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, rows: int, dtype):
+    def forward(ctx, x, weight, targets, rows: int, dtype, scale):
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         with torch.autocast(x.device.type, enabled=False):
-            total = sum_chunked_loss(x, weight, targets, rows, dtype, grads=(grad_x, grad_w))
+            total, grad_w = chunked_loss(x, weight, targets, rows, dtype, scale, grad_x, ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -102,6 +110,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_x, grad_w = ctx.saved_tensors
-        grad_x = grad_x * grad_total if grad_x is not None else None
-        grad_w = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_x, grad_w, None, None, None
+        if not bool((grad_total == 1).all()):  # loss.backward() on the loss itself needs no rescaling
+            grad_x = grad_x * grad_total if grad_x is not None else None
+            grad_w = grad_w * grad_total if grad_w is not None else None
+        grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_x, grad_w, None, None, None, None

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig
+from gpt import losses
 from gpt.losses import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 from gpt.model import GPT
 
@@ -25,6 +26,15 @@ def test_same_loss_and_grads_as_plain_fp32(reduction):
     assert torch.allclose(plain, fused, atol=1e-5, rtol=1e-6)
     for a, b in zip(torch.autograd.grad(plain, (x, w)), torch.autograd.grad(fused, (x, w))):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_buffer_folded_many_times_and_a_scaled_backward_agree(monkeypatch):
+    monkeypatch.setattr(losses, "GRAD_BUFFER_ELEMENTS", 7 * 70 * 2)  # folds of 14 rows over chunks of 7
+    x, w, t = inputs()
+    plain = cross_entropy(x @ w.t(), t) * 0.25  # a scaled loss, as with gradient accumulation
+    fused = linear_cross_entropy(x, w, t, chunk_rows=7) * 0.25
+    for a, b in zip(torch.autograd.grad(plain, (x, w)), torch.autograd.grad(fused, (x, w))):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_all_ignored_is_zero_with_zero_grads_and_no_grad_path_agrees():
