@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt.config import ModelConfig
-from gpt.model import GPT, IGNORE_INDEX, KVCache
+from gpt.model import GPT, IGNORE_INDEX, KVCache, matmul_attention
 
 
 def tiny(**kw) -> GPT:
@@ -45,6 +46,34 @@ def test_packed_documents_do_not_see_each_other():
     l2, _ = model(d2)
     assert torch.allclose(lp[0, :6], l1[0], atol=1e-5)
     assert torch.allclose(lp[0, 6:], l2[0], atol=1e-5)  # positions restart, attention stays inside
+
+
+def test_matmul_attention_is_sdpa_causal_attention_with_the_same_gradients():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g, requires_grad=True) for _ in range(3))
+    a, b = F.scaled_dot_product_attention(q, k, v, is_causal=True), matmul_attention(q, k, v)
+    assert torch.allclose(a, b, atol=1e-6)
+    up = torch.randn(a.shape, generator=g)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), up), torch.autograd.grad(b, (q, k, v), up)):
+        assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_bf16_cpu_training_takes_the_matmul_attention_and_agrees_with_sdpa(monkeypatch):
+    import gpt.model
+
+    calls = []
+    monkeypatch.setattr(gpt.model, "matmul_attention", lambda *a: calls.append(1) or matmul_attention(*a))
+    model = tiny()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, fast = model(idx, idx)
+        assert len(calls) == 2  # one per layer
+        with torch.no_grad():
+            model(idx, idx)  # evaluation and decoding keep SDPA
+        monkeypatch.setattr(gpt.model, "MATMUL_ATTENTION_MAX_T", 8)  # windows of 16 go to SDPA
+        _, sdpa = model(idx, idx)
+    assert len(calls) == 2
+    assert abs(fast.item() - sdpa.item()) < 2e-2
 
 
 def test_ignore_index_and_all_ignored_batch():
