@@ -14,8 +14,10 @@ Systems (each one runs in its own fresh Python process, so allocator state and m
   nanogpt      a faithful nanoGPT step (its model.py: SDPA causal attention, exact GELU, tied head,
                AdamW in decay groups; its train.py: clip 1.0, set_to_none) with default settings, fp32
   nanogpt-amp  the same under bf16/fp16 autocast (what nanoGPT does on GPUs; its CPU default is fp32)
-MFU is against a matmul peak this script measures on the device for the dtype in use. Peak memory is the
-worker's peak RSS on CPU (the whole process: model, optimizer, activations) or max allocated on CUDA.
+MFU is against a matmul peak this script measures on the device for the dtype in use. Peak MB is the
+worker's peak RSS on CPU (the whole process: torch itself, model, optimizer, activations) or max allocated on
+CUDA; step MB is the step's own peak: the most memory one step (after the first) holds at once beyond
+what was allocated before it (activations, logits, gradients, temporaries; not weights or optimizer state).
 The machine may be shared: compare the ratios of one run, not absolute figures across runs.
 """
 
@@ -27,6 +29,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -199,9 +202,10 @@ def worker(args) -> None:
     else:
         cfg.fused_loss = "auto" if args.system == "ours" else "off"
         model, step = ours_step(cfg, batch_size, device, dtype, args.compile and args.system == "ours")
-    for i in range(2):  # warm-up (and compilation)
-        step(i)
+    step(0)  # warm-up (and compilation); allocates the optimizer state
     sync(device)
+    step_mb = step_peak_mb(step, device)  # the second warm-up step
+
     t0 = time.perf_counter()
     for i in range(args.steps):
         step(i)
@@ -212,9 +216,28 @@ def worker(args) -> None:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     fused = getattr(model, "_orig_mod", model).fuses_loss() if args.system in ("ours", "before") else False
-    print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb,
+    print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb, step_mb=step_mb,
                           threads=torch.get_num_threads(),
                           allocator=allocator, fused_loss=fused, dtype=str(dtype).replace("torch.", ""))))
+
+
+def step_peak_mb(step, device: torch.device) -> float:
+    """Run one step; return the most memory it held at once beyond what was allocated before it (MB):
+    activations, logits, gradients and temporaries, not the model or optimizer state. On CPU, from the
+    profiler's count of bytes allocated through torch (independent of how malloc keeps freed memory)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step(1)
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    return max([0] + [e["args"]["Total Allocated"] for e in memory]) / 2**20
 
 
 def run_worker(system: str, model: str, args) -> dict:
@@ -262,8 +285,8 @@ def main() -> None:
           f"threads {args.threads or torch.get_num_threads()}, compile {args.compile}, "
           f"measured matmul peak {peak / 1e9:,.0f} GFLOP/s; every system in a fresh process")
     systems = args.systems.split(",")
-    print(f"{'model':<12} {'params':>7} {'system':<12} {'tok/s':>9} {'MFU':>6} {'peak MB':>8} {'vs before':>9} "
-          f"{'vs nanogpt':>10} {'vs amp':>7}  notes")
+    print(f"{'model':<12} {'params':>7} {'system':<12} {'tok/s':>9} {'MFU':>6} {'peak MB':>8} {'step MB':>8} "
+          f"{'vs before':>9} {'vs nanogpt':>10} {'vs amp':>7}  notes")
     rows = []
     for model in args.models.split(","):
         cfg, _ = shapes()[model]
@@ -275,7 +298,7 @@ def main() -> None:
                       for b in ("before", "nanogpt", "nanogpt-amp")]
             notes = f"{r['dtype']}, {r['threads']} threads, allocator {r['allocator']}" + (", fused loss" if r["fused_loss"] else "")
             print(f"{model:<12} {n_params / 1e6:>6.1f}M {system:<12} {r['tok_s']:>9,.0f} "
-                  f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {ratios[0]:>9} {ratios[1]:>10} "
+                  f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {r['step_mb']:>8,.0f} {ratios[0]:>9} {ratios[1]:>10} "
                   f"{ratios[2]:>7}  {notes}", flush=True)
             rows.append(dict(model=model, params=n_params, system=system, mfu=r["tok_s"] * flops / peak, **r))
     if args.json:
