@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt.config import ModelConfig  # noqa: E402
 from gpt.device import pick_device, resolve_dtype, tune_allocator  # noqa: E402
 from gpt.infer.engine import generate  # noqa: E402
-from gpt.infer.quantize import quantize_int8  # noqa: E402
 from gpt.infer.sampling import SamplingParams  # noqa: E402
+from gpt.infer.weights import prepare_for_decoding  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
 SHAPES = {
@@ -105,9 +105,11 @@ def bench_shape(name: str, args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     hf = None if args.skip_hf else hf_model(model, max(cfg.block_size, max(args.prompts) + args.new_tokens))
     hf = hf.to(device, dtype) if hf is not None else None
-    model.to(device, dtype)
-    if args.quantize == "int8":
-        quantize_int8(model)
+    prepare_for_decoding(model.to(device), dtype, args.quantize)
+    if args.row_major:  # undo the fp32 CPU layout, to measure what it gains
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data = module.weight.data.contiguous()
     width = 1 if args.quantize == "int8" else torch.finfo(dtype).bits // 8
     cap = args.bandwidth_gbs * 1e9 / (width * n_params)
     print(f"\n## {name}: {cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, block {cfg.block_size}, "
@@ -170,6 +172,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", help="weights and activations: float32, bfloat16, auto")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for ours (gpt/infer/quantize.py)")
+    p.add_argument("--row-major", action="store_true", help="ours without the fp32 CPU weight layout (gpt/infer/weights.py)")
     p.add_argument("--bandwidth-gbs", type=float, default=40.0, help="memory bandwidth for the cap column")
     p.add_argument("--sampled", action="store_true", help="also time ours with temperature 0.8 / top-k 200")
     p.add_argument("--skip-hf", action="store_true")

@@ -32,6 +32,7 @@ LAYERS = {
     "gpt.convert": 70,
     "gpt.infer.sampling": 70,
     "gpt.infer.quantize": 70,
+    "gpt.infer.weights": 75,
     "gpt.infer.engine": 80,
     "gpt.infer.chat": 90,
     "gpt.infer.cli": 95,

@@ -15,6 +15,7 @@ from gpt.config import ConfigError
 from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.infer.engine import Completion, complete
 from gpt.infer.sampling import SamplingParams
+from gpt.infer.weights import prepare_for_decoding
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,11 +97,7 @@ def run(argv: list[str]) -> None:
     dtype = resolve_dtype(args.dtype, device)
     torch.set_num_threads(pick_threads(args.threads))  # barriers on shared cores cost a time slice each
     model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
-    model.to(dtype=dtype).eval()  # decoding reads every weight per token: store them in the compute dtype
-    if args.quantize == "int8":
-        from gpt.infer.quantize import quantize_int8
-
-        quantize_int8(model)
+    prepare_for_decoding(model, dtype, args.quantize)
     params = sampling_params(args)
     if args.chat:
         from gpt.infer.chat import run_chat

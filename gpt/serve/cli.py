@@ -14,7 +14,7 @@ import uvicorn
 from gpt.checkpoint import load_model
 from gpt.device import pick_device, resolve_dtype
 from gpt.errors import UserError
-from gpt.infer.quantize import quantize_int8
+from gpt.infer.weights import prepare_for_decoding
 from gpt.serve.app import ServerConfig, create_app
 
 
@@ -53,9 +53,7 @@ def run(argv: list[str]) -> None:
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
-    model.to(dtype=dtype).eval()
-    if args.quantize == "int8":
-        quantize_int8(model)
+    prepare_for_decoding(model, dtype, args.quantize)
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, args.api_key or os.environ.get("GPT_API_KEY") or None, args.max_batch, args.max_queue,
                        args.max_body)

@@ -1,0 +1,35 @@
+"""How decoding stores the weights: in the compute dtype, and laid out for the matrix-vector products
+that dominate it (or int8, gpt.infer.quantize).
+
+Decoding a token reads every weight once, so its speed is the bandwidth at which the matmul kernel
+streams them. On CPU in fp32, BLAS streams a weight stored (in, out) — the layout of GPT-2's and
+transformers' Conv1D — faster than nn.Linear's (out, in): 24 vs 20 GB/s for the 124M shape's
+matrices, 31 vs 21 GB/s for its LM head, here. So fp32 CPU decoding keeps each Linear's weight in
+column-major memory: the same (out, in) tensor to every caller (F.linear, state_dict, the tied
+embedding), only its strides change, so the forward pass and its results stay the same. bf16 streams
+faster row-major on the same CPU and keeps it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gpt.infer.quantize import quantize_int8
+
+
+def prepare_for_decoding(model: nn.Module, dtype: torch.dtype, quantize: str | None = None) -> nn.Module:
+    """Eval mode, weights in the compute dtype, then int8 (quantize="int8") or the layout above."""
+    model.to(dtype=dtype).eval()
+    if quantize == "int8":
+        return quantize_int8(model)
+    if dtype == torch.float32 and next(model.parameters()).device.type == "cpu":
+        column_major_linears(model)
+    return model
+
+
+def column_major_linears(model: nn.Module) -> None:
+    """Store every Linear weight transposed in memory, keeping its (out, in) shape and values."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+            module.weight.data = module.weight.data.t().contiguous().t()
