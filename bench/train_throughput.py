@@ -202,8 +202,10 @@ def worker(args) -> None:
     else:
         cfg.fused_loss = "auto" if args.system == "ours" else "off"
         model, step = ours_step(cfg, batch_size, device, dtype, args.compile and args.system == "ours")
+    t0 = time.perf_counter()
     step(0)  # warm-up (and compilation); allocates the optimizer state
     sync(device)
+    first_step_s = time.perf_counter() - t0
     step_mb = step_peak_mb(step, device)  # the second warm-up step
 
     t0 = time.perf_counter()
@@ -216,7 +218,7 @@ def worker(args) -> None:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     fused = getattr(model, "_orig_mod", model).fuses_loss() if args.system in ("ours", "before") else False
-    print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb, step_mb=step_mb,
+    print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb, step_mb=step_mb, first_step_s=first_step_s,
                           threads=torch.get_num_threads(),
                           allocator=allocator, fused_loss=fused, dtype=str(dtype).replace("torch.", ""))))
 
@@ -296,7 +298,8 @@ def main() -> None:
         for system, r in results.items():
             ratios = [f"{r['tok_s'] / results[b]['tok_s']:.2f}x" if b in results else "-"
                       for b in ("before", "nanogpt", "nanogpt-amp")]
-            notes = f"{r['dtype']}, {r['threads']} threads, allocator {r['allocator']}" + (", fused loss" if r["fused_loss"] else "")
+            notes = f"{r['dtype']}, {r['threads']} threads, allocator {r['allocator']}" + (", fused loss" if r["fused_loss"] else "") \
+                + (f", first step (compiling) {r['first_step_s']:.0f} s" if args.compile and system == "ours" else "")
             print(f"{model:<12} {n_params / 1e6:>6.1f}M {system:<12} {r['tok_s']:>9,.0f} "
                   f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {r['step_mb']:>8,.0f} {ratios[0]:>9} {ratios[1]:>10} "
                   f"{ratios[2]:>7}  {notes}", flush=True)
