@@ -48,31 +48,40 @@ def test_packed_documents_do_not_see_each_other():
     assert torch.allclose(lp[0, 6:], l2[0], atol=1e-5)  # positions restart, attention stays inside
 
 
-def test_matmul_attention_is_sdpa_causal_attention_with_the_same_gradients():
+@pytest.mark.parametrize("case", ["causal", "one query, row masks", "packed mask"])
+def test_matmul_attention_is_sdpa_with_the_same_gradients(case):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 9, 8, generator=g, requires_grad=True) for _ in range(3))
-    a, b = F.scaled_dot_product_attention(q, k, v, is_causal=True), matmul_attention(q, k, v)
+    tq = 1 if case == "one query, row masks" else 9
+    q = torch.randn(2, 3, tq, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 3, 9, 8, generator=g, requires_grad=True) for _ in range(2))
+    kw = dict(is_causal=True)
+    if case == "one query, row masks":  # continuous batching: each row sees its own length
+        kw = dict(attn_mask=(torch.arange(9)[None, :] <= torch.tensor([[4], [8]]))[:, None, None, :])
+    elif case == "packed mask":
+        docs = torch.tensor([0] * 4 + [1] * 5)
+        kw = dict(attn_mask=(docs[:, None] == docs[None, :]) & torch.ones(9, 9, dtype=torch.bool).tril())
+    a, b = F.scaled_dot_product_attention(q, k, v, **kw), matmul_attention(q, k, v, **kw)
     assert torch.allclose(a, b, atol=1e-6)
     up = torch.randn(a.shape, generator=g)
     for x, y in zip(torch.autograd.grad(a, (q, k, v), up), torch.autograd.grad(b, (q, k, v), up)):
         assert torch.allclose(x, y, atol=1e-5)
 
 
-def test_bf16_cpu_training_takes_the_matmul_attention_and_agrees_with_sdpa(monkeypatch):
+def test_cpu_bf16_takes_the_matmul_attention_when_the_scores_are_small(monkeypatch):
     import gpt.model
 
     calls = []
-    monkeypatch.setattr(gpt.model, "matmul_attention", lambda *a: calls.append(1) or matmul_attention(*a))
+    monkeypatch.setattr(gpt.model, "matmul_attention", lambda *a, **kw: calls.append(1) or matmul_attention(*a, **kw))
     model = tiny()
     idx = torch.randint(0, 50, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, fast = model(idx, idx)
         assert len(calls) == 2  # one per layer
-        with torch.no_grad():
-            model(idx, idx)  # evaluation and decoding keep SDPA
-        monkeypatch.setattr(gpt.model, "MATMUL_ATTENTION_MAX_T", 8)  # windows of 16 go to SDPA
+        monkeypatch.setattr(gpt.model, "MATMUL_ATTENTION_MAX_SCORES", 2 * 2 * 16 * 16 - 1)  # one score too many
         _, sdpa = model(idx, idx)
-    assert len(calls) == 2
+        assert len(calls) == 2
+    _, fp32 = model(idx, idx)
+    assert len(calls) == 2  # fp32 keeps SDPA
     assert abs(fast.item() - sdpa.item()) < 2e-2
 
 
