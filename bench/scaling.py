@@ -5,7 +5,8 @@
 
 Training rows come from bench/train_throughput.py's worker (our step, each size in a fresh process,
 a few steps: the figures are indicative). Decoding uses the 124M shape in the dtype `auto` picks:
-the prompt fills the context, then each new token's time is measured (median), for batch 1 and 8.
+a prompt fills the KV cache to the context, then the median of 10 decode steps (the engine's call) is taken, for
+batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -25,22 +26,28 @@ import torch  # noqa: E402
 from train_throughput import run_worker, shapes  # noqa: E402
 
 from gpt.device import pick_device, pick_threads, resolve_dtype, tune_allocator  # noqa: E402
-from gpt.infer.engine import generate  # noqa: E402
-from gpt.infer.sampling import SamplingParams  # noqa: E402
-from gpt.model import GPT  # noqa: E402
+from gpt.infer.weights import prepare_for_decoding  # noqa: E402
+from gpt.model import GPT, KVCache  # noqa: E402
 
-GREEDY = SamplingParams(temperature=0)
-
-
-def decode_ms_per_token(model: GPT, batch: int, context: int, device, new: int = 6) -> float:
-    """Median decode time per step once the cache holds `context` tokens (prefill excluded)."""
-    idx = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+@torch.no_grad()
+def decode_ms_per_token(model: GPT, batch: int, context: int, device, steps: int = 10) -> float:
+    """Median time of one decode step with `context` tokens in the KV cache: the call the engine makes
+    (one token per row, per-row positions, a cache view as long as the context), after a real prefill."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.empty(cfg, batch, cfg.block_size, device, dtype)
+    model(torch.randint(0, cfg.vocab_size, (batch, context), device=device), kv_cache=cache, logits_to_keep=1)
+    view = KVCache(cache.k[:, :, :, : context + 1], cache.v[:, :, :, : context + 1])
+    token = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
+    position = torch.full((batch,), context, device=device)
     times = []
-    for n in (1, new):
+    for _ in range(steps + 2):
         t0 = time.perf_counter()
-        generate(model, idx, n, GREEDY)
+        model(token, kv_cache=view, start_pos=position, logits_to_keep=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return 1000 * (times[1] - times[0]) / (new - 1)
+    return 1000 * statistics.median(times[2:])
 
 
 def main() -> None:
@@ -51,7 +58,6 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench" / "scaling.png"))
     args = p.parse_args()
     args.threads, args.compile = pick_threads(), False  # the cores other jobs leave idle (README, Performance)
@@ -61,7 +67,8 @@ def main() -> None:
         cfg, batch = shapes()[name]
         r = run_worker("ours", name, args)
         train.append(dict(model=name, params=GPT(cfg).num_params(), batch=batch, block=cfg.block_size, **r))
-        print(f"train {name:<12} {train[-1]['params'] / 1e6:7.1f}M {r['tok_s']:>9,.0f} tok/s  {r['peak_mb']:>7,.0f} MB",
+        print(f"train {name:<12} {train[-1]['params'] / 1e6:7.1f}M {r['tok_s']:>9,.0f} tok/s  {r['peak_mb']:>7,.0f} MB peak RSS, "
+              f"{r['step_mb']:>7,.0f} MB the step's own",
               flush=True)
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -70,16 +77,19 @@ def main() -> None:
     cfg, _ = shapes()["124m"]
     cfg.block_size = max(int(c) for c in args.contexts.split(",")) + 8
     torch.manual_seed(0)
-    model = GPT(cfg).eval().to(device, dtype)
+    model = prepare_for_decoding(GPT(cfg).to(device), dtype)  # as sample.py and serve.py decode
     decode = []
     for batch in (int(b) for b in args.batches.split(",")):
         for context in (int(c) for c in args.contexts.split(",")):
-            ms = statistics.median(decode_ms_per_token(model, batch, context, device) for _ in range(args.repeats))
+            ms = decode_ms_per_token(model, batch, context, device)
             decode.append(dict(batch=batch, context=context, ms_per_token=ms))
             print(f"decode 124m batch {batch} context {context:>5}: {ms:7.1f} ms/step", flush=True)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(dict(train=train, decode=decode, dtype=str(dtype)), indent=1))
-    plot(train, decode, out, f"{device}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads")
+    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in Path("/proc/cpuinfo").read_text()) \
+        if device.type == "cpu" and Path("/proc/cpuinfo").exists() else ""
+    plot(train, decode, out, f"{device} {flags}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
+                             f"torch {torch.__version__}")
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
@@ -95,8 +105,10 @@ def plot(train: list[dict], decode: list[dict], out: Path, where: str) -> None:
     a.set_xlabel("parameters (M)")
     a.set_ylabel("training tokens/s")
     a2 = a.twinx()
-    a2.loglog(params, [r["peak_mb"] for r in train], "s--", color="tab:red", label="peak MB")
-    a2.set_ylabel("peak memory (MB)", color="tab:red")
+    a2.loglog(params, [r["peak_mb"] for r in train], "s--", color="tab:red", label="process peak")
+    a2.loglog(params, [r["step_mb"] for r in train], "^:", color="tab:red", label="step's own peak")
+    a2.set_ylabel("memory (MB)", color="tab:red")
+    a2.legend(loc="upper center", fontsize=7)
     for r, x in zip(train, params):
         a.annotate(r["model"], (x, r["tok_s"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     a.set_title("training step vs model size")
