@@ -18,7 +18,7 @@ from gpt.losses import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 
 __all__ = ["GPT", "KVCache", "IGNORE_INDEX", "cross_entropy"]
 FUSED_LOSS_MIN_VOCAB = 1024  # "auto" fuses head + loss from here up (bench/train_throughput.py: faster, less memory)
-MATMUL_ATTENTION_MAX_SCORES = 2**24  # CPU bf16 attention with up to this many scores uses matmul_attention
+MATMUL_ATTENTION_SCORES = (2**11, 2**24)  # CPU bf16 attention with this many scores uses matmul_attention
 
 
 @dataclass
@@ -94,9 +94,11 @@ def matmul_attention(q, k, v, attn_mask=None, is_causal: bool = False, dropout_p
 
 def _matmul_attention_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
     # SDPA's CPU kernels are slow in bf16: training 4 x 12 heads x 256 x 64, fwd + bwd, 16.3 vs 7.7 ms;
-    # decoding 8 rows against 1,025 cached positions, 4.1 vs 0.7 ms a layer. The scores stay small here.
+    # decoding 8 rows against 512 cached positions, 1.97 vs 0.41 ms a layer. Below ~2k scores (one row
+    # against 128 positions) SDPA's single call wins on overhead; above the upper bound the scores get big.
+    low, high = MATMUL_ATTENTION_SCORES
     scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and scores <= MATMUL_ATTENTION_MAX_SCORES
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and low <= scores <= high
 
 
 class MLP(nn.Module):

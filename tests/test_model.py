@@ -73,12 +73,14 @@ def test_cpu_bf16_takes_the_matmul_attention_when_the_scores_are_small(monkeypat
     calls = []
     monkeypatch.setattr(gpt.model, "matmul_attention", lambda *a, **kw: calls.append(1) or matmul_attention(*a, **kw))
     model = tiny()
-    idx = torch.randint(0, 50, (2, 16))
+    idx = torch.randint(0, 50, (2, 16))  # 2 rows x 2 heads x 16 x 16 scores
+    monkeypatch.setattr(gpt.model, "MATMUL_ATTENTION_SCORES", (1024, 1024))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, fast = model(idx, idx)
         assert len(calls) == 2  # one per layer
-        monkeypatch.setattr(gpt.model, "MATMUL_ATTENTION_MAX_SCORES", 2 * 2 * 16 * 16 - 1)  # one score too many
-        _, sdpa = model(idx, idx)
+        for bounds in ((0, 1023), (1025, 2**24)):  # too many scores, too few
+            monkeypatch.setattr(gpt.model, "MATMUL_ATTENTION_SCORES", bounds)
+            _, sdpa = model(idx, idx)
         assert len(calls) == 2
     _, fp32 = model(idx, idx)
     assert len(calls) == 2  # fp32 keeps SDPA
