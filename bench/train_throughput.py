@@ -9,6 +9,7 @@
 Systems (each one runs in its own fresh Python process, so allocator state and memory peaks are its own):
   ours         our training step (gpt.train.loop._train_step) with the glibc allocator tuned
                (gpt.device.tune_allocator) and model.fused_loss=auto
+  fused        the same with model.fused_loss=on: head + loss in row chunks, whatever the batch
   before       the same step with default settings: glibc's default allocator, fused_loss=off
                (what this project did before the allocator and fused loss; the ratio shows their gain)
   nanogpt      a faithful nanoGPT step (its model.py: SDPA causal attention, exact GELU, tied head,
@@ -53,7 +54,7 @@ from gpt.train.dist import Dist  # noqa: E402
 from gpt.train.loop import _train_step  # noqa: E402
 from gpt.train.optim import make_optimizer  # noqa: E402
 
-SYSTEMS = ("ours", "before", "nanogpt", "nanogpt-amp")
+SYSTEMS = ("ours", "fused", "before", "nanogpt", "nanogpt-amp")
 
 
 def shapes() -> dict[str, tuple[ModelConfig, int]]:
@@ -188,7 +189,7 @@ def ours_step(cfg: ModelConfig, batch_size: int, device, dtype, compile_model: b
 
 def worker(args) -> None:
     """Time one system on one shape and print a JSON line; runs in its own process."""
-    allocator = tune_allocator() if args.system == "ours" else "default"
+    allocator = tune_allocator() if args.system in ("ours", "fused") else "default"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -200,8 +201,8 @@ def worker(args) -> None:
     if args.system in ("nanogpt", "nanogpt-amp"):
         model, step = nanogpt_step(cfg, batch_size, device, dtype)
     else:
-        cfg.fused_loss = "auto" if args.system == "ours" else "off"
-        model, step = ours_step(cfg, batch_size, device, dtype, args.compile and args.system == "ours")
+        cfg.fused_loss = {"ours": "auto", "fused": "on", "before": "off"}[args.system]
+        model, step = ours_step(cfg, batch_size, device, dtype, args.compile and args.system != "before")
     t0 = time.perf_counter()
     step(0)  # warm-up (and compilation); allocates the optimizer state
     sync(device)
@@ -217,7 +218,8 @@ def worker(args) -> None:
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    fused = getattr(model, "_orig_mod", model).fuses_loss() if args.system in ("ours", "before") else False
+    fused = args.system in ("ours", "fused", "before") and \
+        getattr(model, "_orig_mod", model).fuses_loss(batch_size * cfg.block_size)
     print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb, step_mb=step_mb, first_step_s=first_step_s,
                           threads=torch.get_num_threads(),
                           allocator=allocator, fused_loss=fused, dtype=str(dtype).replace("torch.", ""))))
@@ -299,7 +301,7 @@ def main() -> None:
             ratios = [f"{r['tok_s'] / results[b]['tok_s']:.2f}x" if b in results else "-"
                       for b in ("before", "nanogpt", "nanogpt-amp")]
             notes = f"{r['dtype']}, {r['threads']} threads, allocator {r['allocator']}" + (", fused loss" if r["fused_loss"] else "") \
-                + (f", first step (compiling) {r['first_step_s']:.0f} s" if args.compile and system == "ours" else "")
+                + (f", first step (compiling) {r['first_step_s']:.0f} s" if args.compile and system in ("ours", "fused") else "")
             print(f"{model:<12} {n_params / 1e6:>6.1f}M {system:<12} {r['tok_s']:>9,.0f} "
                   f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {r['step_mb']:>8,.0f} {ratios[0]:>9} {ratios[1]:>10} "
                   f"{ratios[2]:>7}  {notes}", flush=True)

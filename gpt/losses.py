@@ -74,18 +74,17 @@ def chunked_loss(x, weight, targets, rows: int, dtype, scale, grad_x=None, head_
         for start in range(first, last, rows):
             end = min(last, start + rows)
             xc, tc = x[start:end].to(dtype), targets[start:end]
-            logits = (xc @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
+            # one row-wise kernel per pass, each row (V fp32) staying in cache: log-softmax, then exp
+            log_probs = torch.log_softmax(xc @ w.t(), dim=-1, dtype=torch.float32)
             valid = tc != IGNORE_INDEX
             tgt = tc.clamp(min=0)[:, None]  # ignored rows point at token 0 and are masked out (no device sync)
-            total += ((lse - logits.gather(1, tgt).squeeze(1)) * valid).sum()
+            total -= (log_probs.gather(1, tgt).squeeze(1) * valid).sum()
             if grad_x is None and not head_grad:
                 continue
             # d(scale * sum of losses)/d(logits) = scale * (softmax - one_hot(target)), 0 on ignored rows
-            g = logits.sub_(lse[:, None]).exp_()
-            g.scatter_add_(1, tgt, -torch.ones_like(tgt, dtype=g.dtype))
-            g = g.mul_(valid[:, None] * scale)
-            g = buffer[start - first : end - first].copy_(g) if head_grad else g.to(dtype)
+            g = log_probs.exp_().scatter_add_(1, tgt, -torch.ones_like(tgt, dtype=log_probs.dtype))
+            out = buffer[start - first : end - first] if head_grad else torch.empty_like(g, dtype=dtype)
+            g = torch.mul(g, valid[:, None] * scale, out=out)  # scaled and cast in one pass
             if grad_x is not None:
                 grad_x[start:end] = g @ w
         if head_grad:

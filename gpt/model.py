@@ -17,7 +17,7 @@ from gpt.config import ModelConfig
 from gpt.losses import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 
 __all__ = ["GPT", "KVCache", "IGNORE_INDEX", "cross_entropy"]
-FUSED_LOSS_MIN_VOCAB = 1024  # "auto" fuses head + loss from here up (bench/train_throughput.py: faster, less memory)
+FUSED_LOSS_MIN_LOGITS = 2**25  # "auto" fuses head + loss on CPU from this many logits a batch (128 MB in fp32)
 MATMUL_ATTENTION_SCORES = (2**11, 2**24)  # CPU bf16 attention with this many scores uses matmul_attention
 
 
@@ -216,21 +216,24 @@ class GPT(nn.Module):
             if logits_to_keep:
                 x = x[:, -logits_to_keep:]
             return self.lm_head(x), None
-        if self.fuses_loss() and reduction != "none":  # the (B*T, vocab) logits are never built: none returned
+        if self.fuses_loss(idx.numel()) and reduction != "none":  # the (B*T, vocab) logits are never built: none returned
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, reduction)
         logits = self.lm_head(x)
         return logits, cross_entropy(logits, targets, reduction)
 
     # ------------------------------------------------------------------ helpers
 
-    def fuses_loss(self) -> bool:
-        """Head + loss fused in row chunks (gpt/losses.py) for large vocabularies on CPU, plain otherwise:
-        on a GPU the plain path is faster (measured on an H100 with torch.compile: 0.59x nanoGPT fused)."""
+    def fuses_loss(self, tokens: int) -> bool:
+        """Head + loss fused in row chunks (gpt/losses.py) for a batch of `tokens` targets. "auto": on a CPU
+        once the logits would be large (bench/train_throughput.py, 50k vocabulary, 1,024 tokens: 124M
+        shape fused 849 vs plain 770 tok/s and 1.07 vs 1.23 GB a step; 2 x 128 shape 7.3k vs 8.7k tok/s
+        but 0.2 vs 0.6 GB; at 4,096 tokens the plain path thrashed memory: 3.8k vs 8.2k). Small batches
+        and vocabularies keep the plain path. On a GPU the plain path was faster (H100 + torch.compile)."""
         mode = self.config.fused_loss
         plain_head = type(self.lm_head) is nn.Linear  # a quantized or adapted head has no plain weight
         if mode == "auto":
             on_cpu = self.lm_head.weight.device.type == "cpu"
-            return plain_head and on_cpu and self.config.vocab_size >= FUSED_LOSS_MIN_VOCAB
+            return plain_head and on_cpu and tokens * self.config.vocab_size >= FUSED_LOSS_MIN_LOGITS
         return plain_head and mode == "on"
 
     def num_params(self, non_embedding: bool = True) -> int:
