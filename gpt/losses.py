@@ -5,7 +5,7 @@ small model's step: at 2 layers x 128 they cost more time (allocation, page zero
 than every transformer block together. `linear_cross_entropy` computes head + loss in row chunks
 and, while each chunk's logits are at hand, their gradient too (softmax - one_hot): at once into the
 gradient of the hidden states, and kept in the matmul dtype (bf16 under autocast) for the head's
-gradient, which takes one matmul per C rows of them (a fold per chunk would read and write all V x C
+gradient, which takes one matmul per C rows (two chunks at least) of them (a fold per chunk would read and write all V x C
 fp32 each time: at the 124M shape on a CPU that made the fused path slower than the plain one). So the step holds one fp32 chunk of logits and at most a bounded bf16 buffer, and the
 backward pass only scales the saved gradients (not at all when the loss is backpropagated unscaled).
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens in SFT, padding)
-CHUNK_ELEMENTS = 2**23  # logits per chunk: 32 MB in fp32, whatever the vocabulary
+CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MB in fp32, whatever the vocabulary
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -65,9 +65,9 @@ def chunked_loss(x, weight, targets, rows: int, dtype, scale, grad_x=None, head_
     total = torch.zeros((), device=x.device, dtype=torch.float32)
     grad_w = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if head_grad and n == 0 else None
     # the head's gradient is (chunk gradients)^T @ x: gather chunk gradients, as many as the head has
-    # elements (C rows), and fold them in with one matmul, rather than one per chunk: each fold reads
-    # and writes all V x C of the fp32 gradient, which cost more than the chunk's matmul at C = 768
-    group = rows * max(1, w.size(1) // rows) if head_grad else rows
+    # elements (C rows) and at least two chunks, and fold them in with one matmul rather than one per
+    # chunk: each fold reads and writes all V x C of the fp32 gradient, more than the chunk's matmul costs
+    group = rows * max(2, w.size(1) // rows) if head_grad else rows
     for first in range(0, n, group):
         last = min(n, first + group)
         buffer = torch.empty(last - first, w.size(0), device=x.device, dtype=dtype) if head_grad else None
