@@ -17,7 +17,8 @@ Two measures:
       log2(|space|), means the secret is the model's first choice.
 
 Held-out records, when --heldout is not given: if --data is the checkpoint's own training file, the
-records its run held out (the same seeded split, or data.val_path; for a text corpus its tail).
+records its run held out (the same seeded split, or data.val_path; for a text corpus its tail). Both are
+redacted as the run redacted its data (data.redact*) before they are tokenized.
 Records are named by index only: no record text or secret is ever printed.
 With --max-exposure (the largest canary exposure, bits) / --max-extraction (the share of training records
 extracted minus the control's share, or the raw share without a control) the command exits with status 3
@@ -30,7 +31,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ import torch
 
 from gpt import checkpoint, cli
 from gpt.convert import load_pretrained
-from gpt.data import canary, files
+from gpt.config import SourceConfig
+from gpt.data import canary, files, redact
 from gpt.data.chat import ChatTemplate
 from gpt.data.corpus import split_text_file
 from gpt.data.records import load_file, split_indices
@@ -78,10 +80,22 @@ class Extraction:
 # ---------------------------------------------------------------------------- records -> probes
 
 
-def record_probes(path: str, tok: Tokenizer, k: int, m: int, budget: int) -> list[list[Probe]]:
+def training_redactor(trained: dict) -> redact.Redactor | None:
+    """The redaction the checkpoint's run applied before tokenizing (its data.redact* settings), so that
+    the probes are the text it trained on; None when it redacted nothing."""
+    cfg = SourceConfig(**{f.name: trained[f.name] for f in fields(SourceConfig) if f.name in trained})
+    if cfg.redact_mode == "pseudonym" and not (cfg.redact_salt_file and Path(cfg.redact_salt_file).is_file()):
+        print("note: the run redacted with pseudonyms from a random secret (no data.redact_salt_file), so the "
+              "audited text has other fake values where it had personal data", file=sys.stderr)
+        cfg.redact_salt_file = ""
+    return redact.from_config(cfg)
+
+
+def record_probes(path: str, tok: Tokenizer, k: int, m: int, budget: int,
+                  redactor: redact.Redactor | None = None) -> list[list[Probe]]:
     """Every valid record of a JSONL/JSON/CSV/Parquet file as probes (one list per record: the records
     of load_file, in order). Chat: the conversation up to the last reply, then the reply; text: first k tokens."""
-    loaded = load_file(path, "auto", ChatTemplate(tok), budget, train_on_prompt=False)
+    loaded = load_file(path, "auto", ChatTemplate(tok), budget, train_on_prompt=False, redactor=redactor)
     if not loaded.records:
         where, why = loaded.invalid[0]
         raise AuditError(f"{path}: none of its {loaded.total} records can be read with this checkpoint's "
@@ -101,15 +115,16 @@ def record_probes(path: str, tok: Tokenizer, k: int, m: int, budget: int) -> lis
 
 
 def text_probes(data: Path, own: bool, tok: Tokenizer, k: int, m: int, args: argparse.Namespace, trained: dict,
-                rng: np.random.Generator) -> tuple[list[Probe], list[Probe] | None]:
+                rng: np.random.Generator, redactor: redact.Redactor | None) -> tuple[list[Probe], list[Probe] | None]:
     """A text corpus: its training part (all of it, or the part before its run's validation tail) and
-    the held-out part (that tail, or --heldout)."""
+    the held-out part (that tail, or --heldout), redacted as the run redacted it."""
     parts: dict[str, list[str]] = {"train": [], "val": []}
     dec = files.Decoding(trained.get("encoding", "utf-8"), trained.get("encoding_errors", "strict"))
+    clean = (lambda text, where: redactor.redact(text, where)) if redactor else (lambda text, where: text)
     for split, piece, _ in split_text_file(data, float(trained.get("val_fraction", 0.0)) if own else 0.0, dec):
-        parts[split].append(piece)
+        parts[split].append(clean(piece, str(data)))
     if args.heldout:
-        parts["val"] = [piece for _, piece, _ in split_text_file(Path(args.heldout), 0.0, dec)]
+        parts["val"] = [clean(piece, args.heldout) for _, piece, _ in split_text_file(Path(args.heldout), 0.0, dec)]
     train = windows("".join(parts["train"]), tok, k, m, args.samples, rng)
     held = windows("".join(parts["val"]), tok, k, m, args.samples, rng) if parts["val"] else None
     return train, held
@@ -136,18 +151,19 @@ def load_probes(args: argparse.Namespace, tok: Tokenizer, config: dict, block_si
                                      if trained.get("dataset") == "shakespeare" else "")
     own = bool(source) and Path(source).resolve() == data.resolve()
     k, m = args.prefix_tokens, args.suffix_tokens
+    redactor = training_redactor(trained)  # held-out text gets the same, so the control stays comparable
     if files.is_text_file(data):  # a text corpus
         try:
-            return text_probes(data, own, tok, k, m, args, trained, rng)
+            return text_probes(data, own, tok, k, m, args, trained, rng, redactor)
         except TokenizerError as e:  # a character the model's vocabulary lacks
             raise AuditError(f"{args.data}: {e}") from None
-    per_record = record_probes(str(data), tok, k, m, block_size + 1)
+    per_record = record_probes(str(data), tok, k, m, block_size + 1, redactor)
     kept = list(range(len(per_record)))
     held_records: list[list[Probe]] | None = None
     if args.heldout:
-        held_records = record_probes(args.heldout, tok, k, m, block_size + 1)
+        held_records = record_probes(args.heldout, tok, k, m, block_size + 1, redactor)
     elif own and trained.get("val_path"):
-        held_records = record_probes(trained["val_path"], tok, k, m, block_size + 1)
+        held_records = record_probes(trained["val_path"], tok, k, m, block_size + 1, redactor)
     elif own and "split_seed" in trained and len(per_record) >= 2:  # the fine-tuning run's own split
         kept, held = split_indices(len(per_record), float(trained["val_fraction"]), int(trained["split_seed"]))
         held_records = [per_record[i] for i in held]

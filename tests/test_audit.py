@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import string
 from dataclasses import asdict
@@ -230,3 +231,18 @@ def test_a_pretrained_text_corpus_run_is_audited_against_its_held_out_tail(tmp_p
     assert report["extraction"]["training"]["records"] == 20
     assert report["extraction"]["heldout"]["records"] == 20  # the corpus' validation tail
     assert report["canaries"]["space"] == 1000 and len(report["canaries"]["exposures"]) == 2
+
+
+@pytest.mark.parametrize("redacted", [True, False])
+def test_probes_are_the_text_the_run_trained_on_redacted_as_it_was(tmp_path, redacted):
+    tok = CharTokenizer(sorted(set(CHARS + list("<>@EMAIL"))))
+    ChatTemplate.add_tokens(tok)
+    rows = [{"messages": [{"role": "user", "content": f"who is client {i}?"},
+                          {"role": "assistant", "content": f"mail ann{i}@corp.io now"}]} for i in range(3)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    trained = {"path": str(data), **({"redact": ["email"]} if redacted else {})}
+    args = argparse.Namespace(data=str(data), heldout="", prefix_tokens=4, suffix_tokens=64, samples=10)
+    train, _ = audit.load_probes(args, tok, {"data": trained}, 256, np.random.default_rng(0))
+    replies = [tok.decode(p.target) for p in train]
+    assert len(replies) == 3
+    assert all(("<EMAIL>" in r) == redacted and ("@corp.io" in r) != redacted for r in replies), replies
