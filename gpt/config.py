@@ -172,7 +172,8 @@ class LoggingConfig:
     wandb_project: str = "gpt"
     wandb_run_name: str = ""
     wandb_mode: Literal["offline", "online"] = "offline"
-    sample_tokens: int = ranged(200, ge=0)  # print a sample of this many tokens when training ends (0 = none)
+    # print a sample of this many tokens when training ends (0 = none: a model can repeat private records)
+    sample_tokens: int = ranged(0, ge=0)
     sample_prompt: str = "\n"
     plot: bool = True  # draw out_dir/loss.png when the run ends (python -m gpt.plot)
     show_examples: bool = False  # fine-tuning: print validation prompts, answers and replies at the end
