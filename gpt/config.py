@@ -366,6 +366,10 @@ def coerce(value: Any, typ: Any, key: str, where: str, raw_text: str | None = No
         raise bad(" or ".join(getattr(a, "__name__", str(a)) for a in args))
     if origin is Literal:
         choices = typing.get_args(typ)
+        if raw_text is not None and raw_text in choices:  # key=on: YAML reads on/off/yes/no as booleans
+            return raw_text
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # `key: on` in a YAML file
+            return "on" if value else "off"
         if value not in choices:
             raise bad("one of " + " | ".join(map(str, choices)))
         return value

@@ -37,6 +37,14 @@ def test_yaml_then_overrides_with_types_coerced(tmp_path):
     assert cfg.out_dir == str(Path("out") / "run")  # default out/<config name>
 
 
+def test_on_and_off_choices_survive_yaml_booleans(tmp_path):
+    # YAML 1.1 reads on/off as booleans; `model.fused_loss: on` means the choice "on"
+    assert load_config(PretrainConfig, None, ["model.fused_loss=on"]).model.fused_loss == "on"
+    assert load_config(PretrainConfig, write(tmp_path, "model:\n  fused_loss: off\n")).model.fused_loss == "off"
+    with pytest.raises(ConfigError, match="train.dtype"):
+        load_config(PretrainConfig, None, ["train.dtype=on"])  # no such choice there
+
+
 def test_unknown_key_names_close_match(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'train.max_iter'.*did you mean 'train.max_iters'"):
         load_config(PretrainConfig, write(tmp_path, "train:\n  max_iter: 10\n"))

@@ -109,6 +109,14 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs, strat
     assert (first["global_batch"], first["world_size"]) == (8, 2)
 
 
+def test_fsdp_with_the_fused_head_and_loss_trains_like_one_process_with_the_plain_loss(runs):
+    tmp, corpus, data, _ = runs
+    out = tmp / "fsdp_fused"
+    train(out, corpus, data, 2, 2, **{"distributed.strategy": "fsdp", "model.fused_loss": "on"})
+    assert metrics(out, "loss") == pytest.approx(metrics(tmp / "single", "loss"), **TOL)
+    assert metrics(out, "val_loss") == pytest.approx(metrics(tmp / "single", "val_loss"), **TOL)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_only_rank_zero_writes_files(runs, strategy):
     tmp, _, _, procs = runs
