@@ -10,6 +10,7 @@ Systems (each one runs in its own fresh Python process, so allocator state and m
   ours         our training step (gpt.train.loop._train_step) with the glibc allocator tuned
                (gpt.device.tune_allocator) and model.fused_loss=auto
   fused        the same with model.fused_loss=on: head + loss in row chunks, whatever the batch
+  untuned      ours with glibc's allocator left at its defaults (ours / untuned = the allocator's gain)
   before       the same step with default settings: glibc's default allocator, fused_loss=off
                (what this project did before the allocator and fused loss; the ratio shows their gain)
   nanogpt      a faithful nanoGPT step (its model.py: SDPA causal attention, exact GELU, tied head,
@@ -54,7 +55,7 @@ from gpt.train.dist import Dist  # noqa: E402
 from gpt.train.loop import _train_step  # noqa: E402
 from gpt.train.optim import make_optimizer  # noqa: E402
 
-SYSTEMS = ("ours", "fused", "before", "nanogpt", "nanogpt-amp")
+SYSTEMS = ("ours", "fused", "untuned", "before", "nanogpt", "nanogpt-amp")
 
 
 def shapes() -> dict[str, tuple[ModelConfig, int]]:
@@ -201,7 +202,7 @@ def worker(args) -> None:
     if args.system in ("nanogpt", "nanogpt-amp"):
         model, step = nanogpt_step(cfg, batch_size, device, dtype)
     else:
-        cfg.fused_loss = {"ours": "auto", "fused": "on", "before": "off"}[args.system]
+        cfg.fused_loss = {"ours": "auto", "fused": "on", "untuned": "auto", "before": "off"}[args.system]
         model, step = ours_step(cfg, batch_size, device, dtype, args.compile and args.system != "before")
     t0 = time.perf_counter()
     step(0)  # warm-up (and compilation); allocates the optimizer state
@@ -218,7 +219,7 @@ def worker(args) -> None:
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    fused = args.system in ("ours", "fused", "before") and \
+    fused = args.system in ("ours", "fused", "untuned", "before") and \
         getattr(model, "_orig_mod", model).fuses_loss(batch_size * cfg.block_size)
     print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb, step_mb=step_mb, first_step_s=first_step_s,
                           threads=torch.get_num_threads(),
@@ -242,6 +243,11 @@ def step_peak_mb(step, device: torch.device) -> float:
         events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
     memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
     return max([0] + [e["args"]["Total Allocated"] for e in memory]) / 2**20
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r["tok_s"])[(len(runs) - 1) // 2]
 
 
 def run_worker(system: str, model: str, args) -> dict:
@@ -274,6 +280,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=0, help="sequences per step (default: the shape's; "
                                                               "on a GPU try 16 for 124m)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="fresh processes per system (interleaved); the "
+                                                           "median tok/s is reported")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--worker", choices=SYSTEMS, dest="system", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -287,24 +295,29 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {os.cpu_count()} cores {flags}"
     print(f"{name}; torch {torch.__version__}; dtype {str(dtype).replace('torch.', '')}, "
           f"threads {args.threads or torch.get_num_threads()}, compile {args.compile}, "
-          f"measured matmul peak {peak / 1e9:,.0f} GFLOP/s; every system in a fresh process")
+          f"measured matmul peak {peak / 1e9:,.0f} GFLOP/s; every system in a fresh process"
+          + (f", median of {args.repeats}" if args.repeats > 1 else ""))
     systems = args.systems.split(",")
     print(f"{'model':<12} {'params':>7} {'system':<12} {'tok/s':>9} {'MFU':>6} {'peak MB':>8} {'step MB':>8} "
-          f"{'vs before':>9} {'vs nanogpt':>10} {'vs amp':>7}  notes")
+          f"{'vs untuned':>10} {'vs before':>9} {'vs nanogpt':>10} {'vs amp':>7}  notes")
     rows = []
     for model in args.models.split(","):
         cfg, _ = shapes()[model]
         gpt = GPT(cfg)
         flops, n_params = gpt.flops_per_token(training=True), gpt.num_params()
-        results = {s: run_worker(s, model, args) for s in systems}
+        runs = {s: [] for s in systems}
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every system
+            for s in systems:
+                runs[s].append(run_worker(s, model, args))
+        results = {s: median_run(r) for s, r in runs.items()}
         for system, r in results.items():
             ratios = [f"{r['tok_s'] / results[b]['tok_s']:.2f}x" if b in results else "-"
-                      for b in ("before", "nanogpt", "nanogpt-amp")]
+                      for b in ("untuned", "before", "nanogpt", "nanogpt-amp")]
             notes = f"{r['dtype']}, {r['threads']} threads, allocator {r['allocator']}" + (", fused loss" if r["fused_loss"] else "") \
                 + (f", first step (compiling) {r['first_step_s']:.0f} s" if args.compile and system in ("ours", "fused") else "")
             print(f"{model:<12} {n_params / 1e6:>6.1f}M {system:<12} {r['tok_s']:>9,.0f} "
-                  f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {r['step_mb']:>8,.0f} {ratios[0]:>9} {ratios[1]:>10} "
-                  f"{ratios[2]:>7}  {notes}", flush=True)
+                  f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {r['step_mb']:>8,.0f} {ratios[0]:>10} {ratios[1]:>9} "
+                  f"{ratios[2]:>10} {ratios[3]:>7}  {notes}", flush=True)
             rows.append(dict(model=model, params=n_params, system=system, mfu=r["tok_s"] * flops / peak, **r))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
