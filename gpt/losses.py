@@ -5,9 +5,10 @@ small model's step: at 2 layers x 128 they cost more time (allocation, page zero
 than every transformer block together. `linear_cross_entropy` computes head + loss in row chunks
 and, while each chunk's logits are at hand, their gradient too (softmax - one_hot): at once into the
 gradient of the hidden states, and kept in the matmul dtype (bf16 under autocast) for the head's
-gradient, which takes one matmul per C rows (two chunks at least) of them (a fold per chunk would read and write all V x C
-fp32 each time: at the 124M shape on a CPU that made the fused path slower than the plain one). So the step holds one fp32 chunk of logits and at most a bounded bf16 buffer, and the
-backward pass only scales the saved gradients (not at all when the loss is backpropagated unscaled).
+gradient, which takes one matmul per C rows (two chunks at least) of them: a fold per chunk would
+read and write all V x C fp32 each time, which at the 124M shape on a CPU made the fused path slower
+than the plain one. So the step holds one fp32 chunk of logits and a bounded bf16 buffer, and the
+backward pass only scales the saved gradients, in place.
 """
 
 from __future__ import annotations
@@ -102,14 +103,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             total, grad_w = chunked_loss(x, weight, targets, rows, dtype, scale, grad_x, ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.consumed = weight.dtype, False
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
+        if ctx.consumed:
+            raise RuntimeError("the fused head + loss supports one backward pass per forward; "
+                               "set model.fused_loss=off to backpropagate through it twice")
+        ctx.consumed = True
         grad_x, grad_w = ctx.saved_tensors
-        if not bool((grad_total == 1).all()):  # loss.backward() on the loss itself needs no rescaling
-            grad_x = grad_x * grad_total if grad_x is not None else None
-            grad_w = grad_w * grad_total if grad_w is not None else None
+        # scaled in place: these gradients are this function's own (a new V x C tensor a step costs time)
+        for g in (grad_x, grad_w):
+            if g is not None:
+                g.mul_(grad_total)
         grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
         return grad_x, grad_w, None, None, None, None

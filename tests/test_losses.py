@@ -35,6 +35,14 @@ def test_gradient_buffer_folded_many_times_and_a_scaled_backward_agree():
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_a_second_backward_through_the_fused_loss_is_refused_not_double_scaled():
+    x, w, t = inputs()
+    loss = linear_cross_entropy(x, w, t, chunk_rows=7) * 0.5
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="fused_loss=off"):
+        loss.backward()
+
+
 def test_all_ignored_is_zero_with_zero_grads_and_no_grad_path_agrees():
     x, w, t = inputs()
     loss = linear_cross_entropy(x, w, torch.full_like(t, IGNORE_INDEX), chunk_rows=9)
