@@ -168,3 +168,33 @@ def test_a_custom_pattern_is_used_by_training_encoding_and_export(bpe_tok):
     hf = bpe_to_hf(digits, {EOT: digits.eot_id})
     for s in ("In 1599, 123456 naïve 東京", text[:200]):
         assert hf.encode(s).ids == digits.encode(s)
+
+
+def test_continued_pretraining_of_a_bpe_or_char_checkpoint_encodes_new_text_with_its_tokenizer(tmp_path, tiny_corpus):
+    text = tiny_corpus.read_text(encoding="utf-8")
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text(text[:50_000], encoding="utf-8")
+    # new text: the first part's lines in reverse order (the char model's vocabulary covers it), then
+    # more Shakespeare, which a BPE trained on it would merge differently
+    second.write_text("\n".join(text[:50_000].splitlines()[::-1]) + text[50_000:], encoding="utf-8")
+    more_text = {"char": tmp_path / "reversed.txt", "bpe": second}
+    more_text["char"].write_text("\n".join(text[:50_000].splitlines()[::-1]), encoding="utf-8")
+
+    def tokenizer_of(run):
+        return sorted(run.rglob("tokenizer.json"))[0].read_bytes()
+
+    for tokenizer in ("bpe", "char"):
+        settings = {"data.tokenizer": tokenizer, "data.bpe_vocab_size": 320, "train.max_iters": 4}
+        base, fresh, more = tmp_path / tokenizer, tmp_path / f"{tokenizer}-fresh", tmp_path / f"{tokenizer}-more"
+        pretrain(load_config(PretrainConfig, None, tiny_overrides(base, first, **settings)))
+        pretrain(load_config(PretrainConfig, None, tiny_overrides(fresh, second, **settings)))
+        pretrain(load_config(PretrainConfig, None, tiny_overrides(more, more_text[tokenizer], **settings, **{
+            "data.dataset": "second", "init_from": base / "out"})))
+        assert tokenizer_of(more) == tokenizer_of(base)
+        if tokenizer == "bpe":
+            assert tokenizer_of(fresh) != tokenizer_of(base)  # what it would have trained on the new text
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text(text[:20_000] + "\u00e9" * 5, encoding="utf-8")  # a character the vocabulary lacks
+    with pytest.raises(UserError, match="unknown.txt"):
+        pretrain(load_config(PretrainConfig, None, tiny_overrides(tmp_path / "char-unknown", unknown, **{
+            "data.dataset": "unknown", "init_from": tmp_path / "char" / "out", "train.max_iters": 2})))

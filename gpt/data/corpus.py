@@ -8,6 +8,7 @@ uninterrupted run would have seen, and accumulation or N ranks see exactly what 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -39,26 +40,33 @@ class Batch:
 # ---------------------------------------------------------------------------- preparation
 
 
-def prepared_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.data_dir) / cfg.dataset / cfg.tokenizer
+def prepared_dir(cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None = None) -> Path:
+    """data_dir/dataset/tokenizer; a kept tokenizer (see ensure_prepared) adds a hash of itself."""
+    name = cfg.tokenizer if tokenizer is None else f"{cfg.tokenizer}-{spec_hash(tokenizer)}"
+    return Path(cfg.data_dir) / cfg.dataset / name
+
+
+def spec_hash(tokenizer: tokenizers.Tokenizer) -> str:
+    return hashlib.sha256(json.dumps(tokenizer.to_spec(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def read_meta(folder: Path) -> dict:
     return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
 
 
-def ensure_prepared(cfg: DataConfig, log=print) -> Path:
+def ensure_prepared(cfg: DataConfig, log=print, tokenizer: tokenizers.Tokenizer | None = None) -> Path:
     """Prepare the data set unless an up-to-date preparation is already on disk: the same source
     files (names, sizes and modification times of every file of a folder), split, encoding and
-    redaction settings."""
-    folder = prepared_dir(cfg)
+    redaction settings. `tokenizer`: encode with this one as it is instead of building one from the
+    corpus (continued pretraining of a char or BPE checkpoint on new text)."""
+    folder = prepared_dir(cfg, tokenizer)
     source = resolve_source(cfg, log)
     if all((folder / f).is_file() for f in ("meta.json", "train.bin", "val.bin")):
         meta = read_meta(folder)
         if meta.get("settings") == _settings(cfg, source):
             return folder
         log(f"data: {folder} was prepared from other settings or source files; preparing again")
-    prepare(cfg, source, folder, log)
+    prepare(cfg, source, folder, log, tokenizer)
     return folder
 
 
@@ -106,8 +114,9 @@ def download(url: str, target: Path, log=print) -> None:
     os.replace(tmp, target)
 
 
-def prepare(cfg: DataConfig, source: str, folder: Path, log=print) -> Path:
-    """Tokenize `source` into folder/train.bin, val.bin and meta.json, streaming to disk.
+def prepare(cfg: DataConfig, source: str, folder: Path, log=print, kept: tokenizers.Tokenizer | None = None) -> Path:
+    """Tokenize `source` into folder/train.bin, val.bin and meta.json, streaming to disk, with the
+    tokenizer data.tokenizer names (char and bpe are built from the corpus) or `kept` as it is.
 
     Text is decoded per data.encoding and redacted per data.redact before anything is tokenized;
     the redaction counts go into meta.json (never the values)."""
@@ -120,7 +129,10 @@ def prepare(cfg: DataConfig, source: str, folder: Path, log=print) -> Path:
         return canary.insert(iter_documents(source, cfg, dec, redactor), secrets, cfg.canary_repeats,
                              cfg.canary_seed)
 
-    if cfg.tokenizer == "char":
+    if kept is not None:
+        log(f"data: encoding {source} with the tokenizer of the starting checkpoint ({kept.vocab_size} tokens)")
+        tok = kept
+    elif cfg.tokenizer == "char":
         log(f"data: building a character vocabulary from {source}")
         tok: tokenizers.Tokenizer = tokenizers.CharTokenizer.from_text(
             itertools.chain((text for _, text, _ in pieces(decoding(cfg))),
@@ -132,7 +144,7 @@ def prepare(cfg: DataConfig, source: str, folder: Path, log=print) -> Path:
                             settings["bpe_vocab_size"], settings["bpe_pattern"], log)
     else:
         tok = tokenizers.TiktokenTokenizer(cfg.tokenizer)
-    compression = bpe.Compression() if cfg.tokenizer == "bpe" else None
+    compression = bpe.Compression() if cfg.tokenizer == "bpe" and kept is None else None
     if tok.vocab_size == 0:
         raise DataError(f"corpus {source} is empty")
     dtype = token_dtype(tok.vocab_size)
@@ -148,7 +160,10 @@ def prepare(cfg: DataConfig, source: str, folder: Path, log=print) -> Path:
 
         def flush(split: str) -> None:
             texts = [text for text, _ in pending[split]]
-            encoded = tok.encode_batch(texts, num_threads=threads)
+            try:
+                encoded = tok.encode_batch(texts, num_threads=threads)
+            except tokenizers.TokenizerError as e:  # a kept character vocabulary lacks a character
+                raise DataError(f"{source}: {e}") from None
             if compression is not None and split == "val":
                 compression.add(texts, encoded)
             for ids, (_, doc_end) in zip(encoded, pending[split]):

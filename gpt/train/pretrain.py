@@ -23,14 +23,18 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
     check_pretrain(cfg)
     dist, device = start_run(cfg)
     try:
+        start = load_pretrained(cfg.init_from) if cfg.init_from != "scratch" else None
+        # a tokenizer built from a corpus (char, bpe) cannot be rebuilt from new text: the new corpus is
+        # encoded with the starting checkpoint's own (continued pretraining)
+        kept = start[1] if start is not None and cfg.data.tokenizer in ("char", "bpe") else None
         if dist.is_main:
-            folder = ensure_prepared(cfg.data)
+            folder = ensure_prepared(cfg.data, tokenizer=kept)
             canary.copy_record(folder, cfg.out_dir)
         dist.barrier()
-        folder = ensure_prepared(cfg.data, log=lambda *_: None) if not dist.is_main else folder
+        folder = ensure_prepared(cfg.data, log=lambda *_: None, tokenizer=kept) if not dist.is_main else folder
         meta = read_meta(folder)
         tokenizer = from_spec(meta["tokenizer"])
-        model = init_model(cfg, tokenizer)
+        model = init_model(cfg, tokenizer, start)
         t = cfg.train
         batches = TokenBatches(folder, block_size=min(cfg.model.block_size, model.config.block_size),
                                batch_size=t.batch_size, device=device, seed=t.seed, rank=dist.rank,
@@ -48,10 +52,10 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
         dist.close()
 
 
-def init_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
-    """A fresh model sized for the tokenizer, or the weights named by init_from (cfg is left as it is:
-    the model's own config is what checkpoints record)."""
-    if cfg.init_from == "scratch":
+def init_model(cfg: PretrainConfig, tokenizer: Tokenizer, start: tuple | None = None) -> GPT:
+    """A fresh model sized for the tokenizer, or the weights of init_from (`start`: load_pretrained's
+    answer; cfg is left as it is: the model's own config is what checkpoints record)."""
+    if start is None:
         m = cfg.model.vocab_multiple
         model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or
                                         -(-tokenizer.vocab_size // m) * m)
@@ -59,7 +63,7 @@ def init_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                               f"({tokenizer.vocab_size}); set model.vocab_size=0 to size it automatically")
         return GPT(model_cfg)
-    model, init_tok, _ = load_pretrained(cfg.init_from)
+    model, init_tok, _ = start
     if init_tok.to_spec() != tokenizer.to_spec():
         raise ConfigError(f"init_from {cfg.init_from} uses a different tokenizer than data.tokenizer="
                           f"'{cfg.data.tokenizer}'; prepare the data with the checkpoint's tokenizer")
