@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from train_throughput import run_worker, shapes  # noqa: E402
+from train_throughput import cpu_flag, run_worker, shapes  # noqa: E402
 
 from gpt.device import pick_device, pick_threads, resolve_dtype, tune_allocator  # noqa: E402
 from gpt.infer.weights import prepare_for_decoding  # noqa: E402
@@ -67,9 +67,8 @@ def main() -> None:
         cfg, batch = shapes()[name]
         r = run_worker("ours", name, args)
         train.append(dict(model=name, params=GPT(cfg).num_params(), batch=batch, block=cfg.block_size, **r))
-        print(f"train {name:<12} {train[-1]['params'] / 1e6:7.1f}M {r['tok_s']:>9,.0f} tok/s  {r['peak_mb']:>7,.0f} MB peak RSS, "
-              f"{r['step_mb']:>7,.0f} MB the step's own",
-              flush=True)
+        print(f"train {name:<12} {train[-1]['params'] / 1e6:7.1f}M {r['tok_s']:>9,.0f} tok/s  "
+              f"{r['peak_mb']:>7,.0f} MB peak RSS, {r['step_mb']:>7,.0f} MB the step's own", flush=True)
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cpu":
@@ -86,10 +85,9 @@ def main() -> None:
             print(f"decode 124m batch {batch} context {context:>5}: {ms:7.1f} ms/step", flush=True)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(dict(train=train, decode=decode, dtype=str(dtype)), indent=1))
-    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in Path("/proc/cpuinfo").read_text()) \
-        if device.type == "cpu" and Path("/proc/cpuinfo").exists() else ""
-    plot(train, decode, out, f"{device} {flags}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
-                             f"torch {torch.__version__}")
+    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if cpu_flag(f)) if device.type == "cpu" else ""
+    where = f"{device} {flags}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads"
+    plot(train, decode, out, f"{where}, torch {torch.__version__}")
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
 

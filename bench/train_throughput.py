@@ -221,9 +221,9 @@ def worker(args) -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     fused = args.system in ("ours", "fused", "untuned", "before") and \
         getattr(model, "_orig_mod", model).fuses_loss(batch_size * cfg.block_size)
-    print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb, step_mb=step_mb, first_step_s=first_step_s,
-                          threads=torch.get_num_threads(),
-                          allocator=allocator, fused_loss=fused, dtype=str(dtype).replace("torch.", ""))))
+    print(json.dumps(dict(tok_s=batch_size * cfg.block_size * args.steps / seconds, peak_mb=peak_mb, step_mb=step_mb,
+                          first_step_s=first_step_s, threads=torch.get_num_threads(), allocator=allocator,
+                          fused_loss=fused, dtype=str(dtype).replace("torch.", ""))))
 
 
 def step_peak_mb(step, device: torch.device) -> float:
@@ -313,11 +313,13 @@ def main() -> None:
         for system, r in results.items():
             ratios = [f"{r['tok_s'] / results[b]['tok_s']:.2f}x" if b in results else "-"
                       for b in ("untuned", "before", "nanogpt", "nanogpt-amp")]
-            notes = f"{r['dtype']}, {r['threads']} threads, allocator {r['allocator']}" + (", fused loss" if r["fused_loss"] else "") \
-                + (f", first step (compiling) {r['first_step_s']:.0f} s" if args.compile and system in ("ours", "fused") else "")
+            notes = f"{r['dtype']}, {r['threads']} threads, allocator {r['allocator']}"
+            notes += ", fused loss" if r["fused_loss"] else ""
+            if args.compile and system in ("ours", "fused"):
+                notes += f", first step (compiling) {r['first_step_s']:.0f} s"
             print(f"{model:<12} {n_params / 1e6:>6.1f}M {system:<12} {r['tok_s']:>9,.0f} "
-                  f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {r['step_mb']:>8,.0f} {ratios[0]:>10} {ratios[1]:>9} "
-                  f"{ratios[2]:>10} {ratios[3]:>7}  {notes}", flush=True)
+                  f"{r['tok_s'] * flops / peak:>6.1%} {r['peak_mb']:>8,.0f} {r['step_mb']:>8,.0f} "
+                  f"{ratios[0]:>10} {ratios[1]:>9} {ratios[2]:>10} {ratios[3]:>7}  {notes}", flush=True)
             rows.append(dict(model=model, params=n_params, system=system, mfu=r["tok_s"] * flops / peak, **r))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
