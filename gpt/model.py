@@ -80,15 +80,17 @@ def matmul_attention(q, k, v, attn_mask=None, is_causal: bool = False, dropout_p
     """F.scaled_dot_product_attention as two batched matmuls around a softmax: the same function
     (boolean masks keep True; is_causal aligns the triangle to the top left), holding every score."""
     q = q * q.size(-1) ** -0.5
-    if q.size(-2) == 1:  # decoding: k @ q^T reads a cache view as it lies; q @ k^T copied it transposed (5x slower)
+    if q.size(-2) == 1:  # decoding: k @ q^T reads a cache view as it lies (q @ k^T copied it transposed, 5x slower)
         scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)
     else:
         scores = q @ k.transpose(-2, -1)
     if is_causal:
         hidden = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
         scores = scores.masked_fill_(hidden, float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill_(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~attn_mask, float("-inf"))
+    elif attn_mask is not None:  # additive
+        scores = scores + attn_mask
     return F.dropout(torch.softmax(scores, -1), dropout_p) @ v
 
 
@@ -216,7 +218,7 @@ class GPT(nn.Module):
             if logits_to_keep:
                 x = x[:, -logits_to_keep:]
             return self.lm_head(x), None
-        if self.fuses_loss(idx.numel()) and reduction != "none":  # the (B*T, vocab) logits are never built: none returned
+        if self.fuses_loss(idx.numel()) and reduction != "none":  # no (B*T, vocab) logits built: none returned
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, reduction)
         logits = self.lm_head(x)
         return logits, cross_entropy(logits, targets, reduction)
