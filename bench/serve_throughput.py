@@ -31,7 +31,9 @@ from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer  # noqa: E402
 from gpt.infer.engine import complete  # noqa: E402
 from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.model import GPT  # noqa: E402
+from gpt.infer.weights import prepare_for_decoding  # noqa: E402
 from gpt.serve.app import ServerConfig, create_app  # noqa: E402
+from gpt.serve.cli import serving_threads  # noqa: E402
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # its 65
 SHAPES = {
@@ -56,7 +58,7 @@ def bench_shape(name: str, args) -> None:
     import openai
 
     torch.manual_seed(0)
-    model = GPT(SHAPES[name]).eval()
+    model = prepare_for_decoding(GPT(SHAPES[name]), torch.float32)  # as serve.py prepares a checkpoint
     tok = CharTokenizer(list(SHAKESPEARE_CHARS)) if name == "char" else TiktokenTokenizer("gpt2")
     prompt = "ROMEO:" if name == "char" else "The meaning of life is"
     bias = {tok.eot_id: -100.0} if tok.eot_id is not None else {}
@@ -119,10 +121,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="single-request figures are the best of this many")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = serve.py's rule: the idle cores less one)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(serving_threads(args.threads))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; the machine may be shared (noisy)")
     for name in args.models.split(","):
         bench_shape(name.strip(), args)

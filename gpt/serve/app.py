@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import secrets
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
@@ -195,6 +196,8 @@ class Run:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.seqs: list[Seq] = []
+        self._pending: list[Event] = []  # from the engine thread, not yet handed to the event loop
+        self._pending_lock = threading.Lock()
 
     def start(self) -> None:
         job = self.job
@@ -210,9 +213,25 @@ class Run:
                            code="rate_limit_exceeded") from None
 
     def _on_token(self, seq: Seq, token: int | None, text: str) -> None:  # engine thread
-        """Queue what happened now: the handler runs later, when the sequence may have moved on."""
+        """Queue what happened now: the handler runs later, when the sequence may have moved on.
+
+        Only a stream needs every token; otherwise only a sequence's end. Events wait in a list and
+        the event loop is woken once per batch of them, not once per token: with a small model the
+        per-token wake-ups and the handler's work took the GIL from the engine thread."""
+        if seq.finish_reason is None and not self.job.stream:
+            return
         event = Event(seq, token, text, len(seq.out_ids) - 1, seq.finish_reason)
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        with self._pending_lock:
+            self._pending.append(event)
+            if len(self._pending) > 1:  # a wake-up is already on its way
+                return
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # event loop
+        with self._pending_lock:
+            events, self._pending = self._pending, []
+        for event in events:
+            self.events.put_nowait(event)
 
     def cancel(self) -> None:
         for s in self.seqs:
@@ -259,17 +278,22 @@ async def stream_events(request: Request, run: Run, shape: "Shape") -> AsyncIter
             yield sse(chunk)
         left = len(run.seqs)
         while left:
-            e = await run.events.get()
-            i = index[id(e.seq)]
-            if e.finish_reason in ("error", "cancelled"):
-                yield sse(APIError(500, "generation was interrupted", type="server_error").body())
-                return
-            chunk = shape.delta(i, e)
-            if chunk is not None:
-                yield sse(chunk)
-            if e.finish_reason is not None:
-                left -= 1
-                yield sse(shape.finish(i, e.finish_reason))
+            events = [await run.events.get()]
+            while not run.events.empty():  # what piled up goes out in one write
+                events.append(run.events.get_nowait())
+            out = []
+            for e in events:
+                i = index[id(e.seq)]
+                if e.finish_reason in ("error", "cancelled"):
+                    yield "".join(out) + sse(APIError(500, "generation was interrupted", type="server_error").body())
+                    return
+                chunk = shape.delta(i, e)
+                if chunk is not None:
+                    out.append(sse(chunk))
+                if e.finish_reason is not None:
+                    left -= 1
+                    out.append(sse(shape.finish(i, e.finish_reason)))
+            yield "".join(out)
         if run.job.include_usage:
             yield sse(shape.usage_chunk(run.seqs))
         yield "data: [DONE]\n\n"
