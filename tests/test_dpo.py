@@ -66,6 +66,20 @@ def pair_batches(words=WORDS[:6], **kw) -> PairBatches:
     return PairBatches(examples, examples[:4], batch_size=kw.pop("batch_size", 3), device=torch.device("cpu"), **kw)
 
 
+def test_packed_pairs_give_the_same_sequence_log_probs_in_fewer_rows():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    words = ["a", "hippopotamus", "b", "kaleidoscope", "c", "d"]  # short and long replies: room to share rows
+    padded, packed = pair_batches(words, batch_size=6), pair_batches(words, batch_size=6, packing=True)
+    a, b = padded.train_batch(0, 0), packed.train_batch(0, 0)
+    assert b.x.shape[1] == a.x.shape[1] and b.x.shape[0] < a.x.shape[0] == 12  # rows as long, fewer of them
+    assert torch.allclose(sequence_logps(model, a), sequence_logps(model, b), atol=1e-5)
+    last = list(packed.split_batches("val", 3))[-1]  # 2 validation pairs in a batch of 3: one padding pair
+    assert (last.index < 0).sum() == 1
+    assert torch.allclose(sequence_logps(model, last), sequence_logps(model, list(padded.split_batches("val", 3))[-1]),
+                          atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- the objective
 
 
@@ -80,7 +94,7 @@ class FixedLogps(torch.nn.Module):
         super().__init__()
         self.token_loss = token_loss
 
-    def forward(self, x, y, reduction):
+    def forward(self, x, y, reduction, doc_ids=None):
         return None, torch.where(y != IGNORE_INDEX, self.token_loss, 0.0)
 
 

@@ -50,19 +50,28 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 @dataclass
 class PairBatch:
-    x: torch.Tensor  # (2B, T) inputs: B chosen sequences, then their B rejected ones
-    y: torch.Tensor  # (2B, T) targets, IGNORE_INDEX off the replies and on padding
+    """B pairs as 2B sequences: B chosen ones, then their B rejected ones, each in a row of its own (x, y
+    of 2B rows) or, packed, several to a row (sequence and doc_ids then say which is where)."""
+
+    x: torch.Tensor  # (rows, T) inputs
+    y: torch.Tensor  # (rows, T) targets, IGNORE_INDEX off the replies and on padding
     index: torch.Tensor  # (B,) pair numbers within their split; -1 for a padding pair (no loss)
     split: str  # "train" or "val": the split the pair numbers refer to
+    sequence: torch.Tensor | None = None  # packed: (rows, T) which of the 2B sequences a position is; -1 padding
+    doc_ids: torch.Tensor | None = None  # packed: (rows, T) document number within the row (attention stays inside)
 
 
 Reference = Callable[[PairBatch], torch.Tensor]  # (2B,) reference log-probs of a batch's sequences
 
 
 def sequence_logps(model: torch.nn.Module, b: PairBatch) -> torch.Tensor:
-    """Summed log-probability of each row's reply tokens: (2B,), 0 for padding rows."""
-    _, token_loss = model(b.x, b.y, reduction="none")
-    return -token_loss.sum(-1)
+    """Summed log-probability of each sequence's reply tokens: (2B,), 0 for padding pairs."""
+    _, token_loss = model(b.x, b.y, doc_ids=b.doc_ids, reduction="none")
+    if b.sequence is None:
+        return -token_loss.sum(-1)
+    inside = b.sequence >= 0
+    total = torch.zeros(2 * len(b.index), device=token_loss.device, dtype=token_loss.dtype)
+    return -total.index_add(0, b.sequence[inside], token_loss[inside])
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -109,11 +118,13 @@ class DPOLoss:
 
 def prepare(cfg: FinetuneConfig, model: torch.nn.Module, data: SFTData, device: torch.device, dist: Dist,
             log: Callable[[str], None] = print) -> tuple[PairBatches, DPOLoss]:
-    """The batches and objective of a DPO run (call after LoRA is applied, before fit() trains)."""
+    """The batches and objective of a DPO run (call after LoRA is applied, before fit() trains);
+    with sft.packing short sequences of a batch share rows."""
     t = cfg.train
     batches = PairBatches(data.train, data.val, batch_size=t.batch_size, device=device, seed=t.seed,
                           rank=dist.rank, world_size=dist.world_size, grad_accum=t.grad_accum,
-                          eval_batch_size=t.eval_batch_size, eval_iters=t.eval_iters)
+                          eval_batch_size=t.eval_batch_size, eval_iters=t.eval_iters,
+                          packing=cfg.sft.packing)
     if cfg.dpo.reference == "precompute":
         reference = precompute(model, batches, Path(cfg.out_dir), device, resolve_dtype(t.dtype, device), dist, log)
     elif cfg.lora.rank:
@@ -138,7 +149,10 @@ class PairBatches:
 
     def __init__(self, train: list[Example], val: list[Example], *, batch_size: int, device: torch.device,
                  seed: int = 0, rank: int = 0, world_size: int = 1, grad_accum: int = 1, eval_batch_size: int = 0,
-                 eval_iters: int = 20):
+                 eval_iters: int = 20, packing: bool = False):
+        """Rows as long as the batch's longest sequence: one sequence each, padded, or with packing as
+        many as fit (first fit, longest first), so short sequences share rows instead of padding."""
+        self.packing = packing
         self.pairs = {"train": as_pairs(train), "val": as_pairs(val)}
         self.batch_size, self.device, self.rank, self.world_size = batch_size, device, rank, world_size
         self.grad_accum, self.eval_batch_size, self.eval_iters = grad_accum, eval_batch_size or batch_size, eval_iters
@@ -170,17 +184,55 @@ class PairBatches:
 
     def collate(self, index: list[int], split: str) -> PairBatch:
         pairs = self.pairs[split]
-        rows = [pairs[i][side] if i >= 0 else None for side in (0, 1) for i in index]
-        T = max([len(e.ids) - 1 for e in rows if e is not None] + [1])
-        x = np.zeros((len(rows), T), dtype=np.int64)
-        y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
-        for r, e in enumerate(rows):
-            if e is not None:
-                n = len(e.ids) - 1
-                x[r, :n] = e.ids[:-1]
-                y[r, :n] = np.where(e.mask[1:], e.ids[1:], IGNORE_INDEX)
+        seqs = [pairs[i][side] if i >= 0 else None for side in (0, 1) for i in index]
         to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        return PairBatch(to(x), to(y), to(np.asarray(index, dtype=np.int64)), split)
+        index_t = to(np.asarray(index, dtype=np.int64))
+        T = max([len(e.ids) - 1 for e in seqs if e is not None] + [1])
+        if self.packing:
+            x, y, sequence, docs = pack(seqs, T)
+            return PairBatch(to(x), to(y), index_t, split, to(sequence), to(docs))
+        x = np.zeros((len(seqs), T), dtype=np.int64)
+        y = np.full((len(seqs), T), IGNORE_INDEX, dtype=np.int64)
+        for r, e in enumerate(seqs):
+            if e is not None:
+                _place(e, x[r], y[r], 0)
+        return PairBatch(to(x), to(y), index_t, split)
+
+
+def pack(seqs: list[Example | None], T: int) -> tuple[np.ndarray, ...]:
+    """x, y, sequence and doc_ids of the sequences packed first-fit, longest first, into rows of T tokens."""
+    rows: list[list[int]] = []  # sequence numbers per row
+    free: list[int] = []
+    for k in sorted((k for k, e in enumerate(seqs) if e is not None), key=lambda k: -len(seqs[k].ids)):
+        n = len(seqs[k].ids) - 1
+        r = next((r for r, f in enumerate(free) if f >= n), None)
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            free.append(T)
+        rows[r].append(k)
+        free[r] -= n
+    rows = rows or [[]]
+    x = np.zeros((len(rows), T), dtype=np.int64)
+    y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
+    sequence = np.full((len(rows), T), -1, dtype=np.int64)
+    docs = np.zeros((len(rows), T), dtype=np.int64)
+    for r, ks in enumerate(rows):
+        at = 0
+        for d, k in enumerate(ks):
+            n = _place(seqs[k], x[r], y[r], at)
+            sequence[r, at:at + n], docs[r, at:at + n] = k, d
+            at += n
+        docs[r, at:] = len(ks)  # padding is a document of its own
+    return x, y, sequence, docs
+
+
+def _place(e: Example, x: np.ndarray, y: np.ndarray, at: int) -> int:
+    """Write one sequence's inputs and reply targets into a row from `at`; returns its length."""
+    n = len(e.ids) - 1
+    x[at:at + n] = e.ids[:-1]
+    y[at:at + n] = np.where(e.mask[1:], e.ids[1:], IGNORE_INDEX)
+    return n
 
 
 # ---------------------------------------------------------------------------- the reference

@@ -157,7 +157,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         objective: Objective | None = None
         if data.preference:
             batches, objective = dpo.prepare(cfg, model, data, device, dist, log)
-            log(f"data: pairs of windows up to {block_size} tokens; one epoch is about "
+            log(f"data: pairs of windows up to {block_size} tokens{', packed' if cfg.sft.packing else ''}; one epoch is about "
                 f"{batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
         else:
             batches = SFTBatches(data.train, data.val, block_size=block_size, batch_size=t.batch_size,
