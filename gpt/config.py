@@ -89,8 +89,8 @@ class ModelConfig:
     # GELU form: "tanh" is GPT-2's approximation (needed to match GPT-2 weights exactly); "exact"
     # (erf) is the same curve within 1e-3 and many times faster on CPUs without AVX-512.
     gelu: Literal["tanh", "exact"] = "tanh"
-    # LM head + loss computed in row chunks, never holding the (tokens, vocab) logits: "auto" = for
-    # vocabularies of 1024+ (faster and far less memory there; the same loss and gradients)
+    # LM head + loss computed in row chunks, never holding the (tokens, vocab) logits: "auto" = on a CPU
+    # once a batch's logits reach 2^25 (far less memory; the same loss and gradients; README, Performance)
     fused_loss: Literal["auto", "on", "off"] = "auto"
 
 
