@@ -18,6 +18,24 @@ from gpt.infer.sampling import SamplingParams
 from gpt.infer.weights import prepare_for_decoding
 
 
+def add_model_args(p: argparse.ArgumentParser, threads: str) -> None:
+    """How a decoding command loads and holds its model: the flags sample.py and serve.py share."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights are converted)")
+    p.add_argument("--threads", type=int, default=0, help=f"CPU threads for torch ({threads})")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 Linear layers (faster decoding of large models on CPU; "
+                        "see README, Performance)")
+
+
+def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer, folder) of args.ckpt, verified unless --no-verify, prepared for decoding."""
+    model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
+    prepare_for_decoding(model, dtype, args.quantize)
+    return model, tokenizer, folder
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description="Sample text from a trained checkpoint, or chat with it.")
     p.add_argument("--ckpt", required=True, help="output directory (its best checkpoint, else latest) or a checkpoint folder")
@@ -35,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end generation at this text, which is not printed (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights are converted)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0 = the cores other processes leave idle; see README, Performance)")
-    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8: weight-only int8 Linear layers (faster decoding on CPU, ~0.5%% perplexity)")
+    add_model_args(p, threads="0 = the cores other processes leave idle; see README, Performance")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (reference path)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: on when writing to a terminal)")
@@ -96,8 +108,7 @@ def run(argv: list[str]) -> None:
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.set_num_threads(pick_threads(args.threads))  # barriers on shared cores cost a time slice each
-    model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
-    prepare_for_decoding(model, dtype, args.quantize)
+    model, tokenizer, folder = load_for_decoding(args, device, dtype)
     params = sampling_params(args)
     if args.chat:
         from gpt.infer.chat import run_chat

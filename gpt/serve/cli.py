@@ -11,10 +11,9 @@ import sys
 import torch
 import uvicorn
 
-from gpt.checkpoint import load_model
 from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.errors import UserError
-from gpt.infer.weights import prepare_for_decoding
+from gpt.infer.cli import add_model_args, load_for_decoding
 from gpt.serve.app import ServerConfig, create_app
 
 
@@ -37,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY, else none)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint folder's name)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0 = the cores other processes leave idle, less one for the web server)")
-    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8: weight-only int8 Linear layers (faster decoding on CPU; see README, Performance)")
+    add_model_args(p, threads="0 = the cores other processes leave idle, less one for the web server")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (the batch's rows)")
     p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond it requests get 429")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
@@ -60,8 +53,7 @@ def run(argv: list[str]) -> None:
     torch.set_num_threads(serving_threads(args.threads))
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
-    prepare_for_decoding(model, dtype, args.quantize)
+    model, tokenizer, folder = load_for_decoding(args, device, dtype)
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, args.api_key or os.environ.get("GPT_API_KEY") or None, args.max_batch, args.max_queue,
                        args.max_body)
