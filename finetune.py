@@ -2,7 +2,7 @@
 
 import sys
 
-from gpt.cli import main, parse_run_args
+from gpt.entry import main, parse_run_args
 from gpt.config import FinetuneConfig
 from gpt.train.sft import finetune
 

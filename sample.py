@@ -5,8 +5,8 @@ All flags: python sample.py --help. The engine is gpt/infer/engine.py; this scri
 
 import sys
 
-from gpt.cli import main
-from gpt.infer.cli import run
+from gpt.entry import main
+from gpt.infer.sample_cli import run
 
 if __name__ == "__main__":
     main(lambda: run(sys.argv[1:]))

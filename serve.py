@@ -5,8 +5,8 @@ All flags: python serve.py --help. The server is gpt/serve/; this script only pa
 
 import sys
 
-from gpt.cli import main
-from gpt.serve.cli import run
+from gpt.entry import main
+from gpt.serve.serve_cli import run
 
 if __name__ == "__main__":
     main(lambda: run(sys.argv[1:]))

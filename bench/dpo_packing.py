@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from gpt.config import ModelConfig  # noqa: E402
-from gpt.data.chat import ChatTemplate  # noqa: E402
+from gpt.data.chat_template import ChatTemplate  # noqa: E402
 from gpt.data.records import load_file  # noqa: E402
 from gpt.data.tokenizer import CharTokenizer  # noqa: E402
 from gpt.device import autocast, resolve_dtype, tune_allocator  # noqa: E402

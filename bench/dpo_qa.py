@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from gpt import checkpoint
-from gpt.data.chat import ChatTemplate
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.records import load_file
 from gpt.train.dpo import PairBatches, sequence_logps
 from gpt.train.sft import greedy_reply
@@ -22,7 +22,8 @@ from gpt.train.sft import greedy_reply
 
 @torch.no_grad()
 def score(ckpt: str, pairs: str, questions: str, n_questions: int, device: torch.device) -> tuple[float, float]:
-    model, tok, _, _ = checkpoint.load_model(ckpt, device)
+    loaded = checkpoint.load_checkpoint(ckpt, device)
+    model, tok = loaded.model, loaded.tokenizer
     model.eval()
     template = ChatTemplate(tok)
     budget = model.config.block_size + 1

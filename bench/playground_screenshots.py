@@ -24,7 +24,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from gpt.data.chat import ChatTemplate  # noqa: E402
+from gpt.data.chat_template import ChatTemplate  # noqa: E402
 from gpt.data.tokenizer import CharTokenizer  # noqa: E402
 from gpt.serve.app import ServerConfig, create_app  # noqa: E402
 

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt.checkpoint import load_model  # noqa: E402
+from gpt.checkpoint import load_checkpoint  # noqa: E402
 from gpt.config import DataConfig  # noqa: E402
-from gpt.data.corpus import prepared_dir, read_meta  # noqa: E402
+from gpt.data.corpus import prepared_dir, read_data_meta  # noqa: E402
 from gpt.device import pick_threads, tune_allocator  # noqa: E402
 from gpt.infer.engine import generate  # noqa: E402
 from gpt.infer.quantize import quantize_int8  # noqa: E402
@@ -58,12 +58,13 @@ def main() -> None:
     args = p.parse_args()
     tune_allocator()
     torch.set_num_threads(pick_threads())
-    ref, _, config, folder = load_model(args.ckpt)
+    loaded = load_checkpoint(args.ckpt)
+    ref, config, folder = loaded.model, loaded.config, loaded.folder
     ref.eval()
-    q, _, _, _ = load_model(args.ckpt)
+    q = load_checkpoint(args.ckpt).model
     quantize_int8(q)
     data = DataConfig(**{**config["data"], "data_dir": args.data_dir})
-    val = np.fromfile(prepared_dir(data) / "val.bin", dtype=np.dtype(read_meta(prepared_dir(data))["dtype"]))
+    val = np.fromfile(prepared_dir(data) / "val.bin", dtype=np.dtype(read_data_meta(prepared_dir(data))["dtype"]))
     block = ref.config.block_size
     lf, lq = val_loss(ref, val, block), val_loss(q, val, block)
     print(f"{folder}: {ref.num_params() / 1e6:.2f}M params, {torch.get_num_threads()} threads")

@@ -3,7 +3,7 @@
     python bench/redact_throughput.py                 # ~30 s
     python bench/redact_throughput.py --mb 4 --repeats 1
 
-Speed: MB/s (UTF-8 bytes in, redacted text out) of gpt.data.redact.Redactor with every kind on
+Speed: MB/s (UTF-8 bytes in, redacted text out) of gpt.data.pii.Redactor with every kind on
   prose    Tiny Shakespeare (data/shakespeare/input.txt), repeated to --mb
   sparse   the same prose with one PII value every ~2 KB (emails, phones, cards, IBANs, IPs, keys)
   dense    the labelled synthetic set of tests/pii_synth.py (a value every ~60 characters)
@@ -30,9 +30,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from pii_synth import POSITIVE, make_set, score  # noqa: E402
 
-from gpt.data import redact  # noqa: E402
+from gpt.data import pii  # noqa: E402
 
-NAIVE = [redact._PHONE, redact._CARD, redact._IBAN, redact._IPV4, redact._SSN, redact._SECRET,
+NAIVE = [pii._PHONE, pii._CARD, pii._IBAN, pii._IPV4, pii._SSN, pii._SECRET,
          re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"),
          re.compile(r"(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}"), re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s@/]+@"),
          re.compile(r"(?i)(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?token)\s*[:=]\s*\S+")]
@@ -72,13 +72,13 @@ def main() -> None:
     print(f"{'input':8s} {'MB':>6s} {'ours MB/s':>10s} {'naive MB/s':>11s} {'ratio':>6s}")
     for name, text in inputs.items():
         mb = len(text.encode("utf-8")) / 1e6
-        r = redact.Redactor()
+        r = pii.Redactor()
         ours = timed(lambda: r.redact(text), args.repeats)
         naive = timed(lambda: [sum(1 for _ in rx.finditer(text)) for rx in NAIVE], args.repeats)
         print(f"{name:8s} {mb:6.2f} {mb / ours:10.1f} {mb / naive:11.1f} {naive / ours:5.1f}x")
     print("\nquality on the labelled synthetic set (seed 0, 4000 sentences)")
     print(f"{'kind':16s} {'labelled':>8s} {'precision':>9s} {'recall':>7s}")
-    for kind, s in score(redact.Redactor(), dense, labels).items():
+    for kind, s in score(pii.Redactor(), dense, labels).items():
         print(f"{kind:16s} {s['labelled']:8d} {s['precision']:9.3f} {s['recall']:7.3f}")
 
 

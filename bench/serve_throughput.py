@@ -33,7 +33,7 @@ from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.infer.weights import prepare_for_decoding  # noqa: E402
 from gpt.serve.app import ServerConfig, create_app  # noqa: E402
-from gpt.serve.cli import serving_threads  # noqa: E402
+from gpt.serve.serve_cli import serving_threads  # noqa: E402
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # its 65
 SHAPES = {

@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt import checkpoint, cli
-from gpt.convert import load_pretrained
+from gpt import checkpoint, entry
+from gpt.pretrained import load_pretrained
 from gpt.config import SourceConfig
-from gpt.data import canary, files, redact
-from gpt.data.chat import ChatTemplate
+from gpt.data import canary, files, pii
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.corpus import split_text_file
 from gpt.data.records import load_file, split_indices
 from gpt.data.tokenizer import Tokenizer, TokenizerError
@@ -80,7 +80,7 @@ class Extraction:
 # ---------------------------------------------------------------------------- records -> probes
 
 
-def training_redactor(trained: dict) -> redact.Redactor | None:
+def training_redactor(trained: dict) -> pii.Redactor | None:
     """The redaction the checkpoint's run applied before tokenizing (its data.redact* settings), so that
     the probes are the text it trained on; None when it redacted nothing."""
     cfg = SourceConfig(**{f.name: trained[f.name] for f in fields(SourceConfig) if f.name in trained})
@@ -88,11 +88,11 @@ def training_redactor(trained: dict) -> redact.Redactor | None:
         print("note: the run redacted with pseudonyms from a random secret (no data.redact_salt_file), so the "
               "audited text has other fake values where it had personal data", file=sys.stderr)
         cfg.redact_salt_file = ""
-    return redact.from_config(cfg)
+    return pii.from_config(cfg)
 
 
 def record_probes(path: str, tok: Tokenizer, k: int, m: int, budget: int,
-                  redactor: redact.Redactor | None = None) -> list[list[Probe]]:
+                  redactor: pii.Redactor | None = None) -> list[list[Probe]]:
     """Every valid record of a JSONL/JSON/CSV/Parquet file as probes (one list per record: the records
     of load_file, in order). Chat: the conversation up to the last reply, then the reply; text: first k tokens."""
     loaded = load_file(path, "auto", ChatTemplate(tok), budget, train_on_prompt=False, redactor=redactor)
@@ -115,7 +115,7 @@ def record_probes(path: str, tok: Tokenizer, k: int, m: int, budget: int,
 
 
 def text_probes(data: Path, own: bool, tok: Tokenizer, k: int, m: int, args: argparse.Namespace, trained: dict,
-                rng: np.random.Generator, redactor: redact.Redactor | None) -> tuple[list[Probe], list[Probe] | None]:
+                rng: np.random.Generator, redactor: pii.Redactor | None) -> tuple[list[Probe], list[Probe] | None]:
     """A text corpus: its training part (all of it, or the part before its run's validation tail) and
     the held-out part (that tail, or --heldout), redacted as the run redacted it."""
     parts: dict[str, list[str]] = {"train": [], "val": []}
@@ -319,7 +319,8 @@ def audit(args: argparse.Namespace) -> dict:
     found = find_canaries(args, ckpt)
     if args.max_exposure is not None and found is None:
         raise AuditError("--max-exposure needs canaries: train with data.canaries=N, or pass --canaries FILE")
-    model, tok, _ = load_pretrained(ckpt, device)
+    loaded = load_pretrained(ckpt, device)
+    model, tok = loaded.model, loaded.tokenizer
     model.eval()
     block = model.config.block_size
     if args.suffix_tokens >= block:
@@ -333,7 +334,7 @@ def audit(args: argparse.Namespace) -> dict:
               "suffix_tokens": args.suffix_tokens,
               "extraction": {"training": asdict(extraction(model, tok, train, args.batch_size)),
                              "heldout": asdict(extraction(model, tok, held, args.batch_size)) if held else None}}
-    report["canaries"] = exposures(model, tok, canary.read_record(found), args.candidates, args.seed) if found else None
+    report["canaries"] = exposures(model, tok, canary.read_canary_file(found), args.candidates, args.seed) if found else None
     report["gate"] = gate(report, args.max_exposure, args.max_extraction)
     return report
 
@@ -412,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    report = cli.main(lambda: audit(args))
+    report = entry.main(lambda: audit(args))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     if not report["gate"]["passed"]:
         if args.json:

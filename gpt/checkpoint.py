@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,7 @@ def read_config(ckpt_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+def read_checkpoint_meta(ckpt_dir: Path) -> dict[str, Any]:
     """meta.json ({} when absent: checkpoints written by hand or before it existed)."""
     f = ckpt_dir / "meta.json"
     if not f.exists():
@@ -233,7 +234,7 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def verify_checksum(file: Path) -> None:
     """Compare `file` with the SHA-256 its folder's meta.json recorded at save time (if it recorded one)."""
-    want = (read_meta(file.parent).get("sha256") or {}).get(file.name)
+    want = (read_checkpoint_meta(file.parent).get("sha256") or {}).get(file.name)
     if want is not None and sha256_of(file) != want:
         raise CheckpointError(f"{file}: its SHA-256 differs from the one recorded in meta.json when it was saved: "
                               "the file was changed or damaged on disk; restore it (sample.py --no-verify "
@@ -258,8 +259,19 @@ def model_config_from(config: dict[str, Any], where: str = "checkpoint") -> Mode
     return m
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best", verify: bool = True):
-    """Load (model, tokenizer, config dict, folder) from an output dir or checkpoint folder.
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with what it needs to be used: every loader returns one (ours, Hugging Face, init_from)."""
+
+    model: GPT
+    tokenizer: tokenizers.Tokenizer
+    folder: Path  # the checkpoint or Hugging Face folder it came from
+    config: dict[str, Any] | None = None  # our checkpoints' run config (config.yaml); None for other folders
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best",
+                    verify: bool = True) -> LoadedModel:
+    """One of our output dirs or checkpoint folders (its best checkpoint, else latest, unless `prefer`).
 
     verify=False skips the checksum (a file you changed on purpose)."""
     ckpt = resolve(path, prefer)
@@ -270,7 +282,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str
         tok = tokenizers.load(ckpt / "tokenizer.json")
     except tokenizers.TokenizerError as e:
         raise CheckpointError(str(e)) from None
-    return model.to(device), tok, config, ckpt
+    return LoadedModel(model.to(device), tok, ckpt, config)
 
 
 def load_weights(model: torch.nn.Module, file: str | Path, verify: bool = True) -> None:

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gpt import checkpoint, cli
-from gpt.checkpoint import CheckpointError
+from gpt import checkpoint, entry
+from gpt.checkpoint import CheckpointError, LoadedModel
 from gpt.config import ModelConfig, to_dict
 from gpt.data.bpe import GPT2_PATTERN, byte_to_unicode, hf_pre_tokenizer
-from gpt.data.chat import END_TOKEN, ChatTemplate, hf_chat_template
+from gpt.data.chat_template import END_TOKEN, ChatTemplate, hf_chat_template
 from gpt.data.files import HUB_PREFIX
 from gpt.data.tokenizer import (
     EOT,
@@ -96,12 +96,12 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_hf(folder: str | Path) -> tuple[GPT, Tokenizer]:
-    """A local Hugging Face GPT-2 folder as (our model, its tokenizer: GPT-2's when it has no tokenizer.json)."""
+def load_hf_folder(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A local Hugging Face GPT-2 folder: our model and its tokenizer (GPT-2's when it has no tokenizer.json)."""
     folder = Path(folder)
     model = GPT(read_hf_config(folder))
     checkpoint.load_state_checked(model, hf_to_ours(read_hf_weights(folder)), str(folder))
-    return model, read_hf_tokenizer(folder)
+    return LoadedModel(model.to(device), read_hf_tokenizer(folder), folder)
 
 
 def read_hf_tokenizer(folder: Path) -> Tokenizer:
@@ -152,16 +152,6 @@ def _hf_pattern(pre: dict | None) -> str | None:
     return None
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Starting weights for training: (model, tokenizer, folder) from one of our checkpoint dirs
-    or a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)."""
-    if is_hf_dir(path):
-        model, tok = load_hf(path)
-        return model.to(device), tok, Path(path)
-    model, tok, _, folder = checkpoint.load_model(path, device)
-    return model, tok, folder
-
-
 def fetch_hub(name: str, cache_dir: Path) -> Path:
     """Download a hub model, named explicitly as hf://org/name; needs huggingface_hub and a network.
     The download goes into `cache_dir` (inside the output folder), never ~/.cache."""
@@ -195,11 +185,12 @@ def from_hf(src: str, out_dir: str | Path) -> Path:
         if not folder.exists():
             raise CheckpointError(f"{src}: no such folder; for a Hugging Face hub model write {HUB_PREFIX}{src} "
                                   "(downloads it)")
-    model, tok = load_hf(folder)
+    loaded = load_hf_folder(folder)
+    model, tok = loaded.model, loaded.tokenizer
     template = read_hf_chat_template(folder)
     if template is not None and (template != hf_chat_template() or not ChatTemplate(tok).special):
         print(f"note: {folder} has a chat template of its own; our checkpoints format chats with ours "
-              "(see gpt/data/chat.py), so chat replies may differ from the original's")
+              "(see gpt/data/chat_template.py), so chat replies may differ from the original's")
     config = {"out_dir": str(out_dir), "init_from": str(src), "model": to_dict(model.config)}
     return checkpoint.save_checkpoint(Path(out_dir), model.state_dict(), config, tok, {"source": str(src)})
 
@@ -239,7 +230,8 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
     """Write a folder transformers loads as it is: config.json, model.safetensors, generation_config.json,
     tokenizer.json + tokenizer_config.json (with the chat template for chat models). A tokenizer that
     cannot be exported faithfully is refused before anything is written: no half folder."""
-    model, tok, _, _ = checkpoint.load_model(ckpt)
+    loaded = checkpoint.load_checkpoint(ckpt)
+    model, tok = loaded.model, loaded.tokenizer
     if not model.config.bias:
         raise CheckpointError(f"{ckpt}: model.bias=false cannot be expressed in GPT-2 (its layers always have biases)")
     out = Path(hf_dir)
@@ -352,9 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("hf_dir")
     args = p.parse_args(argv)
     if args.command == "from-hf":
-        cli.main(lambda: print(f"wrote {from_hf(args.src, args.out_dir)}"))
+        entry.main(lambda: print(f"wrote {from_hf(args.src, args.out_dir)}"))
     else:
-        cli.main(lambda: print(f"wrote {to_hf(args.ckpt, args.hf_dir)}"))
+        entry.main(lambda: print(f"wrote {to_hf(args.ckpt, args.hf_dir)}"))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from gpt import cli
+from gpt import entry
 from gpt.config import DataConfig
-from gpt.convert import load_pretrained
+from gpt.checkpoint import LoadedModel
 from gpt.data import files
-from gpt.data.chat import ChatTemplate
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.corpus import Batch, DataError, iter_documents
 from gpt.data.records import RecordError, encode_chat, parse_record
 from gpt.data.tokenizer import Tokenizer, TokenizerError
@@ -41,6 +41,7 @@ from gpt.errors import UserError
 from gpt.infer.engine import complete
 from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT, IGNORE_INDEX
+from gpt.pretrained import load_pretrained
 
 FORMATS = ("auto", "text", "chat", "instruction")
 
@@ -299,12 +300,13 @@ def exact_match_rate(model: GPT, template: ChatTemplate, conversations: list[lis
 # ---------------------------------------------------------------------------- command line
 
 
-def load_checkpoint(path: str, device: torch.device) -> tuple[GPT, Tokenizer]:
-    """Our run or checkpoint folder, or a local Hugging Face GPT-2 folder (never the hub)."""
+def load_scored(path: str, device: torch.device) -> LoadedModel:
+    """Our run or checkpoint folder, or a local Hugging Face GPT-2 folder (never the hub), in eval mode."""
     if not Path(path).exists():
         raise DataError(f"--ckpt {path}: no such checkpoint or run folder")
-    model, tok, _ = load_pretrained(path, device)
-    return model.eval(), tok
+    loaded = load_pretrained(path, device)
+    loaded.model.eval()
+    return loaded
 
 
 def format_table(rows: list[tuple[str, EvalResult]]) -> str:
@@ -352,7 +354,8 @@ def run(args: argparse.Namespace) -> list[tuple[str, EvalResult]]:
     dtype = resolve_dtype(args.dtype, device)
     rows = []
     for path in args.ckpt:
-        model, tok = load_checkpoint(path, device)
+        loaded = load_scored(path, device)
+        model, tok = loaded.model, loaded.tokenizer
         try:
             result = evaluate(model, tok, data, stride=args.stride, batch_size=args.batch_size,
                               max_tokens=args.max_tokens, exact_match=args.exact_match,
@@ -369,7 +372,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, EvalResult]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cli.main(lambda: run(args))
+    entry.main(lambda: run(args))
 
 
 if __name__ == "__main__":

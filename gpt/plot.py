@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from gpt import cli
+from gpt import entry
 from gpt.errors import UserError
 
 SERIES = ("loss", "val_loss", "lr")
@@ -30,7 +30,7 @@ class PlotError(UserError):
 
 
 @dataclass
-class Run:
+class RunCurves:
     name: str
     points: dict[str, dict[int, float]] = field(default_factory=lambda: {k: {} for k in SERIES})
     tokens_per_step: int | None = None
@@ -40,13 +40,13 @@ class Run:
         return steps, [self.points[key][s] for s in steps]
 
 
-def read_run(run_dir: str | Path, name: str | None = None) -> Run:
+def read_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
     """The curves of one run from its metrics.jsonl (and its batch shape from config.yaml)."""
     folder = Path(run_dir)
     metrics = folder / "metrics.jsonl"
     if not metrics.is_file():
         raise PlotError(f"{folder}: no metrics.jsonl here; pass a run's out_dir (where train.py or finetune.py wrote)")
-    run = Run(name or folder.resolve().name)
+    run = RunCurves(name or folder.resolve().name)
     global_batch = None
     for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
@@ -121,7 +121,7 @@ def plot(run_dirs: list[str | Path], out: str | Path, log_scale: bool = False) -
     return out
 
 
-def _draw(ax, ax_lr, run: Run, color: str, prefix: str) -> None:
+def _draw(ax, ax_lr, run: RunCurves, color: str, prefix: str) -> None:
     steps, loss = run.series("loss")
     if steps:
         ax.plot(steps, loss, color=color, alpha=0.55, lw=1.2, label=f"{prefix}train")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-o", "--out", default="loss.png", help="PNG to write (default: loss.png)")
     p.add_argument("--log", action="store_true", help="log-scale loss axis")
     args = p.parse_args(argv)
-    cli.main(lambda: print(f"wrote {plot(args.run_dirs, args.out, args.log)}"))
+    entry.main(lambda: print(f"wrote {plot(args.run_dirs, args.out, args.log)}"))
 
 
 if __name__ == "__main__":

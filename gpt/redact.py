@@ -3,7 +3,7 @@
 IN is a text file, a JSONL/JSON/CSV/Parquet file or a folder of them; OUT gets the same layout with
 every string (text fields, chat message contents, CSV cells) redacted, written as UTF-8. The report
 (JSON) holds counts per kind and per file and masked examples, never a value; the console gets counts.
-The engine is gpt/data/redact.py, the same one `data.redact` uses during preparation.
+The engine is gpt/data/pii.py, the same one `data.redact` uses during preparation.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpt import cli
+from gpt import entry
 from gpt.data import files
-from gpt.data.redact import (
+from gpt.data.pii import (
     KINDS,
     Redactor,
     ner_status,
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                                   hint="pass --encoding (e.g. latin-1) or --encoding-errors replace")
         return redact_path(args.input, args.output, redactor, decoding)
 
-    report = cli.main(run)
+    report = entry.main(run)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     found = ", ".join(f"{n} {k}" for k, n in report["counts"].items()) or "nothing found"

@@ -14,10 +14,10 @@ import torch
 
 from gpt import audit, checkpoint, config
 from gpt.config import ConfigError, DataConfig, ModelConfig, PretrainConfig, load_config
-from gpt.convert import load_pretrained
+from gpt.pretrained import load_pretrained
 from gpt.data import canary
-from gpt.data.chat import ChatTemplate
-from gpt.data.corpus import DataError, ensure_prepared, read_meta
+from gpt.data.chat_template import ChatTemplate
+from gpt.data.corpus import DataError, ensure_prepared, read_data_meta
 from gpt.data.records import canary_records, split_indices
 from gpt.data.tokenizer import CharTokenizer, from_spec
 from gpt.model import GPT
@@ -74,7 +74,7 @@ def run_audit(capsys, *argv: str) -> tuple[int, dict | str, str]:
 
 
 def secrets_of(run: Path) -> list[str]:
-    return canary.read_record(run / canary.FILE)["secrets"]
+    return canary.read_canary_file(run / canary.FILE)["secrets"]
 
 
 # ---------------------------------------------------------------------------- canaries in the data
@@ -100,9 +100,9 @@ def test_pretraining_plants_each_secret_r_times_in_the_training_split_only(tmp_p
     cfg = DataConfig(dataset="tiny", path=str(tiny_corpus), data_dir=str(tmp_path / "data"), canaries=3,
                      canary_repeats=5, canary_format="the vault code is {6 digits}", canary_seed=7)
     folder = ensure_prepared(cfg, log=logged.append)
-    tok = from_spec(read_meta(folder)["tokenizer"])
+    tok = from_spec(read_data_meta(folder)["tokenizer"])
     text = {s: tok.decode(np.fromfile(folder / f"{s}.bin", dtype=np.uint16).tolist()) for s in ("train", "val")}
-    secrets = canary.read_record(folder / canary.FILE)["secrets"]
+    secrets = canary.read_canary_file(folder / canary.FILE)["secrets"]
     assert len(set(secrets)) == 3 and all(s.startswith("the vault code is ") for s in secrets)
     for s in secrets:
         assert text["train"].count(s) == 5 and s not in text["val"]
@@ -171,7 +171,8 @@ def test_exact_and_sampled_exposure_agree_on_a_small_space(runs):
     """Documented tolerance: 0.5 bits below log2|space| - 3; in the top 8 ranks both are within 2.5 bits of max."""
     for name, secrets in (("base", ["pin 068", "pin 580", "pin 412", "pin 548", "pin 999"]),
                           ("ft", ["pin 068", "pin 580", "pin 412", "pin 548", "pin 123"])):
-        model, tok, _ = load_pretrained(checkpoint.resolve(runs[name]))
+        loaded = load_pretrained(checkpoint.resolve(runs[name]))
+        model, tok = loaded.model, loaded.tokenizer
         record = {"format": "pin {3 digits}", "secrets": secrets, "context": ""}
         exact = audit.exposures(model, tok, record, exact=True)
         sampled = audit.exposures(model, tok, record, candidates=10_000, exact=False)
@@ -186,7 +187,8 @@ def test_exact_and_sampled_exposure_agree_on_a_small_space(runs):
 
 def test_without_heldout_the_runs_own_split_is_the_control(runs, capsys, tmp_path):
     """A fine-tuning run without data.val_path held out records by split_seed: the audit holds out the same ones."""
-    model, tok, cfg, _ = checkpoint.load_model(runs["base"])
+    loaded = checkpoint.load_checkpoint(runs["base"])
+    model, tok, cfg = loaded.model, loaded.tokenizer, loaded.config
     cfg["data"] = {"path": str(runs["train"]), "val_path": "", "val_fraction": 0.34, "split_seed": 3}
     checkpoint.save_checkpoint(tmp_path / "run" / "best", model.state_dict(), cfg, tok)
     code, report, err = run_audit(capsys, "--ckpt", str(tmp_path / "run"), "--data", str(runs["train"]), "--json")
@@ -221,7 +223,7 @@ def test_a_pretrained_text_corpus_run_is_audited_against_its_held_out_tail(tmp_p
                                                          "data.canary_format": "pin {3 digits}",
                                                          "train.dtype": "float32", "train.threads": 1})
     pretrain(load_config(PretrainConfig, None, overrides))
-    secrets = canary.read_record(tmp_path / "out" / canary.FILE)["secrets"]
+    secrets = canary.read_canary_file(tmp_path / "out" / canary.FILE)["secrets"]
     assert not any(s in capsys.readouterr().out for s in secrets)  # planted, never shown
     out = tmp_path / "out"
     assert (out / canary.FILE).is_file()  # the run keeps its secrets next to its checkpoints

@@ -99,7 +99,7 @@ def test_preparation_reports_compression_and_rebuilds_when_settings_change(tmp_p
     cfg = load_config(PretrainConfig, None, args + ["data.bpe_vocab_size=450"])
     corpus.ensure_prepared(cfg.data, log=lines.append)
     assert any("prepared from other settings" in line for line in lines)
-    assert corpus.read_meta(folder)["vocab_size"] == 450
+    assert corpus.read_data_meta(folder)["vocab_size"] == 450
 
 
 def test_tiny_model_trains_samples_offline_and_resumes(tmp_path, tiny_corpus):
@@ -108,7 +108,7 @@ def test_tiny_model_trains_samples_offline_and_resumes(tmp_path, tiny_corpus):
     assert pretrain(load_config(PretrainConfig, None, args)).step == 6
     resumed = pretrain(load_config(PretrainConfig, None, args + ["train.max_iters=10", "train.resume=true"]))
     assert resumed.step == 10
-    _, tok, _, _ = checkpoint.load_model(tmp_path / "out", prefer="latest")
+    tok = checkpoint.load_checkpoint(tmp_path / "out", prefer="latest").tokenizer
     assert tok.to_spec()["kind"] == "bpe" and tok.vocab_size == 320
     offline = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "no-cache"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "out"), "--prompt", "ROMEO:",

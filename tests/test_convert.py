@@ -42,7 +42,8 @@ def test_import_matches_transformers(tmp_path, hf_model, safetensors):
     src = save_hf(hf_model, tmp_path / "hf", safetensors)
     assert (src / ("model.safetensors" if safetensors else "pytorch_model.bin")).is_file()
     convert.main(["from-hf", str(src), str(tmp_path / "ours")])
-    model, tok, _, _ = checkpoint.load_model(tmp_path / "ours")
+    loaded = checkpoint.load_checkpoint(tmp_path / "ours")
+    model, tok = loaded.model, loaded.tokenizer
     model.eval()
     assert tok.to_spec()["name"] == "gpt2"
     ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -74,7 +75,7 @@ def test_exported_tokenizer_encodes_like_tiktoken(tmp_path, hf_model):
     convert.from_hf(str(save_hf(hf_model, tmp_path / "hf")), tmp_path / "ours")
     convert.to_hf(tmp_path / "ours", tmp_path / "hf2")
     hf_tok = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "hf2")
-    _, tok, _, _ = checkpoint.load_model(tmp_path / "ours")
+    tok = checkpoint.load_checkpoint(tmp_path / "ours").tokenizer
     for text in ["Hello, world!", "  indented\n\ttabs", "naïve café 東京 🤖", "ROMEO: O, she doth teach"]:
         assert hf_tok.encode(text) == tok.encode(text), text
 
@@ -141,5 +142,5 @@ def test_train_init_from_hf_dir(tmp_path, hf_model, tiny_corpus):
     cfg = load_config(PretrainConfig, None, args)
     result = pretrain(cfg)
     assert result.step == 4
-    model, _, _, _ = checkpoint.load_model(tmp_path / "out", prefer="latest")
+    model = checkpoint.load_checkpoint(tmp_path / "out", prefer="latest").model
     assert model.config.n_embd == 32 and model.config.vocab_size == 50257

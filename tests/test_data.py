@@ -12,14 +12,14 @@ from gpt.data.corpus import (
     DataError,
     TokenBatches,
     ensure_prepared,
-    read_meta,
+    read_data_meta,
     token_dtype,
 )
 from gpt.data.tokenizer import from_spec
 
 
 def prepared_text(folder) -> tuple[str, str]:
-    meta = read_meta(folder)
+    meta = read_data_meta(folder)
     tok = from_spec(meta["tokenizer"])
     dtype = np.dtype(meta["dtype"])
     out = []
@@ -40,7 +40,7 @@ def test_text_file_round_trips_with_tail_as_validation(tmp_path, tiny_corpus, to
     text = tiny_corpus.read_text()
     assert train + val == text
     assert len(val) == pytest.approx(0.1 * len(text), rel=0.02)
-    meta = read_meta(folder)
+    meta = read_data_meta(folder)
     assert meta["dtype"] == "uint16" and meta["train_tokens"] + meta["val_tokens"] > 0
 
 
@@ -189,7 +189,7 @@ def test_encoding_and_counted_replacement_are_opt_in(tmp_path):
     logs: list[str] = []
     folder = ensure_prepared(cfg_for(tmp_path, bad, encoding_errors="replace"), log=logs.append)
     assert "data: replaced 800 invalid utf-8 byte sequence(s) with U+FFFD in 1 file(s)" in "\n".join(logs)
-    assert read_meta(folder)["replaced_bytes"] == {str(bad.resolve()): 800}
+    assert read_data_meta(folder)["replaced_bytes"] == {str(bad.resolve()): 800}
     from gpt.config import ConfigError
 
     with pytest.raises(ConfigError, match="data.encoding 'latin-9000' is not a text encoding"):

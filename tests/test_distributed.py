@@ -17,7 +17,7 @@ from conftest import ROOT, tiny_overrides
 from safetensors.torch import load_file
 from test_sft import qa, write_base, write_jsonl
 
-from gpt.cli import parse_run_args
+from gpt.entry import parse_run_args
 from gpt.config import FinetuneConfig, PretrainConfig
 from gpt.train.pretrain import pretrain
 from gpt.train.sft import finetune

@@ -252,8 +252,9 @@ def test_dpo_raises_held_out_preference_accuracy_and_moves_greedy_replies(prefer
     tmp, base, train, val = preference_files
     cfg = dpo_run(tmp / "learn", base, train, val, **{"train.max_iters": 40, "train.eval_interval": 20})
     template = None
-    model, tok, _, _ = checkpoint.load_model(base)
-    from gpt.data.chat import ChatTemplate
+    loaded = checkpoint.load_checkpoint(base)
+    model, tok = loaded.model, loaded.tokenizer
+    from gpt.data.chat_template import ChatTemplate
     from gpt.train.sft import add_chat_tokens
 
     add_chat_tokens(model, tok, cfg.train.seed)
@@ -270,7 +271,8 @@ def test_dpo_raises_held_out_preference_accuracy_and_moves_greedy_replies(prefer
     logged = [m for m in metrics(Path(cfg.out_dir)) if "accuracy" in m]
     assert logged and {"loss", "reward_chosen", "reward_rejected", "margin"} <= set(logged[-1])
 
-    trained, tok, _, _ = checkpoint.load_model(Path(cfg.out_dir) / "latest")
+    loaded = checkpoint.load_checkpoint(Path(cfg.out_dir) / "latest")
+    trained, tok = loaded.model, loaded.tokenizer
     after = [greedy_reply(trained, ChatTemplate(tok), p, 6) for p in held_out]
     assert sum(r.startswith("yes") for r in after) > sum(r.startswith("yes") for r in before)
     assert sum(r.startswith("yes") for r in after) >= 0.75 * len(held_out), after

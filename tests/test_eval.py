@@ -13,7 +13,7 @@ from conftest import ROOT
 from gpt import checkpoint, convert
 from gpt import eval as gpt_eval
 from gpt.config import ModelConfig, to_dict
-from gpt.data.chat import ChatTemplate
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.records import load_file
 from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.engine import complete
@@ -64,7 +64,7 @@ def test_loss_equals_transformers_on_a_converted_gpt2(tmp_path, capsys):
     convert.from_hf(str(tmp_path / "hf"), tmp_path / "ours")
     text = "ROMEO: But, soft! what light through yonder window breaks? It is the east."
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    _, tok, _, _ = checkpoint.load_model(tmp_path / "ours")
+    tok = checkpoint.load_checkpoint(tmp_path / "ours").tokenizer
     ids = torch.tensor([tok.encode(text)])
     assert ids.shape[1] <= 64  # one window: no sliding involved
     with torch.no_grad():

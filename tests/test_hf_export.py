@@ -15,7 +15,7 @@ from gpt import checkpoint, convert
 from gpt.checkpoint import CheckpointError
 from gpt.config import ModelConfig
 from gpt.data.bpe import train_bpe
-from gpt.data.chat import END_TOKEN, ChatTemplate
+from gpt.data.chat_template import END_TOKEN, ChatTemplate
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.infer.engine import complete
 from gpt.infer.sampling import SamplingParams
@@ -80,7 +80,8 @@ def exported(tmp_path_factory, bpe, chat_ckpt):
 @pytest.mark.parametrize("name", ["gpt2", "bpe", "chat"])
 def test_autotokenizer_encodes_hidden_text_like_ours(exported, name):
     ckpt, folder = exported[name]
-    model, tok, _, _ = checkpoint.load_model(ckpt)
+    loaded = checkpoint.load_checkpoint(ckpt)
+    model, tok = loaded.model, loaded.tokenizer
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     assert hf_tok.encode(HIDDEN) == tok.encode(HIDDEN)
     assert hf_tok.decode(tok.encode(HIDDEN)) == HIDDEN
@@ -90,7 +91,8 @@ def test_autotokenizer_encodes_hidden_text_like_ours(exported, name):
 
 def test_chat_template_end_of_turn_and_greedy_generation_match(exported):
     ckpt, folder = exported["chat"]
-    model, tok, _, _ = checkpoint.load_model(ckpt)
+    loaded = checkpoint.load_checkpoint(ckpt)
+    model, tok = loaded.model, loaded.tokenizer
     template = ChatTemplate(tok)
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     ours = template.encode(MESSAGES, add_generation_prompt=True)

@@ -14,28 +14,29 @@ PKG = ROOT / "gpt"
 LAYERS = {
     "gpt.errors": 0,
     "gpt.config": 10,
-    "gpt.cli": 25,
+    "gpt.entry": 25,
     "gpt.device": 20,
     "gpt.data.tokenizer": 20,
     "gpt.losses": 25,
-    "gpt.data.chat": 30,
+    "gpt.data.chat_template": 30,
     "gpt.model": 30,
     "gpt.lora": 40,
     "gpt.data.files": 40,
     "gpt.data.bpe": 45,
     "gpt.data.canary": 40,
-    "gpt.data.redact": 45,
+    "gpt.data.pii": 45,
     "gpt.data.corpus": 50,
     "gpt.data.records": 55,
     "gpt.data": 59,
     "gpt.checkpoint": 60,
     "gpt.convert": 70,
+    "gpt.pretrained": 72,
     "gpt.infer.sampling": 70,
     "gpt.infer.quantize": 70,
     "gpt.infer.weights": 75,
     "gpt.infer.engine": 80,
-    "gpt.infer.chat": 90,
-    "gpt.infer.cli": 95,
+    "gpt.infer.chat_session": 90,
+    "gpt.infer.sample_cli": 95,
     "gpt.infer": 99,
     "gpt.train.optim": 100,
     "gpt.train.metrics": 100,
@@ -52,10 +53,10 @@ LAYERS = {
     "gpt.serve.protocol": 140,
     "gpt.serve.worker": 140,
     "gpt.serve.app": 145,
-    "gpt.serve.cli": 150,
+    "gpt.serve.serve_cli": 150,
     "gpt.serve": 159,
 }
-TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.chat")
+TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.chat_template")
 
 
 def module_name(path: Path) -> str:

@@ -11,7 +11,7 @@ import pytest
 from conftest import lively_model
 from test_serve import BLOCK, CHARS, Running
 
-from gpt.data.chat import ChatTemplate
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")

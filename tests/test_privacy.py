@@ -16,9 +16,9 @@ from conftest import ROOT
 from pii_synth import make_set, score
 
 from gpt.config import ConfigError, DataConfig, SFTDataConfig
-from gpt.data import redact
-from gpt.data.corpus import DataError, ensure_prepared, read_meta
-from gpt.data.redact import Redactor, iban_ok, luhn_ok
+from gpt.data import pii
+from gpt.data.corpus import DataError, ensure_prepared, read_data_meta
+from gpt.data.pii import Redactor, iban_ok, luhn_ok
 from gpt.data.tokenizer import from_spec
 
 MARKER = "Quokkabell"  # record text that must never leave the run's folders
@@ -240,8 +240,8 @@ def test_pseudonyms_are_consistent_under_a_salt_and_keep_the_shape(tmp_path):
     import re
 
     salt_file = tmp_path / "salt"
-    a = Redactor(mode="pseudonym", salt=redact.read_salt(str(salt_file)))
-    b = Redactor(mode="pseudonym", salt=redact.read_salt(str(salt_file)))
+    a = Redactor(mode="pseudonym", salt=pii.read_salt(str(salt_file)))
+    b = Redactor(mode="pseudonym", salt=pii.read_salt(str(salt_file)))
     assert oct(salt_file.stat().st_mode & 0o777) == "0o600"
     text = "Mail Jane@Example.com, then jane@example.com or bob@example.org"
     out = a.redact(text)
@@ -262,13 +262,13 @@ def test_pseudonyms_are_consistent_under_a_salt_and_keep_the_shape(tmp_path):
 def test_terms_are_whole_words_in_any_case_and_patterns_are_checked(tmp_path):
     terms = tmp_path / "names.txt"
     terms.write_text("Acme\nJohn Smith\n")
-    r = Redactor([], terms=redact.read_terms(str(terms)), patterns=[r"CUST-\d{6}"])
+    r = Redactor([], terms=pii.read_terms(str(terms)), patterns=[r"CUST-\d{6}"])
     assert r.redact("ACME and john  smith; Acmeville; CUST-123456") == "<TERM> and <TERM>; Acmeville; <CUSTOM>"
     with pytest.raises(ConfigError, match=r"data.redact_patterns\[0\]: not a valid regular expression"):
         Redactor([], patterns=["(unclosed"])
     with pytest.raises(ConfigError, match="unknown kind 'emails'"):
         Redactor(["emails"])
-    assert "unavailable" in redact.ner_status() or "available" in redact.ner_status()
+    assert "unavailable" in pii.ner_status() or "available" in pii.ner_status()
 
 
 # ---------------------------------------------------------------------------- the CLI and the prep step
@@ -326,7 +326,7 @@ def test_prepared_corpus_is_redacted_before_tokenization_and_says_so(tmp_path):
     cfg = DataConfig(dataset="r", path=str(corpus), data_dir=str(tmp_path / "prep"), redact=["all"])
     logs: list[str] = []
     folder = ensure_prepared(cfg, log=logs.append)
-    meta = read_meta(folder)
+    meta = read_data_meta(folder)
     tok = from_spec(meta["tokenizer"])
     import numpy as np
 
@@ -337,9 +337,9 @@ def test_prepared_corpus_is_redacted_before_tokenization_and_says_so(tmp_path):
     assert not any(v in line for line in logs for v in ORIGINALS)
     cfg.redact = ["email"]
     ensure_prepared(cfg, log=logs.append)  # other redaction settings: prepared again
-    assert read_meta(folder)["redaction"]["counts"] == {"email": 30}
+    assert read_data_meta(folder)["redaction"]["counts"] == {"email": 30}
     cfg.redact_mode = "pseudonym"  # the character vocabulary sees the same pseudonyms as the tokens
-    meta = read_meta(ensure_prepared(cfg, log=logs.append))
+    meta = read_data_meta(ensure_prepared(cfg, log=logs.append))
     assert meta["redaction"]["mode"] == "pseudonym" and meta["redaction"]["counts"] == {"email": 30}
 
 
@@ -366,7 +366,7 @@ def test_custom_bpe_is_trained_on_redacted_text(tmp_path):
     cfg = DataConfig(dataset="b", path=str(corpus), data_dir=str(tmp_path / "prep"), tokenizer="bpe",
                      bpe_vocab_size=300, redact=["email"])
     folder = ensure_prepared(cfg, log=lambda *_: None)
-    meta = read_meta(folder)
+    meta = read_data_meta(folder)
     tok = from_spec(meta["tokenizer"])
     # the merges were learned from "<EMAIL>", not from the address (unredacted: 8 tokens and 7)
     assert len(tok.encode("jane.doe@example.com")) >= 16 and len(tok.encode("<EMAIL>")) <= 4

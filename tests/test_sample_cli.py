@@ -12,10 +12,10 @@ from conftest import ROOT, lively_model
 
 from gpt.checkpoint import save_checkpoint
 from gpt.config import ConfigError
-from gpt.data.chat import ChatTemplate
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer
-from gpt.infer.chat import ChatSession, run_chat
-from gpt.infer.cli import build_parser, check_args
+from gpt.infer.chat_session import ChatSession, run_chat
+from gpt.infer.sample_cli import build_parser, check_args
 from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
 

@@ -20,7 +20,7 @@ import uvicorn
 from conftest import ROOT, lively_model
 
 from gpt.checkpoint import save_checkpoint
-from gpt.data.chat import ChatTemplate
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.engine import complete
 from gpt.infer.quantize import quantize_int8

@@ -12,7 +12,7 @@ import torch
 
 from gpt import checkpoint
 from gpt.config import ConfigError, FinetuneConfig, ModelConfig, load_config
-from gpt.data.chat import END_TOKEN, ROLE_TOKENS, ChatTemplate
+from gpt.data.chat_template import END_TOKEN, ROLE_TOKENS, ChatTemplate
 from gpt.data.records import encode_chat, encode_text
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.model import GPT, IGNORE_INDEX, cross_entropy
@@ -337,7 +337,8 @@ def mapping_run(tmp_path_factory):
 def test_finetuned_model_reproduces_the_mapping_greedily(mapping_run):
     out, result = mapping_run
     assert result.step == 150 and result.best_val_loss < 0.05
-    model, tok, _, _ = checkpoint.load_model(out)  # a plain GPT from best/
+    loaded = checkpoint.load_checkpoint(out)  # a plain GPT from best/
+    model, tok = loaded.model, loaded.tokenizer
     tpl = ChatTemplate(tok)
     end = tok.special_id(END_TOKEN)
     for question, answer in MAPPING.items():
@@ -358,7 +359,8 @@ def test_special_tokens_survive_save_and_load(mapping_run):
     model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=len(CHARS)))
     add_chat_tokens(model, tok)
     for name in ("best", "latest"):
-        loaded, loaded_tok, config, _ = checkpoint.load_model(out / name)
+        ckpt = checkpoint.load_checkpoint(out / name)
+        loaded, loaded_tok, config = ckpt.model, ckpt.tokenizer, ckpt.config
         assert loaded_tok.special_tokens == tok.special_tokens
         assert loaded.config.vocab_size == tok.vocab_size == len(CHARS) + 4
         msgs = qa("cat", "dog")["messages"]

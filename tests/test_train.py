@@ -98,7 +98,8 @@ def test_outputs_resolved_config_metrics_and_best(tmp_path, tiny_corpus):
     assert vals[-1] < vals[0]
     best = json.loads((out / "best" / "meta.json").read_text())
     assert best["val_loss"] == pytest.approx(min(vals))
-    model, tok, _, _ = checkpoint.load_model(out)  # best by default
+    loaded = checkpoint.load_checkpoint(out)  # best by default
+    model, tok = loaded.model, loaded.tokenizer
     assert model.config == saved.model
     assert tok.decode(tok.encode("To be")) == "To be"
 

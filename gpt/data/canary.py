@@ -181,5 +181,5 @@ def copy_record(prepared: str | Path, out_dir: str | Path) -> None:
         dst.unlink(missing_ok=True)
 
 
-def read_record(path: str | Path) -> dict:
+def read_canary_file(path: str | Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))

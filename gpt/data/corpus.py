@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from gpt.config import DataConfig
-from gpt.data import bpe, canary, files, redact
+from gpt.data import bpe, canary, files, pii
 from gpt.data import tokenizer as tokenizers
 from gpt.data.files import DataError
 
@@ -50,7 +50,7 @@ def spec_hash(tokenizer: tokenizers.Tokenizer) -> str:
     return hashlib.sha256(json.dumps(tokenizer.to_spec(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def read_meta(folder: Path) -> dict:
+def read_data_meta(folder: Path) -> dict:
     return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
 
 
@@ -62,7 +62,7 @@ def ensure_prepared(cfg: DataConfig, log=print, tokenizer: tokenizers.Tokenizer 
     folder = prepared_dir(cfg, tokenizer)
     source = resolve_source(cfg, log)
     if all((folder / f).is_file() for f in ("meta.json", "train.bin", "val.bin")):
-        meta = read_meta(folder)
+        meta = read_data_meta(folder)
         if meta.get("settings") == _settings(cfg, source):
             return folder
         log(f"data: {folder} was prepared from other settings or source files; preparing again")
@@ -97,7 +97,7 @@ def _settings(cfg: DataConfig, source: str) -> dict:
     """Everything the prepared tokens depend on besides the tokenizer (which names the folder)."""
     return {"source": source, "stamp": files.stamp(source), "val_fraction": cfg.val_fraction,
             "text_field": cfg.text_field, "encoding": [cfg.encoding, cfg.encoding_errors],
-            "redact": redact.settings(cfg), "tokenizer": tokenizer_settings(cfg),
+            "redact": pii.settings(cfg), "tokenizer": tokenizer_settings(cfg),
             "canaries": canary.settings(cfg)}
 
 
@@ -121,7 +121,7 @@ def prepare(cfg: DataConfig, source: str, folder: Path, log=print, kept: tokeniz
     Text is decoded per data.encoding and redacted per data.redact before anything is tokenized;
     the redaction counts go into meta.json (never the values)."""
     folder.mkdir(parents=True, exist_ok=True)
-    redactor = redact.from_config(cfg)  # one salt for every pass: the same pseudonyms each time
+    redactor = pii.from_config(cfg)  # one salt for every pass: the same pseudonyms each time
     secrets = canary.make(cfg)  # planted in the training split only; see gpt/data/canary.py
 
     def pieces(dec: files.Decoding) -> Iterator[tuple[str, str, bool]]:
@@ -231,7 +231,7 @@ def token_dtype(vocab_size: int) -> type:
 
 
 def iter_documents(source: str, cfg: DataConfig, dec: files.Decoding,
-                   redactor: redact.Redactor | None = None) -> Iterator[tuple[str, str, bool]]:
+                   redactor: pii.Redactor | None = None) -> Iterator[tuple[str, str, bool]]:
     """Yield (split, text, doc_end) pieces, decoded and redacted. One text file splits by position
     (its tail, from a line end, is validation); many documents split by a seeded coin per document.
     doc_end marks the end of a document (where an end-of-text token goes); pieces of a single
@@ -313,7 +313,7 @@ class TokenBatches:
         grad_accum: int = 1,
     ):
         folder = Path(folder)
-        meta = read_meta(folder)
+        meta = read_data_meta(folder)
         dtype = np.dtype(meta["dtype"])
         self.train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
         self.val = np.memmap(folder / "val.bin", dtype=dtype, mode="r")

@@ -36,8 +36,8 @@ from typing import Any, Callable
 import numpy as np
 
 from gpt.config import ConfigError, SFTDataConfig
-from gpt.data import canary, files, redact
-from gpt.data.chat import ROLES, ChatTemplate
+from gpt.data import canary, files, pii
+from gpt.data.chat_template import ROLES, ChatTemplate
 from gpt.data.files import DataError, RecordError
 from gpt.data.tokenizer import TokenizerError
 
@@ -397,7 +397,7 @@ def encode_text(template: ChatTemplate, text: str, budget: int) -> list[Example]
 
 
 def load_file(path: str, fmt: str, template: ChatTemplate, budget: int, train_on_prompt: bool,
-              decoding: files.Decoding | None = None, redactor: redact.Redactor | None = None,
+              decoding: files.Decoding | None = None, redactor: pii.Redactor | None = None,
               cache_dir: Path | None = None) -> Loaded:
     """Read, check, redact and tokenize every record of one data path; problems are collected, not raised."""
     out = Loaded()
@@ -431,7 +431,7 @@ def load_file(path: str, fmt: str, template: ChatTemplate, budget: int, train_on
     return out
 
 
-def redact_content(content: Any, redactor: redact.Redactor, where: str) -> Any:
+def redact_content(content: Any, redactor: pii.Redactor, where: str) -> Any:
     """A text, a conversation's message contents or a preference pair's, with the configured kinds replaced."""
     if isinstance(content, str):
         return redactor.redact(content, where)
@@ -445,7 +445,7 @@ def load_sft_data(cfg: SFTDataConfig, template: ChatTemplate, budget: int, train
                   log: Callable[[str], None] = print, report_dir: Path | None = None) -> SFTData:
     """Train and validation examples per the data config; stops on invalid records unless skip_invalid."""
     decoding = files.Decoding(cfg.encoding, cfg.encoding_errors)
-    redactor = redact.from_config(cfg)
+    redactor = pii.from_config(cfg)
     read = dict(decoding=decoding, redactor=redactor, cache_dir=report_dir / "hf_cache" if report_dir else None)
     train = load_file(cfg.path, cfg.format, template, budget, train_on_prompt, **read)
     val = load_file(cfg.val_path, cfg.format, template, budget, train_on_prompt, **read) if cfg.val_path else None

@@ -12,10 +12,31 @@ faster row-major on the same CPU and keeps it.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn as nn
 
+from gpt.checkpoint import LoadedModel, load_checkpoint
 from gpt.infer.quantize import quantize_int8
+
+
+def add_model_args(p: argparse.ArgumentParser, threads: str) -> None:
+    """How a decoding command loads and holds its model: the flags sample.py and serve.py share."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights are converted)")
+    p.add_argument("--threads", type=int, default=0, help=f"CPU threads for torch ({threads})")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 Linear layers (faster decoding of large models on CPU; "
+                        "see README, Performance)")
+
+
+def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """args.ckpt, verified unless --no-verify, prepared for decoding (the flags of add_model_args)."""
+    loaded = load_checkpoint(args.ckpt, device, verify=not args.no_verify)
+    prepare_for_decoding(loaded.model, dtype, args.quantize)
+    return loaded
 
 
 def prepare_for_decoding(model: nn.Module, dtype: torch.dtype, quantize: str | None = None) -> nn.Module:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from gpt.data.chat import ROLES, ChatTemplate
+from gpt.data.chat_template import ROLES, ChatTemplate
 from gpt.data.tokenizer import Tokenizer
 from gpt.errors import UserError
 from gpt.infer.sampling import SamplingParams

@@ -116,7 +116,7 @@ class DPOLoss:
         return (losses * valid).sum(), stats.sum(1)
 
 
-def prepare(cfg: FinetuneConfig, model: torch.nn.Module, data: SFTData, device: torch.device, dist: Dist,
+def prepare_dpo(cfg: FinetuneConfig, model: torch.nn.Module, data: SFTData, device: torch.device, dist: Dist,
             log: Callable[[str], None] = print) -> tuple[PairBatches, DPOLoss]:
     """The batches and objective of a DPO run (call after LoRA is applied, before fit() trains);
     with sft.packing short sequences of a batch share rows."""

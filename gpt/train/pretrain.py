@@ -7,9 +7,10 @@ import dataclasses
 import torch
 
 from gpt.config import ConfigError, PretrainConfig, check_pretrain, to_dict
-from gpt.convert import load_pretrained
+from gpt.checkpoint import LoadedModel
+from gpt.pretrained import load_pretrained
 from gpt.data import canary
-from gpt.data.corpus import TokenBatches, ensure_prepared, read_meta
+from gpt.data.corpus import TokenBatches, ensure_prepared, read_data_meta
 from gpt.data.tokenizer import Tokenizer, from_spec
 from gpt.infer.engine import generate
 from gpt.infer.sampling import SamplingParams
@@ -26,13 +27,13 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
         start = load_pretrained(cfg.init_from) if cfg.init_from != "scratch" else None
         # a tokenizer built from a corpus (char, bpe) cannot be rebuilt from new text: the new corpus is
         # encoded with the starting checkpoint's own (continued pretraining)
-        kept = start[1] if start is not None and cfg.data.tokenizer in ("char", "bpe") else None
+        kept = start.tokenizer if start is not None and cfg.data.tokenizer in ("char", "bpe") else None
         if dist.is_main:
             folder = ensure_prepared(cfg.data, tokenizer=kept)
             canary.copy_record(folder, cfg.out_dir)
         dist.barrier()
         folder = ensure_prepared(cfg.data, log=lambda *_: None, tokenizer=kept) if not dist.is_main else folder
-        meta = read_meta(folder)
+        meta = read_data_meta(folder)
         tokenizer = from_spec(meta["tokenizer"])
         model = init_model(cfg, tokenizer, start)
         t = cfg.train
@@ -52,7 +53,7 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
         dist.close()
 
 
-def init_model(cfg: PretrainConfig, tokenizer: Tokenizer, start: tuple | None = None) -> GPT:
+def init_model(cfg: PretrainConfig, tokenizer: Tokenizer, start: LoadedModel | None = None) -> GPT:
     """A fresh model sized for the tokenizer, or the weights of init_from (`start`: load_pretrained's
     answer; cfg is left as it is: the model's own config is what checkpoints record)."""
     if start is None:
@@ -63,7 +64,7 @@ def init_model(cfg: PretrainConfig, tokenizer: Tokenizer, start: tuple | None = 
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                               f"({tokenizer.vocab_size}); set model.vocab_size=0 to size it automatically")
         return GPT(model_cfg)
-    model, init_tok, _ = start
+    model, init_tok = start.model, start.tokenizer
     if init_tok.to_spec() != tokenizer.to_spec():
         raise ConfigError(f"init_from {cfg.init_from} uses a different tokenizer than data.tokenizer="
                           f"'{cfg.data.tokenizer}'; prepare the data with the checkpoint's tokenizer")

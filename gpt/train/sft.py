@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from gpt.config import ConfigError, FinetuneConfig, check_finetune
-from gpt.convert import load_pretrained
-from gpt.data.chat import CHAT_TOKENS, ChatTemplate
+from gpt.pretrained import load_pretrained
+from gpt.data.chat_template import CHAT_TOKENS, ChatTemplate
 from gpt.data.corpus import Batch
 from gpt.data.records import Example, RowStream, load_sft_data
 from gpt.data.tokenizer import Tokenizer
@@ -132,7 +132,8 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
     try:
         log: Callable[[str], None] = (lambda line: print(line, flush=True)) if dist.is_main else (lambda line: None)
 
-        model, tok, folder = load_pretrained(cfg.init_from)
+        loaded = load_pretrained(cfg.init_from)
+        model, tok, folder = loaded.model, loaded.tokenizer, loaded.folder
         new = add_chat_tokens(model, tok, cfg.train.seed)
         log(f"init: {folder}" + (f"; added chat tokens {' '.join(new)}" if new else ""))
         block_size = cfg.sft.block_size or model.config.block_size
@@ -156,7 +157,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         t = cfg.train
         objective: Objective | None = None
         if data.preference:
-            batches, objective = dpo.prepare(cfg, model, data, device, dist, log)
+            batches, objective = dpo.prepare_dpo(cfg, model, data, device, dist, log)
             log(f"data: pairs of windows up to {block_size} tokens{', packed' if cfg.sft.packing else ''}; one epoch is about "
                 f"{batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
         else:

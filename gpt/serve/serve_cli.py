@@ -13,7 +13,7 @@ import uvicorn
 
 from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.errors import UserError
-from gpt.infer.cli import add_model_args, load_for_decoding
+from gpt.infer.weights import add_model_args, load_for_decoding
 from gpt.serve.app import ServerConfig, create_app
 
 
@@ -53,7 +53,8 @@ def run(argv: list[str]) -> None:
     torch.set_num_threads(serving_threads(args.threads))
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer, folder = load_for_decoding(args, device, dtype)
+    loaded = load_for_decoding(args, device, dtype)
+    model, tokenizer, folder = loaded.model, loaded.tokenizer, loaded.folder
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, args.api_key or os.environ.get("GPT_API_KEY") or None, args.max_batch, args.max_queue,
                        args.max_body)

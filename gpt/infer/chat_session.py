@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from typing import Callable, TextIO
 
-from gpt.data.chat import ChatTemplate
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer
 from gpt.infer.engine import complete
 from gpt.infer.sampling import SamplingParams

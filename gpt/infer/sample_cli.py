@@ -10,30 +10,11 @@ from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import load_model
 from gpt.config import ConfigError
 from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.infer.engine import Completion, complete
 from gpt.infer.sampling import SamplingParams
-from gpt.infer.weights import prepare_for_decoding
-
-
-def add_model_args(p: argparse.ArgumentParser, threads: str) -> None:
-    """How a decoding command loads and holds its model: the flags sample.py and serve.py share."""
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights are converted)")
-    p.add_argument("--threads", type=int, default=0, help=f"CPU threads for torch ({threads})")
-    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8: weight-only int8 Linear layers (faster decoding of large models on CPU; "
-                        "see README, Performance)")
-
-
-def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer, folder) of args.ckpt, verified unless --no-verify, prepared for decoding."""
-    model, tokenizer, _, folder = load_model(args.ckpt, device, verify=not args.no_verify)
-    prepare_for_decoding(model, dtype, args.quantize)
-    return model, tokenizer, folder
+from gpt.infer.weights import add_model_args, load_for_decoding
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,10 +89,11 @@ def run(argv: list[str]) -> None:
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.set_num_threads(pick_threads(args.threads))  # barriers on shared cores cost a time slice each
-    model, tokenizer, folder = load_for_decoding(args, device, dtype)
+    loaded = load_for_decoding(args, device, dtype)
+    model, tokenizer, folder = loaded.model, loaded.tokenizer, loaded.folder
     params = sampling_params(args)
     if args.chat:
-        from gpt.infer.chat import run_chat
+        from gpt.infer.chat_session import run_chat
 
         print(f"loaded {folder}", file=sys.stderr)
         run_chat(model, tokenizer, params, system=args.system, use_kv_cache=not args.no_kv_cache)
