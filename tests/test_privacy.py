@@ -65,14 +65,26 @@ def test_a_path_that_does_not_exist_is_no_such_file_never_a_hub_lookup(tmp_path,
         load_file(name, "auto", None, 16, False)
 
 
+def hub_offline(monkeypatch) -> None:
+    """Offline mode for `datasets` and `huggingface_hub`, whether or not this process imported them before:
+    both read HF_HUB_OFFLINE once, at import, so a user's shell without it would otherwise reach the network."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setattr(datasets.config, name, True)
+
+
 def test_hf_names_are_the_only_hub_access_and_fail_in_one_line_offline(tmp_path, monkeypatch):
     from gpt import convert
     from gpt.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="gpt2: no such folder; for a Hugging Face hub model write hf://gpt2"):
         convert.from_hf("gpt2", tmp_path / "o")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_offline(monkeypatch)
     cfg = DataConfig(dataset="x", path="hf://acme/claims", data_dir=str(tmp_path))
     with pytest.raises(DataError, match="hf://acme/claims: could not read it from the Hugging Face hub"):
         ensure_prepared(cfg, log=lambda *_: None)
