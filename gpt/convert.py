@@ -198,6 +198,17 @@ def from_hf(src: str, out_dir: str | Path) -> Path:
 # ---------------------------------------------------------------------------- ours -> Hugging Face
 
 
+def with_zero_biases(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict with a zero bias for every Linear and LayerNorm that has none (model.bias=false):
+    GPT-2's layers always have biases, and zeros compute the same function. The LM head has none in GPT-2."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and module.bias is None and name != "lm_head":
+            width = module.out_features if isinstance(module, torch.nn.Linear) else module.normalized_shape[0]
+            state[f"{name}.bias"] = torch.zeros(width, dtype=module.weight.dtype)
+    return state
+
+
 def ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state.items():
@@ -232,12 +243,10 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
     cannot be exported faithfully is refused before anything is written: no half folder."""
     loaded = checkpoint.load_checkpoint(ckpt)
     model, tok = loaded.model, loaded.tokenizer
-    if not model.config.bias:
-        raise CheckpointError(f"{ckpt}: model.bias=false cannot be expressed in GPT-2 (its layers always have biases)")
     out = Path(hf_dir)
     hf_tok = hf_tokenizer(tok)  # refused here, before anything is written, if it cannot be faithful
     checkpoint.prepare_out_dir(out)
-    save_file(ours_to_hf(model.state_dict()), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(ours_to_hf(with_zero_biases(model)), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.config, tok), indent=2), encoding="utf-8")
     # max_length: transformers' pipeline would otherwise generate past the position table
     generation = {"eos_token_id": end_ids(tok), "bos_token_id": tok.eot_id,

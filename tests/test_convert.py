@@ -96,16 +96,24 @@ def test_our_trained_checkpoint_exports(tmp_path):
         assert torch.allclose(hf(ids).logits, model(ids)[0], atol=1e-5)
 
 
-def test_gpt2_cannot_express_bias_free_models(tmp_path):
+def test_bias_free_models_export_with_zero_biases_and_the_same_logits(tmp_path):
+    """model.bias=false (the shipped Shakespeare config) exports: GPT-2's biases are written as zeros."""
     from gpt.config import ModelConfig
     from gpt.data.tokenizer import CharTokenizer
     from gpt.model import GPT
 
-    cfg = {"vocab_size": 10, "block_size": 8, "n_layer": 1, "n_head": 1, "n_embd": 8, "bias": False}
-    model = GPT(ModelConfig(**cfg))
-    checkpoint.save_checkpoint(tmp_path / "c", model.state_dict(), {"model": cfg}, CharTokenizer(list("ab")))
-    with pytest.raises(CheckpointError, match="bias=false cannot be expressed"):
-        convert.to_hf(tmp_path / "c", tmp_path / "hf")
+    cfg = {"vocab_size": 10, "block_size": 8, "n_layer": 2, "n_head": 2, "n_embd": 8, "bias": False}
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)  # LayerNorm gains too: a zero bias must not hide a misplaced gain
+    checkpoint.save_checkpoint(tmp_path / "c", model.state_dict(), {"model": cfg}, CharTokenizer(list("abcdefghij")))
+    convert.to_hf(tmp_path / "c", tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 10, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids)[0], atol=1e-5)
 
 
 def test_missing_or_misshapen_tensor_is_named(tmp_path, hf_model):
