@@ -26,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser, threads: str) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 Linear layers (faster decoding of large models on CPU; "
-                        "see README, Performance)")
+                        "see docs/performance.md#int8-weights)")
 
 
 def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end generation at this text, which is not printed (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
-    add_model_args(p, threads="0 = the cores other processes leave idle; see README, Performance")
+    add_model_args(p, threads="0 = the cores other processes leave idle; see docs/performance.md#threads")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (reference path)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: on when writing to a terminal)")
