@@ -1,4 +1,4 @@
-"""Screenshots of the playground at 1280x800 for the README (docs/playground-*.png), from a tiny random model.
+"""Screenshots of the playground at 1280x800 for docs/serving.md (docs/playground-*.png), from a tiny random model.
 
     python bench/playground_screenshots.py
 

@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "scaling.png"))
     args = p.parse_args()
-    args.threads, args.compile = pick_threads(), False  # the cores other jobs leave idle (README, Performance)
+    args.threads, args.compile = pick_threads(), False  # the cores other jobs leave idle (docs/performance.md#threads)
     tune_allocator()
     train = []
     for name in args.models.split(","):

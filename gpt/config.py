@@ -81,16 +81,16 @@ class ModelConfig:
     block_size: int = ranged(256, ge=1)  # context length in tokens
     vocab_size: int = ranged(0, ge=0)  # 0 = taken from the tokenizer (rounded up to vocab_multiple)
     vocab_multiple: int = ranged(1, ge=1)  # pad the vocabulary to a multiple of this (64 is faster for BPE)
-    n_layer: int = ranged(6, ge=1)
-    n_head: int = ranged(6, ge=1)
-    n_embd: int = ranged(384, ge=1)
-    dropout: float = ranged(0.0, ge=0, lt=1)
+    n_layer: int = ranged(6, ge=1)  # transformer blocks (depth)
+    n_head: int = ranged(6, ge=1)  # attention heads per block; must divide n_embd
+    n_embd: int = ranged(384, ge=1)  # width of the residual stream
+    dropout: float = ranged(0.0, ge=0, lt=1)  # dropout on attention, residual and embedding outputs
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
     # GELU form: "tanh" is GPT-2's approximation (needed to match GPT-2 weights exactly); "exact"
     # (erf) is the same curve within 1e-3 and many times faster on CPUs without AVX-512.
     gelu: Literal["tanh", "exact"] = "tanh"
     # LM head + loss computed in row chunks, never holding the (tokens, vocab) logits: "auto" = on a CPU
-    # once a batch's logits reach 2^25 (far less memory; the same loss and gradients; README, Performance)
+    # once a batch's logits reach 2^25 (far less memory; the same loss and gradients; docs/performance.md)
     fused_loss: Literal["auto", "on", "off"] = "auto"
 
 
@@ -125,7 +125,7 @@ class DataConfig(SourceConfig, CanaryKeys):
     tokenizer: str = "char"  # "char", "bpe" (trained on the corpus) or a tiktoken encoding name such as "gpt2"
     bpe_vocab_size: int = ranged(8192, ge=257)  # data.tokenizer=bpe: 256 bytes + merges + <|endoftext|>
     bpe_pattern: str = ""  # data.tokenizer=bpe: pre-tokenization regex; empty = GPT-2's
-    val_fraction: float = ranged(0.1, gt=0, lt=1)
+    val_fraction: float = ranged(0.1, gt=0, lt=1)  # share held out for validation
     data_dir: str = "data"  # prepared data lives in <data_dir>/<dataset>/<tokenizer>/
     num_workers: int = ranged(0, ge=0)  # tokenizer threads for large corpora (0 = all cores)
     allow_download: bool = False  # fetch a built-in corpus (Tiny Shakespeare) from its public URL when absent
@@ -134,47 +134,49 @@ class DataConfig(SourceConfig, CanaryKeys):
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
-    lr: float = ranged(1e-3, gt=0)
-    min_lr: float = ranged(1e-4, ge=0)
-    weight_decay: float = ranged(0.1, ge=0)
-    beta1: float = ranged(0.9, ge=0, lt=1)
-    beta2: float = ranged(0.99, ge=0, lt=1)
-    eps: float = ranged(1e-8, gt=0)
+    lr: float = ranged(1e-3, gt=0)  # peak learning rate
+    min_lr: float = ranged(1e-4, ge=0)  # floor of the cosine decay
+    weight_decay: float = ranged(0.1, ge=0)  # AdamW decay on matrices and embeddings (never biases/LayerNorm)
+    beta1: float = ranged(0.9, ge=0, lt=1)  # AdamW
+    beta2: float = ranged(0.99, ge=0, lt=1)  # AdamW
+    eps: float = ranged(1e-8, gt=0)  # AdamW
     grad_clip: float = ranged(1.0, ge=0)  # 0 disables clipping
-    warmup_iters: int = ranged(100, ge=0)
+    warmup_iters: int = ranged(100, ge=0)  # linear warmup steps
     lr_decay_iters: int = ranged(0, ge=0)  # 0 = max_iters
-    decay_lr: bool = True
+    decay_lr: bool = True  # false = constant lr
 
 
 @dataclass
 class TrainConfig:
-    max_iters: int = ranged(5000, ge=0)
+    max_iters: int = ranged(5000, ge=0)  # optimizer steps
     batch_size: int = ranged(64, ge=1)  # sequences per micro-batch (per rank)
     grad_accum: int = ranged(1, ge=1)  # micro-batches per optimizer step
-    eval_interval: int = ranged(250, ge=1)
-    eval_iters: int = ranged(20, ge=1)
+    eval_interval: int = ranged(250, ge=1)  # evaluate every N steps
+    eval_iters: int = ranged(20, ge=1)  # validation batches per evaluation
     eval_batch_size: int = ranged(0, ge=0)  # 0 = batch_size
-    log_interval: int = ranged(10, ge=1)
+    log_interval: int = ranged(10, ge=1)  # a console line and a metrics.jsonl row every N steps
     checkpoint_interval: int = ranged(0, ge=0)  # 0 = checkpoint at each evaluation
     early_stop_patience: int = ranged(0, ge=0)  # stop after this many evaluations without improvement (0 = never)
-    resume: bool = False
-    seed: int = ranged(1337, ge=0)
+    resume: bool = False  # continue exactly from <out_dir>/latest
+    seed: int = ranged(1337, ge=0)  # batches are a function of (seed, step): runs are reproducible
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # auto = bf16 where the hardware runs it natively, else fp16 + GradScaler on GPUs and fp32 on CPUs
+    # (docs/performance.md#precision)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    compile: bool = False
+    compile: bool = False  # wrap the model in torch.compile
     threads: int = ranged(0, ge=0)  # torch CPU threads (0 = torch's default; 1 when other jobs share the cores)
 
 
 @dataclass
 class LoggingConfig:
     progress: bool = True  # tqdm progress bar
-    wandb: bool = False
-    wandb_project: str = "gpt"
-    wandb_run_name: str = ""
-    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "gpt"  # wandb project name
+    wandb_run_name: str = ""  # wandb run name
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline keeps everything local; online uploads
     # print a sample of this many tokens when training ends (0 = none: a model can repeat private records)
     sample_tokens: int = ranged(0, ge=0)
-    sample_prompt: str = "\n"
+    sample_prompt: str = "\n"  # the prompt of that sample
     plot: bool = True  # draw out_dir/loss.png when the run ends (python -m gpt.plot)
     show_examples: bool = False  # fine-tuning: print validation prompts, answers and replies at the end
 

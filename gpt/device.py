@@ -85,7 +85,7 @@ def pick_threads(requested: int = 0) -> int:
     Why: torch's default is one thread per core, and its parallel kernels (oneDNN's bf16 matmuls,
     the int8 kernel) end in a barrier. When another process holds one of the cores, every kernel
     waits for the descheduled thread -- a scheduler time slice -- so decoding the 124M model fell
-    from 18.6 to 5.2 tok/s (fp32) and 16.7 to 2.1 (bf16) on 2 shared cores (README, "Threads").
+    from 18.6 to 5.2 tok/s (fp32) and 16.7 to 2.1 (bf16) on 2 shared cores (docs/performance.md#threads).
     How many cores are busy is read from the kernel's count of runnable threads (/proc/loadavg),
     sampled for 50 ms -- not the 1-minute load average, which still counts a job that just ended.
     """

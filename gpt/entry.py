@@ -19,7 +19,7 @@ USAGE = "usage: python {script} CONFIG.yaml [section.key=value ...]"
 def parse_run_args(cls: type, argv: list[str], script: str):
     """The config file is the first argument not of the form key=value (it may be omitted)."""
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE.format(script=script) + "\n\nAll keys and their defaults: see README.md (Configuration).")
+        print(USAGE.format(script=script) + "\n\nAll keys and their defaults: see docs/configuration-reference.md.")
         sys.exit(0)
     files = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]

@@ -1,6 +1,6 @@
 """The package's layers: dependencies point one way (down), and a backwards import or a circle fails here.
 
-The map (README, "Developer guide"): foundation < model < data < checkpoint < interop/inference < training
+The map (ARCHITECTURE.md, docs/development.md#layout): foundation < model < data < checkpoint < interop/inference < training
 < tools and serving < entry scripts. A new module must be placed in LAYERS, so it cannot slip in unranked.
 """
 

@@ -5,7 +5,7 @@ ModelConfig without a row here fails `test_every_model_option_is_covered`, so a 
 skip the parity check. VARIANTS adds the model states that are not config fields (LoRA, a vocabulary
 grown for chat tokens, padded vocabulary rows). Parity is checked in float32: bf16 matmuls of one
 row and of a whole window reduce in different orders, so there cached and uncached greedy decoding
-may part after a near-tie (the README states where the promise holds).
+may part after a near-tie (docs/sampling.md#where-cached-uncached-holds).
 """
 
 import dataclasses

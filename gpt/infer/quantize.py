@@ -5,7 +5,7 @@ quarter of fp32's bytes. Activations stay in floating point (weight-only, as gpt
 the few-row products of decoding use torch's int8-weight kernel (`_weight_int8pack_mm`, bf16
 activations), larger ones (prefill) dequantize the weight once per call. The tied embedding keeps
 its float weights (a lookup reads one row); the LM head gets its own int8 copy. Quality cost on
-Shakespeare: README, "Decoding precision".
+Shakespeare: docs/performance.md#int8-weights.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end generation at this text, which is not printed (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
-    add_model_args(p, threads="0 = the cores other processes leave idle; see README, Performance")
+    add_model_args(p, threads="0 = the cores other processes leave idle; see docs/performance.md#threads")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (reference path)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: on when writing to a terminal)")

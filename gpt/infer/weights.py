@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser, threads: str) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the weights file")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 Linear layers (faster decoding of large models on CPU; "
-                        "see README, Performance)")
+                        "see docs/performance.md#int8-weights)")
 
 
 def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LoadedModel:
