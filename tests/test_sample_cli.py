@@ -13,7 +13,7 @@ from conftest import ROOT, lively_model
 from gpt.checkpoint import save_checkpoint
 from gpt.config import ConfigError
 from gpt.data.chat_template import ChatTemplate
-from gpt.data.tokenizer import CharTokenizer
+from gpt.data.tokenizer import CharTokenizer, TokenizerError
 from gpt.infer.chat_session import ChatSession, run_chat
 from gpt.infer.sample_cli import build_parser, check_args
 from gpt.infer.sampling import SamplingParams
@@ -123,6 +123,21 @@ def test_chat_loop_streams_replies_resets_and_exits():
     assert len(prompts) == 5  # /exit ends the loop
     assert "dropped" in err.getvalue() and "history cleared" in err.getvalue()
     assert len(out.getvalue().splitlines()) == 3  # three streamed replies
+
+
+def test_chat_refuses_a_line_it_cannot_encode_and_goes_on():
+    tok = CharTokenizer(CHARS)
+    model = tiny_model(len(CHARS), block_size=48)
+    assert "~" not in CHARS
+    inputs = iter(["hello", "price~2", "bye", "/exit"])
+    out, err = io.StringIO(), io.StringIO()
+    run_chat(model, tok, SamplingParams(temperature=0, max_tokens=5), read=lambda _: next(inputs), out=out, err=err)
+    assert "(not sent: character '~' is not in this model's character vocabulary" in err.getvalue()
+    assert len(out.getvalue().splitlines()) == 2  # replies to "hello" and "bye"; the session went on
+    session = ChatSession(ChatTemplate(tok), budget=60)
+    with pytest.raises(TokenizerError):
+        session.prompt_for("~")
+    assert session.turns == []  # the refused line is not in the history
 
 
 def test_chat_ends_on_ctrl_d_and_stops_at_the_end_of_turn_token():

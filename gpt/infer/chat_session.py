@@ -1,6 +1,6 @@
 """An interactive conversation with a checkpoint (`sample.py --chat`).
 
-The history is formatted with the checkpoint's chat template (gpt/chat.py): the special-token
+The history is formatted with the checkpoint's chat template (gpt/data/chat_template.py): the special-token
 template for fine-tuned chat models, a plain "User:/Assistant:" one otherwise. When the history
 no longer fits the context window (leaving room for the reply), the oldest messages are dropped,
 whole user/assistant exchanges at a time, and the user is told; the system prompt is always kept.
@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Callable, TextIO
 
 from gpt.data.chat_template import ChatTemplate
-from gpt.data.tokenizer import Tokenizer
+from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.infer.engine import complete
 from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
@@ -34,10 +34,12 @@ class ChatSession:
         self.turns = []
 
     def prompt_for(self, user_text: str) -> tuple[list[int], int]:
-        """Token ids for the next reply and how many old messages were dropped to fit."""
+        """Token ids for the next reply and how many old messages were dropped to fit. A message the
+        tokenizer cannot encode raises TokenizerError and leaves the history as it was."""
+        ids = self.template.encode(self.system + self.turns + [{"role": "user", "content": user_text}],
+                                   add_generation_prompt=True)
         self.turns.append({"role": "user", "content": user_text})
         dropped = 0
-        ids = self.template.encode(self.system + self.turns, add_generation_prompt=True)
         while len(ids) > self.budget and len(self.turns) > 1:
             n = 2 if len(self.turns) > 2 and self.turns[1]["role"] == "assistant" else 1  # one exchange
             self.turns, dropped = self.turns[n:], dropped + n
@@ -82,7 +84,11 @@ def run_chat(
             continue
         if not command:
             continue
-        ids, dropped = session.prompt_for(line)
+        try:
+            ids, dropped = session.prompt_for(line)
+        except TokenizerError as e:  # e.g. a character the vocabulary lacks: refuse this line, keep talking
+            print(f"(not sent: {e})", file=err)
+            continue
         if dropped:
             print(f"(dropped the {dropped} oldest message(s) to fit the {block}-token context window)", file=err)
         if len(ids) > block:
