@@ -152,10 +152,17 @@ def plot_run(out_dir: str | Path, log=print) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m gpt.plot", description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", help="run folders (each with a metrics.jsonl)")
-    p.add_argument("-o", "--out", default="loss.png", help="PNG to write (default: loss.png)")
+    p.add_argument("-o", "--out", default=None,
+                   help="PNG to write (default: RUN/loss.png for one run; loss.png in the runs' common folder for several)")
     p.add_argument("--log", action="store_true", help="log-scale loss axis")
     args = p.parse_args(argv)
-    entry.main(lambda: print(f"wrote {plot(args.run_dirs, args.out, args.log)}"))
+    out = args.out or default_out(args.run_dirs)
+    entry.main(lambda: print(f"wrote {plot(args.run_dirs, out, args.log)}"))
+
+
+def default_out(run_dirs: list[str]) -> Path:
+    """Beside the runs, never the current folder: RUN/loss.png, or loss.png in the folder that holds them all."""
+    return Path(os.path.commonpath([os.path.abspath(d) for d in run_dirs])) / "loss.png"
 
 
 if __name__ == "__main__":

@@ -66,6 +66,18 @@ def test_several_runs_in_one_plot(tmp_path, capsys):
     assert "both.png" in capsys.readouterr().out
 
 
+def test_without_out_the_png_goes_beside_the_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "out"
+    a, b = fake_run(runs / "a"), fake_run(runs / "b")
+    plot.main([str(a)])
+    assert_png(a / "loss.png")
+    plot.main(["out/a", "out/b"])
+    assert_png(runs / "loss.png")
+    assert not (tmp_path / "loss.png").exists()
+    assert f"wrote {runs / 'loss.png'}" in capsys.readouterr().out
+
+
 def test_a_folder_without_metrics_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
