@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from gpt import entry
 from gpt.config import DataConfig
@@ -224,8 +226,9 @@ def loss_sums(model: torch.nn.Module, batches: Iterable[Batch], device: torch.de
 def evaluate(model: GPT, tokenizer: Tokenizer, texts_or_records: Sequence[str | list[dict]] | EvalData, *,
              stride: int | None = None, batch_size: int = 32, max_tokens: int = 0, exact_match: bool = False,
              max_new_tokens: int = 0, device: torch.device | str | None = None,
-             dtype: torch.dtype = torch.float32) -> EvalResult:
-    """Loss, perplexity and bits per byte of `model` on documents (str) and conversations (message lists)."""
+             dtype: torch.dtype = torch.float32, progress: bool = False) -> EvalResult:
+    """Loss, perplexity and bits per byte of `model` on documents (str) and conversations (message lists);
+    `progress` shows bars on a terminal's stderr (batches scored, replies generated)."""
     data = EvalData.of(texts_or_records)
     block = model.config.block_size
     stride = (block // 2 or 1) if stride is None else stride
@@ -254,7 +257,9 @@ def evaluate(model: GPT, tokenizer: Tokenizer, texts_or_records: Sequence[str | 
     if not windows:
         raise DataError("nothing to score: every document is a single token or every response is empty")
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].ids))  # similar lengths, less padding
-    batches = (collate([windows[i] for i in order[k:k + batch_size]], device) for k in range(0, len(order), batch_size))
+    starts = tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=None if progress else True,
+                  file=sys.stderr, leave=False)
+    batches = (collate([windows[i] for i in order[k:k + batch_size]], device) for k in starts)
     total, tokens = loss_sums(model, batches, device, dtype).tolist()
     result.tokens, result.bytes = int(tokens), sum(scored_bytes(tokenizer, w) for w in windows)
     result.loss = total / tokens
@@ -262,7 +267,7 @@ def evaluate(model: GPT, tokenizer: Tokenizer, texts_or_records: Sequence[str | 
     result.bpb = total / math.log(2) / max(result.bytes, 1)
     if exact_match:
         result.exact_match = exact_match_rate(model, template, [c for c in data.items if not isinstance(c, str)],
-                                              max_new_tokens, device)
+                                              max_new_tokens, device, progress)
     return result
 
 
@@ -279,11 +284,12 @@ def _locate(tokenizer: Tokenizer, item: str | list[dict], where: str) -> str:
 
 
 def exact_match_rate(model: GPT, template: ChatTemplate, conversations: list[list[dict]], max_new_tokens: int,
-                     device: torch.device) -> float | None:
+                     device: torch.device, progress: bool = False) -> float | None:
     """Share of conversations whose greedy reply to everything before the last assistant turn equals it."""
     tok, hits, n = template.tok, 0, 0
     stop_ids = template.stop_ids + ([tok.eot_id] if tok.eot_id is not None else [])
-    for messages in conversations:
+    for messages in tqdm(conversations, desc="exact match", unit="reply", disable=None if progress else True, file=sys.stderr,
+                         leave=False):
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         if last == 0:
             continue
@@ -359,7 +365,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, EvalResult]]:
         try:
             result = evaluate(model, tok, data, stride=args.stride, batch_size=args.batch_size,
                               max_tokens=args.max_tokens, exact_match=args.exact_match,
-                              max_new_tokens=args.max_new_tokens, device=device, dtype=dtype)
+                              max_new_tokens=args.max_new_tokens, device=device, dtype=dtype, progress=True)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
         rows.append((path, result))

@@ -243,3 +243,19 @@ def test_command_line_error_has_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "gpt.eval", "--ckpt", str(tmp_path / "nope"), "--data",
                         str(tmp_path / "empty.txt")], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_long_runs_show_progress_on_a_terminal(tmp_path, char_ckpt, monkeypatch, capsys):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a"}]}) + "\n" for i in range(3)))
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    gpt_eval.main(["--ckpt", str(char_ckpt), "--data", str(tmp_path / "chat.jsonl"), "--exact-match",
+                   "--max-new-tokens", "2"])
+    shown = sys.stderr.getvalue()
+    assert "scoring" in shown and "exact match" in shown and "q 1" not in shown  # progress, never record text
