@@ -35,6 +35,7 @@ LAYERS = {
     "gpt.infer.quantize": 70,
     "gpt.infer.weights": 75,
     "gpt.infer.engine": 80,
+    "gpt.infer.scoring": 80,
     "gpt.infer.chat_session": 90,
     "gpt.infer.sample_cli": 95,
     "gpt.infer": 99,

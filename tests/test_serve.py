@@ -234,7 +234,7 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slot(model, tok):
             except openai.RateLimitError:
                 time.sleep(0.05)
         assert r.choices[0].finish_reason == "length"
-        engine = small.server.config.app.state.worker.engine
+        engine = small.server.config.app.state.server.worker.engine
         for _ in range(100):  # the reply can reach the client a moment before the finished row leaves the batch
             if not engine.busy:
                 break

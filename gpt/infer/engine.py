@@ -31,7 +31,7 @@ import codecs
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -39,7 +39,9 @@ from gpt.data.tokenizer import Tokenizer
 from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
 from gpt.model import GPT, KVCache
 
-FINISH_REASONS = ("length", "stop", "eos")
+# Why a sequence ended: max_tokens reached, a stop string, an end-of-text (or stop) token, cancelled
+# (the caller or a shutting-down server), or a failed engine step (the server's worker).
+FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 
 
 def window_start(n_tokens: int, start: int, block_size: int) -> int:
@@ -67,7 +69,7 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "length" | "stop" | "eos"
+    finish_reason: FinishReason
     logprobs: list[dict] | None = None  # per token: {id, token, logprob, top: [{id, token, logprob}]}
 
     def to_dict(self) -> dict:
@@ -127,15 +129,16 @@ class TextStream:
         return best
 
 
-class Request:
+class DecodeRequest:
     """One sequence being continued: its tokens, its sampling state, its row in the cache, its output.
 
     on_token(request, token_id, new_text) is called after each token (new_text is "" without a
-    tokenizer, or while text is held back); `finish_reason` is set once the request is done.
+    tokenizer, or while text is held back), and once more with token_id None when the request ends
+    without a new token; `finish_reason` is set once the request is done.
     """
 
     def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: Sequence[int], tokenizer: Tokenizer | None,
-                 on_token: Callable[["Request", int, str], None] | None, vocab_size: int, device):
+                 on_token: Callable[["DecodeRequest", int | None, str], None] | None, vocab_size: int, device):
         self.prompt, self.params, self.stop_ids = prompt, params, set(stop_ids)
         self.tokens = list(prompt)  # prompt + generated: the whole history
         self.out_ids: list[int] = []
@@ -143,7 +146,7 @@ class Request:
         self.top: list[list[tuple[int, float]]] = []  # the params.logprobs most likely tokens at each step
         self.stream = TextStream(tokenizer, [s for s in params.stop if s]) if tokenizer is not None else None
         self.on_token = on_token
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.cancelled = False
         self.row: int | None = None  # its row of the KV cache while it is in the batch
         self.start = 0  # first token of its window (see window_start)
@@ -162,7 +165,7 @@ class Request:
         return self.finish_reason is not None
 
     def cancel(self) -> None:
-        """Stop generating (thread-safe): the request leaves the batch at the next step."""
+        """Stop generating (thread-safe): the request leaves at the next step, finish reason "cancelled"."""
         self.cancelled = True
 
     def mean_logprob(self) -> float:
@@ -175,7 +178,8 @@ class Request:
             lp = [_logprob_entry(tokenizer, t, p, top) for t, p, top in zip(self.out_ids, self.out_logprobs, self.top)]
         return Completion(text, list(self.out_ids), self.finish_reason or "length", lp)
 
-    def _accept(self, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+    def append(self, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+        """Take the token drawn for this sequence (with its log-probability and the top alternatives)."""
         self.tokens.append(token)
         self.out_ids.append(token)
         self.out_logprobs.append(logprob)
@@ -191,9 +195,14 @@ class Request:
             self.finish_reason = "stop"
         elif len(self.out_ids) >= self.params.max_tokens:
             self.finish_reason = "length"
-        self.notify(token)
+        self._notify(token)
 
-    def notify(self, token: int | None) -> None:
+    def end(self, reason: FinishReason) -> None:
+        """Finish without a new token (max_tokens 0, cancelled, or a failed step) and tell on_token."""
+        self.finish_reason = reason
+        self._notify(None)
+
+    def _notify(self, token: int | None) -> None:
         """Hand on_token the text that can be shown now (token None: the request ended without a new one)."""
         new = ""
         if self.stream is not None:
@@ -220,20 +229,19 @@ class Engine:
         p = next(model.parameters())
         self.device = p.device
         self.cache = KVCache.empty(cfg, max_batch, cfg.block_size, p.device, p.dtype) if use_kv_cache else None
-        self.active: list[Request] = []  # active[i] lives in cache row i
-        self.waiting: list[Request] = []
+        self.active: list[DecodeRequest] = []  # active[i] lives in cache row i
+        self.waiting: list[DecodeRequest] = []
         self._lock = threading.Lock()
 
     def add(self, prompt: Sequence[int], params: SamplingParams, *, stop_ids: Sequence[int] = (),
-            on_token: Callable[[Request, int, str], None] | None = None) -> Request:
+            on_token: Callable[[DecodeRequest, int | None, str], None] | None = None) -> DecodeRequest:
         """Queue a prompt (token ids); it joins the batch at the next step with a free row."""
         params.validate()
         if not prompt:
             raise SamplingError("prompt", "the prompt is empty")
-        req = Request(list(prompt), params, stop_ids, self.tokenizer, on_token, self.vocab, self.device)
+        req = DecodeRequest(list(prompt), params, stop_ids, self.tokenizer, on_token, self.vocab, self.device)
         if params.max_tokens == 0:
-            req.finish_reason = "length"
-            req.notify(None)
+            req.end("length")
             return req
         with self._lock:
             self.waiting.append(req)
@@ -243,9 +251,28 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.active or self.waiting)
 
+    @property
+    def held(self) -> int:
+        """Requests in the batch or waiting for a row."""
+        return len(self.active) + len(self.waiting)
+
+    def cancel_all(self) -> None:
+        """Cancel every held request (thread-safe): each leaves at the next step, finish reason "cancelled"."""
+        with self._lock:
+            for req in self.active + self.waiting:
+                req.cancel()
+
+    def fail_all(self) -> None:
+        """After a step raised: every held request ends with finish reason "error" and the batch empties."""
+        with self._lock:
+            failed, self.active, self.waiting = self.active + self.waiting, [], []
+        for req in failed:
+            req.row = None
+            req.end("error")
+
     @torch.no_grad()  # not inference_mode: FSDP2-sharded models (samples after training) update parameters in place
     def step(self) -> None:
-        """Admit waiting requests, drop cancelled ones, give every active one its next token."""
+        """Drop cancelled requests, admit waiting ones, give every active one its next token."""
         self._admit()
         if not self.active:
             return
@@ -265,7 +292,7 @@ class Engine:
             if p.logprobs:
                 values, indices = logp[i].topk(min(p.logprobs, self.vocab))
                 top = list(zip(indices.tolist(), values.tolist()))
-            req._accept(token, float(logp[i, token]), top)
+            req.append(token, float(logp[i, token]), top)
             if not req.done:
                 new_start = window_start(len(req.tokens), req.start, self.model.config.block_size)
                 req.fresh, req.start = req.fresh or new_start != req.start, new_start
@@ -280,16 +307,25 @@ class Engine:
     # ------------------------------------------------------------------ internals
 
     def _admit(self) -> None:
-        self._release([r for r in self.active if r.cancelled])
+        self._drop_cancelled()
         with self._lock:
-            for req in [r for r in self.waiting if r.cancelled]:
-                self.waiting.remove(req)
             while self.waiting and len(self.active) < self.max_batch:
                 req = self.waiting.pop(0)
                 req.row, req.start = len(self.active), max(0, len(req.tokens) - self.model.config.block_size)
                 self.active.append(req)
 
-    def _release(self, done: list[Request]) -> None:
+    def _drop_cancelled(self) -> None:
+        """Cancelled requests leave the batch or the queue and end with finish reason "cancelled"."""
+        with self._lock:
+            waiting = [r for r in self.waiting if r.cancelled]
+            for req in waiting:
+                self.waiting.remove(req)
+        active = [r for r in self.active if r.cancelled]
+        self._release(active)
+        for req in active + waiting:
+            req.end("cancelled")
+
+    def _release(self, done: list[DecodeRequest]) -> None:
         """Finished or cancelled requests leave; the last rows move into the freed ones (rows stay 0..A-1)."""
         for req in done:
             last = self.active.pop()
@@ -301,8 +337,6 @@ class Engine:
                     self.cache.v[:, req.row, :, :n] = self.cache.v[:, last.row, :, :n]
                 last.row = req.row
             req.row = None
-            if req.cancelled and not req.done:
-                req.finish_reason = "cancelled"
 
     def _next_logits(self) -> torch.Tensor:
         """(A, vocab) float logits of the next token of every active request."""
@@ -387,7 +421,7 @@ def complete(
     ids = prompt_ids(tokenizer, prompt)
     end_ids = list(stop_ids) if stop_ids is not None else ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
     engine = Engine(model, tokenizer, max_batch=num_samples, use_kv_cache=use_kv_cache)
-    reqs: list[Request] = []
+    reqs: list[DecodeRequest] = []
     for i in range(num_samples):
         show = None if on_text is None else (lambda _r, _t, text, i=i: text and on_text(i, text))
         reqs.append(engine.add(ids, replace(params, seed=sample_seed(params.seed, i)), stop_ids=end_ids, on_token=show))

@@ -16,25 +16,25 @@ import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator
 
-import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.data.tokenizer import Tokenizer
-from gpt.infer.engine import Engine, sample_seed
-from gpt.infer.engine import Request as Seq
+from gpt.infer.engine import DecodeRequest, Engine, FinishReason, sample_seed
+from gpt.infer.scoring import TokenScore
 from gpt.model import GPT
 from gpt.serve.protocol import APIError, Job, chat_job, completion_job
 from gpt.serve.worker import QueueFull, Worker
 
 log = logging.getLogger("gpt.serve")
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+FINISH: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's finish_reason
 STATIC = Path(__file__).resolve().parent / "static"  # the playground page, served at /
 
 
@@ -47,155 +47,205 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
 
 
+@dataclass
+class ServerState:
+    """What every route needs: the settings, the tokenizer and the engine thread (app.state.server)."""
+
+    config: ServerConfig
+    tokenizer: Tokenizer
+    worker: Worker
+    block_size: int  # the model's context length
+    created: int  # when the model was loaded (the model card's `created`)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+Server = Annotated[ServerState, Depends(server_state)]
+router = APIRouter()
+
+
 def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServerConfig) -> FastAPI:
     """The app around one loaded model; the engine thread starts and stops with the app."""
     model.eval()
     worker = Worker(Engine(model, tokenizer, max_batch=cfg.max_batch), cfg.max_queue)
-    block = model.config.block_size
-    created = int(time.time())
-
-    async def lifespan(_app):
-        worker.start()
-        yield
-        worker.stop()
-
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = ServerState(cfg, tokenizer, worker, model.config.block_size, int(time.time()))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.state.worker = worker
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Bearer key and body size, before any handler reads the body."""
-        try:
-            if cfg.api_key and request.url.path.startswith(("/v1", "/tokenize")):
-                given = request.headers.get("authorization", "")
-                if not secrets.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                    raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
-                                   code="invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-                raise APIError(413, f"The request body is larger than the server's limit of {cfg.max_body_bytes} "
-                                    "bytes.", code="request_too_large")
-            return await call_next(request)
-        except APIError as e:
-            return error_response(e)
-
-    @app.exception_handler(APIError)
-    async def api_error(_request, e: APIError):
-        return error_response(e)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request, e: StarletteHTTPException):
-        code = "not_found" if e.status_code == 404 else None
-        return error_response(APIError(e.status_code, str(e.detail), code=code))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_request, e: Exception):  # a bug: logged with its traceback, answered in OpenAI's shape
-        log.error("internal error", exc_info=e)
-        return error_response(APIError(500, "The server had an error while processing your request.",
-                                       type="server_error"))
-
-    @app.get("/", include_in_schema=False)
-    async def playground():
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        """Prompt tokens of a completion prompt or chat messages (the playground's live count)."""
-        body = await read_body(request)
-        if "messages" in body:
-            n = len(chat_job({**body, "max_tokens": 1, "stream": False}, tokenizer, 1 << 30).prompts[0])
-        else:
-            n = sum(len(p) for p in completion_job({"prompt": body.get("prompt"), "max_tokens": 0}, tokenizer,
-                                                   1 << 30).prompts)
-        return {"tokens": n, "context_length": block}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": cfg.model_name}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def one_model(name: str):
-        check_model(name)
-        return model_card()
-
-    def model_card() -> dict:
-        return {"id": cfg.model_name, "object": "model", "created": created, "owned_by": "local",
-                "context_length": block}
-
-    def check_model(name) -> None:
-        if name is not None and name != cfg.model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{cfg.model_name}'.",
-                           param="model", code="model_not_found")
-
-    async def read_body(request: Request) -> dict:
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > cfg.max_body_bytes:
-                raise APIError(413, f"The request body is larger than the server's limit of {cfg.max_body_bytes} "
-                                    "bytes.", code="request_too_large")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise APIError(400, "The body of the request is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The body of the request must be a JSON object.")
-        check_model(body.get("model"))
-        return body
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        job = completion_job(body, tokenizer, block)
-        return await respond(request, job, Completions(cfg.model_name, tokenizer, job, model))
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await read_body(request)
-        job = chat_job(body, tokenizer, block)
-        return await respond(request, job, ChatCompletions(cfg.model_name, tokenizer, job, model))
-
-    async def respond(request: Request, job: Job, shape: "Shape"):
-        run = Run(worker, job)
-        run.start()
-        if job.stream:
-            return StreamingResponse(stream_events(request, run, shape), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            await run.wait(request)
-        finally:
-            run.cancel()
-        return JSONResponse(await shape.full(run))
-
+    app.middleware("http")(guard)
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    app.include_router(router)
     return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    worker = app.state.server.worker
+    worker.start()
+    yield
+    worker.stop()
+
+
+# ---------------------------------------------------------------------------- errors, key and body size
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than the server's limit of {limit} bytes.",
+                    code="request_too_large")
+
+
+async def guard(request: Request, call_next):
+    """Bearer key and body size, before any handler reads the body."""
+    cfg = server_state(request).config
+    try:
+        if cfg.api_key and request.url.path.startswith(("/v1", "/tokenize")):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+                raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
+                               code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            raise too_large(cfg.max_body_bytes)
+        return await call_next(request)
+    except APIError as e:
+        return error_response(e)
 
 
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+async def api_error(_request: Request, e: APIError) -> JSONResponse:
+    return error_response(e)
+
+
+async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = "not_found" if e.status_code == 404 else None
+    return error_response(APIError(e.status_code, str(e.detail), code=code))
+
+
+async def internal_error(_request: Request, e: Exception) -> JSONResponse:
+    """A bug: logged with its traceback, answered in OpenAI's shape."""
+    log.error("internal error", exc_info=e)
+    return error_response(APIError(500, "The server had an error while processing your request.",
+                                   type="server_error"))
+
+
+async def read_body(request: Request, server: ServerState) -> dict:
+    """The JSON object of the request, read up to the size limit; its `model`, if any, must be ours."""
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > server.config.max_body_bytes:
+            raise too_large(server.config.max_body_bytes)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise APIError(400, "The body of the request is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The body of the request must be a JSON object.")
+    check_model(body.get("model"), server)
+    return body
+
+
+def check_model(name: str | None, server: ServerState) -> None:
+    if name is not None and name != server.config.model_name:
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{server.config.model_name}'.",
+                       param="model", code="model_not_found")
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+@router.get("/", include_in_schema=False)
+async def playground():
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request, server: Server):
+    """Prompt tokens of a completion prompt or chat messages (the playground's live count)."""
+    body = await read_body(request, server)
+    if "messages" in body:
+        n = len(chat_job({**body, "max_tokens": 1, "stream": False}, server.tokenizer, 1 << 30).prompts[0])
+    else:
+        n = sum(len(p) for p in completion_job({"prompt": body.get("prompt"), "max_tokens": 0}, server.tokenizer,
+                                               1 << 30).prompts)
+    return {"tokens": n, "context_length": server.block_size}
+
+
+@router.get("/health")
+async def health(server: Server):
+    return {"status": "ok", "model": server.config.model_name}
+
+
+@router.get("/v1/models")
+async def models(server: Server):
+    return {"object": "list", "data": [model_card(server)]}
+
+
+@router.get("/v1/models/{name:path}")
+async def one_model(name: str, server: Server):
+    check_model(name, server)
+    return model_card(server)
+
+
+def model_card(server: ServerState) -> dict:
+    return {"id": server.config.model_name, "object": "model", "created": server.created, "owned_by": "local",
+            "context_length": server.block_size}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, server: Server):
+    body = await read_body(request, server)
+    job = completion_job(body, server.tokenizer, server.block_size)
+    return await respond(request, server, job, Completions(server, job))
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request, server: Server):
+    body = await read_body(request, server)
+    job = chat_job(body, server.tokenizer, server.block_size)
+    return await respond(request, server, job, ChatCompletions(server, job))
+
+
+async def respond(request: Request, server: ServerState, job: Job, shape: "Shape"):
+    """Start the job's sequences; answer with their events as a stream, or with the whole reply at the end."""
+    reply = PendingReply(server.worker, job)
+    reply.start()
+    if job.stream:
+        return StreamingResponse(stream_events(reply, shape), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        await reply.wait(request)
+    finally:
+        reply.cancel()
+    return JSONResponse(await shape.full(reply))
+
+
+# ---------------------------------------------------------------------------- one request's sequences
+
+
 @dataclass
 class Event:
-    seq: Seq
+    seq: DecodeRequest
     token: int | None
     text: str
     position: int  # index of `token` in seq.out_ids
-    finish_reason: str | None  # set on the sequence's last event
+    finish_reason: FinishReason | None  # set on the sequence's last event
 
 
-class Run:
-    """The engine sequences of one API request and the events their tokens produce."""
+class PendingReply:
+    """The engine sequences of one API request and the events their tokens produce, until the reply is sent."""
 
     def __init__(self, worker: Worker, job: Job):
         self.worker, self.job = worker, job
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.seqs: list[Seq] = []
+        self.seqs: list[DecodeRequest] = []
         self._pending: list[Event] = []  # from the engine thread, not yet handed to the event loop
         self._pending_lock = threading.Lock()
 
@@ -212,7 +262,7 @@ class Run:
             raise APIError(429, f"The server is busy ({e}); retry shortly.", type="rate_limit_exceeded",
                            code="rate_limit_exceeded") from None
 
-    def _on_token(self, seq: Seq, token: int | None, text: str) -> None:  # engine thread
+    def _on_token(self, seq: DecodeRequest, token: int | None, text: str) -> None:  # engine thread
         """Queue what happened now: the handler runs later, when the sequence may have moved on.
 
         Only a stream needs every token; otherwise only a sequence's end. Events wait in a list and
@@ -259,7 +309,7 @@ class Run:
         if any(s.finish_reason == "cancelled" for s in self.seqs):
             raise APIError(503, "The server is shutting down; the request was not completed.", type="server_error")
 
-    def chosen(self) -> list[list[Seq]]:
+    def chosen(self) -> list[list[DecodeRequest]]:
         """Per prompt, the n sequences returned: the best by mean token log-probability when best_of > n."""
         job, out = self.job, []
         for p in range(len(job.prompts)):
@@ -270,17 +320,17 @@ class Run:
         return out
 
 
-async def stream_events(request: Request, run: Run, shape: "Shape") -> AsyncIterator[str]:
+async def stream_events(reply: PendingReply, shape: Shape) -> AsyncIterator[str]:
     """Server-Sent Events: one chunk per token (text held back at a possible stop is sent later)."""
-    index = {id(s): i for i, s in enumerate(run.seqs)}  # best_of == n when streaming
+    index = {id(s): i for i, s in enumerate(reply.seqs)}  # best_of == n when streaming
     try:
-        for chunk in await shape.opening(run.seqs):
+        for chunk in shape.opening(reply.seqs):
             yield sse(chunk)
-        left = len(run.seqs)
+        left = len(reply.seqs)
         while left:
-            events = [await run.events.get()]
-            while not run.events.empty():  # what piled up goes out in one write
-                events.append(run.events.get_nowait())
+            events = [await reply.events.get()]
+            while not reply.events.empty():  # what piled up goes out in one write
+                events.append(reply.events.get_nowait())
             out = []
             for e in events:
                 i = index[id(e.seq)]
@@ -294,56 +344,70 @@ async def stream_events(request: Request, run: Run, shape: "Shape") -> AsyncIter
                     left -= 1
                     out.append(sse(shape.finish(i, e.finish_reason)))
             yield "".join(out)
-        if run.job.include_usage:
-            yield sse(shape.usage_chunk(run.seqs))
+        if reply.job.include_usage:
+            yield sse(shape.usage_chunk(reply.seqs))
         yield "data: [DONE]\n\n"
     finally:
-        run.cancel()  # the client went away (or we are done): free the rows
+        reply.cancel()  # the client went away (or we are done): free the rows
 
 
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+# ---------------------------------------------------------------------------- OpenAI's response objects
+
+
+def generated(seq: DecodeRequest, indices: list[int]) -> list[TokenScore]:
+    """The generated tokens of seq at `indices`, with their log-probabilities and top alternatives."""
+    return [TokenScore(seq.out_ids[j], seq.out_logprobs[j], seq.top[j] if seq.top else []) for j in indices]
+
+
 class Shape(ABC):
-    """OpenAI's response objects for one endpoint."""
+    """OpenAI's response objects for one endpoint: the whole reply, or a stream's chunks."""
 
-    object_full = object_chunk = ""
+    prefix = object_chunk = ""
 
-    def __init__(self, model_name: str, tokenizer: Tokenizer, job: Job, model: GPT):
-        self.model_name, self.tok, self.job, self.model = model_name, tokenizer, job, model
+    def __init__(self, server: ServerState, job: Job):
+        self.server, self.tok, self.job = server, server.tokenizer, job
         self.id = self.prefix + secrets.token_hex(12)
         self.created = int(time.time())
 
-    prefix = ""
+    @abstractmethod
+    async def full(self, reply: PendingReply) -> dict:
+        """The whole reply, once every sequence is done."""
+
+    @abstractmethod
+    def logprobs(self, seq: DecodeRequest, indices: list[int]) -> dict:
+        """The logprobs object of the generated tokens of seq at `indices`."""
+
+    @abstractmethod
+    def chunk_choice(self, i: int, text: str | None, lp: dict | None, reason: str | None) -> dict:
+        """One choice of a stream chunk: new text, its logprobs, or the finish reason."""
+
+    def opening(self, seqs: list[DecodeRequest]) -> list[dict]:
+        """The chunks a stream starts with, before any token."""
+        return []
 
     def envelope(self, obj: str, **fields) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name, **fields}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.server.config.model_name,
+                **fields}
 
-    def usage(self, seqs: list[Seq]) -> dict:
+    def usage(self, seqs: list[DecodeRequest]) -> dict:
         prompt = sum(len(p) for p in self.job.prompts)
         completion = sum(len(s.out_ids) for s in seqs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def usage_chunk(self, seqs: list[Seq]) -> dict:
+    def usage_chunk(self, seqs: list[DecodeRequest]) -> dict:
         return self.envelope(self.object_chunk, choices=[], usage=self.usage(seqs))
 
     def token_str(self, token: int) -> str:
         return self.tok.decode([token])
 
-    def reported(self, seq: Seq) -> list[int]:
+    def reported(self, seq: DecodeRequest) -> list[int]:
         """Indices of the generated tokens that logprobs report: all but an end-of-text/turn token."""
         n = len(seq.out_ids) - (1 if seq.finish_reason == "eos" else 0)
         return list(range(n))
-
-    async def opening(self, seqs: list[Seq]) -> list[dict]:
-        return []
-
-    @abstractmethod
-    def chunk_choice(self, i: int, text: str | None, lp: dict | None, reason: str | None) -> dict: ...
-
-    @abstractmethod
-    def logprobs(self, seq: Seq, indices: list[int]) -> dict: ...
 
     def delta(self, i: int, e: Event) -> dict | None:
         """The chunk for one token event (None when it shows nothing yet)."""
@@ -354,44 +418,49 @@ class Shape(ABC):
             return None
         return self.envelope(self.object_chunk, choices=[self.chunk_choice(i, e.text, lp, None)])
 
-    def finish(self, i: int, reason: str) -> dict:
+    def finish(self, i: int, reason: FinishReason) -> dict:
         return self.envelope(self.object_chunk, choices=[self.chunk_choice(i, None, None, FINISH[reason])])
 
 
 class Completions(Shape):
     prefix = "cmpl-"
-    object_full = object_chunk = "text_completion"
+    object_chunk = "text_completion"
 
-    async def full(self, run: "Run") -> dict:
+    async def full(self, reply: PendingReply) -> dict:
         choices, i = [], 0
-        for p, seqs in enumerate(run.chosen()):
-            prompt_lp = await self.prompt_logprobs(p) if self.job.echo and self.job.logprobs is not None else None
+        for p, seqs in enumerate(reply.chosen()):
+            prompt = self.job.prompts[p]
+            scored = await self.prompt_scores(prompt) if self.job.echo and self.job.logprobs is not None else []
             for seq in seqs:
                 c = seq.completion()
-                text = (self.tok.decode(self.job.prompts[p]) if self.job.echo else "") + c.text
-                offset = 0 if self.job.echo else len(self.tok.decode(self.job.prompts[p]))
-                lp = self.logprobs(seq, self.reported(seq), prompt_lp, offset) if self.job.logprobs is not None else None
+                text = (self.tok.decode(prompt) if self.job.echo else "") + c.text
+                offset = 0 if self.job.echo else len(self.tok.decode(prompt))
+                lp = None
+                if self.job.logprobs is not None:
+                    lp = self.text_logprobs(scored + generated(seq, self.reported(seq)), offset)
                 choices.append({"text": text, "index": i, "logprobs": lp, "finish_reason": FINISH[c.finish_reason]})
                 i += 1
-        return self.envelope("text_completion", choices=choices, usage=self.usage(run.seqs))
+        return self.envelope("text_completion", choices=choices, usage=self.usage(reply.seqs))
 
-    async def prompt_logprobs(self, p: int) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
-        ids, k = self.job.prompts[p], self.job.logprobs or 0
-        return await asyncio.to_thread(score, self.model, ids, k, self.tok.vocab_size)
+    async def prompt_scores(self, prompt: list[int]) -> list[TokenScore]:
+        """The prompt's own tokens scored by the model (echo + logprobs), off the event loop."""
+        return await asyncio.to_thread(self.server.worker.score_prompt, prompt, self.job.logprobs or 0)
 
-    def logprobs(self, seq: Seq, indices: list[int], prefix=None, offset: int = 0) -> dict:
-        rows = list(prefix or []) + [(seq.out_ids[j], seq.out_logprobs[j], seq.top[j] if seq.top else [])
-                                     for j in indices]
-        tokens = [self.token_str(t) for t, _, _ in rows]
+    def logprobs(self, seq: DecodeRequest, indices: list[int]) -> dict:
+        return self.text_logprobs(generated(seq, indices), 0)
+
+    def text_logprobs(self, rows: list[TokenScore], offset: int) -> dict:
+        """The legacy logprobs object; `offset` is where the first row's text starts in the choice's text."""
+        tokens = [self.token_str(r.id) for r in rows]
         offsets, pos = [], offset
         for s in tokens:
             offsets.append(pos)
             pos += len(s)
-        tops = [None if lp is None and not top else {self.token_str(i): v for i, v in top} for _, lp, top in rows]
-        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in rows], "top_logprobs": tops,
+        tops = [None if r.logprob is None and not r.top else {self.token_str(i): v for i, v in r.top} for r in rows]
+        return {"tokens": tokens, "token_logprobs": [r.logprob for r in rows], "top_logprobs": tops,
                 "text_offset": offsets}
 
-    async def opening(self, seqs: list[Seq]) -> list[dict]:
+    def opening(self, seqs: list[DecodeRequest]) -> list[dict]:
         if not self.job.echo:
             return []
         return [self.envelope("text_completion", choices=[{"text": self.tok.decode(self.job.prompts[i // self.job.n]),
@@ -404,31 +473,31 @@ class Completions(Shape):
 
 class ChatCompletions(Shape):
     prefix = "chatcmpl-"
-    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
+    object_chunk = "chat.completion.chunk"
 
-    async def full(self, run: "Run") -> dict:
+    async def full(self, reply: PendingReply) -> dict:
         choices = []
-        for i, seq in enumerate(run.chosen()[0]):
+        for i, seq in enumerate(reply.chosen()[0]):
             c = seq.completion()
             lp = self.logprobs(seq, self.reported(seq)) if self.job.logprobs is not None else None
             choices.append({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
                             "logprobs": lp, "finish_reason": FINISH[c.finish_reason]})
-        return self.envelope("chat.completion", choices=choices, usage=self.usage(run.seqs),
+        return self.envelope("chat.completion", choices=choices, usage=self.usage(reply.seqs),
                              system_fingerprint=None)
 
     def entry(self, token: int, logprob: float) -> dict:
         s = self.token_str(token)
         return {"token": s, "logprob": logprob, "bytes": list(self.tok.decode_bytes([token]))}
 
-    def logprobs(self, seq: Seq, indices: list[int]) -> dict:
+    def logprobs(self, seq: DecodeRequest, indices: list[int]) -> dict:
         content = []
-        for j in indices:
-            e = self.entry(seq.out_ids[j], seq.out_logprobs[j])
-            e["top_logprobs"] = [self.entry(t, v) for t, v in (seq.top[j] if seq.top else [])]
+        for r in generated(seq, indices):
+            e = self.entry(r.id, r.logprob)
+            e["top_logprobs"] = [self.entry(t, v) for t, v in r.top]
             content.append(e)
         return {"content": content, "refusal": None}
 
-    async def opening(self, seqs: list[Seq]) -> list[dict]:
+    def opening(self, seqs: list[DecodeRequest]) -> list[dict]:
         return [self.envelope(self.object_chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                                            "logprobs": None, "finish_reason": None}])
                 for i in range(len(seqs))]
@@ -436,17 +505,3 @@ class ChatCompletions(Shape):
     def chunk_choice(self, i: int, text: str | None, lp: dict | None, reason: str | None) -> dict:
         return {"index": i, "delta": {} if text is None else {"content": text}, "logprobs": lp,
                 "finish_reason": reason}
-
-
-@torch.inference_mode()
-def score(model: GPT, ids: list[int], k: int, vocab: int) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
-    """Log-probability of each prompt token given the ones before it (echo + logprobs); the first has none."""
-    window = ids[-model.config.block_size :]
-    logits, _ = model(torch.tensor([window], device=next(model.parameters()).device))
-    logp = logits[0, :, :vocab].float().log_softmax(-1)
-    out: list[tuple[int, float | None, list[tuple[int, float]]]] = [(window[0], None, [])]
-    for j in range(1, len(window)):
-        top = logp[j - 1].topk(min(k, vocab)) if k else None
-        alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-        out.append((window[j], float(logp[j - 1, window[j]]), alts))
-    return out

@@ -50,10 +50,6 @@ class Job:
     logprobs: int | None = None  # None: not asked for; K: the chosen token and the K most likely
     stop_ids: list[int] = field(default_factory=list)
 
-    @property
-    def sequences(self) -> int:
-        return len(self.prompts) * self.best_of
-
 
 # ---------------------------------------------------------------------------- field readers
 

@@ -3,6 +3,8 @@
 HTTP handlers `submit` sequences (thread-safe); they join the batch at the next step and their
 tokens come back through each request's on_token callback (the handler hands them to its event
 loop). When rows and the bounded queue are full, submit raises QueueFull (the server's 429).
+A cancelled sequence, or every held one when a step fails, ends in the engine (finish reason
+"cancelled" or "error") and its on_token hears of it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import logging
 import threading
 from typing import Callable, Sequence
 
-from gpt.infer.engine import Engine, Request
+from gpt.infer.engine import DecodeRequest, Engine
 from gpt.infer.sampling import SamplingParams
+from gpt.infer.scoring import TokenScore, score_prompt
 
 log = logging.getLogger("gpt.serve")
 
@@ -38,24 +41,28 @@ class Worker:
         return self.engine.max_batch + self.max_queue
 
     def submit(self, items: Sequence[tuple[list[int], SamplingParams]], stop_ids: Sequence[int],
-               on_token: Callable[[Request, int | None, str], None]) -> list[Request]:
+               on_token: Callable[[DecodeRequest, int | None, str], None]) -> list[DecodeRequest]:
         """Queue all of a request's sequences, or none of them (QueueFull)."""
         with self._lock:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            held = len(self.engine.active) + len(self.engine.waiting)
+            held = self.engine.held
             if held + len(items) > self.capacity:
                 raise QueueFull(f"{held} sequences running or queued; the server holds at most {self.capacity}")
             reqs = [self.engine.add(ids, params, stop_ids=stop_ids, on_token=on_token) for ids, params in items]
         self._wake.set()
         return reqs
 
+    def score_prompt(self, ids: list[int], top_k: int) -> list[TokenScore]:
+        """The log-probability of each prompt token (echo + logprobs), on the caller's thread: one forward
+        pass of the engine's model outside the batch."""
+        return score_prompt(self.engine.model, ids, top_k, self.engine.vocab)
+
     def stop(self) -> None:
         """Cancel what is left and end the thread (the server is shutting down)."""
         with self._lock:
             self._stopping = True
-            for req in self.engine.active + self.engine.waiting:
-                req.cancel()
+            self.engine.cancel_all()
         self._wake.set()
         self._thread.join(timeout=30)
 
@@ -68,15 +75,7 @@ class Worker:
                 self._wake.clear()
                 continue
             try:
-                cancelled = [r for r in self.engine.active + self.engine.waiting if r.cancelled]
                 self.engine.step()
-                for req in cancelled:
-                    req.finish_reason = req.finish_reason or "cancelled"
-                    req.notify(None)
             except Exception:  # a bug: fail the running requests, keep serving the next ones
                 log.exception("engine step failed")
-                for req in self.engine.active + self.engine.waiting:
-                    req.finish_reason = "error"
-                    req.notify(None)
-                self.engine.active.clear()
-                self.engine.waiting.clear()
+                self.engine.fail_all()
