@@ -2,6 +2,27 @@
 
 Parameter names follow GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...) so weights map
 one-to-one to OpenAI/Hugging Face checkpoints (their Conv1D weights are our Linear weights transposed).
+
+Positions and masks. GPT.forward turns its arguments into one `Positions`, once per call, and every
+layer reads it: `pos`, the position of each token, a (B, T) tensor, or (1, T) when every row shares it
+(it indexes wpe; a rotary embedding would index by it too), and `mask`, the answer of the one mask
+builder, `attention_mask`: CAUSAL (SDPA's is_causal, the fast path), None (every key) or a boolean
+(B or 1, 1, T, keys) tensor, True where a query may attend. A query sees the keys at its own position
+and before, inside its own document. So a new position scheme is one more read of `pos` (a rotary
+embedding would rotate q and k by it in CausalSelfAttention.forward), a sliding window one more term
+in attention_mask, and neither needs to know which of the cases below it is in.
+
+| call                                  | pos                         | keys attended        | mask                               |
+| ------------------------------------- | --------------------------- | -------------------- | ---------------------------------- |
+| training, scoring (no cache)          | 0..T-1, shared (1, T)       | the T tokens         | CAUSAL                             |
+| packed rows (doc_ids, no cache)       | restart at each document    | the T tokens         | (B, 1, T, T) causal, same document |
+| prefill: cache, start_pos=0           | 0..T-1, shared              | cache[:T]            | CAUSAL                             |
+| chunked prefill: cache, start_pos=s>0 | s..s+T-1, shared            | cache[:s+T]          | (1, 1, T, s+T)                     |
+| decode: cache, start_pos=s, T=1       | s, shared                   | cache[:s+1]          | None                               |
+| per-row starts: cache, start_pos (B,) | start_pos[b].., one per row | the whole cache view | (B, 1, T, max_len)                 |
+
+The last row is continuous batching: each row of the cache holds a sequence of its own length,
+and the mask hides each row's unused tail.
 """
 
 from __future__ import annotations
@@ -16,9 +37,10 @@ import torch.nn.functional as F
 from gpt.config import ModelConfig
 from gpt.losses import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 
-__all__ = ["GPT", "KVCache", "IGNORE_INDEX", "cross_entropy"]
+__all__ = ["GPT", "KVCache", "Positions", "attention_mask", "CAUSAL", "IGNORE_INDEX", "cross_entropy"]
 FUSED_LOSS_MIN_LOGITS = 2**25  # "auto" fuses head + loss on CPU from this many logits a batch (128 MB in fp32)
 MATMUL_ATTENTION_SCORES = (2**11, 2**24)  # CPU bf16 attention with this many scores uses matmul_attention
+CAUSAL = "causal"  # attention_mask's answer when plain causal attention applies (SDPA's is_causal=True)
 
 
 @dataclass
@@ -38,6 +60,74 @@ class KVCache:
         return self.k.shape[3]
 
 
+@dataclass(frozen=True)
+class Positions:
+    """Where one forward call's tokens sit and what they attend to; built once, read by every layer.
+
+    pos: (B, T) position of each token, or (1, T) when all rows share them. In a KV cache a token's
+        keys and values live at its position.
+    mask: attention_mask's answer for these queries: CAUSAL, None (every key) or a boolean tensor.
+    start: the first position when every row's tokens sit at start, start+1, ... (an int start_pos):
+        the cache is written as one slice and attention sees its first start + T slots. None: each
+        row at its own positions, written row by row; attention sees the whole cache view.
+    """
+
+    pos: torch.Tensor
+    mask: torch.Tensor | str | None
+    start: int | None
+
+
+def attention_mask(q_pos: torch.Tensor, cache_len: int | None = None, docs: torch.Tensor | None = None, *,
+                   shared: bool = False) -> torch.Tensor | str | None:
+    """The one mask builder: which keys each query may attend to (see the table in the module docstring).
+
+    q_pos: (B or 1, T) query positions. cache_len: keys are cache slots 0..cache_len-1, each at its own
+    position; None: the keys are the queries themselves. docs: (B, T) document of each token (packed
+    rows, keys = queries). shared: every row's queries sit at the same consecutive positions, the last T
+    keys (an int start_pos), so the answer needs no tensor: CAUSAL when the queries are all the keys,
+    None for one query. Otherwise a boolean (B or 1, 1, T, keys) mask, True = attend: a query sees the
+    keys at its position and before, in its own document.
+    """
+    T = q_pos.shape[-1]
+    if shared and docs is None:
+        if cache_len is None or cache_len == T:
+            return CAUSAL  # SDPA's triangle is aligned to the top left: right when queries = keys
+        if T == 1:
+            return None  # one new token sees every key before it
+    k_pos = q_pos if cache_len is None else torch.arange(cache_len, device=q_pos.device)[None]
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # (B or 1, T, keys)
+    if docs is not None:
+        visible = visible & (docs[:, None, :] == docs[:, :, None])
+    return visible[:, None]
+
+
+def _document_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions restarting at each document of packed rows, and each token's document (run) number.
+
+    A document is a run of equal doc_ids; numbering the runs keeps a repeated id apart from its earlier run.
+    """
+    B, T = doc_ids.shape
+    t = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+    return t - first, starts.cumsum(dim=1)
+
+
+def _write_cache(layer_cache, k: torch.Tensor, v: torch.Tensor, at: Positions):
+    """Store this call's keys/values (B, nh, T, hd) at their positions; return the keys/values attended."""
+    cache_k, cache_v = layer_cache  # (B, nh, max_len, hd)
+    if at.start is None:  # each row at its own positions
+        index = at.pos[:, None, :, None].expand(k.shape)
+        cache_k.scatter_(2, index, k.to(cache_k.dtype))
+        cache_v.scatter_(2, index, v.to(cache_v.dtype))
+        return cache_k, cache_v  # the mask hides each row's unused tail
+    end = at.start + k.shape[2]
+    cache_k[:, :, at.start : end] = k
+    cache_v[:, :, at.start : end] = v
+    return cache_k[:, :, :end], cache_v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -47,31 +137,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, layer_cache=None, start_pos: int | torch.Tensor = 0, attn_mask=None):
+    def forward(self, x, at: Positions, layer_cache=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
-        is_causal = attn_mask is None  # q, k, v: (B, nh, T, hd)
-        if layer_cache is not None:
-            cache_k, cache_v = layer_cache  # (B, nh, max_len, hd)
-            if isinstance(start_pos, torch.Tensor):  # one token per row, each at its own position
-                rows = torch.arange(B, device=x.device)
-                cache_k[rows, :, start_pos] = k[:, :, 0]
-                cache_v[rows, :, start_pos] = v[:, :, 0]
-                k, v = cache_k, cache_v  # attn_mask (from GPT.forward) hides each row's unused tail
-            else:
-                end = start_pos + T
-                cache_k[:, :, start_pos:end] = k
-                cache_v[:, :, start_pos:end] = v
-                k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-                if T == 1:  # one new token sees every cached position
-                    is_causal = False
-                elif start_pos > 0 and attn_mask is None:
-                    # is_causal would align the triangle to the top-left; queries sit at the end.
-                    q_pos = torch.arange(start_pos, end, device=x.device)[:, None]
-                    attn_mask = torch.arange(end, device=x.device)[None, :] <= q_pos
-                    is_causal = False
+        if layer_cache is not None:  # q, k, v: (B, nh, T, hd)
+            k, v = _write_cache(layer_cache, k, v, at)
+        causal = at.mask is CAUSAL
         attend = matmul_attention if _matmul_attention_pays(q, k) else F.scaled_dot_product_attention
-        y = attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, attn_mask=None if causal else at.mask, is_causal=causal,
+                   dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -124,8 +198,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, layer_cache=None, start_pos: int | torch.Tensor = 0, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), layer_cache, start_pos, attn_mask)
+    def forward(self, x, at: Positions, layer_cache=None):
+        x = x + self.attn(self.ln_1(x), at, layer_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -177,41 +251,20 @@ class GPT(nn.Module):
 
         idx, targets: (B, T) token ids; targets equal to IGNORE_INDEX carry no loss.
         kv_cache/start_pos: write this chunk's keys/values at start_pos and attend to all before it.
-            start_pos may also be a (B,) tensor with one position per row (T = 1): continuous
-            batching, where each row of the cache holds a sequence of its own length. The caller
-            keeps every position below the cache's max_len.
+            start_pos may also be a (B,) tensor, row b's tokens sitting at start_pos[b], start_pos[b] + 1,
+            ...: continuous batching, where each row of the cache holds a sequence of its own length.
+            The caller keeps every position below the cache's max_len.
         doc_ids: (B, T) document number of each token in a packed window: positions restart and
             attention stays inside each document, so packed examples never see each other.
         reduction: "mean" over supervised tokens, "sum" (the loop normalises across micro-batches), or
             "none": the (B, T) token losses, 0 where ignored (DPO sums them per sequence).
         logits_to_keep: 0 = logits for every position, k = only the last k (cheap decoding).
         """
-        B, T = idx.shape
-        attn_mask = None
-        if isinstance(start_pos, torch.Tensor):
-            if kv_cache is None or T != 1:
-                raise ValueError("per-row start positions need a KV cache and one token per row")
-            pos = start_pos[:, None]
-            keys = torch.arange(kv_cache.max_len, device=idx.device)
-            attn_mask = (keys[None, :] <= pos)[:, None, None, :]  # (B, 1, 1, max_len): each row's own length
-        else:
-            end = start_pos + T
-            limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
-            if end > self.config.block_size or end > limit:
-                raise ValueError(
-                    f"sequence of {end} tokens is longer than the model's block_size ({self.config.block_size}); "
-                    "shorten the prompt or crop it to the last block_size tokens"
-                )
-            if doc_ids is not None:
-                if kv_cache is not None:
-                    raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
-                pos, attn_mask = _packed_positions_and_mask(doc_ids)
-            else:
-                pos = torch.arange(start_pos, end, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        at = self.positions(idx, start_pos, kv_cache, doc_ids)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(at.pos))
         for i, block in enumerate(self.transformer.h):
             layer_cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
-            x = block(x, layer_cache, start_pos, attn_mask)
+            x = block(x, at, layer_cache)
         x = self.transformer.ln_f(x)
 
         if targets is None:
@@ -224,6 +277,30 @@ class GPT(nn.Module):
         return logits, cross_entropy(logits, targets, reduction)
 
     # ------------------------------------------------------------------ helpers
+
+    def positions(self, idx: torch.Tensor, start_pos: int | torch.Tensor = 0, kv_cache: KVCache | None = None,
+                  doc_ids: torch.Tensor | None = None) -> Positions:
+        """The Positions of a forward call (the table in the module docstring), once for all layers."""
+        T = idx.shape[1]
+        if doc_ids is not None and kv_cache is not None:
+            raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+        if isinstance(start_pos, torch.Tensor):  # one start per row
+            if kv_cache is None:
+                raise ValueError("per-row start positions need a KV cache")
+            pos = start_pos[:, None] if T == 1 else start_pos[:, None] + torch.arange(T, device=idx.device)
+            return Positions(pos, attention_mask(pos, kv_cache.max_len), None)
+        end = start_pos + T
+        limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
+        if end > self.config.block_size or end > limit:
+            raise ValueError(
+                f"sequence of {end} tokens is longer than the model's block_size ({self.config.block_size}); "
+                "shorten the prompt or crop it to the last block_size tokens"
+            )
+        if doc_ids is not None:
+            pos, docs = _document_positions(doc_ids)
+            return Positions(pos, attention_mask(pos, docs=docs), None)
+        pos = torch.arange(start_pos, end, device=idx.device)[None]
+        return Positions(pos, attention_mask(pos, None if kv_cache is None else end, shared=True), start_pos)
 
     def fuses_loss(self, tokens: int) -> bool:
         """Head + loss fused in row chunks (gpt/losses.py) for a batch of `tokens` targets. "auto": on a CPU
@@ -264,16 +341,3 @@ class GPT(nn.Module):
         self.transformer.wte = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
         self.transformer.wte.weight = self.lm_head.weight
         self.config.vocab_size = new_size
-
-
-def _packed_positions_and_mask(doc_ids: torch.Tensor):
-    """Positions restarting at each document and a block-diagonal causal mask (B, 1, T, T)."""
-    B, T = doc_ids.shape
-    t = torch.arange(T, device=doc_ids.device).expand(B, T)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
-    pos = t - first
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return pos, (same_doc & causal)[:, None]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
-from gpt.model import GPT, IGNORE_INDEX, KVCache, matmul_attention
+from gpt.model import CAUSAL, GPT, IGNORE_INDEX, KVCache, attention_mask, matmul_attention
 
 
 def tiny(**kw) -> GPT:
@@ -115,6 +115,51 @@ def test_cached_forward_matches_full_forward():
     c = [model(idx[:, t : t + 1], kv_cache=cache, start_pos=t)[0] for t in range(9, 12)]  # decode
     got = torch.cat([a, b, *c], dim=1)
     assert torch.allclose(got, full, atol=1e-5)
+
+
+def test_one_mask_builder_answers_every_position_case():
+    """The table in gpt/model.py's docstring: plain causal and one-token decoding build no mask tensor."""
+    model = tiny()
+    x = torch.zeros(3, 4, dtype=torch.long)
+    cache = KVCache.empty(model.config, 3, 16, "cpu", torch.float32)
+    assert model.positions(x).mask is CAUSAL  # training, scoring
+    assert model.positions(x, kv_cache=cache).mask is CAUSAL  # prefill
+    assert model.positions(x[:, :1], 5, kv_cache=cache).mask is None  # decode, shared position
+    chunk = model.positions(x, 5, kv_cache=cache)  # chunked prefill: queries 5..8 against keys 0..8
+    assert torch.equal(chunk.pos, torch.arange(5, 9)[None])
+    assert torch.equal(chunk.mask[0, 0], torch.arange(9)[None, :] <= torch.arange(5, 9)[:, None])
+    rows = model.positions(x[:, :2], torch.tensor([0, 3, 7]), kv_cache=cache)  # per-row starts, two tokens
+    assert torch.equal(rows.pos, torch.tensor([[0, 1], [3, 4], [7, 8]])) and rows.mask.shape == (3, 1, 2, 16)
+    assert rows.mask[1, 0].sum(-1).tolist() == [4, 5] and rows.start is None
+    packed = model.positions(x[:1, :4].repeat(1, 2), doc_ids=torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0]]))
+    assert packed.pos.tolist() == [[0, 1, 0, 1, 2, 0, 1, 2]]  # a repeated id after another document starts anew
+    docs = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
+    assert torch.equal(packed.mask[0, 0], (docs[:, None] == docs[None, :]) & torch.ones(8, 8, dtype=torch.bool).tril())
+    assert attention_mask(torch.arange(3)[None], 3, shared=True) is CAUSAL
+
+
+def test_positions_and_mask_are_built_once_per_call(monkeypatch):
+    import gpt.model
+
+    calls = []
+    monkeypatch.setattr(gpt.model, "attention_mask", lambda *a, **kw: calls.append(1) or attention_mask(*a, **kw))
+    model = tiny()
+    cache = KVCache.empty(model.config, 2, 16, "cpu", torch.float32)
+    model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache, start_pos=torch.tensor([3, 5]))
+    assert len(calls) == 1  # not once per layer
+
+
+def test_per_row_chunks_match_the_full_forward():
+    """Rows prefilled to different lengths, then a chunk of several tokens per row at its own position."""
+    model = tiny()
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(3))
+    full, _ = model(idx)
+    cache = KVCache.empty(model.config, 2, 16, "cpu", torch.float32)
+    for r, n in enumerate([3, 6]):
+        model(idx[r : r + 1, :n], kv_cache=KVCache(cache.k[:, r : r + 1], cache.v[:, r : r + 1]))
+    chunk = torch.stack([idx[0, 3:7], idx[1, 6:10]])
+    got, _ = model(chunk, kv_cache=cache, start_pos=torch.tensor([3, 6]))
+    assert torch.allclose(got[0], full[0, 3:7], atol=1e-5) and torch.allclose(got[1], full[1, 6:10], atol=1e-5)
 
 
 def test_tied_embedding_and_param_counts():
