@@ -52,7 +52,7 @@ from gpt.device import (  # noqa: E402
 )
 from gpt.model import GPT  # noqa: E402
 from gpt.train.dist import Dist  # noqa: E402
-from gpt.train.loop import _train_step  # noqa: E402
+from gpt.train.loop import Optimization, StepContext, TokenLoss, _train_step  # noqa: E402
 from gpt.train.optim import make_optimizer  # noqa: E402
 
 SYSTEMS = ("ours", "fused", "untuned", "before", "nanogpt", "nanogpt-amp")
@@ -178,9 +178,11 @@ def ours_step(cfg: ModelConfig, batch_size: int, device, dtype, compile_model: b
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     train_model = torch.compile(model) if compile_model else model
     batches = RandomBatches(cfg, batch_size, device)
+    ctx = StepContext(train_model, TokenLoss(), device, dtype, Dist())
+    optimization = Optimization(opt, scaler, grad_accum=1, grad_clip=1.0)
 
     def step(i):
-        _train_step(train_model, batches, i, 1, opt, scaler, device, dtype, Dist(), 1.0)
+        _train_step(ctx, optimization, batches, i)
 
     return model, step
 

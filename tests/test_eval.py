@@ -20,7 +20,7 @@ from gpt.infer.engine import complete
 from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.train import dist as distributed
-from gpt.train.loop import evaluate as fit_evaluate
+from gpt.train.loop import StepContext, TokenLoss, validation_loss
 from gpt.train.sft import SFTBatches, add_chat_tokens
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?!:'\n-0123456789éïü"))
@@ -152,7 +152,7 @@ def test_chat_records_score_exactly_what_sft_supervises(tmp_path):
     assert loaded.truncated == 1  # the long tale is cut as SFT cuts it
     batches = SFTBatches(examples, examples, block_size=64, batch_size=2, device=CPU, eval_iters=100)
     sft_tokens = sum(int((b.y != IGNORE_INDEX).sum()) for b in batches.val_batches())
-    sft_loss, _ = fit_evaluate(model, batches, CPU, torch.float32, distributed.Dist())
+    sft_loss, _ = validation_loss(StepContext(model, TokenLoss(), CPU, torch.float32, distributed.Dist()), batches)
 
     r = gpt_eval.evaluate(model, tok, gpt_eval.read_data(tmp_path / "chat.jsonl"), batch_size=2)
     assert (r.tokens, r.conversations, r.truncated) == (sft_tokens, 3, 1)

@@ -31,7 +31,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -114,6 +114,22 @@ class DPOLoss:
         valid = (b.index >= 0).float()
         stats = torch.stack([chosen, rejected, margin, accuracy]) * valid
         return (losses * valid).sum(), stats.sum(1)
+
+    @torch.no_grad()
+    def validation_sums(self, model: torch.nn.Module, batches: Iterable[PairBatch], device: torch.device,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """(loss, pairs, *metrics) summed over `batches` in eval mode: fit()'s validation pass."""
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(2 + len(self.metrics), device=device)
+        try:
+            for b in batches:
+                with autocast(device, dtype):
+                    loss_sum, stats = self(model, b)
+                sums += torch.cat([loss_sum.float().view(1), self.units(b).float().view(1), stats.float()])
+        finally:
+            model.train(was_training)
+        return sums
 
 
 def prepare_dpo(cfg: FinetuneConfig, model: torch.nn.Module, data: SFTData, device: torch.device, dist: Dist,

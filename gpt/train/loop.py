@@ -8,7 +8,13 @@ one larger batch and SFT batches with few response tokens are weighted fairly.
 
 What a step minimises is an Objective: token cross-entropy by default (pretraining, SFT), or
 another loss summed over its own units (DPO: over preference pairs), with extra metrics that are
-averaged the same way and logged beside the loss.
+averaged the same way and logged beside the loss. The objective also sums its validation loss, so
+every objective validates through the same code.
+
+How it reads: fit() sets up a Run (what stays fixed: the model as trained in a StepContext, the
+Optimization, the log) and a LoopState (what changes: step, best and last validation loss, ...),
+then loops: validate_and_checkpoint() when due (validation_due, latest_due), _train_step(), and
+log_step() every log_interval steps.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -39,7 +45,7 @@ from gpt.device import (
     enable_tf32,
     gpu_peak_flops,
     pick_device,
-        resolve_dtype,
+    resolve_dtype,
     tune_allocator,
 )
 from gpt.errors import UserError
@@ -72,6 +78,12 @@ class Objective(Protocol):
         """(loss summed over the batch's units, the metrics summed likewise: a (len(metrics),) tensor)."""
         ...
 
+    def validation_sums(self, model: torch.nn.Module, batches: Iterable[Any], device: torch.device,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """(loss, units, *metrics) summed over `batches` (this rank's validation batches), in eval mode
+        and without gradients: fit()'s validation pass."""
+        ...
+
 
 class TokenLoss:
     """Cross-entropy summed over supervised tokens: pretraining and SFT."""
@@ -85,6 +97,10 @@ class TokenLoss:
     def __call__(self, model, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         _, loss_sum = model(b.x, b.y, doc_ids=b.doc_ids, reduction="sum")
         return loss_sum, loss_sum.new_zeros(0)
+
+    def validation_sums(self, model, batches: Iterable[Batch], device, dtype) -> torch.Tensor:
+        """gpt.eval's scoring pass, so fit()'s validation loss is the one `python -m gpt.eval` reports."""
+        return loss_sums(model, batches, device, dtype)
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,57 @@ class FitResult:
     stopped_early: bool = False
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What every pass of batches through the model runs with, training step or validation."""
+
+    model: torch.nn.Module  # as trained: wrapped for DDP/FSDP, compiled
+    objective: Objective
+    device: torch.device
+    dtype: torch.dtype  # autocast's
+    dist: distributed.Dist
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """How a training step turns its micro-batches into one update."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    grad_accum: int  # micro-batches per step
+    grad_clip: float  # max gradient norm; 0: no clipping
+
+
+@dataclass(frozen=True)
+class Run:
+    """What fit() sets up once; the loop's functions read it and never change it."""
+
+    cfg: FitConfig
+    model: GPT  # unwrapped (FSDP shards it in place): what checkpoints store
+    tokenizer: Tokenizer
+    export: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None
+    batches: BatchSource
+    ctx: StepContext
+    opt: Optimization
+    log: MetricsLog
+    peak_flops: float | None  # of this device, when known: then steps report MFU
+    flops_per_token: float | None  # training FLOPs of one token, when peak_flops is known
+
+
+@dataclass
+class LoopState:
+    """What the loop changes as it goes, passed explicitly to the functions that read or change it."""
+
+    start: int  # the step this run started (or resumed) from
+    step: int  # optimizer steps completed
+    best_val: float = math.inf
+    last_val: float = math.inf
+    stale_evals: int = 0  # evaluations in a row without a new best: early stopping counts these
+    pending: list[torch.Tensor] = field(default_factory=list)  # (loss, *metrics) per step not yet checked
+    tokens_since: int = 0  # tokens this rank trained on since the last log line
+    t_last: float = 0.0  # time of the last log line or evaluation: the next line's ms/iter counts from here
+
+
 def fit(
     model: GPT,
     batches: BatchSource,
@@ -133,209 +200,243 @@ def fit(
     `objective` is what a step minimises (default: TokenLoss).
     """
     dist = dist or distributed.Dist()
-    objective = objective or TokenLoss()
-    t, o = cfg.train, cfg.optim
-    out = cfg.out_dir
     if dist.is_main:
-        checkpoint.prepare_out_dir(out)
-        save_yaml(cfg.record, out / "config.yaml")
+        checkpoint.prepare_out_dir(cfg.out_dir)
+        save_yaml(cfg.record, cfg.out_dir / "config.yaml")
+    run, state = _start(model, batches, cfg, tokenizer, device, dist, export, objective or TokenLoss())
+    try:
+        return _loop(run, state)
+    except KeyboardInterrupt:
+        if dist.enabled:
+            # Ranks may be stopped inside different collectives; a save (gather + barrier) could hang.
+            run.log.print(f"interrupted at iter {state.step}; the last checkpoint in {cfg.out_dir / 'latest'} is kept")
+            raise
+        run.log.print(f"interrupted at iter {state.step}: saving {cfg.out_dir / 'latest'}")
+        run.opt.optimizer.zero_grad(set_to_none=True)
+        write_checkpoint(run, state, "latest")
+        return FitResult(state.step, state.best_val, state.last_val, interrupted=True)
+    finally:
+        run.log.close()
+
+
+def _start(model: GPT, batches: BatchSource, cfg: FitConfig, tokenizer: Tokenizer, device: torch.device,
+           dist: distributed.Dist, export, objective: Objective) -> tuple[Run, LoopState]:
+    """Place and wrap the model, build the optimizer, restore `latest` when resuming, open the log."""
+    t = cfg.train
     dtype = resolve_dtype(t.dtype, device)
     enable_tf32()
     model.to(device)
-    start, best, last_val = 0, math.inf, math.inf
-    state = _resume_weights(model, out, export) if t.resume else None
+    state = LoopState(start=0, step=0)
+    saved = _resume_weights(model, cfg.out_dir, export) if t.resume else None
     train_model = distributed.wrap(model, dist, device, dtype)  # fsdp shards `model` in place
-    optimizer = make_optimizer(model, o, device.type)
+    optimizer = make_optimizer(model, cfg.optim, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if state is not None:
-        start, best = _resume_state(optimizer, scaler, state, dist)
+    if saved is not None:
+        state.step, state.best_val = _resume_state(optimizer, scaler, saved, dist)
+        state.start = state.step
         if dist.is_main:
-            print(f"resuming from {out / 'latest'} at iter {start} (best val loss {best:.4f})", flush=True)
+            print(f"resuming from {cfg.out_dir / 'latest'} at iter {state.start} "
+                  f"(best val loss {state.best_val:.4f})", flush=True)
     dist.barrier()
     train_model.train()
     if t.compile:
         train_model = torch.compile(train_model)
 
-    log = MetricsLog(out, dist.is_main, t.max_iters, start, cfg.logging.progress, cfg.logging, cfg.record)
+    log = MetricsLog(out_dir=cfg.out_dir, enabled=dist.is_main, progress_total=t.max_iters, start=state.start,
+                     show_progress=cfg.logging.progress, wandb_cfg=cfg.logging, run_config=cfg.record)
     if dist.is_main:
         global_batch = t.batch_size * t.grad_accum * dist.world_size
         log.print(f"global batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} ranks = "
-                  f"{global_batch} {objective.batch_unit}; {model.num_params() / 1e6:.2f}M parameters; {dtype} on {device}")
-        log.record(iter=start, global_batch=global_batch, world_size=dist.world_size)
+                  f"{global_batch} {objective.batch_unit}; {model.num_params() / 1e6:.2f}M parameters; "
+                  f"{dtype} on {device}")
+        log.record(iter=state.start, global_batch=global_batch, world_size=dist.world_size)
     peak = gpu_peak_flops(device)
-    flops_per_step = None
-    stale_evals, result = 0, None
-    step = start
+    run = Run(cfg, model, tokenizer, export, batches,
+              ctx=StepContext(train_model, objective, device, dtype, dist),
+              opt=Optimization(optimizer, scaler, grad_accum=t.grad_accum, grad_clip=cfg.optim.grad_clip),
+              log=log, peak_flops=peak, flops_per_token=model.flops_per_token(training=True) if peak else None)
+    return run, state
 
-    pending: list[torch.Tensor] = []  # (loss, *metrics) per step not yet checked: one device sync per log line
 
-    def check_finite() -> list[float]:
-        """Raise on the first non-finite loss since the last check; return the latest (loss, *metrics)."""
-        if not pending:
-            return [math.nan]
-        rows = torch.stack(pending).tolist()
-        first = step - len(rows)
-        pending.clear()
-        for i, (value, *_) in enumerate(rows):
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"iter {first + i}: loss is {value}; stopping. The last good checkpoint in {out} is kept: "
-                    "lower optim.lr, raise optim.warmup_iters or use dtype=float32"
-                )
-        return rows[-1]
+def _loop(run: Run, state: LoopState) -> FitResult:
+    """The loop: validate and checkpoint when due, stop at max_iters (or early), else take a step."""
+    t = run.cfg.train
+    state.t_last, state.tokens_since = time.perf_counter(), 0
+    while True:
+        stopped_early = validate_and_checkpoint(run, state)
+        if stopped_early or state.step >= t.max_iters:
+            break
+        lr = lr_at(state.step, run.cfg.optim, t.max_iters)
+        for group in run.opt.optimizer.param_groups:
+            group["lr"] = lr
+        loss, n_tokens = _train_step(run.ctx, run.opt, run.batches, state.step)
+        state.pending.append(loss)
+        state.step += 1
+        state.tokens_since += n_tokens
+        run.log.advance()
+        if log_due(t, state.step):
+            log_step(run, state, lr)
+    check_finite(state, run.cfg.out_dir)
+    return FitResult(state.step, state.best_val, state.last_val, stopped_early=stopped_early)
 
-    def save(kind: str, val_loss: float) -> None:
-        check_finite()  # never write weights from a diverged step
-        meta = {"iter": step, "val_loss": val_loss, "best_val_loss": best}
-        state = _train_state(optimizer, scaler, step, best) if kind == "latest" else None
-        if dist.is_main or dist.sharded:  # fsdp: every rank sends its shards to rank 0
-            weights = checkpoint.model_state_dict(model) if export is None else export(model)
-            if state is not None and export is not None:
-                state["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-            weights, state = distributed.full_state(weights, dist), distributed.full_state(state, dist)
-        if dist.is_main:
-            checkpoint.save_checkpoint(out / kind, weights, cfg.record, tokenizer, meta, state)
-        dist.barrier()
 
-    try:
-        t_last, tokens_since = time.perf_counter(), 0
-        while True:
-            due = step % t.eval_interval == 0 and step != start or step == t.max_iters or (step == 0 and start == 0)
-            if due and t.eval_iters > 0:
-                last_val, val_metrics = evaluate(train_model, batches, device, dtype, dist, objective)
-                improved = last_val < best
-                best = min(best, last_val)
-                shown = val_metrics if objective.metrics else {"ppl": math.exp(min(last_val, 50.0))}
-                log.print(f"iter {step}: val loss {last_val:.4f}" + _shown(shown) + (" (best)" if improved else ""))
-                log.record(iter=step, val_loss=last_val, **{f"val_{k}": v for k, v in shown.items()})
-                if step > 0 and (not t.checkpoint_interval or step % t.checkpoint_interval == 0 or step == t.max_iters):
-                    save("latest", last_val)
-                    if improved:
-                        save("best", last_val)
-                stale_evals = 0 if improved else stale_evals + 1
-                if t.early_stop_patience and stale_evals >= t.early_stop_patience:
-                    log.print(f"early stop: no improvement in {stale_evals} evaluations")
-                    result = FitResult(step, best, last_val, stopped_early=True)
-                    break
-                t_last = time.perf_counter()
-            elif t.checkpoint_interval and step % t.checkpoint_interval == 0 and step != start:
-                save("latest", last_val)
-            if step >= t.max_iters:
-                break
+def validation_due(t: TrainConfig, step: int, start: int) -> bool:
+    """Validate before the first step of a new run, every eval_interval steps after the step the run
+    started (or resumed) from, and after the last step."""
+    on_interval = step % t.eval_interval == 0 and step != start
+    first_of_new_run = step == start == 0
+    return t.eval_iters > 0 and (on_interval or step == t.max_iters or first_of_new_run)
 
-            lr = lr_at(step, o, t.max_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_t, n_tokens = _train_step(train_model, batches, step, t.grad_accum, optimizer, scaler,
-                                           device, dtype, dist, o.grad_clip, objective)
-            pending.append(loss_t)
-            step += 1
-            tokens_since += n_tokens
-            log.advance()
-            if step % t.log_interval == 0 or step == t.max_iters:
-                loss, *stats = check_finite()  # also waits for the device, so the timing below is real
-                now = time.perf_counter()
-                n_steps = t.log_interval if step % t.log_interval == 0 else step % t.log_interval
-                ms = (now - t_last) * 1000 / max(1, n_steps)
-                tok_s = tokens_since / max(now - t_last, 1e-9)
-                step_metrics = dict(zip(objective.metrics, stats))
-                line = (f"iter {step}: loss {loss:.4f}{_shown(step_metrics)}, lr {lr:.2e}, {ms:.1f} ms/iter, "
-                        f"{tok_s:,.0f} tok/s")
-                values = dict(iter=step, loss=loss, **step_metrics, lr=lr, ms_per_iter=ms, tokens_per_s=tok_s)
-                if peak:
-                    flops_per_step = flops_per_step or model.flops_per_token(training=True)
-                    mfu = tok_s * flops_per_step / peak / dist.world_size
-                    line += f", mfu {mfu:.1%}"
-                    values["mfu"] = mfu
-                log.print(line)
-                log.record(**values)
-                t_last, tokens_since = now, 0
-        check_finite()
-        if result is None:
-            result = FitResult(step, best, last_val)
-    except KeyboardInterrupt:
-        if dist.enabled:
-            # Ranks may be stopped inside different collectives; a save (gather + barrier) could hang.
-            log.print(f"interrupted at iter {step}; the last checkpoint in {out / 'latest'} is kept")
-            raise
-        log.print(f"interrupted at iter {step}: saving {out / 'latest'}")
-        optimizer.zero_grad(set_to_none=True)
-        save("latest", last_val)
-        result = FitResult(step, best, last_val, interrupted=True)
-    finally:
-        log.close()
-    return result
+
+def latest_due(t: TrainConfig, step: int, start: int, validated: bool) -> bool:
+    """Whether to write `latest` now: with train.checkpoint_interval 0, at every validation past step 0;
+    else every checkpoint_interval steps after the step the run started from, and at the last step
+    once it is validated."""
+    if not t.checkpoint_interval:
+        return validated and step > 0
+    on_interval = step % t.checkpoint_interval == 0 and step != start
+    return on_interval or (validated and step == t.max_iters > 0)
+
+
+def log_due(t: TrainConfig, step: int) -> bool:
+    """A training line every log_interval steps, and one after the last step."""
+    return step % t.log_interval == 0 or step == t.max_iters
+
+
+def validate_and_checkpoint(run: Run, state: LoopState) -> bool:
+    """Validate and write the checkpoints that are due at this step; True when early stopping ends the run."""
+    t = run.cfg.train
+    validated = validation_due(t, state.step, state.start)
+    improved = validated and validate(run, state)
+    if latest_due(t, state.step, state.start, validated):
+        write_checkpoint(run, state, "latest")
+        if improved:
+            write_checkpoint(run, state, "best")
+    if not validated:
+        return False
+    if t.early_stop_patience and state.stale_evals >= t.early_stop_patience:
+        run.log.print(f"early stop: no improvement in {state.stale_evals} evaluations")
+        return True
+    state.t_last = time.perf_counter()  # time spent validating is not counted as training time
+    return False
+
+
+def validate(run: Run, state: LoopState) -> bool:
+    """Validation loss (and metrics) at this step, logged; updates the best and stale counts. True on a new best."""
+    state.last_val, metrics = validation_loss(run.ctx, run.batches)
+    improved = state.last_val < state.best_val
+    state.best_val = min(state.best_val, state.last_val)
+    state.stale_evals = 0 if improved else state.stale_evals + 1
+    shown = metrics if run.ctx.objective.metrics else {"ppl": math.exp(min(state.last_val, 50.0))}
+    run.log.print(f"iter {state.step}: val loss {state.last_val:.4f}" + _shown(shown) + (" (best)" if improved else ""))
+    run.log.record(iter=state.step, val_loss=state.last_val, **{f"val_{k}": v for k, v in shown.items()})
+    return improved
+
+
+def validation_loss(ctx: StepContext, batches: BatchSource) -> tuple[float, dict[str, float]]:
+    """Mean validation loss and the objective's metrics over the validation batches of all ranks, per the
+    objective's units (token loss: gpt.eval's scoring pass)."""
+    sums = ctx.objective.validation_sums(ctx.model, batches.val_batches(), ctx.device, ctx.dtype)
+    sums = ctx.dist.all_reduce_sum(sums)
+    loss, _, *stats = (sums / sums[1].clamp(min=1)).tolist()
+    return loss, dict(zip(ctx.objective.metrics, stats))
+
+
+def log_step(run: Run, state: LoopState, lr: float) -> None:
+    """The console line and metrics row of the latest step, timed over the steps since the last line."""
+    t = run.cfg.train
+    loss, *stats = check_finite(state, run.cfg.out_dir)  # also waits for the device, so the timing below is real
+    now = time.perf_counter()
+    n_steps = state.step % t.log_interval or t.log_interval  # the last line may follow fewer steps
+    ms = (now - state.t_last) * 1000 / max(1, n_steps)
+    tok_s = state.tokens_since / max(now - state.t_last, 1e-9)
+    step_metrics = dict(zip(run.ctx.objective.metrics, stats))
+    line = (f"iter {state.step}: loss {loss:.4f}{_shown(step_metrics)}, lr {lr:.2e}, {ms:.1f} ms/iter, "
+            f"{tok_s:,.0f} tok/s")
+    values = dict(iter=state.step, loss=loss, **step_metrics, lr=lr, ms_per_iter=ms, tokens_per_s=tok_s)
+    if run.peak_flops:
+        mfu = tok_s * run.flops_per_token / run.peak_flops / run.ctx.dist.world_size
+        line += f", mfu {mfu:.1%}"
+        values["mfu"] = mfu
+    run.log.print(line)
+    run.log.record(**values)
+    state.t_last, state.tokens_since = now, 0
+
+
+def check_finite(state: LoopState, out: Path) -> list[float]:
+    """Raise on the first non-finite loss since the last check; return the latest (loss, *metrics).
+    One device sync per check, not one per step."""
+    if not state.pending:
+        return [math.nan]
+    rows = torch.stack(state.pending).tolist()
+    first = state.step - len(rows)
+    state.pending.clear()
+    for i, (value, *_) in enumerate(rows):
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"iter {first + i}: loss is {value}; stopping. The last good checkpoint in {out} is kept: "
+                "lower optim.lr, raise optim.warmup_iters or use dtype=float32"
+            )
+    return rows[-1]
+
+
+def write_checkpoint(run: Run, state: LoopState, kind: str) -> None:
+    """out_dir/<kind> ("latest", "best") at this step; `latest` also holds what resuming needs."""
+    out, dist, model = run.cfg.out_dir, run.ctx.dist, run.model
+    check_finite(state, out)  # never write weights from a diverged step
+    meta = {"iter": state.step, "val_loss": state.last_val, "best_val_loss": state.best_val}
+    saved = _train_state(run.opt, state) if kind == "latest" else None
+    if dist.is_main or dist.sharded:  # fsdp: every rank sends its shards to rank 0
+        weights = checkpoint.model_state_dict(model) if run.export is None else run.export(model)
+        if saved is not None and run.export is not None:
+            saved["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        weights, saved = distributed.full_state(weights, dist), distributed.full_state(saved, dist)
+    if dist.is_main:
+        checkpoint.save_checkpoint(out / kind, weights, run.cfg.record, run.tokenizer, meta, saved)
+    dist.barrier()
 
 
 def _shown(metrics: dict[str, float]) -> str:
     return "".join(f", {k} {v:.2f}" if k == "ppl" else f", {k} {v:.4f}" for k, v in metrics.items())
 
 
-def _train_step(model, batches: BatchSource, step: int, accum: int, optimizer, scaler, device, dtype, dist,
-                grad_clip: float, objective: Objective | None = None) -> tuple[torch.Tensor, int]:
-    """One optimizer step over `accum` micro-batches; returns ((mean loss, *mean metrics) as a tensor, left on
-    the device so the step does not wait for it, and the tokens seen on this rank)."""
-    objective = objective or TokenLoss()
+def _train_step(ctx: StepContext, opt: Optimization, batches: BatchSource, step: int) -> tuple[torch.Tensor, int]:
+    """One optimizer step over opt.grad_accum micro-batches; returns ((mean loss, *mean metrics) as a tensor,
+    left on the device so the step does not wait for it, and the tokens seen on this rank)."""
+    objective, dist, accum = ctx.objective, ctx.dist, opt.grad_accum
     micro = [batches.train_batch(step, m) for m in range(accum)]
-    counts = torch.stack([objective.units(b) for b in micro]).sum().to(device, torch.float32)
+    counts = torch.stack([objective.units(b) for b in micro]).sum().to(ctx.device, torch.float32)
     n_supervised = dist.all_reduce_sum(counts.clone()).clamp(min=1)
     # DDP averages gradients over ranks; multiply back so the result is sum(loss)/n_supervised.
     scale = dist.world_size / n_supervised
-    total = torch.zeros(1 + len(objective.metrics), device=device)
+    total = torch.zeros(1 + len(objective.metrics), device=ctx.device)
     for m, b in enumerate(micro):
-        with dist.no_sync(model, skip=m < accum - 1), autocast(device, dtype):
-            loss_sum, stats = objective(model, b)
-        scaler.scale(loss_sum * scale).backward()
+        with dist.no_sync(ctx.model, skip=m < accum - 1), autocast(ctx.device, ctx.dtype):
+            loss_sum, stats = objective(ctx.model, b)
+        opt.scaler.scale(loss_sum * scale).backward()
         total += torch.cat([loss_sum.detach().float().view(1), stats.detach().float()])
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    if opt.grad_clip > 0:
+        opt.scaler.unscale_(opt.optimizer)
+        torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), opt.grad_clip)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.optimizer.zero_grad(set_to_none=True)
     loss = dist.all_reduce_sum(total) / n_supervised
     return loss, sum(b.x.numel() for b in micro)
 
 
-def evaluate(model, batches: BatchSource, device, dtype, dist: distributed.Dist,
-             objective: Objective | None = None) -> tuple[float, dict[str, float]]:
-    """Mean validation loss and the objective's metrics, averaged over all ranks. Token loss is gpt.eval's
-    scoring pass; another objective (DPO) is scored by itself, per its units."""
-    if objective is None or isinstance(objective, TokenLoss):
-        sums = dist.all_reduce_sum(loss_sums(model, batches.val_batches(), device, dtype))
-        return (sums[0] / sums[1].clamp(min=1)).item(), {}
-    sums = dist.all_reduce_sum(_objective_sums(model, batches, objective, device, dtype))
-    loss, _, *stats = (sums / sums[1].clamp(min=1)).tolist()
-    return loss, dict(zip(objective.metrics, stats))
-
-
-@torch.no_grad()
-def _objective_sums(model, batches: BatchSource, objective: Objective, device, dtype) -> torch.Tensor:
-    """(loss, units, *metrics) summed over this rank's validation batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2 + len(objective.metrics), device=device)
-    try:
-        for b in batches.val_batches():
-            with autocast(device, dtype):
-                loss_sum, stats = objective(model, b)
-            sums += torch.cat([loss_sum.float().view(1), objective.units(b).float().view(1), stats.float()])
-    finally:
-        model.train(was_training)
-    return sums
-
-
-def _train_state(optimizer, scaler, step: int, best: float) -> dict:
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "iter": step,
-        "best_val_loss": best,
+def _train_state(opt: Optimization, state: LoopState) -> dict:
+    """What `latest` keeps for an exact resume: optimizer, scaler, step, best and the RNG streams."""
+    saved = {
+        "optimizer": opt.optimizer.state_dict(),
+        "scaler": opt.scaler.state_dict(),
+        "iter": state.step,
+        "best_val_loss": state.best_val,
         "torch_rng": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return state
+        saved["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return saved
 
 
 def _resume_weights(model, out: Path, export=None) -> dict:

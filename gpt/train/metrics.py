@@ -12,8 +12,10 @@ from tqdm import tqdm
 class MetricsLog:
     """Rank 0 only: the other ranks get an instance with enabled=False that drops everything."""
 
-    def __init__(self, out_dir: Path, enabled: bool, progress_total: int, start: int, show_progress: bool,
+    def __init__(self, *, out_dir: Path, enabled: bool, progress_total: int, start: int, show_progress: bool,
                  wandb_cfg: Any = None, run_config: dict | None = None):
+        """Append to out_dir/metrics.jsonl; a progress bar from `start` to `progress_total` steps if
+        show_progress (and a terminal); wandb if wandb_cfg.wandb, with run_config as the run's config."""
         self.enabled = enabled
         self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
         # disable=None: tqdm shows the bar only on a terminal, so logs and CI stay clean
