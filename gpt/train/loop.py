@@ -11,7 +11,7 @@ another loss summed over its own units (DPO: over preference pairs), with extra 
 averaged the same way and logged beside the loss. The objective also sums its validation loss, so
 every objective validates through the same code.
 
-How it reads: fit() sets up a Run (what stays fixed: the model as trained in a StepContext, the
+How it reads: fit() sets up a FitSetup (what stays fixed: the model as trained in a StepContext, the
 Optimization, the log) and a LoopState (what changes: step, best and last validation loss, ...),
 then loops: validate_and_checkpoint() when due (validation_due, latest_due), _train_step(), and
 log_step() every log_interval steps.
@@ -153,7 +153,7 @@ class Optimization:
 
 
 @dataclass(frozen=True)
-class Run:
+class FitSetup:
     """What fit() sets up once; the loop's functions read it and never change it."""
 
     cfg: FitConfig
@@ -220,7 +220,7 @@ def fit(
 
 
 def _start(model: GPT, batches: BatchSource, cfg: FitConfig, tokenizer: Tokenizer, device: torch.device,
-           dist: distributed.Dist, export, objective: Objective) -> tuple[Run, LoopState]:
+           dist: distributed.Dist, export, objective: Objective) -> tuple[FitSetup, LoopState]:
     """Place and wrap the model, build the optimizer, restore `latest` when resuming, open the log."""
     t = cfg.train
     dtype = resolve_dtype(t.dtype, device)
@@ -251,14 +251,15 @@ def _start(model: GPT, batches: BatchSource, cfg: FitConfig, tokenizer: Tokenize
                   f"{dtype} on {device}")
         log.record(iter=state.start, global_batch=global_batch, world_size=dist.world_size)
     peak = gpu_peak_flops(device)
-    run = Run(cfg, model, tokenizer, export, batches,
-              ctx=StepContext(train_model, objective, device, dtype, dist),
-              opt=Optimization(optimizer, scaler, grad_accum=t.grad_accum, grad_clip=cfg.optim.grad_clip),
-              log=log, peak_flops=peak, flops_per_token=model.flops_per_token(training=True) if peak else None)
+    run = FitSetup(cfg, model, tokenizer, export, batches,
+                   ctx=StepContext(train_model, objective, device, dtype, dist),
+                   opt=Optimization(optimizer, scaler, grad_accum=t.grad_accum, grad_clip=cfg.optim.grad_clip),
+                   log=log, peak_flops=peak,
+                   flops_per_token=model.flops_per_token(training=True) if peak else None)
     return run, state
 
 
-def _loop(run: Run, state: LoopState) -> FitResult:
+def _loop(run: FitSetup, state: LoopState) -> FitResult:
     """The loop: validate and checkpoint when due, stop at max_iters (or early), else take a step."""
     t = run.cfg.train
     state.t_last, state.tokens_since = time.perf_counter(), 0
@@ -303,7 +304,7 @@ def log_due(t: TrainConfig, step: int) -> bool:
     return step % t.log_interval == 0 or step == t.max_iters
 
 
-def validate_and_checkpoint(run: Run, state: LoopState) -> bool:
+def validate_and_checkpoint(run: FitSetup, state: LoopState) -> bool:
     """Validate and write the checkpoints that are due at this step; True when early stopping ends the run."""
     t = run.cfg.train
     validated = validation_due(t, state.step, state.start)
@@ -321,7 +322,7 @@ def validate_and_checkpoint(run: Run, state: LoopState) -> bool:
     return False
 
 
-def validate(run: Run, state: LoopState) -> bool:
+def validate(run: FitSetup, state: LoopState) -> bool:
     """Validation loss (and metrics) at this step, logged; updates the best and stale counts. True on a new best."""
     state.last_val, metrics = validation_loss(run.ctx, run.batches)
     improved = state.last_val < state.best_val
@@ -342,7 +343,7 @@ def validation_loss(ctx: StepContext, batches: BatchSource) -> tuple[float, dict
     return loss, dict(zip(ctx.objective.metrics, stats))
 
 
-def log_step(run: Run, state: LoopState, lr: float) -> None:
+def log_step(run: FitSetup, state: LoopState, lr: float) -> None:
     """The console line and metrics row of the latest step, timed over the steps since the last line."""
     t = run.cfg.train
     loss, *stats = check_finite(state, run.cfg.out_dir)  # also waits for the device, so the timing below is real
@@ -380,7 +381,7 @@ def check_finite(state: LoopState, out: Path) -> list[float]:
     return rows[-1]
 
 
-def write_checkpoint(run: Run, state: LoopState, kind: str) -> None:
+def write_checkpoint(run: FitSetup, state: LoopState, kind: str) -> None:
     """out_dir/<kind> ("latest", "best") at this step; `latest` also holds what resuming needs."""
     out, dist, model = run.cfg.out_dir, run.ctx.dist, run.model
     check_finite(state, out)  # never write weights from a diverged step
