@@ -20,6 +20,7 @@ import math
 import re
 import sys
 import tokenize
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -121,6 +122,8 @@ def code(text: str) -> str:
 
 
 def show_type(typ: Any) -> str:
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        return " or ".join(show_type(a) for a in typing.get_args(typ) if a is not type(None))
     if typing.get_origin(typ) is Literal:
         return ", ".join(code(str(c)) for c in typing.get_args(typ))
     if typing.get_origin(typ) in (list, tuple):

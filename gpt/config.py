@@ -66,7 +66,7 @@ def check_ranges(obj: Any, where: str = "config", prefix: str = "", name: Callab
             check_ranges(value, where, f"{key}.", name)
             continue
         rng = f.metadata.get("range")
-        if rng is None or value is None or isinstance(value, bool):
+        if rng is None or value is None or isinstance(value, (bool, str)):  # str: a Literal choice such as "auto"
             continue
         if not isinstance(value, (int, float)) or not rng.holds(value):
             shown = name(key) if name else f"key '{key}'"
@@ -164,7 +164,10 @@ class TrainConfig:
     # (docs/performance.md#precision)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False  # wrap the model in torch.compile
-    threads: int = ranged(0, ge=0)  # torch CPU threads (0 = torch's default; 1 when other jobs share the cores)
+    # torch CPU threads: auto = the cores other processes leave idle when the run starts (shared by the ranks
+    # of a machine); 0 = torch's default (one per core); N = exactly N. The count is recorded in `latest`,
+    # and a resume uses it again, so resuming stays bit-exact (docs/performance.md#threads)
+    threads: Literal["auto"] | int = ranged("auto", ge=0)
 
 
 @dataclass
@@ -365,7 +368,8 @@ def coerce(value: Any, typ: Any, key: str, where: str, raw_text: str | None = No
                 return coerce(value, arg, key, where, raw_text)
             except ConfigError:
                 pass
-        raise bad(" or ".join(getattr(a, "__name__", str(a)) for a in args))
+        raise bad(" or ".join(" | ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal
+                              else getattr(a, "__name__", str(a)) for a in args if a is not type(None)))
     if origin is Literal:
         choices = typing.get_args(typ)
         if raw_text is not None and raw_text in choices:  # key=on: YAML reads on/off/yes/no as booleans

@@ -1,5 +1,6 @@
 """The training loop: accumulation, exact resume, safe checkpoints, clean stops and clear errors."""
 
+import os
 import errno
 import json
 import subprocess
@@ -171,3 +172,22 @@ def test_entry_script_errors_are_one_line(tmp_path, tiny_corpus, args, message):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_auto_threads_take_idle_cores_and_a_resume_reuses_the_recorded_count(tmp_path, monkeypatch):
+    import json
+
+    import gpt.train.loop as loop
+    from gpt.config import TrainConfig
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(loop, "pick_threads", lambda: 1)  # one of two cores busy
+    assert loop.training_threads(TrainConfig(), tmp_path) == (1, f"auto: the idle cores of {len(os.sched_getaffinity(0))}")
+    (tmp_path / "latest").mkdir()
+    (tmp_path / "latest" / "meta.json").write_text(json.dumps({"iter": 10, "threads": 3}))
+    n, why = loop.training_threads(TrainConfig(resume=True), tmp_path)
+    assert n == 3 and "bit-exact" in why  # the count the run started with, whatever the load now
+    n, why = loop.training_threads(TrainConfig(resume=True, threads=2), tmp_path)
+    assert n == 2 and "the run used 3" in why  # an explicit other count is honoured, and said
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert loop.training_threads(TrainConfig(), tmp_path)[1] == "auto: OMP_NUM_THREADS"

@@ -45,6 +45,7 @@ from gpt.device import (
     enable_tf32,
     gpu_peak_flops,
     pick_device,
+    pick_threads,
     resolve_dtype,
     tune_allocator,
 )
@@ -385,7 +386,8 @@ def write_checkpoint(run: FitSetup, state: LoopState, kind: str) -> None:
     """out_dir/<kind> ("latest", "best") at this step; `latest` also holds what resuming needs."""
     out, dist, model = run.cfg.out_dir, run.ctx.dist, run.model
     check_finite(state, out)  # never write weights from a diverged step
-    meta = {"iter": state.step, "val_loss": state.last_val, "best_val_loss": state.best_val}
+    meta = {"iter": state.step, "val_loss": state.last_val, "best_val_loss": state.best_val,
+            "threads": torch.get_num_threads()}
     saved = _train_state(run.opt, state) if kind == "latest" else None
     if dist.is_main or dist.sharded:  # fsdp: every rank sends its shards to rank 0
         weights = checkpoint.model_state_dict(model) if run.export is None else run.export(model)
@@ -495,6 +497,30 @@ def _check_export(model, export, ckpt: Path) -> None:
                 f"{ckpt}: {name} differs from the run that saved it; resume with the same init_from and lora.*")
 
 
+def training_threads(t: TrainConfig, out_dir: Path) -> tuple[int, str]:
+    """CPU threads for this rank and why. `auto` takes the cores other processes leave idle (split between
+    the ranks of a machine), unless OMP_NUM_THREADS says otherwise. A resume takes the count `latest`
+    recorded: the thread count changes how CPU kernels split their sums, so a run resumed with another
+    count differs from an uninterrupted one in the last bits; an explicit other count is allowed, and said."""
+    recorded = checkpoint.read_checkpoint_meta(out_dir / "latest").get("threads") if t.resume else None
+    if t.threads == "auto" and recorded:
+        return int(recorded), "as the run recorded in latest: the resume stays bit-exact"
+    if t.threads == "auto" and "OMP_NUM_THREADS" in os.environ:
+        n, why = torch.get_num_threads(), "auto: OMP_NUM_THREADS"
+    elif t.threads == "auto":
+        cores, ranks = len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if ranks == 1:
+            n, why = pick_threads(), f"auto: the idle cores of {cores}"
+        else:  # sibling ranks start together and would count each other as load: split the cores
+            n, why = max(1, cores // ranks), f"auto: {cores} cores / {ranks} ranks"
+    else:
+        n = t.threads or torch.get_num_threads()
+        why = "train.threads" if t.threads else "torch's default"
+    if recorded and int(recorded) != n:
+        why += f"; the run used {recorded}: resumed results differ from an uninterrupted run's in the last bits"
+    return n, why
+
+
 def start_run(cfg: Any) -> tuple[distributed.Dist, torch.device]:
     """Check out_dir is writable (before any work; this also clears temp folders of dead saves), join
     torchrun's process group (if any), pick this rank's device, set threads and seed."""
@@ -502,8 +528,10 @@ def start_run(cfg: Any) -> tuple[distributed.Dist, torch.device]:
         checkpoint.prepare_out_dir(Path(cfg.out_dir))
     tune_allocator()  # library callers too, not only the entry scripts (GPT_MALLOC_TUNE=0: off)
     dist = distributed.setup(cfg.distributed, cfg.train.device)
-    if cfg.train.threads:  # 0 keeps torch's default: a thread count that followed the load would make
-        torch.set_num_threads(cfg.train.threads)  # runs (and resume) differ in the last bits
+    threads, why = training_threads(cfg.train, Path(cfg.out_dir))
+    torch.set_num_threads(threads)
+    if dist.is_main:
+        print(f"threads: {threads} ({why})", flush=True)
     device = distributed.device_for(dist, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed + dist.rank)
     return dist, device
