@@ -32,8 +32,9 @@ from gpt import entry
 from gpt.config import DataConfig
 from gpt.checkpoint import LoadedModel
 from gpt.data import files
+from gpt.data.batch import Batch
 from gpt.data.chat_template import ChatTemplate
-from gpt.data.corpus import Batch, DataError, iter_documents
+from gpt.data.corpus import DataError, iter_documents
 from gpt.data.records import RecordError, encode_chat, parse_record
 from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.device import autocast, pick_device, resolve_dtype

@@ -13,8 +13,8 @@ from gpt.data.corpus import (
     TokenBatches,
     ensure_prepared,
     read_data_meta,
-    token_dtype,
 )
+from gpt.data.token_files import token_dtype
 from gpt.data.tokenizer import from_spec
 
 

@@ -25,6 +25,8 @@ LAYERS = {
     "gpt.data.bpe": 45,
     "gpt.data.canary": 40,
     "gpt.data.pii": 45,
+    "gpt.data.batch": 35,
+    "gpt.data.token_files": 35,
     "gpt.data.corpus": 50,
     "gpt.data.records": 55,
     "gpt.data": 59,

@@ -25,8 +25,8 @@ import torch
 
 from gpt.config import ConfigError, FinetuneConfig, check_finetune
 from gpt.pretrained import load_pretrained
+from gpt.data.batch import Batch
 from gpt.data.chat_template import CHAT_TOKENS, ChatTemplate
-from gpt.data.corpus import Batch
 from gpt.data.records import Example, RowStream, load_sft_data
 from gpt.data.tokenizer import Tokenizer
 from gpt.infer.engine import complete
