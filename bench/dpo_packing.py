@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from gpt.config import ModelConfig  # noqa: E402
 from gpt.data.chat_template import ChatTemplate  # noqa: E402
-from gpt.data.records import load_file  # noqa: E402
+from gpt.data.finetune_data import load_file  # noqa: E402
 from gpt.data.tokenizer import CharTokenizer  # noqa: E402
 from gpt.device import autocast, resolve_dtype, tune_allocator  # noqa: E402
 from gpt.model import GPT  # noqa: E402
@@ -58,8 +58,8 @@ def main() -> None:
         mixed_pairs(Path(args.pairs), context, path)
         tok = CharTokenizer(sorted(set(context + path.read_text(encoding="utf-8"))))
         ChatTemplate.add_tokens(tok)
-        records = load_file(str(path), "preference", ChatTemplate(tok), 257, False).records
-    examples = [e for record in records for e in record]
+        pairs = load_file(str(path), "preference", ChatTemplate(tok), 257, False).records
+    examples = [e for pair in pairs for e in pair]
     lengths = [len(e.ids) - 1 for e in examples]
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=tok.vocab_size, dropout=0.0))
@@ -67,7 +67,7 @@ def main() -> None:
           f"up to {max(lengths)}; {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads")
     results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for packing in (False, True, False, True):
-        batches = PairBatches(examples, [], batch_size=16, device=device, packing=packing)
+        batches = PairBatches(pairs, [], batch_size=16, device=device, packing=packing)
 
         def step(i: int) -> int:
             b = batches.train_batch(i, 0)

@@ -15,7 +15,7 @@ import torch
 
 from gpt import checkpoint
 from gpt.data.chat_template import ChatTemplate
-from gpt.data.records import load_file
+from gpt.data.finetune_data import load_file
 from gpt.train.dpo import PairBatches, sequence_logps
 from gpt.train.sft import greedy_reply
 
@@ -27,15 +27,15 @@ def score(ckpt: str, pairs: str, questions: str, n_questions: int, device: torch
     model.eval()
     template = ChatTemplate(tok)
     budget = model.config.block_size + 1
-    examples = [e for record in load_file(pairs, "preference", template, budget, False).records for e in record]
-    batches = PairBatches(examples, [], batch_size=64, device=device)
+    records = load_file(pairs, "preference", template, budget, False).records
+    batches = PairBatches(records, [], batch_size=64, device=device)
     wins = 0.0
     for b in batches.split_batches("train", 64):
         chosen, rejected = sequence_logps(model, b).view(2, -1)
         wins += ((chosen > rejected) & (b.index >= 0)).sum().item()
     convs = [c for c in load_file(questions, "chat", template, budget, False).conversations if c][:n_questions]
     hits = sum(greedy_reply(model, template, c[:-1], 40, device) == c[-1]["content"] for c in convs)
-    return wins / (len(examples) // 2), hits / max(1, len(convs))
+    return wins / len(records), hits / max(1, len(convs))
 
 
 def main() -> None:

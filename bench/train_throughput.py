@@ -43,7 +43,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gpt.config import ModelConfig, OptimConfig, PretrainConfig, load_config  # noqa: E402
-from gpt.data.corpus import Batch  # noqa: E402
+from gpt.data.batch import Batch  # noqa: E402
 from gpt.device import (  # noqa: E402
     autocast,
     pick_device,

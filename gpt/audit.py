@@ -43,7 +43,7 @@ from gpt.config import SourceConfig
 from gpt.data import canary, files, pii
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.corpus import split_text_file
-from gpt.data.records import load_file, split_indices
+from gpt.data.finetune_data import load_file, split_indices
 from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.device import pick_device
 from gpt.errors import UserError

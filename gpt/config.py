@@ -211,7 +211,7 @@ class SFTDataConfig(SourceConfig, CanaryKeys):
 
     path: str = ""  # the training file
     val_path: str = ""  # a separate validation file; empty = hold out val_fraction of `path`
-    # auto = detected per record; preference = DPO pairs (see gpt/data/records.py for every accepted shape)
+    # auto = detected per record; preference = DPO pairs (see gpt/data/record_formats.py for every accepted shape)
     format: Literal["auto", "chat", "sharegpt", "instruction", "text", "preference"] = "auto"
     val_fraction: float = ranged(0.1, ge=0, lt=1)  # used when val_path is empty
     split_seed: int = ranged(0, ge=0)  # the held-out records are a fixed function of this seed

@@ -8,7 +8,7 @@ What is scored:
       the targets the previous one did not, so each token is scored once with at least
       block_size - stride tokens of context (stride = block size: disjoint windows).
   chat and instruction records: the assistant's tokens only, rendered with the checkpoint's chat
-      template and truncated exactly as fine-tuning does (records.encode_chat), so the loss is the
+      template and truncated exactly as fine-tuning does (examples.encode_chat), so the loss is the
       one SFT reports.
 Bits per byte = total loss in bits / UTF-8 bytes of the scored tokens (a chat end marker counts
 as one byte, like the plain template's newline): comparable across tokenizers. Windows are scored
@@ -34,9 +34,12 @@ from gpt import entry
 from gpt.config import DataConfig
 from gpt.checkpoint import LoadedModel
 from gpt.data import files
+from gpt.data.batch import Batch
 from gpt.data.chat_template import ChatTemplate
-from gpt.data.corpus import Batch, DataError, iter_documents
-from gpt.data.records import RecordError, encode_chat, parse_record
+from gpt.data.corpus import DataError, iter_documents
+from gpt.data.examples import encode_chat
+from gpt.data.files import RecordError
+from gpt.data.record_formats import parse_record
 from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.device import autocast, pick_device, resolve_dtype
 from gpt.errors import UserError

@@ -18,7 +18,7 @@ from gpt.pretrained import load_pretrained
 from gpt.data import canary
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.corpus import DataError, ensure_prepared, read_data_meta
-from gpt.data.records import canary_records, split_indices
+from gpt.data.finetune_data import canary_records, split_indices
 from gpt.data.tokenizer import CharTokenizer, from_spec
 from gpt.model import GPT
 from gpt.train.pretrain import pretrain

@@ -13,8 +13,8 @@ from gpt.data.corpus import (
     TokenBatches,
     ensure_prepared,
     read_data_meta,
-    token_dtype,
 )
+from gpt.data.token_files import token_dtype
 from gpt.data.tokenizer import from_spec
 
 
@@ -206,7 +206,7 @@ def test_multibyte_characters_across_piece_boundaries_are_not_invalid(tmp_path, 
 
 
 def test_fine_tuning_records_that_are_not_utf8_are_refused(tmp_path):
-    from gpt.data.records import load_file
+    from gpt.data.finetune_data import load_file
 
     p = tmp_path / "r.jsonl"
     p.write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\u00e9"}\n'.encode("latin-1"))

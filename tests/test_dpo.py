@@ -15,7 +15,8 @@ from test_sft import CHARS, chat_template, sft_config, write_base, write_jsonl
 from gpt import checkpoint
 from gpt.config import ConfigError, DPOConfig, LoRAConfig, ModelConfig, SFTDataConfig
 from gpt.data.corpus import DataError
-from gpt.data.records import encode_reply, load_file, load_sft_data
+from gpt.data.examples import Pair, encode_reply
+from gpt.data.finetune_data import load_file, load_sft_data
 from gpt.lora import apply_lora
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.train.dist import Dist
@@ -57,13 +58,13 @@ def tiny_model(seed: int = 0, vocab: int | None = None) -> GPT:
 
 def pair_batches(words=WORDS[:6], **kw) -> PairBatches:
     tpl = chat_template()
-    examples = []
+    pairs = []
     for w in words:
         p = pair(w)
-        for side in ("chosen", "rejected"):
-            examples.append(encode_reply(tpl, [{"role": "user", "content": p["prompt"]}],
-                                         [{"role": "assistant", "content": p[side]}], 49)[0])
-    return PairBatches(examples, examples[:4], batch_size=kw.pop("batch_size", 3), device=torch.device("cpu"), **kw)
+        pairs.append(Pair(*(encode_reply(tpl, [{"role": "user", "content": p["prompt"]}],
+                                         [{"role": "assistant", "content": p[side]}], 49)[0]
+                            for side in ("chosen", "rejected"))))
+    return PairBatches(pairs, pairs[:2], batch_size=kw.pop("batch_size", 3), device=torch.device("cpu"), **kw)
 
 
 def test_packed_pairs_give_the_same_sequence_log_probs_in_fewer_rows():
@@ -169,14 +170,14 @@ def test_only_reply_tokens_count():
     def logps(chosen_text: str, prompt_text: str = "which?") -> torch.Tensor:
         p = [{"role": "user", "content": prompt_text}]
         c, r = (encode_reply(tpl, p, [{"role": "assistant", "content": t}], 100)[0] for t in (chosen_text, "no."))
-        batches = PairBatches([c, r], [c, r], batch_size=1, device=torch.device("cpu"))
+        batches = PairBatches([Pair(c, r)], [Pair(c, r)], batch_size=1, device=torch.device("cpu"))
         return sequence_logps(model, batches.collate([0], "train")).detach()
 
     a, b = logps("this one."), logps("that one.")
     assert a[1] == b[1] and a[0] != b[0]  # changing the chosen reply changes only the chosen log-prob
 
     # the gradient reaches the logits at reply positions only
-    batches = PairBatches([ex, encode_reply(tpl, prompt, rejected, 100)[0]], [], batch_size=1,
+    batches = PairBatches([Pair(ex, encode_reply(tpl, prompt, rejected, 100)[0])], [], batch_size=1,
                           device=torch.device("cpu"))
     batch = batches.collate([0], "train")
     logits, _ = model(batch.x)
@@ -329,14 +330,15 @@ def test_preference_formats_give_the_same_pairs(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [plain, trl, openai])
     lines: list[str] = []
     data = load_sft_data(SFTDataConfig(path=str(path), val_path=str(path)), tpl, 49, False, lines.append)
-    assert data.preference and len(data.train) == 6
+    assert data.preference and len(data.train_pairs) == 3 and not data.train
     assert lines[0] == (f"data: {path}: read as 1 prompt/chosen/rejected, 1 prompt/chosen/rejected "
                         "(conversational), 1 openai preference")
-    for i in (2, 4):
-        assert data.train[i].ids.tolist() == data.train[0].ids.tolist()
-        assert data.train[i].mask.tolist() == data.train[0].mask.tolist()
-        assert data.train[i + 1].ids.tolist() == data.train[1].ids.tolist()
-    assert tpl.tok.decode(data.train[1].ids[data.train[1].mask].tolist()) == "no.<|end|>"
+    first = data.train_pairs[0]
+    for other in data.train_pairs[1:]:
+        assert other.chosen.ids.tolist() == first.chosen.ids.tolist()
+        assert other.chosen.mask.tolist() == first.chosen.mask.tolist()
+        assert other.rejected.ids.tolist() == first.rejected.ids.tolist()
+    assert tpl.tok.decode(first.rejected.ids[first.rejected.mask].tolist()) == "no.<|end|>"
 
 
 BAD_PAIRS = [

@@ -14,7 +14,7 @@ from gpt import checkpoint, convert
 from gpt import eval as gpt_eval
 from gpt.config import ModelConfig, to_dict
 from gpt.data.chat_template import ChatTemplate
-from gpt.data.records import load_file
+from gpt.data.finetune_data import load_file
 from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.engine import complete
 from gpt.infer.sampling import SamplingParams

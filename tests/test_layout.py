@@ -25,8 +25,14 @@ LAYERS = {
     "gpt.data.bpe": 45,
     "gpt.data.canary": 40,
     "gpt.data.pii": 45,
+    "gpt.data.batch": 35,
+    "gpt.data.examples": 35,
+    "gpt.data.token_files": 35,
+    "gpt.data.training_order": 35,
+    "gpt.data.messages": 42,
+    "gpt.data.record_formats": 45,
     "gpt.data.corpus": 50,
-    "gpt.data.records": 55,
+    "gpt.data.finetune_data": 55,
     "gpt.data": 59,
     "gpt.checkpoint": 60,
     "gpt.convert": 70,
@@ -57,7 +63,8 @@ LAYERS = {
     "gpt.serve.serve_cli": 150,
     "gpt.serve": 159,
 }
-TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.chat_template")
+TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.chat_template", "gpt.data.messages",
+              "gpt.data.record_formats")
 
 
 def module_name(path: Path) -> str:

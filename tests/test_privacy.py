@@ -54,7 +54,7 @@ def test_guard_fails_any_connection_off_this_machine(network_guard):
 
 @pytest.mark.parametrize("name", ["acme/claims", "mydata"])
 def test_a_path_that_does_not_exist_is_no_such_file_never_a_hub_lookup(tmp_path, name):
-    from gpt.data.records import load_file
+    from gpt.data.finetune_data import load_file
 
     cfg = DataConfig(dataset="x", path=name, data_dir=str(tmp_path))
     with pytest.raises(DataError, match=f"^{name}: no such file or directory") as err:
@@ -358,7 +358,7 @@ def test_prepared_corpus_is_redacted_before_tokenization_and_says_so(tmp_path):
 def test_finetuning_records_are_redacted_and_the_report_is_written(tmp_path):
     from test_sft import chat_template, qa, write_jsonl
 
-    from gpt.data.records import load_sft_data
+    from gpt.data.finetune_data import load_sft_data
 
     tpl = chat_template(sorted(set("abcdefghijklmnopqrstuvwxyz ?.!\n<>@ACDEILMNOPRT0123456789+_-")))
     rows = [qa("mail me at jane@example.com", "ok"), qa("a", "my card 4111111111111111"), qa("b", "c")]
@@ -386,7 +386,8 @@ def test_custom_bpe_is_trained_on_redacted_text(tmp_path):
 
 
 def test_preference_pairs_are_redacted_on_every_side():
-    from gpt.data.records import Preference, redact_content
+    from gpt.data.finetune_data import redact_content
+    from gpt.data.record_formats import Preference
 
     pair = Preference([{"role": "user", "content": "mail jane@example.com?"}],
                       [{"role": "assistant", "content": "sure, jane@example.com"}],

@@ -13,7 +13,7 @@ import torch
 from gpt import checkpoint
 from gpt.config import ConfigError, FinetuneConfig, ModelConfig, load_config
 from gpt.data.chat_template import END_TOKEN, ROLE_TOKENS, ChatTemplate
-from gpt.data.records import encode_chat, encode_text
+from gpt.data.examples import encode_chat, encode_text
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.model import GPT, IGNORE_INDEX, cross_entropy
 from gpt.train.sft import SFTBatches, add_chat_tokens, finetune
@@ -235,7 +235,7 @@ BAD_LINES = [
 def test_malformed_records_name_file_and_line_and_skip_invalid_counts(tmp_path):
     from gpt.config import SFTDataConfig
     from gpt.data.corpus import DataError
-    from gpt.data.records import load_sft_data
+    from gpt.data.finetune_data import load_sft_data
 
     tpl = chat_template()
     path = write_jsonl(tmp_path / "train.jsonl", BAD_LINES[:8] + ["", BAD_LINES[8]])  # line 9 is blank
@@ -264,7 +264,7 @@ def test_csv_parquet_and_json_errors_name_the_row(tmp_path):
     import pyarrow.parquet as pq
 
     from gpt.data.corpus import DataError
-    from gpt.data.records import load_file
+    from gpt.data.finetune_data import load_file
 
     tpl = chat_template()
     csv = tmp_path / "d.csv"
@@ -438,7 +438,7 @@ def _plain(cfg: ModelConfig, state: dict) -> GPT:
 
 def test_sharegpt_and_openai_records_give_the_tokens_of_messages_records(tmp_path):
     from gpt.config import SFTDataConfig
-    from gpt.data.records import load_sft_data
+    from gpt.data.finetune_data import load_sft_data
 
     tpl = chat_template()
     turns = [("system", "be brief."), ("user", "cat?"), ("assistant", "dog."), ("user", "sun?"),
@@ -500,7 +500,7 @@ BAD_FORMATS = [
 
 
 def test_malformed_sharegpt_and_openai_records_are_file_line_errors(tmp_path):
-    from gpt.data.records import load_file
+    from gpt.data.finetune_data import load_file
 
     tpl = chat_template()
     path = write_jsonl(tmp_path / "bad.jsonl", [qa("cat", "dog")] + [row for row, _ in BAD_FORMATS])

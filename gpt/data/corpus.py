@@ -8,14 +8,14 @@ uninterrupted run would have seen, and accumulation or N ranks see exactly what 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import os
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,18 +23,13 @@ import torch
 from gpt.config import DataConfig
 from gpt.data import bpe, canary, files, pii
 from gpt.data import tokenizer as tokenizers
+from gpt.data.batch import Batch
 from gpt.data.files import DataError
+from gpt.data.token_files import TokenFiles, token_dtype
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 PIECE_BYTES = files.PIECE_BYTES  # stream big text files in ~4 MB pieces
 DOCS_PER_BATCH = 1024
-
-
-@dataclass
-class Batch:
-    x: torch.Tensor  # (B, T) input ids
-    y: torch.Tensor  # (B, T) target ids, IGNORE_INDEX where no loss
-    doc_ids: torch.Tensor | None = None  # (B, T) packed-document numbers (SFT packing)
 
 
 # ---------------------------------------------------------------------------- preparation
@@ -123,83 +118,23 @@ def prepare(cfg: DataConfig, source: str, folder: Path, log=print, kept: tokeniz
     folder.mkdir(parents=True, exist_ok=True)
     redactor = pii.from_config(cfg)  # one salt for every pass: the same pseudonyms each time
     secrets = canary.make(cfg)  # planted in the training split only; see gpt/data/canary.py
-
-    def pieces(dec: files.Decoding) -> Iterator[tuple[str, str, bool]]:
-        """Decoded, redacted text, then the canaries (after redaction, so they stay as planted)."""
-        return canary.insert(iter_documents(source, cfg, dec, redactor), secrets, cfg.canary_repeats,
-                             cfg.canary_seed)
-
-    if kept is not None:
-        log(f"data: encoding {source} with the tokenizer of the starting checkpoint ({kept.vocab_size} tokens)")
-        tok = kept
-    elif cfg.tokenizer == "char":
-        log(f"data: building a character vocabulary from {source}")
-        tok: tokenizers.Tokenizer = tokenizers.CharTokenizer.from_text(
-            itertools.chain((text for _, text, _ in pieces(decoding(cfg))),
-                            [canary.Format(cfg.canary_format).charset if secrets else ""])
-        )
-    elif cfg.tokenizer == "bpe":
-        settings = tokenizer_settings(cfg)
-        tok = bpe.train_bpe((text for split, text, _ in pieces(decoding(cfg)) if split == "train"),
-                            settings["bpe_vocab_size"], settings["bpe_pattern"], log)
-    else:
-        tok = tokenizers.TiktokenTokenizer(cfg.tokenizer)
+    dec = files.Decoding(cfg.encoding, cfg.encoding_errors)
+    passes = functools.partial(corpus_pass, source, cfg, dec, redactor, secrets)
+    tok = build_tokenizer(cfg, source, passes, bool(secrets), kept, log)
     compression = bpe.Compression() if cfg.tokenizer == "bpe" and kept is None else None
     if tok.vocab_size == 0:
         raise DataError(f"corpus {source} is empty")
     dtype = token_dtype(tok.vocab_size)
-    threads = cfg.num_workers or os.cpu_count() or 1
-    counts = {"train": 0, "val": 0}
-    tmp = {split: folder / f"{split}.bin.tmp-{os.getpid()}" for split in counts}  # per process: runs may race
-    files_out = {split: open(path, "wb") for split, path in tmp.items()}
-    dec = decoding(cfg)
-    if redactor:
-        redactor.reset()  # count the pass that is tokenized
-    try:
-        pending: dict[str, list[tuple[str, bool]]] = {"train": [], "val": []}
-
-        def flush(split: str) -> None:
-            texts = [text for text, _ in pending[split]]
-            try:
-                encoded = tok.encode_batch(texts, num_threads=threads)
-            except tokenizers.TokenizerError as e:  # a kept character vocabulary lacks a character
-                raise DataError(f"{source}: {e}") from None
-            if compression is not None and split == "val":
-                compression.add(texts, encoded)
-            for ids, (_, doc_end) in zip(encoded, pending[split]):
-                if doc_end and tok.eot_id is not None:  # separate documents, never pieces of one
-                    ids.append(tok.eot_id)
-                arr = np.asarray(ids, dtype=dtype)
-                arr.tofile(files_out[split])
-                counts[split] += arr.size
-            pending[split].clear()
-
-        for split, text, doc_end in pieces(dec):
-            pending[split].append((text, doc_end))
-            if len(pending[split]) >= DOCS_PER_BATCH:
-                flush(split)
-        for split in pending:
-            flush(split)
-    except BaseException:
-        for f in files_out.values():
-            f.close()
-        for p in tmp.values():  # no half-written tokens of a refused corpus stay behind
-            p.unlink(missing_ok=True)
-        raise
-    for f in files_out.values():
-        f.close()
-    if counts["train"] == 0:
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-        raise DataError(f"corpus {source} is empty: no text to train on")
-    for split, path in tmp.items():
-        os.replace(path, folder / f"{split}.bin")
+    with TokenFiles(folder, dtype) as out:
+        encode_corpus(passes(), tok, out, cfg.num_workers or os.cpu_count() or 1, compression, source)
+        if out.counts["train"] == 0:
+            raise DataError(f"corpus {source} is empty: no text to train on")
     meta = {
         "tokenizer": tok.to_spec(),
         "vocab_size": tok.vocab_size,
         "dtype": np.dtype(dtype).name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
+        "train_tokens": out.counts["train"],
+        "val_tokens": out.counts["val"],
         "settings": _settings(cfg, source),
         "replaced_bytes": dec.replaced,
         "redaction": redactor.summary() if redactor else None,
@@ -215,19 +150,71 @@ def prepare(cfg: DataConfig, source: str, folder: Path, log=print, kept: tokeniz
         log(dec.report())
     if redactor:
         log(redactor.log_line())
-    log(f"data: {counts['train']:,} train and {counts['val']:,} val tokens in {folder}")
+    log(f"data: {out.counts['train']:,} train and {out.counts['val']:,} val tokens in {folder}")
     if compression is not None:
         log(compression.summary())
     return folder
 
 
-def decoding(cfg: DataConfig) -> files.Decoding:
-    return files.Decoding(cfg.encoding, cfg.encoding_errors)
+def corpus_pass(source: str, cfg: DataConfig, dec: files.Decoding, redactor: pii.Redactor | None,
+                secrets: list[str]) -> Iterator[tuple[str, str, bool]]:
+    """One pass over the corpus: (split, text, doc_end) of the decoded, redacted text, then the
+    canaries (after redaction, so they stay as planted). The decoding and redaction counts start
+    afresh with each pass, so after the last one (the tokenized one) they describe that pass."""
+    dec.replaced.clear()
+    if redactor:
+        redactor.reset()
+    yield from canary.insert(iter_documents(source, cfg, dec, redactor), secrets, cfg.canary_repeats,
+                             cfg.canary_seed)
 
 
-def token_dtype(vocab_size: int) -> type:
-    """uint16 halves disk and memory; ids of 65536 and above need uint32."""
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+def build_tokenizer(cfg: DataConfig, source: str, passes: Callable[[], Iterator[tuple[str, str, bool]]],
+                    canaries: bool, kept: tokenizers.Tokenizer | None, log=print) -> tokenizers.Tokenizer:
+    """The tokenizer data.tokenizer names: `kept` as it is, a character vocabulary or a BPE built
+    from the corpus (a pass over it; with canaries, their characters too), or a tiktoken encoding."""
+    if kept is not None:
+        log(f"data: encoding {source} with the tokenizer of the starting checkpoint ({kept.vocab_size} tokens)")
+        return kept
+    if cfg.tokenizer == "char":
+        log(f"data: building a character vocabulary from {source}")
+        return tokenizers.CharTokenizer.from_text(
+            itertools.chain((text for _, text, _ in passes()),
+                            [canary.Format(cfg.canary_format).charset if canaries else ""])
+        )
+    if cfg.tokenizer == "bpe":
+        settings = tokenizer_settings(cfg)
+        return bpe.train_bpe((text for split, text, _ in passes() if split == "train"),
+                             settings["bpe_vocab_size"], settings["bpe_pattern"], log)
+    return tokenizers.TiktokenTokenizer(cfg.tokenizer)
+
+
+def encode_corpus(pieces: Iterator[tuple[str, str, bool]], tok: tokenizers.Tokenizer, out: TokenFiles,
+                  threads: int, compression: bpe.Compression | None, source: str) -> None:
+    """Encode the pieces DOCS_PER_BATCH at a time per split (on `threads` threads) into `out`; an
+    end-of-text token closes each document; compression is measured on the validation text."""
+    pending: dict[str, list[tuple[str, bool]]] = {"train": [], "val": []}
+    for split, text, doc_end in pieces:
+        pending[split].append((text, doc_end))
+        if len(pending[split]) >= DOCS_PER_BATCH:
+            _encode_batch(pending[split], split, tok, out, threads, compression, source)
+            pending[split] = []
+    for split, batch in pending.items():
+        _encode_batch(batch, split, tok, out, threads, compression, source)
+
+
+def _encode_batch(batch: list[tuple[str, bool]], split: str, tok: tokenizers.Tokenizer, out: TokenFiles,
+                  threads: int, compression: bpe.Compression | None, source: str) -> None:
+    texts = [text for text, _ in batch]
+    try:
+        encoded = tok.encode_batch(texts, num_threads=threads)
+    except tokenizers.TokenizerError as e:  # a kept character vocabulary lacks a character
+        raise DataError(f"{source}: {e}") from None
+    if compression is not None and split == "val":
+        compression.add(texts, encoded)
+    for ids, (_, doc_end) in zip(encoded, batch):
+        if doc_end and tok.eot_id is not None:  # separate documents, never pieces of one
+            ids.append(tok.eot_id)
+        out.write(split, ids)
 
 
 def iter_documents(source: str, cfg: DataConfig, dec: files.Decoding,

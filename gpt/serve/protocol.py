@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from gpt.data.chat_template import ROLES, ChatTemplate
+from gpt.data.chat_template import ChatTemplate
+from gpt.data.files import RecordError
+from gpt.data.messages import MessageError, read_messages
 from gpt.data.tokenizer import Tokenizer
 from gpt.errors import UserError
 from gpt.infer.sampling import SamplingParams
@@ -241,21 +243,11 @@ def _encode(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
 
 
 def _messages(v) -> list[dict]:
-    if not isinstance(v, list) or not v:
-        raise bad("messages", "messages must be a non-empty list of {role, content} objects")
-    out = []
-    for i, m in enumerate(v):
-        if not isinstance(m, dict) or m.get("role") not in ROLES + ("developer",):
-            raise bad(f"messages[{i}].role", f"messages[{i}].role must be one of {', '.join(ROLES)}")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is understood by a text model
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise bad(f"messages[{i}].content", "only text content parts are supported")
-            content = "".join(p["text"] for p in content)
-        if content is None and m["role"] == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise bad(f"messages[{i}].content", f"messages[{i}].content must be a string")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    return out
+    """The request's messages by the rules fine-tuning records follow (gpt/data/messages.py); earlier
+    assistant turns are context, so they may be empty."""
+    try:
+        return read_messages(v, "messages", empty_replies=True)
+    except MessageError as e:
+        raise bad(f"messages[{e.index}].{e.field}", f"messages[{e.index}]: {e.why}") from None
+    except RecordError as e:  # not a non-empty list
+        raise bad("messages", str(e)) from None

@@ -14,7 +14,7 @@ where d = (policy_chosen - reference_chosen) - (policy_rejected - reference_reje
 
 A batch holds B pairs as 2B padded rows, the chosen sequences then the rejected ones, so both
 sides go through the model in one forward pass. Only reply tokens count (the loss mask of
-gpt/data/records.encode_reply). Pairs are visited epoch by epoch in a seeded order and step s /
+gpt/data/examples.encode_reply). Pairs are visited epoch by epoch in a seeded order and step s /
 micro-step m / rank r takes pairs from ((s * grad_accum + m) * world_size + r) * batch_size, as SFT
 does, so resume is exact and N ranks see what one process sees.
 
@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gpt.config import DPOConfig, FinetuneConfig
-from gpt.data.records import Example, RowStream, SFTData
+from gpt.data.examples import Example, Pair
+from gpt.data.finetune_data import SFTData
+from gpt.data.training_order import ShuffledOrder
 from gpt.device import autocast, resolve_dtype
 from gpt.lora import adapters_disabled
 from gpt.model import IGNORE_INDEX
@@ -137,7 +139,7 @@ def prepare_dpo(cfg: FinetuneConfig, model: torch.nn.Module, data: SFTData, devi
     """The batches and objective of a DPO run (call after LoRA is applied, before fit() trains);
     with sft.packing short sequences of a batch share rows."""
     t = cfg.train
-    batches = PairBatches(data.train, data.val, batch_size=t.batch_size, device=device, seed=t.seed,
+    batches = PairBatches(data.train_pairs, data.val_pairs, batch_size=t.batch_size, device=device, seed=t.seed,
                           rank=dist.rank, world_size=dist.world_size, grad_accum=t.grad_accum,
                           eval_batch_size=t.eval_batch_size, eval_iters=t.eval_iters,
                           packing=cfg.sft.packing)
@@ -155,31 +157,26 @@ def prepare_dpo(cfg: FinetuneConfig, model: torch.nn.Module, data: SFTData, devi
 # ---------------------------------------------------------------------------- batches
 
 
-def as_pairs(examples: list[Example]) -> list[tuple[Example, Example]]:
-    """SFTData holds a preference split as chosen, rejected, chosen, rejected, ..."""
-    return list(zip(examples[0::2], examples[1::2]))
-
-
 class PairBatches:
     """The BatchSource of a DPO run: deterministic pairs of padded rows."""
 
-    def __init__(self, train: list[Example], val: list[Example], *, batch_size: int, device: torch.device,
+    def __init__(self, train: list[Pair], val: list[Pair], *, batch_size: int, device: torch.device,
                  seed: int = 0, rank: int = 0, world_size: int = 1, grad_accum: int = 1, eval_batch_size: int = 0,
                  eval_iters: int = 20, packing: bool = False):
         """Rows as long as the batch's longest sequence: one sequence each, padded, or with packing as
         many as fit (first fit, longest first), so short sequences share rows instead of padding."""
         self.packing = packing
-        self.pairs = {"train": as_pairs(train), "val": as_pairs(val)}
+        self.pairs = {"train": train, "val": val}
         self.batch_size, self.device, self.rank, self.world_size = batch_size, device, rank, world_size
         self.grad_accum, self.eval_batch_size, self.eval_iters = grad_accum, eval_batch_size or batch_size, eval_iters
-        self.stream = RowStream([1] * len(self.pairs["train"]), 1, packing=False, seed=seed)
+        self.order = ShuffledOrder(len(train), seed)
 
     def train_batch(self, step: int, micro: int) -> PairBatch:
         return self.collate(self.train_pairs(step, micro), "train")
 
     def train_pairs(self, step: int, micro: int) -> list[int]:
         first = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
-        return [self.stream.row(first + b)[0] for b in range(self.batch_size)]
+        return [self.order[first + b] for b in range(self.batch_size)]
 
     def val_batches(self) -> Iterator[PairBatch]:
         """The first eval_iters batches of validation pairs (the same every time), padded so every rank
@@ -200,7 +197,8 @@ class PairBatches:
 
     def collate(self, index: list[int], split: str) -> PairBatch:
         pairs = self.pairs[split]
-        seqs = [pairs[i][side] if i >= 0 else None for side in (0, 1) for i in index]
+        seqs = ([pairs[i].chosen if i >= 0 else None for i in index]
+                + [pairs[i].rejected if i >= 0 else None for i in index])
         to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         index_t = to(np.asarray(index, dtype=np.int64))
         T = max([len(e.ids) - 1 for e in seqs if e is not None] + [1])
@@ -332,7 +330,7 @@ def _fingerprint(model: torch.nn.Module, batches: PairBatches, dtype: torch.dtyp
     for split in ("train", "val"):
         h.update(split.encode())
         for pair in batches.pairs[split]:
-            for e in pair:
+            for e in (pair.chosen, pair.rejected):
                 h.update(e.ids.tobytes())
                 h.update(e.mask.tobytes())
     for name, tensor in sorted(model.state_dict().items()):

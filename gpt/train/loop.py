@@ -38,7 +38,7 @@ from gpt.config import (
     save_yaml,
     to_dict,
 )
-from gpt.data.corpus import Batch
+from gpt.data.batch import Batch
 from gpt.data.tokenizer import Tokenizer
 from gpt.device import (
     autocast,

@@ -25,10 +25,12 @@ import torch
 
 from gpt.config import ConfigError, FinetuneConfig, check_finetune
 from gpt.pretrained import load_pretrained
+from gpt.data.batch import Batch
 from gpt.data.chat_template import CHAT_TOKENS, ChatTemplate
-from gpt.data.corpus import Batch
-from gpt.data.records import Example, RowStream, load_sft_data
+from gpt.data.examples import Example
+from gpt.data.finetune_data import load_sft_data
 from gpt.data.tokenizer import Tokenizer
+from gpt.data.training_order import RowStream
 from gpt.infer.engine import complete
 from gpt.infer.sampling import SamplingParams
 from gpt.lora import apply_lora, count_trainable, merged_state_dict
