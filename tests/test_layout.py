@@ -155,3 +155,27 @@ def test_entry_scripts_are_thin():
         path = ROOT / script
         if path.exists():
             assert len(path.read_text().splitlines()) <= 40, f"{script} should only parse arguments and call gpt/"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines():
+    """A function reads top to bottom on one screen; a longer one is split into named steps."""
+    long = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over 80 lines: " + "; ".join(long)
+
+
+def test_every_module_file_name_is_unique_in_the_package():
+    """One word, one thing: gpt/x/chat.py and gpt/y/chat.py would make 'chat' mean two things."""
+    seen: dict[str, list[str]] = {}
+    for path in PKG.rglob("*.py"):
+        if path.name != "__init__.py":
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert not {n: p for n, p in seen.items() if len(p) > 1}
