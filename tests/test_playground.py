@@ -124,3 +124,40 @@ def test_playground_complete_chat_probabilities_and_code(server, browser):
             for e in d.get_log("performance")]
     urls = [u for u in urls if u]
     assert urls and all(u.startswith(server.url) or u.startswith(("data:", "blob:", "about:")) for u in urls), urls
+
+
+def test_playground_defaults_fit_the_context_and_labels_show_the_values(server, browser):
+    d = browser
+    d.get(server.url + "/")
+    d.execute_script("localStorage.clear()")
+    d.get(server.url + "/")
+    WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+    slider, label = d.find_element(By.ID, "max_tokens"), d.find_element(By.ID, "max_tokens-v")
+    default = min(256, BLOCK // 2)
+    assert slider.get_attribute("value") == label.text == str(default)  # the label shows the real value at load
+    assert int(slider.get_attribute("max")) < BLOCK  # at least one prompt token fits beside it
+    for sid in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "best_of"):
+        assert d.find_element(By.ID, sid + "-v").text == d.find_element(By.ID, sid).get_attribute("value"), sid
+    set_value(d, "max_tokens", 7)
+    assert label.text == "7"  # and follows the slider
+    set_value(d, "max_tokens", default)
+
+    # Submit with the defaults works on a fresh page
+    d.find_element(By.ID, "prompt").send_keys("Hello")
+    assert run_and_wait(d).startswith("done (")  # not refused
+
+    # A prompt too long for prompt + maximum length: the page says so before asking the server
+    set_value(d, "prompt", "ab " * BLOCK)
+    d.find_element(By.ID, "submit").click()
+    WebDriverWait(d, 10).until(lambda d: "too long" in d.find_element(By.ID, "status").text)
+    status = d.find_element(By.ID, "status").text
+    assert f"{BLOCK}-token context" in status and "Maximum length" in status
+
+    # Settings saved for a larger context do not make every submit fail on this one
+    d.execute_script("const s = JSON.parse(localStorage.getItem('gpt-playground')); s.max_tokens = '2000';"
+                     "s.prompt = 'Hello'; localStorage.setItem('gpt-playground', JSON.stringify(s))")
+    d.get(server.url + "/")
+    WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+    assert d.find_element(By.ID, "max_tokens").get_attribute("value") == str(default)
+    assert d.find_element(By.ID, "max_tokens-v").text == str(default)
+    assert run_and_wait(d).startswith("done (")

@@ -70,11 +70,15 @@ def srv(model, tok):
 
 
 def greedy(model, tok, prompt, n=20, **kw):
-    return complete(model, tok, prompt, SamplingParams(temperature=0, max_tokens=n, **kw))[0]
+    """What the server's completion returns: it ends at the end-of-turn token too (a chat tokenizer)."""
+    ends = ChatTemplate(tok).stop_ids + ([tok.eot_id] if tok.eot_id is not None else [])
+    return complete(model, tok, prompt, SamplingParams(temperature=0, max_tokens=n, **kw), stop_ids=ends)[0]
 
 
 def test_models_and_health(srv):
     assert [m.id for m in srv.client.models.list().data] == ["tiny"]
+    card = httpx.get(srv.url + "/v1/models").json()["data"][0]
+    assert card["max_model_len"] == card["context_length"] == BLOCK  # vLLM's name, and ours
     assert httpx.get(srv.url + "/health").json()["status"] == "ok"
 
 
@@ -144,6 +148,44 @@ def test_chat_uses_the_template_and_ends_at_the_end_of_turn(srv, model, tok):
     assert all(len(e.top_logprobs) == 2 for e in c.logprobs.content)
 
 
+class EndsTurnAtOnce:
+    """The model writes its end-of-turn token first, whatever the prompt (its lm_head row scaled up)."""
+
+    def __init__(self, model, tok):
+        self.model, self.end = model, tok.special_id("<|end|>")
+
+    def __enter__(self):
+        with torch.no_grad():
+            self.saved = self.model.lm_head.weight[self.end].clone()
+            self.model.lm_head.weight[self.end] *= 40
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            self.model.lm_head.weight[self.end] = self.saved
+
+
+def test_completions_stop_at_the_end_of_turn_unless_ignore_eos(srv, model, tok):
+    kw = dict(model="tiny", prompt="Hello", temperature=0, max_tokens=12)
+    with EndsTurnAtOnce(model, tok):
+        r = srv.client.completions.create(logprobs=1, **kw)
+        streamed = list(srv.client.completions.create(stream=True, **kw))
+        ignored = srv.client.completions.create(extra_body={"ignore_eos": True}, logprobs=1, **kw)
+        chat = srv.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                  temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and c.text == "" and r.usage.completion_tokens == 1
+    assert c.logprobs.tokens == []  # the end token is not reported
+    assert "".join(p.choices[0].text for p in streamed) == ""
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    # ignore_eos (vLLM's extension): past the end token to max_tokens, whose text is never shown
+    c = ignored.choices[0]
+    assert c.finish_reason == "length" and ignored.usage.completion_tokens == 12
+    assert "<|end|>" not in c.text and c.logprobs.tokens.count("<|end|>") >= 1
+    assert all(o <= len("Hello") + len(c.text) for o in c.logprobs.text_offset)  # hidden tokens add no text
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 12
+    assert "<|end|>" not in chat.choices[0].message.content
+
+
 def test_n_and_best_of_returns_the_best_by_mean_logprob(srv):
     kw = dict(model="tiny", prompt="ab", temperature=1.0, seed=11, max_tokens=10)
     four = srv.client.completions.create(n=4, logprobs=0, **kw).choices
@@ -185,6 +227,7 @@ def post(srv, path, body, **kw):
     ({"max_tokens": BLOCK}, "max_tokens"), ({"frequency_penalty": 3}, "frequency_penalty"),
     ({"logit_bias": {"999": 1}}, "logit_bias"), ({"temperature": "hot"}, "temperature"),
     ({"prompt": 5}, "prompt"), ({"prompt": "no ~ in this vocabulary"}, "prompt"), ({"logprobs": 99}, "logprobs"), ({"seed": 1.5}, "seed"),
+    ({"ignore_eos": "yes"}, "ignore_eos"), ({"model": None}, "model"), ({"model": 5}, "model"),
 ])
 def test_bad_parameters_are_400_with_the_param(srv, body, param):
     r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "hi", "unknown_field": 1, **body})
@@ -193,6 +236,17 @@ def test_bad_parameters_are_400_with_the_param(srv, body, param):
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
     if param == "max_tokens":
         assert err["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "hi"}),
+                                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+def test_a_request_without_model_is_openais_400(srv, path, body):
+    r = post(srv, path, body)
+    assert r.status_code == 400
+    assert r.json() == {"error": {"message": "you must provide a model parameter", "type": "invalid_request_error",
+                                  "param": "model", "code": None}}
+    r = post(srv, path, {**body, "model": ["tiny"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
 
 
 def test_error_statuses(srv, model, tok):
@@ -204,7 +258,10 @@ def test_error_statuses(srv, model, tok):
     assert post(srv, "/v1/completions", b"{not json").status_code == 400
     assert post(srv, "/v1/completions", b"[" * 100_000).status_code == 400
     assert post(srv, "/v1/completions", b"x" * (2 << 20)).status_code == 413
-    assert post(srv, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}).status_code == 400
+    wizard = post(srv, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]})
+    assert wizard.status_code == 400 and wizard.json()["error"]["param"] == "messages[0].role"
+    other = post(srv, "/v1/chat/completions", {"model": "other", "messages": [{"role": "user", "content": "x"}]})
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
     missing = httpx.get(srv.url + "/v1/nothing")
     assert missing.status_code == 404 and "error" in missing.json()
     keyed = Running(model, tok, api_key="s3cret")
@@ -222,8 +279,9 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slot(model, tok):
         stream = small.client.completions.create(model="tiny", prompt="a", max_tokens=BLOCK - 1, temperature=0,
                                                  stream=True)
         next(iter(stream))  # generating
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as busy:
             small.client.completions.create(model="tiny", prompt="b", max_tokens=3)
+        assert busy.value.response.headers["retry-after"] == "1"
         with pytest.raises(openai.BadRequestError, match="at most 1"):  # could never fit: not worth a retry
             small.client.completions.create(model="tiny", prompt="b", max_tokens=3, n=2)
         stream.close()  # the client goes away mid-stream
@@ -277,6 +335,14 @@ def test_serve_py_prints_its_url_serves_and_stops_on_sigterm(model, tok, tmp_pat
         assert "POST /v1/completions" in log and "Secret" not in log and "Traceback" not in log
     finally:
         proc.kill()
+
+
+def test_serve_py_help_shows_the_limits_and_their_defaults():
+    proc = subprocess.run([sys.executable, "serve.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps help lines
+    for flag, default in (("--max-batch", 8), ("--max-queue", 32), ("--max-body", 1 << 20), ("--port", 8000)):
+        assert flag in text and f"(default: {default})" in text.split(flag, 2)[-1].split("--", 1)[0], flag
 
 
 def test_serve_py_bad_checkpoint_is_one_line(tmp_path):

@@ -134,12 +134,15 @@ class DecodeRequest:
 
     on_token(request, token_id, new_text) is called after each token (new_text is "" without a
     tokenizer, or while text is held back), and once more with token_id None when the request ends
-    without a new token; `finish_reason` is set once the request is done.
+    without a new token; `finish_reason` is set once the request is done. A token of stop_ids ends
+    the request; a token of hidden_ids adds no text (the server's end-of-turn marker, generated past
+    under ignore_eos); neither is ever in the text.
     """
 
     def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: Sequence[int], tokenizer: Tokenizer | None,
-                 on_token: Callable[["DecodeRequest", int | None, str], None] | None, vocab_size: int, device):
-        self.prompt, self.params, self.stop_ids = prompt, params, set(stop_ids)
+                 on_token: Callable[["DecodeRequest", int | None, str], None] | None, vocab_size: int, device,
+                 hidden_ids: Sequence[int] = ()):
+        self.prompt, self.params, self.stop_ids, self.hidden_ids = prompt, params, set(stop_ids), set(hidden_ids)
         self.tokens = list(prompt)  # prompt + generated: the whole history
         self.out_ids: list[int] = []
         self.out_logprobs: list[float] = []  # the model's log-probability of each generated token
@@ -191,7 +194,7 @@ class DecodeRequest:
             self.counts[0, token] += 1
         if token in self.stop_ids:
             self.finish_reason = "eos"
-        elif self.stream is not None and self.stream.push(token):
+        elif self.stream is not None and token not in self.hidden_ids and self.stream.push(token):
             self.finish_reason = "stop"
         elif len(self.out_ids) >= self.params.max_tokens:
             self.finish_reason = "length"
@@ -234,12 +237,14 @@ class Engine:
         self._lock = threading.Lock()
 
     def add(self, prompt: Sequence[int], params: SamplingParams, *, stop_ids: Sequence[int] = (),
+            hidden_ids: Sequence[int] = (),
             on_token: Callable[[DecodeRequest, int | None, str], None] | None = None) -> DecodeRequest:
         """Queue a prompt (token ids); it joins the batch at the next step with a free row."""
         params.validate()
         if not prompt:
             raise SamplingError("prompt", "the prompt is empty")
-        req = DecodeRequest(list(prompt), params, stop_ids, self.tokenizer, on_token, self.vocab, self.device)
+        req = DecodeRequest(list(prompt), params, stop_ids, self.tokenizer, on_token, self.vocab, self.device,
+                            hidden_ids)
         if params.max_tokens == 0:
             req.end("length")
             return req

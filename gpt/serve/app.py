@@ -36,6 +36,7 @@ from gpt.serve.worker import QueueFull, Worker
 log = logging.getLogger("gpt.serve")
 FINISH: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's finish_reason
 STATIC = Path(__file__).resolve().parent / "static"  # the playground page, served at /
+RETRY_AFTER_S = 1  # a full server's 429 asks the client to wait this long (rows free up within steps)
 
 
 @dataclass
@@ -115,7 +116,7 @@ async def guard(request: Request, call_next):
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 async def api_error(_request: Request, e: APIError) -> JSONResponse:
@@ -135,7 +136,7 @@ async def internal_error(_request: Request, e: Exception) -> JSONResponse:
 
 
 async def read_body(request: Request, server: ServerState) -> dict:
-    """The JSON object of the request, read up to the size limit; its `model`, if any, must be ours."""
+    """The JSON object of the request, read up to the size limit."""
     raw = b""
     async for chunk in request.stream():
         raw += chunk
@@ -147,11 +148,22 @@ async def read_body(request: Request, server: ServerState) -> dict:
         raise APIError(400, "The body of the request is not valid JSON.") from None
     if not isinstance(body, dict):
         raise APIError(400, "The body of the request must be a JSON object.")
-    check_model(body.get("model"), server)
     return body
 
 
+def require_model(body: dict, server: ServerState) -> None:
+    """A generation request names the model, as OpenAI requires: a string, and ours."""
+    name = body.get("model")
+    if name is None:
+        raise APIError(400, "you must provide a model parameter", param="model")
+    if not isinstance(name, str):
+        raise APIError(400, f"Invalid type for 'model': expected a string, but got {type(name).__name__}.",
+                       param="model")
+    check_model(name, server)
+
+
 def check_model(name: str | None, server: ServerState) -> None:
+    """A model name, when given, must be the served one (404 model_not_found, as OpenAI answers)."""
     if name is not None and name != server.config.model_name:
         raise APIError(404, f"The model '{name}' does not exist; this server serves '{server.config.model_name}'.",
                        param="model", code="model_not_found")
@@ -169,6 +181,7 @@ async def playground():
 async def tokenize(request: Request, server: Server):
     """Prompt tokens of a completion prompt or chat messages (the playground's live count)."""
     body = await read_body(request, server)
+    check_model(body.get("model"), server)
     if "messages" in body:
         n = len(chat_job({**body, "max_tokens": 1, "stream": False}, server.tokenizer, 1 << 30).prompts[0])
     else:
@@ -194,13 +207,15 @@ async def one_model(name: str, server: Server):
 
 
 def model_card(server: ServerState) -> dict:
+    """OpenAI's model object, with the context length (vLLM's max_model_len; context_length, as before)."""
     return {"id": server.config.model_name, "object": "model", "created": server.created, "owned_by": "local",
-            "context_length": server.block_size}
+            "context_length": server.block_size, "max_model_len": server.block_size}
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, server: Server):
     body = await read_body(request, server)
+    require_model(body, server)
     job = completion_job(body, server.tokenizer, server.block_size)
     return await respond(request, server, job, Completions(server, job))
 
@@ -208,6 +223,7 @@ async def completions(request: Request, server: Server):
 @router.post("/v1/chat/completions")
 async def chat(request: Request, server: Server):
     body = await read_body(request, server)
+    require_model(body, server)
     job = chat_job(body, server.tokenizer, server.block_size)
     return await respond(request, server, job, ChatCompletions(server, job))
 
@@ -257,10 +273,10 @@ class PendingReply:
             raise APIError(400, f"This request needs {len(items)} sequences (prompts x best_of); this server holds "
                                 f"at most {self.worker.capacity}.", param="best_of" if job.best_of > 1 else "prompt")
         try:
-            self.seqs = self.worker.submit(items, job.stop_ids, self._on_token)
+            self.seqs = self.worker.submit(items, job.stop_ids, self._on_token, job.hidden_ids)
         except QueueFull as e:
             raise APIError(429, f"The server is busy ({e}); retry shortly.", type="rate_limit_exceeded",
-                           code="rate_limit_exceeded") from None
+                           code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     def _on_token(self, seq: DecodeRequest, token: int | None, text: str) -> None:  # engine thread
         """Queue what happened now: the handler runs later, when the sequence may have moved on.
@@ -437,7 +453,7 @@ class Completions(Shape):
                 offset = 0 if self.job.echo else len(self.tok.decode(prompt))
                 lp = None
                 if self.job.logprobs is not None:
-                    lp = self.text_logprobs(scored + generated(seq, self.reported(seq)), offset)
+                    lp = self.text_logprobs(scored + generated(seq, self.reported(seq)), offset, len(scored))
                 choices.append({"text": text, "index": i, "logprobs": lp, "finish_reason": FINISH[c.finish_reason]})
                 i += 1
         return self.envelope("text_completion", choices=choices, usage=self.usage(reply.seqs))
@@ -449,13 +465,14 @@ class Completions(Shape):
     def logprobs(self, seq: DecodeRequest, indices: list[int]) -> dict:
         return self.text_logprobs(generated(seq, indices), 0)
 
-    def text_logprobs(self, rows: list[TokenScore], offset: int) -> dict:
-        """The legacy logprobs object; `offset` is where the first row's text starts in the choice's text."""
+    def text_logprobs(self, rows: list[TokenScore], offset: int, n_prompt: int = 0) -> dict:
+        """The legacy logprobs object; `offset` is where the first row's text starts in the choice's text, and
+        rows from `n_prompt` on are generated (a hidden end token among them adds no text)."""
         tokens = [self.token_str(r.id) for r in rows]
         offsets, pos = [], offset
-        for s in tokens:
+        for j, (r, s) in enumerate(zip(rows, tokens)):
             offsets.append(pos)
-            pos += len(s)
+            pos += 0 if j >= n_prompt and r.id in self.job.hidden_ids else len(s)
         tops = [None if r.logprob is None and not r.top else {self.token_str(i): v for i, v in r.top} for r in rows]
         return {"tokens": tokens, "token_logprobs": [r.logprob for r in rows], "top_logprobs": tops,
                 "text_offset": offsets}

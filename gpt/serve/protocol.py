@@ -26,9 +26,10 @@ class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}  # e.g. 429's Retry-After
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -50,7 +51,8 @@ class Job:
     include_usage: bool = False
     echo: bool = False
     logprobs: int | None = None  # None: not asked for; K: the chosen token and the K most likely
-    stop_ids: list[int] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)  # tokens that end a sequence (none under ignore_eos)
+    hidden_ids: list[int] = field(default_factory=list)  # tokens whose text is never shown (the end tokens)
 
 
 # ---------------------------------------------------------------------------- field readers
@@ -162,6 +164,13 @@ def _include_usage(body: dict, stream: bool) -> bool:
     return _bool(opts, "include_usage")
 
 
+def _end_ids(body: dict, tokenizer: Tokenizer) -> dict[str, list[int]]:
+    """The model's end-of-turn and end-of-text tokens: they end a reply (unless `ignore_eos`, vLLM's extension,
+    asks to generate past them) and their text is never shown. The Job fields stop_ids and hidden_ids."""
+    ends = ChatTemplate(tokenizer).stop_ids + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    return {"stop_ids": [] if _bool(body, "ignore_eos") else ends, "hidden_ids": ends}
+
+
 # ---------------------------------------------------------------------------- the two endpoints
 
 
@@ -174,9 +183,8 @@ def completion_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
     for p in prompts:
         _fits(p, max_tokens, block_size, "max_tokens")
     n, best_of = _n_best_of(body, stream)
-    eot = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
     return Job(prompts, _sampling(body, tokenizer, max_tokens, logprobs), n, best_of, stream,
-               _include_usage(body, stream), _bool(body, "echo"), logprobs, eot)
+               _include_usage(body, stream), _bool(body, "echo"), logprobs, **_end_ids(body, tokenizer))
 
 
 def chat_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
@@ -202,8 +210,8 @@ def chat_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
     n, best_of = _n_best_of({"n": body.get("n")}, stream)
     params = _sampling(body, tokenizer, max_tokens, logprobs)
     params.stop = tuple(template.stop_strings) + params.stop
-    stop_ids = template.stop_ids + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
-    return Job([prompt], params, n, best_of, stream, _include_usage(body, stream), False, logprobs, stop_ids)
+    return Job([prompt], params, n, best_of, stream, _include_usage(body, stream), False, logprobs,
+               **_end_ids(body, tokenizer))
 
 
 def _prompts(v, tokenizer: Tokenizer) -> list[list[int]]:

@@ -33,13 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.py", description="Serve a checkpoint with OpenAI's HTTP API.")
     p.add_argument("--ckpt", required=True, help="output directory (its best checkpoint, else latest) or a checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY, else none)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint folder's name)")
     add_model_args(p, threads="0 = the cores other processes leave idle, less one for the web server")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (the batch's rows)")
-    p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond it requests get 429")
-    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together (the batch's rows) (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond the batch and "
+                   "the queue, requests get 429 with Retry-After (default: %(default)s)")
+    p.add_argument("--max-body", type=int, default=1 << 20,
+                   help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
     return p
 
 

@@ -41,15 +41,17 @@ class Worker:
         return self.engine.max_batch + self.max_queue
 
     def submit(self, items: Sequence[tuple[list[int], SamplingParams]], stop_ids: Sequence[int],
-               on_token: Callable[[DecodeRequest, int | None, str], None]) -> list[DecodeRequest]:
-        """Queue all of a request's sequences, or none of them (QueueFull)."""
+               on_token: Callable[[DecodeRequest, int | None, str], None],
+               hidden_ids: Sequence[int] = ()) -> list[DecodeRequest]:
+        """Queue all of a request's sequences, or none of them (QueueFull); see DecodeRequest for the ids."""
         with self._lock:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             held = self.engine.held
             if held + len(items) > self.capacity:
                 raise QueueFull(f"{held} sequences running or queued; the server holds at most {self.capacity}")
-            reqs = [self.engine.add(ids, params, stop_ids=stop_ids, on_token=on_token) for ids, params in items]
+            reqs = [self.engine.add(ids, params, stop_ids=stop_ids, hidden_ids=hidden_ids, on_token=on_token)
+                    for ids, params in items]
         self._wake.set()
         return reqs
 

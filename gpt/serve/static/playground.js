@@ -4,7 +4,8 @@
 const $ = (id) => document.getElementById(id);
 const SLIDERS = ["temperature", "max_tokens", "top_p", "frequency_penalty", "presence_penalty", "best_of"];
 const SAVED = [...SLIDERS, "stop_seqs", "seed", "show_probs", "system", "prompt"];
-const state = { mode: "complete", model: null, context: 0, controller: null, turns: [] };
+const state = { mode: "complete", model: null, context: 0, controller: null, turns: [], savedMaxTokens: false };
+const TOO_LONG = "The prompt is too long";
 
 function save() {
   const s = { mode: state.mode, turns: state.turns };
@@ -16,6 +17,7 @@ function load() {
   let s = {};
   try { s = JSON.parse(localStorage.getItem("gpt-playground") || "{}"); } catch (e) { s = {}; }
   for (const id of SAVED) if (s[id] !== undefined) $(id).value = s[id];
+  state.savedMaxTokens = s.max_tokens !== undefined;
   state.turns = Array.isArray(s.turns) ? s.turns : [];
   setMode(s.mode === "chat" ? "chat" : "complete");
 }
@@ -283,18 +285,36 @@ function renderTurns() {
 // ---------------------------------------------------------------- counts, code, mode
 
 async function fits() {
+  // Prompt tokens + Maximum length must fit the context: say so here, before the server's 400.
   const [, body] = request();
   const r = await call("/tokenize", state.mode === "complete" ? { prompt: body.prompt } : { messages: body.messages });
   if (!r || !r.ok) return true;
   const n = (await r.json()).tokens;
-  const want = n + +$("max_tokens").value;
+  const max = +$("max_tokens").value, room = state.context - n;
   $("count").textContent = `${n} prompt tokens / ${state.context} context`;
-  if (want > state.context) {
-    status(`prompt (${n}) + maximum length (${$("max_tokens").value}) exceed the ${state.context}-token context: ` +
-           "shorten the prompt or lower Maximum length");
+  if (n + max > state.context) {
+    status(`${TOO_LONG}: ${n} prompt tokens + ${max} Maximum length exceed the ${state.context}-token context. ` +
+           (room > 0 ? `Shorten the prompt or lower Maximum length to ${room}.`
+                     : "Shorten the prompt: it leaves no room for Maximum length."));
     return false;
   }
+  if ($("status").textContent.startsWith(TOO_LONG)) status("");
   return true;
+}
+
+function fitContext(context) {
+  // The Maximum length slider spans the model's context (less one prompt token); a fresh page, or one whose
+  // saved value does not fit this model, starts at min(256, context / 2).
+  state.context = context;
+  const slider = $("max_tokens"), max = Math.max(1, context - 1);
+  const keep = state.savedMaxTokens && +slider.value <= max ? slider.value : null;
+  slider.max = max;
+  slider.value = keep !== null ? keep : Math.max(1, Math.min(256, Math.floor(context / 2)));
+  showValues();
+}
+
+function showValues() {
+  for (const id of SLIDERS) $(id + "-v").textContent = $(id).value;
 }
 
 function viewCode() {
@@ -332,11 +352,8 @@ function status(text) { $("status").textContent = text; }
 
 async function init() {
   load();
-  for (const id of SLIDERS) {
-    const show = () => { $(id + "-v").textContent = $(id).value; };
-    $(id).addEventListener("input", () => { show(); save(); });
-    show();
-  }
+  for (const id of SLIDERS) $(id).addEventListener("input", () => { showValues(); save(); });
+  showValues();
   for (const id of ["stop_seqs", "seed", "show_probs", "system", "prompt"]) $(id).addEventListener("change", save);
   $("mode-complete").addEventListener("click", () => { setMode("complete"); save(); });
   $("mode-chat").addEventListener("click", () => { setMode("chat"); save(); });
@@ -347,14 +364,16 @@ async function init() {
   $("code-close").addEventListener("click", () => $("code-dialog").close());
   document.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) submit(); });
   for (const ev of ["mouseover", "focusin"]) document.addEventListener(ev, showPanel);
-  $("prompt").addEventListener("input", () => { clearTimeout(state.timer); state.timer = setTimeout(fits, 300); });
+  for (const id of ["prompt", "max_tokens"]) {
+    $(id).addEventListener("input", () => { clearTimeout(state.timer); state.timer = setTimeout(fits, 300); });
+  }
   const r = await call("/v1/models");
   if (r && r.ok) {
     const m = (await r.json()).data[0];
+    const context = m.max_model_len || m.context_length;
     state.model = m.id;
-    state.context = m.context_length;
-    $("model-name").textContent = `${m.id} (${m.context_length}-token context)`;
-    $("max_tokens").max = m.context_length;
+    fitContext(context);
+    $("model-name").textContent = `${m.id} (${context}-token context)`;
     fits();
   }
 }
