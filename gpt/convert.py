@@ -234,7 +234,7 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict:
 
 def end_ids(tok: Tokenizer) -> list[int]:
     """Ids that end generation: the end-of-turn marker of chat models first, then end-of-text."""
-    return ChatTemplate(tok).stop_ids + ([tok.eot_id] if tok.eot_id is not None else [])
+    return ChatTemplate(tok).end_ids
 
 
 def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:

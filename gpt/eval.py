@@ -290,7 +290,7 @@ def exact_match_rate(model: GPT, template: ChatTemplate, conversations: list[lis
                      device: torch.device, progress: bool = False) -> float | None:
     """Share of conversations whose greedy reply to everything before the last assistant turn equals it."""
     tok, hits, n = template.tok, 0, 0
-    stop_ids = template.stop_ids + ([tok.eot_id] if tok.eot_id is not None else [])
+    stop_ids = template.end_ids
     for messages in tqdm(conversations, desc="exact match", unit="reply", disable=None if progress else True, file=sys.stderr,
                          leave=False):
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

@@ -52,6 +52,12 @@ class ChatTemplate:
         return [self.tok.special_id(END_TOKEN)] if self.special else []
 
     @property
+    def end_ids(self) -> list[int]:
+        """Token ids that end generation: the end-of-turn marker of chat models first, then end-of-text.
+        Every decoder stops at these by default (sample.py, chat, the server, eval, the Hugging Face export)."""
+        return self.stop_ids + ([self.tok.eot_id] if self.tok.eot_id is not None else [])
+
+    @property
     def stop_strings(self) -> list[str]:
         """Text that ends an assistant turn (the plain template has no end token)."""
         return [] if self.special else [f"\n{PLAIN_NAMES['user']}:"]

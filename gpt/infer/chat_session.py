@@ -66,7 +66,7 @@ def run_chat(
     template = ChatTemplate(tokenizer)
     block = model.config.block_size
     session = ChatSession(template, block - min(params.max_tokens, block // 2), system)
-    stop_ids = template.stop_ids + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    stop_ids = template.end_ids
     params = replace(params, stop=tuple(template.stop_strings) + tuple(params.stop))
     print(f"chat ({template.name} template, {block}-token context); {HELP}", file=err)
     while True:

@@ -35,6 +35,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer
 from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
 from gpt.model import GPT, KVCache
@@ -416,15 +417,15 @@ def complete(
     """Generate num_samples continuations of `prompt` (text or token ids) in one batch.
 
     Generation of a sample ends at params.max_tokens ("length"), at the first of params.stop, which
-    is not included ("stop"), or at a token of stop_ids ("eos"; default: the tokenizer's
-    end-of-text). Sample i draws with sample_seed(params.seed, i), as the server's n does.
+    is not included ("stop"), or at a token of stop_ids ("eos"; default: the model's end of turn and
+    end of text, `ChatTemplate.end_ids`; () = none). Sample i draws with sample_seed(params.seed, i), as the server's n does.
     on_text(sample_index, text) receives each sample's text as it is generated.
     """
     params = params or SamplingParams()
     if num_samples < 1:
         raise SamplingError("n", f"num_samples must be >= 1, got {num_samples}")
     ids = prompt_ids(tokenizer, prompt)
-    end_ids = list(stop_ids) if stop_ids is not None else ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    end_ids = list(stop_ids) if stop_ids is not None else ChatTemplate(tokenizer).end_ids
     engine = Engine(model, tokenizer, max_batch=num_samples, use_kv_cache=use_kv_cache)
     reqs: list[DecodeRequest] = []
     for i in range(num_samples):

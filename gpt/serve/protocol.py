@@ -167,7 +167,7 @@ def _include_usage(body: dict, stream: bool) -> bool:
 def _end_ids(body: dict, tokenizer: Tokenizer) -> dict[str, list[int]]:
     """The model's end-of-turn and end-of-text tokens: they end a reply (unless `ignore_eos`, vLLM's extension,
     asks to generate past them) and their text is never shown. The Job fields stop_ids and hidden_ids."""
-    ends = ChatTemplate(tokenizer).stop_ids + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    ends = ChatTemplate(tokenizer).end_ids
     return {"stop_ids": [] if _bool(body, "ignore_eos") else ends, "hidden_ids": ends}
 
 
