@@ -8,8 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import lively_model
-from test_serve import BLOCK, CHARS, Running
+from conftest import SERVE_BLOCK, SERVE_CHARS, Running, lively_model
 
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer
@@ -25,9 +24,9 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server():
-    tok = CharTokenizer(CHARS)
+    tok = CharTokenizer(SERVE_CHARS)
     ChatTemplate.add_tokens(tok)
-    s = Running(lively_model(tok.vocab_size, block_size=BLOCK), tok)
+    s = Running(lively_model(tok.vocab_size, block_size=SERVE_BLOCK), tok)
     yield s
     s.stop()
 
