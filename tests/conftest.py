@@ -222,13 +222,15 @@ _FORK_SERVER = textwrap.dedent("""
 """)
 
 
-def run_scripts(cases: list[tuple[str, list]], folder: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """`run_script(entry, *args)` for each (entry, args), each in its own process, for the price of one
-    interpreter start-up (see _FORK_SERVER). Cases run one after another, in order."""
+def run_scripts(cases: list[tuple[str, list]], folder: Path, timeout: float = 300, env: dict | None = None,
+                prefix: list[str] | tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
+    """`run_script(entry, *args, env=env, prefix=prefix)` for each (entry, args), each in its own process,
+    for the price of one interpreter start-up (see _FORK_SERVER). Cases run one after another, in order;
+    their stdout and stderr are kept in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = [{"entry": entry, "args": [str(a) for a in args], "stdout": str(folder / f"{i}.out"),
              "stderr": str(folder / f"{i}.err")} for i, (entry, args) in enumerate(cases)]
-    server = subprocess.run([sys.executable, "-c", _FORK_SERVER], cwd=ROOT, input=json.dumps(spec),
+    server = subprocess.run([*prefix, sys.executable, "-c", _FORK_SERVER], cwd=ROOT, input=json.dumps(spec), env=env,
                             capture_output=True, text=True, timeout=timeout)
     codes = server.stdout.split()
     assert server.returncode == 0 and len(codes) == len(cases), server.stdout + server.stderr

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import chat_template, qa, run_script, write_base, write_jsonl
+from conftest import chat_template, qa, run_in_process, run_scripts, write_base, write_jsonl
 from pii_synth import make_set, score
 
 from gpt.config import ConfigError, DataConfig, SFTDataConfig
@@ -134,15 +134,13 @@ def entry_runs(tmp_path_factory):
         "sample": ["sample.py", "--ckpt", str(run / "sft"), "--prompt", "who", "--max-new-tokens", "8", "--seed", "1",
                    "--device", "cpu"],
         "convert": ["gpt.convert", "to-hf", str(run / "base"), str(run / "hf")],
+        "convert from-hf": ["gpt.convert", "from-hf", str(run / "hf"), str(run / "back")],
         "redact": ["gpt.redact", str(inputs["records"]), str(run / "redacted.csv"), "--report",
                    str(run / "report.json")],
     }
-    results = {}
-    for name, args in commands.items():
-        results[name] = run_script(*args, env=env, prefix=prefix, timeout=300)
-    if results["convert"].returncode == 0:
-        results["convert from-hf"] = run_script("gpt.convert", "from-hf", run / "hf", run / "back", env=env,
-                                                prefix=prefix, timeout=300)
+    # each its own process, in this order (finetune starts from train's run); their output is kept in run/
+    procs = run_scripts([(args[0], args[1:]) for args in commands.values()], run / "std", env=env, prefix=prefix)
+    results = dict(zip(commands, procs))
     return {"results": results, "home": home, "tmpdir": tmpdir, "run": run}
 
 
@@ -277,7 +275,7 @@ def pii_lines() -> list[str]:
 ORIGINALS = ["jane.doe@example.com", "4111 1111 1111 1111", "+44 20 7946 0958"]
 
 
-def test_redact_cli_on_a_folder_of_every_format_reports_counts_never_values(tmp_path):
+def test_redact_cli_on_a_folder_of_every_format_reports_counts_never_values(tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -291,7 +289,7 @@ def test_redact_cli_on_a_folder_of_every_format_reports_counts_never_values(tmp_
     pq.write_table(pa.table({"text": pii_lines(), "n": [1, 2, 3]}), src / "sub" / "t.parquet")
     (src / "image.png").write_bytes(b"\x89PNG")
     report = tmp_path / "report.json"
-    proc = run_script("gpt.redact", src, tmp_path / "out", "--report", report)
+    proc = run_in_process(capsys, "gpt.redact", src, tmp_path / "out", "--report", report)
     assert proc.returncode == 0, proc.stderr
     assert "12 email" not in proc.stdout and "4 email" in proc.stdout and "names in free text:" in proc.stdout
     out = tmp_path / "out"
