@@ -1,10 +1,19 @@
 """Shared test setup: the network guard, offline tiktoken cache, the Tiny Shakespeare copy, tiny configs, the
-suite's time budget."""
+suite's time budget, and the helpers several test modules share (no test module imports another):
+running entry scripts (`run_script` in a fresh interpreter, `run_in_process` in this one, `run_scripts`
+for a table of cases), tiny fine-tuning material (`write_base`, `qa`, `sft_config`, ...) and an
+in-process server with an OpenAI client (`Running`)."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import runpy
+import subprocess
 import sys
+import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -41,9 +50,9 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir
 # threads make them 2-3x slower; set before torch is imported (subprocesses inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The whole suite must stay fast enough to run on every change: 5 minutes on 2 CPU cores.
+# The whole suite must stay fast enough to run on every change: 2 minutes on 2 CPU cores.
 # GPT_TEST_BUDGET_S changes the budget (0 = no limit).
-SUITE_BUDGET_S = float(os.environ.get("GPT_TEST_BUDGET_S", 300))
+SUITE_BUDGET_S = float(os.environ.get("GPT_TEST_BUDGET_S", 120))
 _STARTED = pytest.StashKey[tuple[float, float]]()
 
 
@@ -75,7 +84,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shakespeare_text() -> str:
     """Tiny Shakespeare from the repo's data folder or ../shared (never the network)."""
     for p in (ROOT / "data" / "shakespeare" / "input.txt", SHARED / "data" / "tinyshakespeare" / "input.txt"):
@@ -139,4 +148,178 @@ def tiny_overrides(tmp_path: Path, corpus: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-__all__ = ["ROOT", "SHARED", "lively_model", "tiny_overrides"]
+
+# ---------------------------------------------------------------------------- entry scripts
+
+
+def python_command(entry: str, *args, nproc: int = 1) -> list[str]:
+    """The command line of `python ENTRY ARGS`: ENTRY is a script at the repo root (train.py) or a module
+    run with -m (gpt.convert); nproc > 1 launches it with torchrun on that many ranks."""
+    runner = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    target = [entry] if entry.endswith(".py") else ["-m", entry]
+    return [*runner, *target, *map(str, args)]
+
+
+def run_script(entry: str, *args, stdin: str | None = None, env: dict | None = None, timeout: float = 120,
+               nproc: int = 1, prefix: list[str] | tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run an entry point in a fresh interpreter from the repo root, as a user would: (returncode, stdout,
+    stderr) as text. The process inherits this one's environment (the network guard on PYTHONPATH, one
+    OpenMP thread, the offline tiktoken cache) unless `env` replaces it; `prefix` goes before the
+    interpreter (e.g. `unshare -n`)."""
+    return subprocess.run([*prefix, *python_command(entry, *args, nproc=nproc)], cwd=ROOT, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_process(capsys, entry: str, *args, stdin: str = "") -> subprocess.CompletedProcess:
+    """Run an entry point in this process, exactly as `python ENTRY ARGS` runs it (runpy, as __main__),
+    without an interpreter's start-up: for tests whose subject is what the script does, not the process.
+    Returns what `run_script` returns; a SystemExit gives the exit code, an exception propagates."""
+    capsys.readouterr()
+    script = ROOT / entry if entry.endswith(".py") else ROOT / (entry.replace(".", "/") + ".py")
+    argv, stdin_was = sys.argv, sys.stdin
+    sys.argv, sys.stdin = [str(script), *map(str, args)], io.StringIO(stdin)
+    command = list(sys.argv)
+    code = 0
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv, sys.stdin = argv, stdin_was
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(command, code, out.out, out.err)
+
+
+# One interpreter imports the heavy libraries once, then forks a child per case. The child leaves the
+# loop and becomes `python ENTRY ARGS`: its stdin, stdout and stderr are its own, sys.argv and sys.path
+# are what the interpreter would set, and it runs the entry point as __main__ at the top level, so an
+# uncaught exception prints its traceback and SystemExit sets the exit status through the interpreter's
+# own exit path. Only gpt itself is not preloaded: `python -m gpt.x` warns if gpt.x is imported already.
+_FORK_SERVER = textwrap.dedent("""
+    import gc, json, os, runpy, sys
+    cases = json.load(sys.stdin)
+    import numpy, safetensors.torch, tiktoken, torch, yaml  # noqa: F401  (start-up paid once)
+    gc.freeze()  # the children's collections skip these objects: fewer copied pages, a faster exit
+    sys.stdout.flush()
+    for case in cases:
+        pid = os.fork()
+        if pid == 0:
+            break
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+    else:
+        sys.exit(0)
+    for fd, (path, flags) in enumerate([(os.devnull, os.O_RDONLY), (case["stdout"], os.O_WRONLY | os.O_CREAT),
+                                        (case["stderr"], os.O_WRONLY | os.O_CREAT)]):
+        os.dup2(os.open(path, flags), fd)
+    entry, sys.argv = case["entry"], [case["entry"], *case["args"]]
+    if entry.endswith(".py"):
+        sys.path[0] = os.path.dirname(os.path.abspath(entry))
+        runpy.run_path(entry, run_name="__main__")
+    else:
+        sys.path[0] = os.getcwd()
+        runpy._run_module_as_main(entry)  # what `python -m` calls
+""")
+
+
+def run_scripts(cases: list[tuple[str, list]], folder: Path, timeout: float = 300, env: dict | None = None,
+                prefix: list[str] | tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
+    """`run_script(entry, *args, env=env, prefix=prefix)` for each (entry, args), each in its own process,
+    for the price of one interpreter start-up (see _FORK_SERVER). Cases run one after another, in order;
+    their stdout and stderr are kept in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = [{"entry": entry, "args": [str(a) for a in args], "stdout": str(folder / f"{i}.out"),
+             "stderr": str(folder / f"{i}.err")} for i, (entry, args) in enumerate(cases)]
+    server = subprocess.run([*prefix, sys.executable, "-c", _FORK_SERVER], cwd=ROOT, input=json.dumps(spec), env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    codes = server.stdout.split()
+    assert server.returncode == 0 and len(codes) == len(cases), server.stdout + server.stderr
+    return [subprocess.CompletedProcess(python_command(entry, *args), int(code),
+                                        Path(c["stdout"]).read_text(), Path(c["stderr"]).read_text())
+            for (entry, args), code, c in zip(cases, codes, spec)]
+
+
+# ---------------------------------------------------------------------------- fine-tuning material
+
+CHAT_CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ?.!\n"))  # the vocabulary of write_base's models
+
+
+def chat_template(chars=CHAT_CHARS):
+    """A character tokenizer with the chat tokens, in its ChatTemplate."""
+    from gpt.data.chat_template import ChatTemplate
+    from gpt.data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(chars)
+    ChatTemplate.add_tokens(tok)
+    return ChatTemplate(tok)
+
+
+def write_base(folder: Path, chars=CHAT_CHARS, block_size: int = 48, seed: int = 0) -> Path:
+    """A tiny random base model saved as one of our checkpoint directories."""
+    from dataclasses import asdict
+
+    import torch
+
+    from gpt import checkpoint
+    from gpt.config import ModelConfig
+    from gpt.data.tokenizer import CharTokenizer
+    from gpt.model import GPT
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=len(chars))
+    checkpoint.save_checkpoint(folder / "best", GPT(cfg).state_dict(), {"model": asdict(cfg)}, CharTokenizer(chars))
+    return folder
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def qa(prompt: str, response: str) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+
+
+def sft_config(tmp_path: Path, base: Path, data: Path, **extra):
+    """A FinetuneConfig for a few-second CPU fine-tune of `base` on `data`."""
+    from gpt.config import FinetuneConfig, load_config
+
+    values = {
+        "out_dir": tmp_path / "out", "init_from": base, "data.path": data, "data.val_path": data,
+        "train.max_iters": 12, "train.batch_size": 4, "train.eval_interval": 6, "train.eval_iters": 2,
+        "train.log_interval": 6, "train.device": "cpu", "train.dtype": "float32",
+        "optim.lr": 3e-3, "optim.warmup_iters": 2, "logging.progress": False, "logging.sample_tokens": 0,
+        "logging.plot": False,
+    }
+    values.update(extra)
+    return load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in values.items()])
+
+
+# ---------------------------------------------------------------------------- the server
+
+SERVE_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ <>:.,!?'\n")
+SERVE_BLOCK = 96
+
+
+class Running:
+    """uvicorn in a thread on a free loopback port, serving `model`, with an `openai` client for it."""
+
+    def __init__(self, model, tok, **cfg):
+        import openai
+        import uvicorn
+
+        from gpt.serve.app import ServerConfig, create_app
+
+        app = create_app(model, tok, ServerConfig("tiny", **cfg))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=cfg.get("api_key") or "none", max_retries=0)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from gpt import audit, checkpoint, config
 from gpt.config import ConfigError, DataConfig, ModelConfig, PretrainConfig, load_config
@@ -23,7 +24,6 @@ from gpt.data.tokenizer import CharTokenizer, from_spec
 from gpt.model import GPT
 from gpt.train.pretrain import pretrain
 from gpt.train.sft import finetune
-from tests.conftest import tiny_overrides
 
 CHARS = sorted(set(string.ascii_lowercase + string.digits + " ?.!\n"))
 

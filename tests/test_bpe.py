@@ -3,11 +3,9 @@
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, run_script, tiny_overrides
 
 from gpt import checkpoint
 from gpt.config import ConfigError, PretrainConfig, load_config
@@ -111,9 +109,8 @@ def test_tiny_model_trains_samples_offline_and_resumes(tmp_path, tiny_corpus):
     tok = checkpoint.load_checkpoint(tmp_path / "out", prefer="latest").tokenizer
     assert tok.to_spec()["kind"] == "bpe" and tok.vocab_size == 320
     offline = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "no-cache"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "out"), "--prompt", "ROMEO:",
-                           "--max-new-tokens", "8", "--temperature", "0", "--json"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=offline)
+    proc = run_script("sample.py", "--ckpt", tmp_path / "out", "--prompt", "ROMEO:", "--max-new-tokens", 8,
+                      "--temperature", 0, "--json", env=offline)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["token_ids"]
 
@@ -133,26 +130,6 @@ def test_bad_vocab_sizes_and_empty_corpus_are_one_line_errors(tmp_path, tiny_cor
         corpus.ensure_prepared(cfg.data, log=lambda line: None)
     with pytest.raises(ConfigError, match="data.bpe_pattern"):
         train_bpe(["some text"], 300, pattern="(unclosed", log=lambda line: None)
-
-
-def test_tampered_tokenizer_file_is_refused_in_one_line(tmp_path, bpe_tok):
-    from dataclasses import asdict
-
-    from gpt.config import ModelConfig
-    from gpt.model import GPT
-
-    cfg = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=bpe_tok.vocab_size)
-    checkpoint.save_checkpoint(tmp_path / "c", GPT(cfg).state_dict(), {"model": asdict(cfg)}, bpe_tok)
-    f = tmp_path / "c" / "tokenizer.json"
-    spec = json.loads(f.read_text())
-    spec["tokens"][300], spec["tokens"][301] = spec["tokens"][301], spec["tokens"][300]
-    f.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "c"), "--max-new-tokens", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        f"error: {f}: BPE tokenizer checksum mismatch: the file was edited or damaged; restore it from the run "
-        "that trained it"]
 
 
 def test_a_custom_pattern_is_used_by_training_encoding_and_export(bpe_tok):

@@ -7,15 +7,12 @@ import contextlib
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import qa, run_script, tiny_overrides, write_base, write_jsonl
 from safetensors.torch import load_file
-from test_sft import qa, write_base, write_jsonl
 
 from gpt.entry import parse_run_args
 from gpt.config import FinetuneConfig, PretrainConfig
@@ -29,11 +26,9 @@ COMMON = {"train.max_iters": K, "train.grad_accum": 2, "train.eval_interval": 2,
 TOL = dict(rel=1e-5, abs=1e-5)
 
 
-def launch(script: str, args: list[str], nproc: int = 1, timeout: float = 120) -> subprocess.CompletedProcess:
+def launch(script: str, args: list[str], nproc: int = 1, timeout: float = 120):
     """`python SCRIPT` or `torchrun --standalone --nproc_per_node=N SCRIPT` (torchrun picks a free port)."""
-    runner = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(runner + [script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return run_script(script, *args, nproc=nproc, timeout=timeout)
 
 
 def train(out: Path, corpus: Path, data_dir: Path, nproc: int, batch_size: int, **extra) -> str:
@@ -71,11 +66,11 @@ def files(out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shakespeare_text_module):
+def runs(tmp_path_factory, shakespeare_text):
     """K steps of: one process at batch 4; ddp and fsdp on 2 ranks at batch 2 each (x 2 accumulation steps)."""
     tmp = tmp_path_factory.mktemp("dist")
     corpus = tmp / "corpus.txt"
-    corpus.write_text(shakespeare_text_module[:100_000], encoding="utf-8")
+    corpus.write_text(shakespeare_text[:100_000], encoding="utf-8")
     data = tmp / "data"
     single = tmp / "single"
     stdout = train(single, corpus, data, 1, 4)
@@ -84,14 +79,6 @@ def runs(tmp_path_factory, shakespeare_text_module):
     for strategy in ("ddp", "fsdp"):
         procs[strategy] = train(tmp / strategy, corpus, data, 2, 2, **{"distributed.strategy": strategy})
     return tmp, corpus, data, procs
-
-
-@pytest.fixture(scope="module")
-def shakespeare_text_module() -> str:
-    for p in (ROOT / "data" / "shakespeare" / "input.txt", ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"):
-        if p.is_file():
-            return p.read_text(encoding="utf-8")
-    pytest.skip("Tiny Shakespeare is not available offline")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file as load_tensors
-from test_sft import CHARS, chat_template, sft_config, write_base, write_jsonl
+from conftest import CHAT_CHARS as CHARS
+from conftest import chat_template, sft_config, write_base, write_jsonl
 
 from gpt import checkpoint
 from gpt.config import ConfigError, DPOConfig, LoRAConfig, ModelConfig, SFTDataConfig

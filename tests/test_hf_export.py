@@ -1,14 +1,12 @@
 """Exports that transformers loads as they are: tokenizers, chat template, generation config, round trip."""
 
 import json
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from safetensors.torch import load_file
 
 from gpt import checkpoint, convert
@@ -111,11 +109,10 @@ def test_chat_template_end_of_turn_and_greedy_generation_match(exported):
     assert reply.text == "moon"
 
 
-def test_generate_matches_sample_py_greedy_on_a_custom_bpe_model(exported):
+def test_generate_matches_sample_py_greedy_on_a_custom_bpe_model(exported, capsys):
     ckpt, folder = exported["bpe"]
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(ckpt), "--prompt", "ROMEO: Grüße 東京",
-                           "--max-new-tokens", "12", "--temperature", "0", "--json", "--device", "cpu",
-                           "--dtype", "float32"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_in_process(capsys, "sample.py", "--ckpt", ckpt, "--prompt", "ROMEO: Grüße 東京", "--max-new-tokens", 12,
+                          "--temperature", 0, "--json", "--device", "cpu", "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     ours = json.loads(proc.stdout.splitlines()[-1])["token_ids"]
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)

@@ -5,7 +5,7 @@ byte-identical.
 Each row of CASES is one hostile input to one entry point. A new entry point (or a new way to get an
 input wrong) adds its rows here; `World` holds the shared material (a corpus, a trained run, records).
 The entry scripts run in-process through runpy, exactly as `python train.py ...` runs them, so a row
-costs milliseconds unless it trains; `test_real_process_prints_one_line` checks the same in a subprocess.
+costs milliseconds unless it trains; tests/test_errors_one_line.py checks the same in real processes.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import errno
 import fractions
 import json
 import os
-import runpy
 import shutil
 import subprocess
-import sys
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import run_in_process, tiny_overrides
 
 from gpt import checkpoint
 from gpt.config import PretrainConfig, load_config
@@ -226,15 +224,8 @@ CASES = [
 
 def run_entry(entry: str, args: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
     """Run an entry point as `python ENTRY ARGS` would, in this process: (exit code, stderr lines)."""
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", [entry, *args])
-    script = ROOT / entry if entry.endswith(".py") else ROOT / (entry.replace(".", "/") + ".py")  # python -m
-    code = 0
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return code, capsys.readouterr().err.strip().splitlines()
+    proc = run_in_process(capsys, entry, *args)
+    return proc.returncode, proc.stderr.strip().splitlines()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -246,14 +237,6 @@ def test_hostile_input_is_one_line(case: Case, world, tmp_path, monkeypatch, cap
     assert len(lines) == case.lines and lines[0].startswith("error: "), lines
     assert case.cause in "\n".join(lines)
     assert "weights_only" not in "\n".join(lines)  # never point at the unsafe loader
-
-
-def test_real_process_prints_one_line(world, tmp_path):
-    """The same through a real interpreter: exit code 1, one line, no traceback."""
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(world.run), "--top-p", "nan"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        "error: sampling: --top-p must be > 0 and <= 1, got nan"]
 
 
 def test_no_verify_loads_changed_weights(world, tmp_path, monkeypatch, capsys):
@@ -284,10 +267,12 @@ def check_failed_save(world: World, out: Path, monkeypatch, capsys) -> None:
     assert f"the previous {out / 'latest'} is intact" in lines[0]
     assert {kind: snapshot(out / kind) for kind in ("latest", "best")} == before
     assert not list(out.glob(".*.tmp-*"))
+    assert checkpoint.load_train_state(out / "latest")["iter"] == 4  # the world's run, not the resumed one
 
 
 @pytest.mark.parametrize("failure", ["ENOSPC", "hidden errno"])
 def test_disk_full_during_save_keeps_the_previous_checkpoint(failure, world, tmp_path, monkeypatch, capsys):
+    """A resumed run whose checkpoint save fails: one line, and latest/ and best/ stay byte-identical."""
     out = shutil.copytree(world.run, tmp_path / "out")
     if failure == "ENOSPC":  # safetensors and plain writes report the errno
         def broken(*args, **kwargs):

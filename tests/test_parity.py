@@ -1,5 +1,9 @@
 """One forward pass: cached decoding computes the uncached model for every ModelConfig option.
 
+The levels above this one check the same promise once each: tests/test_generate.py under continuous
+batching (requests joining a running batch, the uncached engine alongside), tests/test_sample_cli.py
+through sample.py's --no-kv-cache.
+
 OPTIONS lists, for every field of ModelConfig, the values the parity tests try; a field added to
 ModelConfig without a row here fails `test_every_model_option_is_covered`, so a new option cannot
 skip the parity check. VARIANTS adds the model states that are not config fields (LoRA, a vocabulary
@@ -70,10 +74,8 @@ def build(field: str, value, variant: str = "plain") -> GPT:
 CASES = [(f, v, "plain") for f, vs in OPTIONS.items() for v in vs] + [("bias", True, v) for v in VARIANTS[1:]]
 
 
-@pytest.mark.parametrize("field,value,variant", CASES)
-def test_cached_steps_give_the_uncached_logits(field, value, variant):
-    """Per-row positions (continuous batching): rows of different lengths, one token at a time."""
-    model = build(field, value, variant)
+def cached_steps_give_the_uncached_logits(model: GPT) -> None:
+    """Rows of different lengths in one cache, each decoding at its own position, one token at a time."""
     block, V = model.config.block_size, model.config.vocab_size
     seqs = torch.randint(0, V, (3, block), generator=torch.Generator().manual_seed(1))
     lengths = [1, block // 2, block - 1]  # prefilled tokens per row
@@ -97,12 +99,20 @@ def test_cached_steps_give_the_uncached_logits(field, value, variant):
 
 
 @pytest.mark.parametrize("field,value,variant", CASES)
-def test_cached_greedy_equals_uncached_for_every_option(field, value, variant):
+def test_cached_decoding_computes_the_uncached_model(field, value, variant):
+    """The logits of cached steps at per-row positions (continuous batching: rows of different lengths,
+    one token at a time) are the uncached model's; greedy and sampled decoding past the window (the
+    window slides; the sampled prompt is longer than the window) give the same tokens either way."""
     model = build(field, value, variant)
+    cached_steps_give_the_uncached_logits(model)
     idx = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(2))
     n = 2 * model.config.block_size + 3  # the window slides
     params = SamplingParams(temperature=0)
     assert torch.equal(generate(model, idx, n, params), generate(model, idx, n, params, use_kv_cache=False))
+    long = torch.randint(0, model.config.vocab_size, (2, model.config.block_size + 3),
+                         generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=1.0, top_k=10, seed=5)
+    assert torch.equal(generate(model, long, n, params), generate(model, long, n, params, use_kv_cache=False))
 
 
 def briefly_trained(gelu: str, bias: bool) -> tuple[GPT, list[int]]:

@@ -8,8 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import lively_model
-from test_serve import BLOCK, CHARS, Running
+from conftest import SERVE_BLOCK, SERVE_CHARS, Running, lively_model
 
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer
@@ -25,9 +24,9 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server():
-    tok = CharTokenizer(CHARS)
+    tok = CharTokenizer(SERVE_CHARS)
     ChatTemplate.add_tokens(tok)
-    s = Running(lively_model(tok.vocab_size, block_size=BLOCK), tok)
+    s = Running(lively_model(tok.vocab_size, block_size=SERVE_BLOCK), tok)
     yield s
     s.stop()
 
@@ -133,9 +132,9 @@ def test_playground_defaults_fit_the_context_and_labels_show_the_values(server, 
     d.get(server.url + "/")
     WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
     slider, label = d.find_element(By.ID, "max_tokens"), d.find_element(By.ID, "max_tokens-v")
-    default = min(256, BLOCK // 2)
+    default = min(256, SERVE_BLOCK // 2)
     assert slider.get_attribute("value") == label.text == str(default)  # the label shows the real value at load
-    assert int(slider.get_attribute("max")) < BLOCK  # at least one prompt token fits beside it
+    assert int(slider.get_attribute("max")) < SERVE_BLOCK  # at least one prompt token fits beside it
     for sid in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "best_of"):
         assert d.find_element(By.ID, sid + "-v").text == d.find_element(By.ID, sid).get_attribute("value"), sid
     set_value(d, "max_tokens", 7)
@@ -147,11 +146,11 @@ def test_playground_defaults_fit_the_context_and_labels_show_the_values(server, 
     assert run_and_wait(d).startswith("done (")  # not refused
 
     # A prompt too long for prompt + maximum length: the page says so before asking the server
-    set_value(d, "prompt", "ab " * BLOCK)
+    set_value(d, "prompt", "ab " * SERVE_BLOCK)
     d.find_element(By.ID, "submit").click()
     WebDriverWait(d, 10).until(lambda d: "too long" in d.find_element(By.ID, "status").text)
     status = d.find_element(By.ID, "status").text
-    assert f"{BLOCK}-token context" in status and "Maximum length" in status
+    assert f"{SERVE_BLOCK}-token context" in status and "Maximum length" in status
 
     # Settings saved for a larger context do not make every submit fail on this one
     d.execute_script("const s = JSON.parse(localStorage.getItem('gpt-playground')); s.max_tokens = '2000';"

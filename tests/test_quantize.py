@@ -2,11 +2,9 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import torch
-from conftest import ROOT
+from conftest import run_in_process
 
 from gpt.checkpoint import save_checkpoint
 from gpt.config import ModelConfig
@@ -49,12 +47,11 @@ def test_quantized_model_keeps_float_embedding_and_greedy_tokens():
 
 
 
-def test_sample_script_quantize_int8(tmp_path):
+def test_sample_script_quantize_int8(tmp_path, capsys):
     model = tiny()
     tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,!?:;'\n-"))
     save_checkpoint(tmp_path / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path), "--prompt", "Hi", "--temperature",
-                           "0", "--max-new-tokens", "8", "--json", "--quantize", "int8", "--threads", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_in_process(capsys, "sample.py", "--ckpt", tmp_path, "--prompt", "Hi", "--temperature", 0,
+                          "--max-new-tokens", 8, "--json", "--quantize", "int8", "--threads", 1)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout.splitlines()[0])["token_ids"]) == 8

@@ -3,12 +3,10 @@
 import dataclasses
 import io
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, lively_model
+from conftest import lively_model, run_in_process, run_script
 
 from gpt.checkpoint import save_checkpoint
 from gpt.config import ConfigError
@@ -35,12 +33,13 @@ def ckpt(tmp_path):
     return tmp_path / "out"
 
 
-def sample(*args, stdin=None):
-    return subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          input=stdin, timeout=120)
+def test_json_output_parses_and_cache_matches_reference_path(ckpt, capsys):
+    """sample.py in this process (its behaviour, not the interpreter's, is tested here; the real process
+    runs in test_chat_script_reads_stdin_until_eof and tests/test_errors_one_line.py)."""
 
+    def sample(*args):
+        return run_in_process(capsys, "sample.py", *args)
 
-def test_json_output_parses_and_cache_matches_reference_path(ckpt):
     base = ["--ckpt", ckpt, "--prompt", "Hello", "--max-new-tokens", 12, "--json"]
     proc = sample(*base, "--num-samples", 3, "--seed", 7, "--logprobs", 2, "--stop", "zz")
     assert proc.returncode == 0, proc.stderr
@@ -54,7 +53,10 @@ def test_json_output_parses_and_cache_matches_reference_path(ckpt):
     assert greedy[0].returncode == 0 and greedy[0].stdout == greedy[1].stdout
 
 
-def test_prompt_from_stdin_stop_and_plain_output(ckpt):
+def test_prompt_from_stdin_stop_and_plain_output(ckpt, capsys):
+    def sample(*args, stdin):
+        return run_in_process(capsys, "sample.py", *args, stdin=stdin)
+
     free = sample("--ckpt", ckpt, "--prompt-file", "-", "--max-new-tokens", 20, "--temperature", 0, "--json",
                   stdin="abc")
     text = json.loads(free.stdout)["text"]
@@ -65,18 +67,6 @@ def test_prompt_from_stdin_stop_and_plain_output(ckpt):
     assert proc.stdout.startswith("abc" + text[: text.index(stop)] + "\n")
     assert "finish reason: stop" in proc.stderr
     assert "top alternatives" in proc.stdout
-
-
-def test_missing_checkpoint_is_a_one_line_error(tmp_path):
-    proc = sample("--ckpt", tmp_path / "nothing", "--prompt", "a")
-    assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0 and "no such checkpoint" in proc.stderr
-    broken = tmp_path / "broken" / "best"
-    broken.mkdir(parents=True)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    (broken / "config.yaml").write_text("model: {n_layer: 1, n_head: 1, n_embd: 8, block_size: 8, vocab_size: 8}\n")
-    proc = sample("--ckpt", tmp_path / "broken", "--prompt", "a")
-    assert proc.returncode == 1 and proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0
 
 
 def test_bad_flag_combinations_are_refused():
@@ -161,7 +151,7 @@ def test_chat_ends_on_ctrl_d_and_stops_at_the_end_of_turn_token():
 
 
 def test_chat_script_reads_stdin_until_eof(ckpt):
-    proc = sample("--ckpt", ckpt, "--chat", "--system", "You are terse.", "--max-new-tokens", 8, "--temperature", 0,
-                  stdin="hello\n/reset\nbye\n")
+    proc = run_script("sample.py", "--ckpt", ckpt, "--chat", "--system", "You are terse.", "--max-new-tokens", 8,
+                      "--temperature", 0, stdin="hello\n/reset\nbye\n")
     assert proc.returncode == 0, proc.stderr
     assert "history cleared" in proc.stderr

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,8 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
-from conftest import ROOT, lively_model
+from conftest import ROOT, SERVE_BLOCK, SERVE_CHARS, Running, lively_model, python_command, run_in_process
 
 from gpt.checkpoint import save_checkpoint
 from gpt.data.chat_template import ChatTemplate
@@ -25,29 +23,8 @@ from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.engine import complete
 from gpt.infer.quantize import quantize_int8
 from gpt.infer.sampling import SamplingParams
-from gpt.serve.app import ServerConfig, create_app
 
-CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ <>:.,!?'\n")
-BLOCK = 96
-
-
-class Running:
-    """uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, model, tok, **cfg):
-        app = create_app(model, tok, ServerConfig("tiny", **cfg))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=cfg.get("api_key") or "none", max_retries=0)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+CHARS, BLOCK = SERVE_CHARS, SERVE_BLOCK
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +59,10 @@ def test_models_and_health(srv):
     assert httpx.get(srv.url + "/health").json()["status"] == "ok"
 
 
-def test_greedy_and_logprobs_equal_sample_py(srv, model, tok, tmp_path):
+def test_greedy_and_logprobs_equal_sample_py(srv, model, tok, tmp_path, capsys):
     save_checkpoint(tmp_path / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path), "--prompt", "Hello there",
-                           "--temperature", "0", "--max-new-tokens", "24", "--logprobs", "3", "--json", "--dtype", "float32"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_in_process(capsys, "sample.py", "--ckpt", tmp_path, "--prompt", "Hello there", "--temperature", 0,
+                          "--max-new-tokens", 24, "--logprobs", 3, "--json", "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     ref = json.loads(proc.stdout)
     r = srv.client.completions.create(model="tiny", prompt="Hello there", temperature=0, max_tokens=24, logprobs=3)
@@ -316,8 +292,8 @@ def test_serve_py_prints_its_url_serves_and_stops_on_sigterm(model, tok, tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "serve.py", "--ckpt", str(tmp_path / "run"), "--port", str(port),
-                             "--dtype", "float32", *(["--quantize", quantize] if quantize else [])],
+    proc = subprocess.Popen(python_command("serve.py", "--ckpt", tmp_path / "run", "--port", port, "--dtype",
+                                           "float32", *(["--quantize", quantize] if quantize else [])),
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "GPT_API_KEY": "k"})
     try:
@@ -344,8 +320,3 @@ def test_serve_py_help_shows_the_limits_and_their_defaults():
     for flag, default in (("--max-batch", 8), ("--max-queue", 32), ("--max-body", 1 << 20), ("--port", 8000)):
         assert flag in text and f"(default: {default})" in text.split(flag, 2)[-1].split("--", 1)[0], flag
 
-
-def test_serve_py_bad_checkpoint_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "serve.py", "--ckpt", str(tmp_path / "none")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")

@@ -3,59 +3,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CHAT_CHARS, chat_template, qa, sft_config, write_base, write_jsonl
 
 from gpt import checkpoint
-from gpt.config import ConfigError, FinetuneConfig, ModelConfig, load_config
+from gpt.config import ConfigError, ModelConfig
 from gpt.data.chat_template import END_TOKEN, ROLE_TOKENS, ChatTemplate
 from gpt.data.examples import encode_chat, encode_text
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.model import GPT, IGNORE_INDEX, cross_entropy
 from gpt.train.sft import SFTBatches, add_chat_tokens, finetune
 
-CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ?.!\n"))
+CHARS = CHAT_CHARS
 MAPPING = {"cat": "dog", "sun": "moon", "red": "blue", "one": "two", "up": "down", "hot": "cold",
            "yes": "no", "big": "small"}
-
-
-def chat_template(chars=CHARS) -> ChatTemplate:
-    tok = CharTokenizer(chars)
-    ChatTemplate.add_tokens(tok)
-    return ChatTemplate(tok)
-
-
-def write_base(folder: Path, chars=CHARS, block_size: int = 48, seed: int = 0) -> Path:
-    """A tiny random base model saved as one of our checkpoint directories."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=len(chars))
-    checkpoint.save_checkpoint(folder / "best", GPT(cfg).state_dict(), {"model": asdict(cfg)}, CharTokenizer(chars))
-    return folder
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def qa(prompt: str, response: str) -> dict:
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
-
-
-def sft_config(tmp_path: Path, base: Path, data: Path, **extra) -> FinetuneConfig:
-    values = {
-        "out_dir": tmp_path / "out", "init_from": base, "data.path": data, "data.val_path": data,
-        "train.max_iters": 12, "train.batch_size": 4, "train.eval_interval": 6, "train.eval_iters": 2,
-        "train.log_interval": 6, "train.device": "cpu", "train.dtype": "float32",
-        "optim.lr": 3e-3, "optim.warmup_iters": 2, "logging.progress": False, "logging.sample_tokens": 0,
-        "logging.plot": False,
-    }
-    values.update(extra)
-    return load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in values.items()])
 
 
 # ---------------------------------------------------------------------------- template and mask
@@ -296,21 +260,10 @@ def test_csv_parquet_and_json_errors_name_the_row(tmp_path):
         load_file(str(array), "auto", tpl, 49, False)
 
 
-def test_finetune_script_reports_bad_records_and_config_errors_in_one_line(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
+def test_finetune_config_errors_name_the_key(tmp_path):
+    """(finetune.py's report of invalid records is a row of tests/test_errors_one_line.py.)"""
     base = write_base(tmp_path / "base")
     data = write_jsonl(tmp_path / "d.jsonl", [qa("cat", "dog"), {"prompt": "cat", "response": ""}])
-    args = [f"init_from={base}", f"data.path={data}", f"out_dir={tmp_path / 'out'}", "train.device=cpu"]
-    proc = subprocess.run([sys.executable, "finetune.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("error: 1 of 2 records are invalid") and f"{data}:2: empty response" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
     with pytest.raises(ConfigError, match="model.* is taken from init_from"):
         finetune(sft_config(tmp_path, base, data, **{"model.n_layer": 3}))
     with pytest.raises(ConfigError, match="init_from is required"):

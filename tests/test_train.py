@@ -1,14 +1,12 @@
 """The training loop: accumulation, exact resume, safe checkpoints, clean stops and clear errors."""
 
-import os
 import errno
+import os
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 from gpt import checkpoint
@@ -105,23 +103,6 @@ def test_outputs_resolved_config_metrics_and_best(tmp_path, tiny_corpus):
     assert tok.decode(tok.encode("To be")) == "To be"
 
 
-def test_interrupted_save_keeps_previous_checkpoint(tmp_path, tiny_corpus, monkeypatch):
-    run(tmp_path, tiny_corpus, **{"train.max_iters": 10})
-    out = tmp_path / "out"
-    before = weights(out)
-
-    def broken_save(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint, "save_file", broken_save)
-    with pytest.raises(checkpoint.CheckpointError, match="disk full.*previous .*latest is intact"):
-        run(tmp_path, tiny_corpus, **{"train.max_iters": 20, "train.resume": "true"})
-    after = weights(out)
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not list(out.glob(".latest.tmp*"))
-    assert checkpoint.load_train_state(out / "latest")["iter"] == 10
-
-
 def test_crash_between_renames_still_loads(tmp_path, tiny_corpus):
     run(tmp_path, tiny_corpus, **{"train.max_iters": 10})
     out = tmp_path / "out"
@@ -158,20 +139,6 @@ def test_ctrl_c_saves_and_resumes(tmp_path, tiny_corpus, monkeypatch):
     monkeypatch.setattr(data.TokenBatches, "train_batch", real)
     _, result = run(tmp_path, tiny_corpus, **{"train.max_iters": 20, "train.resume": "true"})
     assert result.step == 20 and not result.interrupted
-
-
-@pytest.mark.parametrize("args, message", [
-    (["train.max_iter=5"], "unknown key 'train.max_iter'"),
-    (["data.path=/no/such/corpus.txt"], "no such file or directory"),
-    (["model.n_head=3"], "divisible"),
-])
-def test_entry_script_errors_are_one_line(tmp_path, tiny_corpus, args, message):
-    base = [a for a in tiny_overrides(tmp_path, tiny_corpus) if not a.startswith(tuple(x.split("=")[0] for x in args))]
-    proc = subprocess.run([sys.executable, "train.py", "configs/shakespeare.yaml", *base, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
 
 
 def test_auto_threads_take_idle_cores_and_a_resume_reuses_the_recorded_count(tmp_path, monkeypatch):
