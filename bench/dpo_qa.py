@@ -34,7 +34,7 @@ def score(ckpt: str, pairs: str, questions: str, n_questions: int, device: torch
         chosen, rejected = sequence_logps(model, b).view(2, -1)
         wins += ((chosen > rejected) & (b.index >= 0)).sum().item()
     convs = [c for c in load_file(questions, "chat", template, budget, False).conversations if c][:n_questions]
-    hits = sum(greedy_reply(model, template, c[:-1], 40, device) == c[-1]["content"] for c in convs)
+    hits = sum(greedy_reply(model, template, c[:-1], 40) == c[-1]["content"] for c in convs)
     return wins / len(records), hits / max(1, len(convs))
 
 
