@@ -132,11 +132,12 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path, hf_model):
 
 def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "phi", "architectures": ["PhiForCausalLM"]}))
     proc = subprocess.run([sys.executable, "-m", "gpt.convert", "from-hf", str(tmp_path / "bad"), str(tmp_path / "o")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip() == (
-        f"error: {tmp_path / 'bad'}: model_type is 'llama'; only GPT-2 checkpoints convert")
+        f"error: {tmp_path / 'bad'}: architecture 'PhiForCausalLM' is not supported; supported: GPT2LMHeadModel, "
+        "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Gemma3ForCausalLM")
 
 
 def test_train_init_from_hf_dir(tmp_path, hf_model, tiny_corpus):

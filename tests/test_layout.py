@@ -29,6 +29,7 @@ LAYERS = {
     "gpt.data.records": 55,
     "gpt.data": 59,
     "gpt.checkpoint": 60,
+    "gpt.hf_families": 65,
     "gpt.convert": 70,
     "gpt.pretrained": 72,
     "gpt.infer.sampling": 70,
