@@ -78,6 +78,9 @@ def check_ranges(obj: Any, where: str = "config", prefix: str = "", name: Callab
 
 @dataclass
 class ModelConfig:
+    """The model's shape. The keys from `norm` on choose the architecture family; their defaults are GPT-2
+    (gpt/hf_families.py sets them for Llama, Qwen2, Qwen3, Mistral and Gemma 3)."""
+
     block_size: int = ranged(256, ge=1)  # context length in tokens
     vocab_size: int = ranged(0, ge=0)  # 0 = taken from the tokenizer (rounded up to vocab_multiple)
     vocab_multiple: int = ranged(1, ge=1)  # pad the vocabulary to a multiple of this (64 is faster for BPE)
@@ -92,7 +95,6 @@ class ModelConfig:
     # LM head + loss computed in row chunks, never holding the (tokens, vocab) logits: "auto" = on a CPU
     # once a batch's logits reach 2^25 (far less memory; the same loss and gradients; docs/performance.md)
     fused_loss: Literal["auto", "on", "off"] = "auto"
-    # -- architecture family (the defaults are GPT-2; gpt/hf_families.py sets them for Llama, Qwen, Mistral, Gemma)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # rmsnorm: no mean, no bias (Llama and later)
     norm_eps: float = ranged(1e-5, gt=0)  # added to the variance in every norm
     norm_offset: float = ranged(0.0, ge=0, le=1)  # rmsnorm scales by (norm_offset + weight): Gemma's 1.0

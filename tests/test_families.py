@@ -199,3 +199,22 @@ def test_exports_without_a_faithful_form_are_refused(tmp_path):
         with pytest.raises(CheckpointError, match="has no Hugging Face .* form"):
             convert.to_hf(tmp_path / name, tmp_path / f"hf_{name}")
         assert not (tmp_path / f"hf_{name}").exists()
+
+
+def test_lora_targets_the_fused_projections_of_a_family(hf_dirs):
+    """c_attn (q, k, v with GQA), c_fc (gate, up) and c_proj: the same names as GPT-2's, merged exactly."""
+    from gpt.config import LoRAConfig
+    from gpt.lora import apply_lora, merged_state_dict
+
+    model = convert.load_hf_folder(hf_dirs["qwen3"]).model.eval()
+    names = apply_lora(model, LoRAConfig(rank=2, targets=["c_attn", "c_proj", "c_fc"]))
+    assert len(names) == 4 * 3
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged = GPT(model.config).eval()
+    merged.load_state_dict(merged_state_dict(model))
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids)[0], model(ids)[0], rtol=0, atol=1e-4)
