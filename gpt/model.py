@@ -325,6 +325,7 @@ class GPT(nn.Module):
                 ln_f=make_norm(cfg, cfg.n_embd),
             )
         )
+        self.has_sliding_layers = any(block.sliding for block in self.transformer.h)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
@@ -424,7 +425,7 @@ class GPT(nn.Module):
         if any, get their own view in `local`."""
         cfg = self.config
         local = None
-        if any(cfg.slides(i) for i in range(cfg.n_layer)):
+        if self.has_sliding_layers:
             theta = cfg.rope_local_theta
             rope = self._rope(pos, theta, "none") if theta else self._rope(pos, cfg.rope_theta, cfg.rope_scaling)
             local = Positions(pos, attention_mask(pos, **keys, window=cfg.sliding_window), start, rope)
