@@ -3,7 +3,7 @@
 A run's output directory holds `config.yaml`, `metrics.jsonl` and checkpoint folders:
   latest/  the newest state, for train.resume
   best/    the lowest validation loss so far, what sample.py loads by default
-Each checkpoint folder holds model.safetensors (the tied lm_head is stored once, as wte),
+Each checkpoint folder holds model.safetensors (a tied lm_head is stored once, as wte),
 config.yaml (the resolved run config), tokenizer.json, meta.json (iteration, val loss) and,
 for resuming, train_state.pt (optimizer, scaler, RNG states; read with weights_only=True).
 
@@ -78,7 +78,8 @@ def save_checkpoint(
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     old = target.parent / f".{target.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k != TIED_KEY}
+    tied = (config.get("model") or {}).get("tie_embeddings", True)  # an untied head is a tensor of its own
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k != TIED_KEY or not tied}
     try:
         tmp.mkdir()
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "gpt"})
@@ -253,9 +254,11 @@ def model_config_from(config: dict[str, Any], where: str = "checkpoint") -> Mode
         check_ranges(m, where, prefix="model.")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    if m.vocab_size < 1 or m.n_embd % m.n_head:
+    if m.vocab_size < 1 or (not m.head_dim and m.n_embd % m.n_head):
         raise CheckpointError(f"{where}: model.vocab_size ({m.vocab_size}) must be >= 1 and model.n_embd "
                               f"({m.n_embd}) divisible by model.n_head ({m.n_head})")
+    if m.shape_error():
+        raise CheckpointError(f"{where}: {m.shape_error()}")
     return m
 
 
@@ -301,8 +304,9 @@ def read_weights(file: Path, verify: bool = True) -> dict[str, torch.Tensor]:
 
 
 def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    expected = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
-    state = {k: v for k, v in state.items() if k != TIED_KEY}
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", True)
+    expected = {k: v for k, v in model.state_dict().items() if k != TIED_KEY or not tied}
+    state = {k: v for k, v in state.items() if k != TIED_KEY or not tied}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [

@@ -78,6 +78,9 @@ def check_ranges(obj: Any, where: str = "config", prefix: str = "", name: Callab
 
 @dataclass
 class ModelConfig:
+    """The model's shape. The keys from `norm` on choose the architecture family; their defaults are GPT-2
+    (gpt/hf_families.py sets them for Llama, Qwen2, Qwen3, Mistral and Gemma 3)."""
+
     block_size: int = ranged(256, ge=1)  # context length in tokens
     vocab_size: int = ranged(0, ge=0)  # 0 = taken from the tokenizer (rounded up to vocab_multiple)
     vocab_multiple: int = ranged(1, ge=1)  # pad the vocabulary to a multiple of this (64 is faster for BPE)
@@ -92,6 +95,58 @@ class ModelConfig:
     # LM head + loss computed in row chunks, never holding the (tokens, vocab) logits: "auto" = on a CPU
     # once a batch's logits reach 2^25 (far less memory; the same loss and gradients; docs/performance.md)
     fused_loss: Literal["auto", "on", "off"] = "auto"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # rmsnorm: no mean, no bias (Llama and later)
+    norm_eps: float = ranged(1e-5, gt=0)  # added to the variance in every norm
+    norm_offset: float = ranged(0.0, ge=0, le=1)  # rmsnorm scales by (norm_offset + weight): Gemma's 1.0
+    post_norms: bool = False  # also norm the attention and MLP outputs before the residual add (Gemma 3)
+    embed_scale: bool = False  # multiply the token embeddings by sqrt(n_embd) (Gemma)
+    position: Literal["learned", "rope"] = "learned"  # learned table (wpe) or rotary (rotate-half layout)
+    rope_theta: float = ranged(10000.0, gt=0)  # rotary base
+    rope_local_theta: float = ranged(0.0, ge=0)  # sliding-window layers' base, unscaled (Gemma 3); 0 = as the rest
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"  # linear: positions / rope_factor; llama3: by band
+    rope_factor: float = ranged(1.0, ge=1)  # linear and llama3 scaling factor
+    rope_low_freq_factor: float = ranged(1.0, gt=0)  # llama3 scaling
+    rope_high_freq_factor: float = ranged(4.0, gt=0)  # llama3 scaling
+    rope_original_context: int = ranged(8192, ge=1)  # llama3 scaling: the context the model was trained with
+    mlp: Literal["gelu", "swiglu", "geglu", "relu2"] = "gelu"  # geglu uses the `gelu` form; relu2 = relu(x)^2
+    intermediate_size: int = ranged(0, ge=0)  # MLP width (gated: of gate and up each); 0 = 4 x n_embd
+    n_kv_head: int = ranged(0, ge=0)  # key/value heads (GQA; 1 = MQA); must divide n_head; 0 = n_head
+    head_dim: int = ranged(0, ge=0)  # width of one head; 0 = n_embd / n_head
+    qk_norm: bool = False  # norm each query and key head before the rotary embedding (Qwen3, Gemma 3)
+    qkv_bias: bool = False  # biases on the query/key/value projection even when `bias` is false (Qwen2)
+    tie_embeddings: bool = True  # the LM head shares the token embedding's weights
+    logit_softcap: float = ranged(0.0, ge=0)  # logits = c * tanh(logits / c); 0 = off
+    sliding_window: int = ranged(0, ge=0)  # keys a query sees, itself included, in sliding layers; 0 = all
+    sliding_window_pattern: int = ranged(0, ge=0)  # N: every Nth layer attends globally (Gemma 3: 6); 0 = none
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+    def slides(self, layer: int) -> bool:
+        """Whether block `layer` attends through the sliding window."""
+        pattern = self.sliding_window_pattern
+        return self.sliding_window > 0 and (pattern == 0 or (layer + 1) % pattern != 0)
+
+    def shape_error(self) -> str | None:
+        """What makes these shapes unbuildable, in one line (None: buildable)."""
+        if not self.head_dim and self.n_embd % self.n_head:
+            return f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+        if self.n_head % self.kv_heads:
+            return f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})"
+        if self.position == "rope" and self.head_size % 2:
+            return f"rotary embeddings need an even head width, got {self.head_size}"
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            return "model.rope_high_freq_factor must exceed model.rope_low_freq_factor"
+        return None
 
 
 @dataclass
@@ -459,9 +514,9 @@ def check_pretrain(cfg: PretrainConfig) -> None:
 def check_common(cfg: Any) -> None:
     """Ranges (again: a config may be built in code) and the checks pretraining and SFT share."""
     check_ranges(cfg)
-    m = cfg.model
-    if m.n_embd % m.n_head != 0:
-        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    problem = cfg.model.shape_error()
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_finetune(cfg: FinetuneConfig) -> None:

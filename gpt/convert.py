@@ -1,4 +1,5 @@
-"""GPT-2 weights between Hugging Face format and our checkpoint folders.
+"""Model folders between Hugging Face format and our checkpoint folders: GPT-2, and the Llama, Qwen2,
+Qwen3, Mistral and Gemma 3 families (their mapping: gpt/hf_families.py).
 
     python -m gpt.convert from-hf HF_DIR_OR_HUB_NAME OUT_DIR
     python -m gpt.convert to-hf CKPT_DIR HF_DIR
@@ -6,19 +7,21 @@
 Our parameter names are GPT-2's; the differences are that Hugging Face's GPT-2 uses Conv1D layers
 (weights stored as (in, out), so ours are their transpose), keeps the causal-mask buffers
 (attn.bias, attn.masked_bias) in the state dict, and may or may not prefix names with
-"transformer.". Only safetensors and torch are used: transformers is not needed.
+"transformer.". The other families keep their tokenizer.json as shipped (gpt.data.tokenizer.HFTokenizer).
+Only safetensors, torch and tokenizers are used: transformers is not needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from gpt import checkpoint, entry
+from gpt import checkpoint, entry, hf_families
 from gpt.checkpoint import CheckpointError, LoadedModel
 from gpt.config import ModelConfig, to_dict
 from gpt.data.bpe import GPT2_PATTERN, byte_to_unicode, hf_pre_tokenizer
@@ -28,8 +31,10 @@ from gpt.data.tokenizer import (
     EOT,
     BPETokenizer,
     CharTokenizer,
+    HFTokenizer,
     TiktokenTokenizer,
     Tokenizer,
+    TokenizerError,
 )
 from gpt.model import GPT
 
@@ -50,12 +55,13 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
+    """config.json as our ModelConfig: GPT-2 here, the other families in gpt/hf_families.py."""
     try:
         hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder}/config.json: unreadable ({e})") from None
     if hf.get("model_type") != "gpt2":
-        raise CheckpointError(f"{folder}: model_type is {hf.get('model_type')!r}; only GPT-2 checkpoints convert")
+        return hf_families.config_from_hf(hf, str(folder))
     act = hf.get("activation_function", "gelu_new")
     if act not in TANH_GELUS and act != "gelu":
         raise CheckpointError(f"{folder}: activation_function {act!r} is not a GELU this model supports")
@@ -78,6 +84,13 @@ def read_hf_config(folder: Path) -> ModelConfig:
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").is_file():
         return checkpoint.read_weights(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names the file of every tensor
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: unreadable ({e})") from None
+        return {k: v for shard in shards for k, v in checkpoint.read_weights(folder / shard).items()}
     if (folder / "pytorch_model.bin").is_file():
         return checkpoint.safe_torch_load(folder / "pytorch_model.bin")
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
@@ -100,8 +113,16 @@ def load_hf_folder(folder: str | Path, device: str | torch.device = "cpu") -> Lo
     """A local Hugging Face GPT-2 folder: our model and its tokenizer (GPT-2's when it has no tokenizer.json)."""
     folder = Path(folder)
     model = GPT(read_hf_config(folder))
-    checkpoint.load_state_checked(model, hf_to_ours(read_hf_weights(folder)), str(folder))
-    return LoadedModel(model.to(device), read_hf_tokenizer(folder), folder)
+    if model.config.position == "learned":  # GPT-2
+        checkpoint.load_state_checked(model, hf_to_ours(read_hf_weights(folder)), str(folder))
+        return LoadedModel(model.to(device), read_hf_tokenizer(folder), folder)
+    state = hf_families.weights_from_hf(read_hf_weights(folder), model.config, str(folder))
+    checkpoint.load_state_checked(model, state, str(folder))
+    try:
+        tok = HFTokenizer.from_folder(folder)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    return LoadedModel(model.to(device), tok, folder)
 
 
 def read_hf_tokenizer(folder: Path) -> Tokenizer:
@@ -160,7 +181,8 @@ def fetch_hub(name: str, cache_dir: Path) -> Path:
     except ImportError:
         raise CheckpointError(f"to download {HUB_PREFIX}{name}, pip install huggingface_hub") from None
     try:
-        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors"], cache_dir=cache_dir))
+        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                                                          "generation_config.json", "chat_template.jinja"], cache_dir=cache_dir))
     except Exception as e:  # offline, unknown repo, ...
         raise CheckpointError(f"could not download '{name}' from the Hugging Face hub ({type(e).__name__}); "
                               "offline, pass a local folder with config.json and model.safetensors") from None
@@ -177,7 +199,8 @@ def read_hf_chat_template(folder: Path) -> str | None:
 
 
 def from_hf(src: str, out_dir: str | Path) -> Path:
-    """A local Hugging Face GPT-2 folder, or hf://org/name (the only way this touches the network)."""
+    """A local Hugging Face folder (GPT-2 or a family of gpt/hf_families.py), or hf://org/name (the only
+    way this touches the network)."""
     if src.startswith(HUB_PREFIX):
         folder = fetch_hub(src[len(HUB_PREFIX):], Path(out_dir) / ".hub_download")
     else:
@@ -188,7 +211,8 @@ def from_hf(src: str, out_dir: str | Path) -> Path:
     loaded = load_hf_folder(folder)
     model, tok = loaded.model, loaded.tokenizer
     template = read_hf_chat_template(folder)
-    if template is not None and (template != hf_chat_template() or not ChatTemplate(tok).special):
+    if (template is not None and not isinstance(tok, HFTokenizer)  # an HFTokenizer keeps its template
+            and (template != hf_chat_template() or not ChatTemplate(tok).special)):
         print(f"note: {folder} has a chat template of its own; our checkpoints format chats with ours "
               "(see gpt/data/chat_template.py), so chat replies may differ from the original's")
     config = {"out_dir": str(out_dir), "init_from": str(src), "model": to_dict(model.config)}
@@ -237,23 +261,57 @@ def end_ids(tok: Tokenizer) -> list[int]:
     return ChatTemplate(tok).end_ids
 
 
+def gpt2_form_problem(cfg: ModelConfig) -> str | None:
+    """The family options (those after fused_loss in ModelConfig) GPT-2 cannot express, if any are set."""
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    family = names[names.index("fused_loss") + 1 :]
+    changed = [n for n in family if getattr(cfg, n) != getattr(ModelConfig(), n)]
+    return f"this model has no Hugging Face GPT-2 form ({', '.join(changed)} set); nothing was written" if changed else None
+
+
 def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
     """Write a folder transformers loads as it is: config.json, model.safetensors, generation_config.json,
-    tokenizer.json + tokenizer_config.json (with the chat template for chat models). A tokenizer that
-    cannot be exported faithfully is refused before anything is written: no half folder."""
+    tokenizer.json + tokenizer_config.json (with the chat template for chat models). A model or tokenizer
+    that cannot be exported faithfully is refused before anything is written: no half folder. Learned
+    positions export as GPT-2, rotary ones as the family gpt/hf_families.py finds for the config."""
     loaded = checkpoint.load_checkpoint(ckpt)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok, cfg = loaded.model, loaded.tokenizer, loaded.model.config
     out = Path(hf_dir)
-    hf_tok = hf_tokenizer(tok)  # refused here, before anything is written, if it cannot be faithful
+    hf_tok = tok.hf if isinstance(tok, HFTokenizer) else hf_tokenizer(tok)  # refused here if not faithful
+    eos = tok.eos_ids if isinstance(tok, HFTokenizer) else end_ids(tok)
+    bos = tok.bos_id if isinstance(tok, HFTokenizer) else tok.eot_id
+    if cfg.position == "learned":
+        if gpt2_form_problem(cfg):
+            raise CheckpointError(gpt2_form_problem(cfg))
+        config, state = hf_config(cfg, tok), ours_to_hf(with_zero_biases(model))
+    else:
+        config = hf_families.config_to_hf(cfg, bos, (eos or [None])[0])
+        config["eos_token_id"] = eos if len(eos) > 1 else (eos or [None])[0]
+        state = hf_families.weights_to_hf(model.state_dict(), cfg)
     checkpoint.prepare_out_dir(out)
-    save_file(ours_to_hf(with_zero_biases(model)), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model.config, tok), indent=2), encoding="utf-8")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     # max_length: transformers' pipeline would otherwise generate past the position table
-    generation = {"eos_token_id": end_ids(tok), "bos_token_id": tok.eot_id,
-                  "pad_token_id": (end_ids(tok) or [None])[-1], "max_length": model.config.block_size}
+    generation = {"eos_token_id": eos, "bos_token_id": bos, "pad_token_id": (eos or [None])[-1],
+                  "max_length": cfg.block_size}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-    write_hf_tokenizer(hf_tok, tok, out, model.config.block_size)
+    if isinstance(tok, HFTokenizer):
+        write_shipped_tokenizer(tok, out, cfg.block_size)
+    else:
+        write_hf_tokenizer(hf_tok, tok, out, cfg.block_size)
     return out
+
+
+def write_shipped_tokenizer(tok: HFTokenizer, out: Path, block_size: int) -> None:
+    """An imported tokenizer.json back as it came (plus tokens added since), its bos/eos and chat template."""
+    tok.hf.save(str(out / "tokenizer.json"))
+    name = lambda i: tok.hf.id_to_token(i) if i is not None else None  # noqa: E731
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "bos_token": name(tok.bos_id), "eos_token": name(tok.eot_id), "pad_token": name(tok.eot_id),
+              "clean_up_tokenization_spaces": False}
+    if tok.chat_template is not None:
+        config["chat_template"] = tok.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def hf_tokenizer(tok: Tokenizer):
@@ -345,10 +403,10 @@ def check_hf_tokenizer(hf, tok: Tokenizer) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m gpt.convert", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("from-hf", help="Hugging Face GPT-2 folder (or hf://org/name, online) -> our checkpoint")
+    a = sub.add_parser("from-hf", help="Hugging Face folder (or hf://org/name, online) -> our checkpoint")
     a.add_argument("src")
     a.add_argument("out_dir")
-    b = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face GPT-2 folder")
+    b = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face folder (GPT-2 or the family of its config)")
     b.add_argument("ckpt")
     b.add_argument("hf_dir")
     args = p.parse_args(argv)

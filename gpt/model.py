@@ -1,16 +1,24 @@
-"""The GPT-2 architecture: one file, no training, no files, no tokenizer.
+"""The decoder-only transformer: one file, no training, no files, no tokenizer.
 
-Parameter names follow GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...) so weights map
-one-to-one to OpenAI/Hugging Face checkpoints (their Conv1D weights are our Linear weights transposed).
+One forward pass for GPT-2 and the families after it: what differs is data in ModelConfig (norm,
+position, mlp, heads, biases, ...), never a subclass; the defaults are GPT-2 exactly. Parameter
+names follow GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...) whatever the family: queries,
+keys and values come from one fused `c_attn` (n_head + 2 n_kv_head heads), a gated MLP's gate and up
+projections from one fused `c_fc` (gate first), so LoRA and int8 target the same names everywhere;
+gpt/convert.py and gpt/hf_families.py map them to Hugging Face's names.
+
+Rotary embeddings use Hugging Face's rotate-half layout (pairs i and i + head_dim / 2), angles computed
+in fp32 from the per-row positions below; grouped-query attention keeps n_kv_head heads in the cache
+and repeats them only inside attention; sliding-window layers read their own view of the positions
+(`Positions.local`: the window's mask and, for Gemma 3, their own rotary base).
 
 Positions and masks. GPT.forward turns its arguments into one `Positions`, once per call, and every
 layer reads it: `pos`, the position of each token, a (B, T) tensor, or (1, T) when every row shares it
-(it indexes wpe; a rotary embedding would index by it too), and `mask`, the answer of the one mask
+(it indexes wpe, or the rotary angles `rope`), and `mask`, the answer of the one mask
 builder, `attention_mask`: CAUSAL (SDPA's is_causal, the fast path), None (every key) or a boolean
 (B or 1, 1, T, keys) tensor, True where a query may attend. A query sees the keys at its own position
-and before, inside its own document. So a new position scheme is one more read of `pos` (a rotary
-embedding would rotate q and k by it in CausalSelfAttention.forward), a sliding window one more term
-in attention_mask, and neither needs to know which of the cases below it is in.
+and before, inside its own document, and in a sliding layer only the last `window` of them. Neither
+the rotary embedding nor the window needs to know which of the cases below it is in.
 
 | call                                  | pos                         | keys attended        | mask                               |
 | ------------------------------------- | --------------------------- | -------------------- | ---------------------------------- |
@@ -27,6 +35,7 @@ and the mask hides each row's unused tail.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -45,14 +54,14 @@ CAUSAL = "causal"  # attention_mask's answer when plain causal attention applies
 
 @dataclass
 class KVCache:
-    """Pre-allocated keys and values for every layer: (n_layer, B, n_head, max_len, head_dim)."""
+    """Pre-allocated keys and values for every layer: (n_layer, B, n_kv_head, max_len, head_dim)."""
 
     k: torch.Tensor
     v: torch.Tensor
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype) -> "KVCache":
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_size)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     @property
@@ -70,15 +79,20 @@ class Positions:
     start: the first position when every row's tokens sit at start, start+1, ... (an int start_pos):
         the cache is written as one slice and attention sees its first start + T slots. None: each
         row at its own positions, written row by row; attention sees the whole cache view.
+    rope: (cos, sin), fp32 (B or 1, T, head_dim), the rotary angles of `pos`; None for learned positions.
+    local: the same tokens as sliding-window layers see them (their mask and rotary angles); None when
+        no layer slides.
     """
 
     pos: torch.Tensor
     mask: torch.Tensor | str | None
     start: int | None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    local: "Positions | None" = None
 
 
 def attention_mask(q_pos: torch.Tensor, cache_len: int | None = None, docs: torch.Tensor | None = None, *,
-                   shared: bool = False) -> torch.Tensor | str | None:
+                   shared: bool = False, window: int = 0) -> torch.Tensor | str | None:
     """The one mask builder: which keys each query may attend to (see the table in the module docstring).
 
     q_pos: (B or 1, T) query positions. cache_len: keys are cache slots 0..cache_len-1, each at its own
@@ -86,19 +100,58 @@ def attention_mask(q_pos: torch.Tensor, cache_len: int | None = None, docs: torc
     rows, keys = queries). shared: every row's queries sit at the same consecutive positions, the last T
     keys (an int start_pos), so the answer needs no tensor: CAUSAL when the queries are all the keys,
     None for one query. Otherwise a boolean (B or 1, 1, T, keys) mask, True = attend: a query sees the
-    keys at its position and before, in its own document.
+    keys at its position and before, in its own document. window > 0: only the last `window` of those
+    keys, its own included (a sliding-window layer).
     """
     T = q_pos.shape[-1]
-    if shared and docs is None:
-        if cache_len is None or cache_len == T:
+    keys = T if cache_len is None else cache_len
+    if shared and docs is None and (not window or keys <= window):  # the window hides nothing
+        if keys == T:
             return CAUSAL  # SDPA's triangle is aligned to the top left: right when queries = keys
         if T == 1:
             return None  # one new token sees every key before it
     k_pos = q_pos if cache_len is None else torch.arange(cache_len, device=q_pos.device)[None]
     visible = k_pos[:, None, :] <= q_pos[:, :, None]  # (B or 1, T, keys)
+    if window:
+        visible = visible & (k_pos[:, None, :] > q_pos[:, :, None] - window)
     if docs is not None:
         visible = visible & (docs[:, None, :] == docs[:, :, None])
     return visible[:, None]
+
+
+@functools.lru_cache(maxsize=16)
+def rope_frequencies(head_dim: int, theta: float, scaling: str, factor: float, low: float, high: float,
+                     original: int, device: torch.device) -> torch.Tensor:
+    """The (head_dim / 2,) fp32 inverse frequencies of the rotary embedding, as Hugging Face computes them.
+
+    linear: every frequency divided by factor (positions stretched). llama3: wavelengths longer than
+    original / low divided by factor, shorter than original / high kept, the band between interpolated.
+    """
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if scaling == "linear":
+        return inv / factor
+    if scaling == "llama3":
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > original / low, inv / factor, inv)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_angles(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of each position's angles, fp32 (B or 1, T, head_dim): both halves share a frequency."""
+    freqs = pos[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate (B, nh, T, hd) queries or keys in the rotate-half layout: pairs i and i + hd/2."""
+    cos, sin = (t[:, None].to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def _document_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,25 +181,56 @@ def _write_cache(layer_cache, k: torch.Tensor, v: torch.Tensor, at: Positions):
     return cache_k[:, :, :end], cache_v[:, :, :end]
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * (offset + weight), computed in fp32: offset 0 is Llama's, 1 Gemma's (weights near zero)."""
+
+    def __init__(self, width: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((width,), 1.0 - offset))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (self.offset + self.weight.float())).type_as(x)
+
+
+def make_norm(cfg: ModelConfig, width: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(width, cfg.norm_eps, cfg.norm_offset)
+    return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_size
+        # q, k, v in one matmul: n_head query heads, then n_kv_head key heads, then n_kv_head value heads
+        qkv = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_size
+        self.c_attn = nn.Linear(cfg.n_embd, qkv, bias=cfg.bias or cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = make_norm(cfg, cfg.head_size) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_size) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, at: Positions, layer_cache=None):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
-        if layer_cache is not None:  # q, k, v: (B, nh, T, hd)
+        B, T, _ = x.shape
+        heads = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hd)
+        q, k, v = heads.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if at.rope is not None:
+            q, k = apply_rope(q, at.rope), apply_rope(k, at.rope)
+        if layer_cache is not None:  # q: (B, nh, T, hd); k, v: (B, nkv, T, hd)
             k, v = _write_cache(layer_cache, k, v, at)
+        if self.n_kv_head != self.n_head:  # grouped-query attention: kv head j serves query heads j*r .. j*r+r-1
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
         causal = at.mask is CAUSAL
         attend = matmul_attention if _matmul_attention_pays(q, k) else F.scaled_dot_product_attention
         y = attend(q, k, v, attn_mask=None if causal else at.mask, is_causal=causal,
                    dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -178,29 +262,50 @@ def _matmul_attention_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 class MLP(nn.Module):
+    """c_proj(act(c_fc(x))); gated forms (swiglu, geglu) split c_fc's output into gate and up: c_proj(act(gate) * up)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * cfg.ffn_size, bias=cfg.bias)
         # GPT-2's tanh GELU by default (exact GELU breaks weight parity); "exact" trains as well, faster on CPU
-        self.gelu = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        gelu = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
+        self.act = {"gelu": gelu, "geglu": gelu, "swiglu": nn.SiLU(), "relu2": ReLUSquared()}[cfg.mlp]
+        self.c_proj = nn.Linear(cfg.ffn_size, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.dropout(self.c_proj(self.act(gate) * up))
+        return self.dropout(self.c_proj(self.act(h)))
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x):
+        return F.relu(x).square()
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm residual block; post_norms (Gemma 3) also norm each branch's output before it is added."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.sliding = cfg.slides(layer)
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
+        self.post_attn_norm = make_norm(cfg, cfg.n_embd) if cfg.post_norms else None
+        self.post_mlp_norm = make_norm(cfg, cfg.n_embd) if cfg.post_norms else None
 
     def forward(self, x, at: Positions, layer_cache=None):
-        x = x + self.attn(self.ln_1(x), at, layer_cache)
-        return x + self.mlp(self.ln_2(x))
+        at = at.local if self.sliding else at
+        a = self.attn(self.ln_1(x), at, layer_cache)
+        x = x + (a if self.post_attn_norm is None else self.post_attn_norm(a))
+        m = self.mlp(self.ln_2(x))
+        return x + (m if self.post_mlp_norm is None else self.post_mlp_norm(m))
 
 
 class GPT(nn.Module):
@@ -208,20 +313,22 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (>= 1) before building the model")
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})")
+        if cfg.shape_error():
+            raise ValueError(cfg.shape_error())
         self.config = cfg
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                **({"wpe": nn.Embedding(cfg.block_size, cfg.n_embd)} if cfg.position == "learned" else {}),
                 drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+                h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+                ln_f=make_norm(cfg, cfg.n_embd),
             )
         )
+        self.has_sliding_layers = any(block.sliding for block in self.transformer.h)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        if cfg.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual projections: GPT-2's 1/sqrt(2 * n_layer)
@@ -261,7 +368,12 @@ class GPT(nn.Module):
         logits_to_keep: 0 = logits for every position, k = only the last k (cheap decoding).
         """
         at = self.positions(idx, start_pos, kv_cache, doc_ids)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(at.pos))
+        x = self.transformer.wte(idx)
+        if self.config.embed_scale:  # Gemma: sqrt(n_embd) rounded to the compute dtype first
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        if self.config.position == "learned":
+            x = x + self.transformer.wpe(at.pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             layer_cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             x = block(x, at, layer_cache)
@@ -270,11 +382,17 @@ class GPT(nn.Module):
         if targets is None:
             if logits_to_keep:
                 x = x[:, -logits_to_keep:]
-            return self.lm_head(x), None
+            return self.head(x), None
         if self.fuses_loss(idx.numel()) and reduction != "none":  # no (B*T, vocab) logits built: none returned
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, reduction)
-        logits = self.lm_head(x)
+        logits = self.head(x)
         return logits, cross_entropy(logits, targets, reduction)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head, with the logit soft-cap c * tanh(logits / c) when model.logit_softcap is set."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     # ------------------------------------------------------------------ helpers
 
@@ -288,7 +406,7 @@ class GPT(nn.Module):
             if kv_cache is None:
                 raise ValueError("per-row start positions need a KV cache")
             pos = start_pos[:, None] if T == 1 else start_pos[:, None] + torch.arange(T, device=idx.device)
-            return Positions(pos, attention_mask(pos, kv_cache.max_len), None)
+            return self._view(pos, None, dict(cache_len=kv_cache.max_len))
         end = start_pos + T
         limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
         if end > self.config.block_size or end > limit:
@@ -298,9 +416,29 @@ class GPT(nn.Module):
             )
         if doc_ids is not None:
             pos, docs = _document_positions(doc_ids)
-            return Positions(pos, attention_mask(pos, docs=docs), None)
+            return self._view(pos, None, dict(docs=docs))
         pos = torch.arange(start_pos, end, device=idx.device)[None]
-        return Positions(pos, attention_mask(pos, None if kv_cache is None else end, shared=True), start_pos)
+        return self._view(pos, start_pos, dict(cache_len=None if kv_cache is None else end, shared=True))
+
+    def _view(self, pos: torch.Tensor, start: int | None, keys: dict) -> Positions:
+        """Positions with their mask (attention_mask(pos, **keys)) and rotary angles; sliding-window layers,
+        if any, get their own view in `local`."""
+        cfg = self.config
+        local = None
+        if self.has_sliding_layers:
+            theta = cfg.rope_local_theta
+            rope = self._rope(pos, theta, "none") if theta else self._rope(pos, cfg.rope_theta, cfg.rope_scaling)
+            local = Positions(pos, attention_mask(pos, **keys, window=cfg.sliding_window), start, rope)
+        return Positions(pos, attention_mask(pos, **keys), start, self._rope(pos, cfg.rope_theta, cfg.rope_scaling),
+                         local)
+
+    def _rope(self, pos: torch.Tensor, theta: float, scaling: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        cfg = self.config
+        if cfg.position != "rope":
+            return None
+        inv_freq = rope_frequencies(cfg.head_size, theta, scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
+                                    cfg.rope_high_freq_factor, cfg.rope_original_context, pos.device)
+        return rope_angles(pos, inv_freq)
 
     def fuses_loss(self, tokens: int) -> bool:
         """Head + loss fused in row chunks (gpt/losses.py) for a batch of `tokens` targets. "auto": on a CPU
@@ -318,26 +456,30 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position embedding is excluded by default (it does no matmuls)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and "wpe" in self.transformer else n
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
         """Matmul FLOPs per token (PaLM appendix B): 6N + 12 L H Q T for training, a third for inference."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        fwd_bwd = 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+        fwd_bwd = 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
         return fwd_bwd if training else fwd_bwd / 3
 
     @torch.no_grad()
     def resize_vocab(self, new_size: int) -> None:
-        """Grow the tied embedding/LM head; new rows start at the mean embedding (a neutral token)."""
-        old = self.lm_head.weight
-        if new_size <= old.shape[0]:
+        """Grow the embedding and LM head (tied or not); new rows start at the mean row (a neutral token)."""
+        if new_size <= self.lm_head.weight.shape[0]:
             return
-        weight = torch.empty(new_size, old.shape[1], device=old.device, dtype=old.dtype)
-        weight[: old.shape[0]] = old
-        weight[old.shape[0] :] = old.mean(dim=0, keepdim=True)
-        self.lm_head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
-        self.lm_head.weight = nn.Parameter(weight)
-        self.transformer.wte = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
-        self.transformer.wte.weight = self.lm_head.weight
+        head, wte = self.lm_head.weight, self.transformer.wte.weight
+        self.transformer.wte = nn.Embedding(new_size, wte.shape[1], device=wte.device, dtype=wte.dtype)
+        self.transformer.wte.weight = _grown(wte, new_size)
+        self.lm_head = nn.Linear(wte.shape[1], new_size, bias=False, device=wte.device, dtype=wte.dtype)
+        self.lm_head.weight = self.transformer.wte.weight if head is wte else _grown(head, new_size)
         self.config.vocab_size = new_size
+
+
+def _grown(old: torch.Tensor, new_size: int) -> nn.Parameter:
+    weight = torch.empty(new_size, old.shape[1], device=old.device, dtype=old.dtype)
+    weight[: old.shape[0]] = old
+    weight[old.shape[0] :] = old.mean(dim=0, keepdim=True)
+    return nn.Parameter(weight)

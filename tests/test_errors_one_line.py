@@ -48,9 +48,9 @@ def train_args(f: Files, t: Path, *args: str) -> list[str]:
     return ["configs/shakespeare.yaml", *base, *args]
 
 
-def llama_dir(t: Path) -> Path:
+def phi_dir(t: Path) -> Path:
     (t / "bad").mkdir()
-    (t / "bad" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (t / "bad" / "config.json").write_text(json.dumps({"model_type": "phi", "architectures": ["PhiForCausalLM"]}))
     return t / "bad"
 
 
@@ -93,8 +93,10 @@ CASES = [
     # ---- serve.py
     Case("serve.py: no such checkpoint", "serve.py", lambda f, t: ["--ckpt", t / "none"], "no such checkpoint"),
     # ---- python -m gpt.convert, gpt.eval, gpt.redact
-    Case("gpt.convert: not a GPT-2 checkpoint", "gpt.convert", lambda f, t: ["from-hf", llama_dir(t), t / "o"],
-         lambda f, t: f"error: {t / 'bad'}: model_type is 'llama'; only GPT-2 checkpoints convert", whole=True),
+    Case("gpt.convert: an unsupported architecture", "gpt.convert", lambda f, t: ["from-hf", phi_dir(t), t / "o"],
+         lambda f, t: f"error: {t / 'bad'}: architecture 'PhiForCausalLM' is not supported; supported: GPT2LMHeadModel, "
+                      "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Gemma3ForCausalLM",
+         whole=True),
     Case("gpt.eval: empty data", "gpt.eval", lambda f, t: ["--ckpt", t / "nope", "--data", empty_file(t)],
          "empty.txt is empty"),
     Case("gpt.redact: no such input", "gpt.redact", lambda f, t: ["nope.txt", "o"], "nope.txt: no such file"),

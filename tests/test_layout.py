@@ -35,6 +35,7 @@ LAYERS = {
     "gpt.data.finetune_data": 55,
     "gpt.data": 59,
     "gpt.checkpoint": 60,
+    "gpt.hf_families": 65,
     "gpt.convert": 70,
     "gpt.pretrained": 72,
     "gpt.infer.sampling": 70,

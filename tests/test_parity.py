@@ -6,7 +6,7 @@ through sample.py's --no-kv-cache.
 
 OPTIONS lists, for every field of ModelConfig, the values the parity tests try; a field added to
 ModelConfig without a row here fails `test_every_model_option_is_covered`, so a new option cannot
-skip the parity check. VARIANTS adds the model states that are not config fields (LoRA, a vocabulary
+skip the parity check; REQUIRES names the companions that make an option matter. VARIANTS adds the model states that are not config fields (LoRA, a vocabulary
 grown for chat tokens, padded vocabulary rows). Parity is checked in float32: bf16 matmuls of one
 row and of a whole window reduce in different orders, so there cached and uncached greedy decoding
 may part after a near-tie (docs/sampling.md#where-cached-uncached-holds).
@@ -36,6 +36,40 @@ OPTIONS = {
     "bias": [True, False],
     "gelu": ["tanh", "exact"],
     "fused_loss": ["off", "on"],  # changes only how the loss is computed with targets; logits never
+    "norm": ["layernorm", "rmsnorm"],
+    "norm_eps": [1e-5, 1e-2],
+    "norm_offset": [0.0, 1.0],
+    "post_norms": [False, True],
+    "embed_scale": [False, True],
+    "position": ["learned", "rope"],
+    "rope_theta": [10000.0, 500.0],
+    "rope_local_theta": [0.0, 100.0],
+    "rope_scaling": ["none", "linear", "llama3"],
+    "rope_factor": [1.0, 4.0],
+    "rope_low_freq_factor": [1.0, 2.0],
+    "rope_high_freq_factor": [4.0, 8.0],
+    "rope_original_context": [8192, 8],
+    "mlp": ["gelu", "swiglu", "geglu", "relu2"],
+    "intermediate_size": [0, 24],
+    "n_kv_head": [0, 1, 2],
+    "head_dim": [0, 12],
+    "qk_norm": [False, True],
+    "qkv_bias": [False, True],
+    "tie_embeddings": [True, False],
+    "logit_softcap": [0.0, 2.0],
+    "sliding_window": [0, 3],
+    "sliding_window_pattern": [0, 2],
+}
+# what makes an option matter: its companions (a rotary base needs rotary positions, ...)
+ROPE = dict(position="rope")
+LLAMA3 = dict(ROPE, rope_scaling="llama3", rope_factor=4.0, rope_original_context=8)  # 8: bands at head_dim 8
+REQUIRES = {
+    "norm_eps": dict(norm="rmsnorm"), "norm_offset": dict(norm="rmsnorm"),
+    "rope_theta": ROPE, "rope_scaling": dict(LLAMA3, rope_factor=4.0), "rope_factor": dict(ROPE, rope_scaling="linear"),
+    "rope_low_freq_factor": LLAMA3, "rope_high_freq_factor": LLAMA3, "rope_original_context": LLAMA3,
+    "rope_local_theta": dict(ROPE, sliding_window=3, sliding_window_pattern=2),
+    "n_kv_head": dict(n_head=4), "head_dim": ROPE, "qkv_bias": dict(bias=False),
+    "sliding_window": ROPE, "sliding_window_pattern": dict(ROPE, sliding_window=3),
 }
 VARIANTS = ["plain", "lora", "lora_merged", "chat_vocab", "untied_head"]
 
@@ -46,7 +80,7 @@ def test_every_model_option_is_covered():
 
 
 def build(field: str, value, variant: str = "plain") -> GPT:
-    kw = dict(BASE, **{field: value})
+    kw = {**BASE, **REQUIRES.get(field, {}), field: value}
     if field == "vocab_multiple":  # as training builds it: the vocabulary rounded up
         kw["vocab_size"] = -(-kw["vocab_size"] // value) * value
     torch.manual_seed(0)

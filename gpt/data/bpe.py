@@ -15,7 +15,7 @@ import tempfile
 from typing import Callable, Iterable, Iterator
 
 from gpt.config import ConfigError
-from gpt.data.tokenizer import EOT, BPETokenizer, TiktokenTokenizer
+from gpt.data.tokenizer import EOT, BPETokenizer, TiktokenTokenizer, byte_to_unicode
 from gpt.errors import UserError
 
 # GPT-2's pre-tokenization (as tiktoken writes it): contractions, letters, digits, other symbols,
@@ -25,19 +25,6 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 
 class CorpusError(UserError):
     """The corpus cannot give the tokenizer that was asked for."""
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for every byte (how byte-level BPE files spell raw bytes)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
 
 
 def hf_pre_tokenizer(pattern: str):

@@ -1,5 +1,6 @@
-"""Tokenizers: a character vocabulary built from the corpus, any tiktoken encoding, or a byte-level
-BPE learned from the corpus (gpt/data/bpe.py trains it; tiktoken encodes with it).
+"""Tokenizers: a character vocabulary built from the corpus, any tiktoken encoding, a byte-level
+BPE learned from the corpus (gpt/data/bpe.py trains it; tiktoken encodes with it), or a Hugging Face
+tokenizer.json as a model ships it (the `tokenizers` library encodes with it).
 
 A tokenizer round-trips through a small JSON spec stored with the prepared data and every
 checkpoint, so sampling and fine-tuning rebuild exactly the tokenizer training used.
@@ -214,6 +215,136 @@ class BPETokenizer(TiktokenTokenizer):
         return cls([base64.b64decode(t) for t in spec["tokens"]], spec["pattern"], spec.get("special_tokens"))
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` as shipped, encoded and decoded by the `tokenizers` library.
+
+    Plain `encode` adds no special tokens (no BOS) and reads special-token strings in the text as
+    ordinary text, like every tokenizer here; `add_special_tokens=True` lets the file's post-processor
+    add its BOS, `split_special_tokens=False` reads markers such as <|im_end|> as their tokens (for
+    rendered chat templates). bos/eos ids come from tokenizer_config.json, generation_config.json and
+    config.json (`from_folder`); the first eos id is the end-of-text id. The spec stores the file's text
+    (and the chat template, kept for later use) with a checksum: an edited file is refused.
+    """
+
+    def __init__(self, tokenizer_json: str, *, bos_id: int | None = None, eos_ids: Iterable[int] = (),
+                 chat_template: str | None = None):
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            self.hf = Backend.from_str(tokenizer_json)
+            self.literal = Backend.from_str(tokenizer_json)  # the same file, special tokens read as text
+        except Exception as e:  # tokenizers raises its own Exception type for a malformed file
+            raise TokenizerError(f"unreadable tokenizer.json ({str(e).splitlines()[0] if str(e) else e})") from None
+        self.literal.encode_special_tokens = True
+        self.bos_id, self.eos_ids, self.chat_template = bos_id, list(eos_ids), chat_template
+        self.special_tokens = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(tokenizer_json).get("decoder"))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "HFTokenizer":
+        """tokenizer.json of a Hugging Face model folder, with its bos/eos ids and chat template."""
+        folder = Path(folder)
+        try:
+            text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+        except OSError as e:
+            raise TokenizerError(f"{folder}/tokenizer.json: unreadable ({e.strerror or e})") from None
+        tok = cls(text)
+        configs = [_json_or_empty(folder / n) for n in ("tokenizer_config.json", "generation_config.json", "config.json")]
+        tok_config = configs[0]
+        ids = lambda key: [i for c in configs[1:] for i in _ids(c.get(f"{key}_token_id"))]  # noqa: E731
+        by_name = lambda key: [tok.hf.token_to_id(n) for n in [_content(tok_config.get(f"{key}_token"))] if n]  # noqa: E731
+        bos = [i for i in by_name("bos") + ids("bos") if i is not None]
+        eos = [i for i in by_name("eos") + ids("eos") if i is not None]
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8") if (
+            folder / "chat_template.jinja").is_file() else tok_config.get("chat_template")
+        return cls(text, bos_id=bos[0] if bos else None, eos_ids=list(dict.fromkeys(eos)),
+                   chat_template=template if isinstance(template, str) else None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = True) -> list[int]:
+        backend = self.literal if split_special_tokens else self.hf
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return [e.ids for e in self.literal.encode_batch(texts, add_special_tokens=False)]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Exact bytes for byte-level BPEs (a token may hold part of a character); else the decoded text."""
+        ids = list(ids)
+        if not self._byte_level:
+            return self.hf.decode(ids, skip_special_tokens=False).encode("utf-8")
+        u2b, added = {u: b for b, u in byte_to_unicode().items()}, self.hf.get_added_tokens_decoder()
+        out = bytearray()
+        for i in ids:
+            token = self.hf.id_to_token(i)
+            if token is None:
+                continue
+            out += token.encode("utf-8") if i in added else bytes(u2b[c] for c in token)
+        return bytes(out)
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.eos_ids[0] if self.eos_ids else None
+
+    def add_special_tokens(self, names: list[str]) -> dict[str, int]:
+        from tokenizers import AddedToken
+
+        new = [AddedToken(n, special=True, normalized=False) for n in names if n not in self.special_tokens]
+        for backend in (self.hf, self.literal):
+            backend.add_special_tokens(new)
+        self.special_tokens.update({t.content: self.hf.token_to_id(t.content) for t in new})
+        return {n: self.special_tokens[n] for n in names}
+
+    def to_spec(self) -> dict:
+        spec = {"kind": "hf", "tokenizer_json": self.hf.to_str(), "bos_id": self.bos_id, "eos_ids": self.eos_ids,
+                "chat_template": self.chat_template}
+        return {**spec, "sha256": _checksum(spec)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "HFTokenizer":
+        body = {k: v for k, v in spec.items() if k != "sha256"}
+        if spec.get("sha256") != _checksum(body):
+            raise TokenizerError("tokenizer checksum mismatch: the file was edited or damaged; "
+                                 "convert the Hugging Face folder again")
+        return cls(spec["tokenizer_json"], bos_id=spec.get("bos_id"), eos_ids=spec.get("eos_ids") or (),
+                   chat_template=spec.get("chat_template"))
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte (how byte-level BPE files spell raw bytes)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _json_or_empty(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _ids(value) -> list[int]:
+    """A config's token id field: one id, a list of them, or absent."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _content(token) -> str | None:
+    """tokenizer_config.json names a token as a string or as {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token if isinstance(token, str) else None
+
+
 def _checksum(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
@@ -226,6 +357,8 @@ def from_spec(spec: dict) -> Tokenizer:
         return TiktokenTokenizer(spec["name"], spec.get("special_tokens"))
     if kind == "bpe":
         return BPETokenizer.from_spec(spec)
+    if kind == "hf":
+        return HFTokenizer.from_spec(spec)
     raise TokenizerError(f"unknown tokenizer kind {kind!r} in tokenizer spec")
 
 
