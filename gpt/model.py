@@ -170,10 +170,11 @@ def _document_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _write_cache(layer_cache, k: torch.Tensor, v: torch.Tensor, at: Positions):
     """Store this call's keys/values (B, nh, T, hd) at their positions; return the keys/values attended."""
     cache_k, cache_v = layer_cache  # (B, nh, max_len, hd)
-    if at.start is None:  # each row at its own positions
-        index = at.pos[:, None, :, None].expand(k.shape)
-        cache_k.scatter_(2, index, k.to(cache_k.dtype))
-        cache_v.scatter_(2, index, v.to(cache_v.dtype))
+    if at.start is None:  # each row at its own positions: cache[b, :, pos[b, t]] = k[b, :, t]
+        # (index_put, not scatter_: scatter_ on this layout copied the whole cache, 2x the decode step)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        cache_k[rows, :, at.pos] = k.transpose(1, 2).to(cache_k.dtype)
+        cache_v[rows, :, at.pos] = v.transpose(1, 2).to(cache_v.dtype)
         return cache_k, cache_v  # the mask hides each row's unused tail
     end = at.start + k.shape[2]
     cache_k[:, :, at.start : end] = k
