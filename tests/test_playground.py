@@ -57,16 +57,21 @@ def run_and_wait(driver) -> str:
     return driver.find_element(By.ID, "status").text
 
 
+def open_fresh(d, server):
+    """The page with nothing stored from earlier tests, once it has read the model's name."""
+    d.get(server.url + "/")
+    d.execute_script("localStorage.clear()")
+    d.get(server.url + "/")
+    WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+    return d
+
+
 def generated(driver, root: str = "output") -> str:
     return "".join(e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, f"#{root} .gen"))
 
 
 def test_playground_complete_chat_probabilities_and_code(server, browser):
-    d = browser
-    d.get(server.url + "/")
-    d.execute_script("localStorage.clear()")
-    d.get(server.url + "/")
-    WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+    d = open_fresh(browser, server)
     free = server.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=20)
     stop = free.choices[0].text[6:8]
     api = server.client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=20, top_p=1,
@@ -126,11 +131,7 @@ def test_playground_complete_chat_probabilities_and_code(server, browser):
 
 
 def test_playground_defaults_fit_the_context_and_labels_show_the_values(server, browser):
-    d = browser
-    d.get(server.url + "/")
-    d.execute_script("localStorage.clear()")
-    d.get(server.url + "/")
-    WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+    d = open_fresh(browser, server)
     slider, label = d.find_element(By.ID, "max_tokens"), d.find_element(By.ID, "max_tokens-v")
     default = min(256, SERVE_BLOCK // 2)
     assert slider.get_attribute("value") == label.text == str(default)  # the label shows the real value at load
