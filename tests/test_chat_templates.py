@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from gpt import convert
+from gpt import checkpoint, convert
 from gpt.config import ModelConfig
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.examples import encode_chat, encode_reply
@@ -334,6 +334,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_for_masks(folders):
     "{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}",
     "{{ lipsum.__globals__['os'].system('touch {marker}') }}",
     "{{ messages.append({'role': 'user', 'content': 'injected'}) }}",
+    "{% set ns = namespace(__init__=1) %}{{ ns }}",
     "{% for i in range(10**9) %}x{% endfor %}",
     "{{ raise_exception('System role not supported') }}",
     "{% for m in messages %}never closed",
@@ -379,7 +380,7 @@ def test_export_answers_a_chat_like_sample_chat(folders, tmp_path):
     qwen.save_pretrained(hf)
     ours = convert.from_hf(str(hf), tmp_path / "ours")
     exported = convert.to_hf(ours, tmp_path / "export")
-    loaded = convert.load_hf_folder(exported)
+    loaded = checkpoint.load_checkpoint(ours)  # what sample.py --chat loads
     model, tok = loaded.model.eval(), loaded.tokenizer
     template = ChatTemplate(tok)
     assert tok.chat_template == SMOLLM2 and template.name == "jinja"

@@ -1,7 +1,8 @@
 """A model's own chat template: the Jinja `chat_template` it ships, rendered as transformers renders it.
 
 A template is untrusted input (a program from the internet), so it runs in jinja2's
-ImmutableSandboxedEnvironment: no attribute of Python internals, no changing the messages. It sees
+ImmutableSandboxedEnvironment (jinja2 >= 3.1.6: older ones have known sandbox escapes) with transformers'
+hardened `dict` and `namespace`: no attribute of Python internals, no changing the messages. It sees
 what transformers gives it: `messages`, `add_generation_prompt`, `tools=None`, `documents=None`, the
 tokenizer's `bos_token`/`eos_token`/`pad_token` (when it has them), `raise_exception`, `strftime_now`,
 transformers' `tojson` filter, loop controls, and `{% generation %}` blocks (rendered as written).
@@ -65,6 +66,36 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
+class _Dict:
+    """The template's `dict`: builds dicts, but is no class a template could climb from (transformers' hardening)."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """The template's `namespace`, refusing underscore names (a way to reach Python internals)."""
+
+    def __init__(*args, **kwargs):  # Jinja's signature trick: namespace(self=...) still works
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a namespace attribute may not start with '_' ({name!r})")
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
     """The template compiled once per source text, in the sandbox with transformers' settings and globals."""
@@ -73,6 +104,7 @@ def compile_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"], env.globals["namespace"] = _Dict(), _Namespace
     try:
         return env.from_string(source)
     except Exception as e:  # TemplateSyntaxError, or anything else the parser meets
