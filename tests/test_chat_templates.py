@@ -406,4 +406,4 @@ def test_export_answers_a_chat_like_sample_chat(folders, tmp_path):
     with torch.no_grad():
         new = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12)[0, len(prompt):].tolist()
     assert new == reply.token_ids
-    assert hf_tok.decode(new, skip_special_tokens=True) == reply.text
+    assert hf_tok.decode(new[:-1] if reply.finish_reason == "eos" else new) == reply.text  # the end token not shown
