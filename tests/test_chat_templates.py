@@ -264,7 +264,8 @@ def test_shipped_tokenizer_encodes_like_autotokenizer(folders):
     marked = f"<|im_start|>user\n{HIDDEN}<|im_end|>"
     assert tok.encode(marked, split_special_tokens=False) == theirs(marked, add_special_tokens=False)["input_ids"]
     ids = {t: SPECIALS.index(t) for t in SPECIALS}
-    assert (tok.bos_id, tok.eos_ids, tok.pad_id) == (None, [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"])
+    end, eot = ids["<|im_end|>"], ids["<|endoftext|>"]
+    assert (tok.bos_id, tok.eos_ids, tok.pad_id) == (None, [end, eot], eot)
     llama = HFTokenizer.from_folder(folders["llama3.1"])
     assert (llama.bos_id, llama.eos_ids) == (ids["<|begin_of_text|>"], [ids["<|eot_id|>"], ids["<|endoftext|>"]])
 
@@ -303,7 +304,8 @@ def test_loss_mask_is_exactly_each_reply_and_its_end_of_turn(name, folders):
 
 def test_loss_mask_equals_transformers_generation_blocks(folders, tmp_path):
     """A template with {% generation %} blocks: transformers' assistant mask is the one we find by rendering."""
-    source = SMOLLM2.replace("{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}", (
+    turn = "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    source = SMOLLM2.replace(turn, (
         "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
         "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
         "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endif %}"))
@@ -321,8 +323,9 @@ def test_loss_mask_equals_transformers_generation_blocks(folders, tmp_path):
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_for_masks(folders):
     tok = HFTokenizer.from_folder(folders["smollm2"])
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and not loop.last %}"
-                         "(earlier reply){% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                         "{% if m.role == 'assistant' and not loop.last %}(earlier reply){% else %}{{ m.content }}"
+                         "{% endif %}<|im_end|>\n{% endfor %}")
     template = ChatTemplate(tok)
     assert template.encode(CHAT)  # rendering works; only the mask cannot be found
     with pytest.raises(ChatTemplateError, match="renders the conversation up to message 3 differently"):
@@ -402,7 +405,8 @@ def test_export_answers_a_chat_like_sample_chat(folders, tmp_path):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
     ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(ids) == prompt
-    assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"][0] == SPECIALS.index("<|im_end|>")
+    generation = json.loads((exported / "generation_config.json").read_text())
+    assert generation["eos_token_id"][0] == SPECIALS.index("<|im_end|>")  # transformers stops where we do
     with torch.no_grad():
         new = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12)[0, len(prompt):].tolist()
     assert new == reply.token_ids

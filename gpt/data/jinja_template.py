@@ -40,7 +40,7 @@ class ChatTemplateError(UserError):
 
 
 class GenerationBlocks(Extension):
-    """`{% generation %}...{% endgeneration %}` (transformers' marker of the text a model writes), rendered as written."""
+    """`{% generation %}...{% endgeneration %}`: transformers' marker of the text a model writes, rendered as written."""
 
     tags = {"generation"}
 
