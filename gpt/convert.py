@@ -278,7 +278,7 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
     model, tok, cfg = loaded.model, loaded.tokenizer, loaded.model.config
     out = Path(hf_dir)
     hf_tok = tok.hf if isinstance(tok, HFTokenizer) else hf_tokenizer(tok)  # refused here if not faithful
-    eos = tok.eos_ids if isinstance(tok, HFTokenizer) else end_ids(tok)
+    eos = end_ids(tok)  # the chat template's end of turn first: transformers' generate stops where we do
     bos = tok.bos_id if isinstance(tok, HFTokenizer) else tok.eot_id
     if cfg.position == "learned":
         if gpt2_form_problem(cfg):
@@ -292,7 +292,8 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     # max_length: transformers' pipeline would otherwise generate past the position table
-    generation = {"eos_token_id": eos, "bos_token_id": bos, "pad_token_id": (eos or [None])[-1],
+    pad = tok.pad_id if isinstance(tok, HFTokenizer) and tok.pad_id is not None else (eos or [None])[-1]
+    generation = {"eos_token_id": eos, "bos_token_id": bos, "pad_token_id": pad,
                   "max_length": cfg.block_size}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
     if isinstance(tok, HFTokenizer):
@@ -303,14 +304,17 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
 
 
 def write_shipped_tokenizer(tok: HFTokenizer, out: Path, block_size: int) -> None:
-    """An imported tokenizer.json back as it came (plus tokens added since), its bos/eos and chat template."""
+    """An imported tokenizer.json back as it came (plus tokens added since), its bos/eos/pad and chat template:
+    the model's own, or ours when fine-tuning added our markers to a model that had none."""
     tok.hf.save(str(out / "tokenizer.json"))
     name = lambda i: tok.hf.id_to_token(i) if i is not None else None  # noqa: E731
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-              "bos_token": name(tok.bos_id), "eos_token": name(tok.eot_id), "pad_token": name(tok.eot_id),
+              "bos_token": name(tok.bos_id), "eos_token": name(tok.eot_id), "pad_token": name(tok.pad_id),
               "clean_up_tokenization_spaces": False}
-    if tok.chat_template is not None:
-        config["chat_template"] = tok.chat_template
+    template = tok.chat_template if tok.chat_template is not None else (
+        hf_chat_template() if ChatTemplate(tok).special else None)
+    if template is not None:
+        config["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 

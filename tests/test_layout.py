@@ -18,6 +18,7 @@ LAYERS = {
     "gpt.device": 20,
     "gpt.data.tokenizer": 20,
     "gpt.losses": 25,
+    "gpt.data.jinja_template": 25,
     "gpt.data.chat_template": 30,
     "gpt.model": 30,
     "gpt.lora": 40,
@@ -64,8 +65,8 @@ LAYERS = {
     "gpt.serve.serve_cli": 150,
     "gpt.serve": 159,
 }
-TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.chat_template", "gpt.data.messages",
-              "gpt.data.record_formats")
+TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.jinja_template", "gpt.data.chat_template",
+              "gpt.data.messages", "gpt.data.record_formats")
 
 
 def module_name(path: Path) -> str:

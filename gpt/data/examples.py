@@ -47,11 +47,13 @@ def encode_chat(template: ChatTemplate, messages: list[dict], budget: int,
 
 def encode_reply(template: ChatTemplate, prompt: list[dict], reply: list[dict], budget: int) -> tuple[Example, bool]:
     """One side of a preference pair: loss mask on the reply's assistant content only (never on the
-    prompt, even its assistant turns), truncated like encode_chat with the reply as the response."""
-    ids = template.encode(prompt)
-    mask = [False] * len(ids)
+    prompt, even its assistant turns), truncated like encode_chat with the reply as the response. The two are
+    rendered as one conversation (a model's own template may render a turn by what precedes it)."""
+    context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]  # shown, never learned
+    ids: list[int] = []
+    mask: list[bool] = []
     reply_start = None
-    for seg in template.segments(reply):
+    for seg in template.segments(context + reply):
         if seg.trainable and reply_start is None:
             reply_start = len(ids)
         ids += seg.ids

@@ -222,12 +222,14 @@ class HFTokenizer(Tokenizer):
     ordinary text, like every tokenizer here; `add_special_tokens=True` lets the file's post-processor
     add its BOS, `split_special_tokens=False` reads markers such as <|im_end|> as their tokens (for
     rendered chat templates). bos/eos ids come from tokenizer_config.json, generation_config.json and
-    config.json (`from_folder`); the first eos id is the end-of-text id. The spec stores the file's text
-    (and the chat template, kept for later use) with a checksum: an edited file is refused.
+    config.json (`from_folder`; several eos ids are kept), the pad id from tokenizer_config.json; the first
+    eos id is the end-of-text id. The spec
+    stores the file's text and the model's Jinja chat template (gpt/data/jinja_template.py renders it) with a
+    checksum: an edited file is refused.
     """
 
     def __init__(self, tokenizer_json: str, *, bos_id: int | None = None, eos_ids: Iterable[int] = (),
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, pad_id: int | None = None):
         from tokenizers import Tokenizer as Backend
 
         try:
@@ -236,7 +238,7 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # tokenizers raises its own Exception type for a malformed file
             raise TokenizerError(f"unreadable tokenizer.json ({str(e).splitlines()[0] if str(e) else e})") from None
         self.literal.encode_special_tokens = True
-        self.bos_id, self.eos_ids, self.chat_template = bos_id, list(eos_ids), chat_template
+        self.bos_id, self.eos_ids, self.chat_template, self.pad_id = bos_id, list(eos_ids), chat_template, pad_id
         self.special_tokens = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         self._byte_level = '"ByteLevel"' in json.dumps(json.loads(tokenizer_json).get("decoder"))
 
@@ -253,12 +255,12 @@ class HFTokenizer(Tokenizer):
         tok_config = configs[0]
         ids = lambda key: [i for c in configs[1:] for i in _ids(c.get(f"{key}_token_id"))]  # noqa: E731
         by_name = lambda key: [tok.hf.token_to_id(n) for n in [_content(tok_config.get(f"{key}_token"))] if n]  # noqa: E731
-        bos = [i for i in by_name("bos") + ids("bos") if i is not None]
-        eos = [i for i in by_name("eos") + ids("eos") if i is not None]
+        bos, eos = ([i for i in by_name(key) + ids(key) if i is not None] for key in ("bos", "eos"))
+        pad = [i for i in by_name("pad") if i is not None]  # the tokenizer's own pad (generation's is often eos)
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8") if (
             folder / "chat_template.jinja").is_file() else tok_config.get("chat_template")
         return cls(text, bos_id=bos[0] if bos else None, eos_ids=list(dict.fromkeys(eos)),
-                   chat_template=template if isinstance(template, str) else None)
+                   chat_template=_default_template(template), pad_id=pad[0] if pad else None)
 
     @property
     def vocab_size(self) -> int:
@@ -300,7 +302,7 @@ class HFTokenizer(Tokenizer):
 
     def to_spec(self) -> dict:
         spec = {"kind": "hf", "tokenizer_json": self.hf.to_str(), "bos_id": self.bos_id, "eos_ids": self.eos_ids,
-                "chat_template": self.chat_template}
+                "chat_template": self.chat_template, **({"pad_id": self.pad_id} if self.pad_id is not None else {})}
         return {**spec, "sha256": _checksum(spec)}
 
     @classmethod
@@ -310,7 +312,7 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError("tokenizer checksum mismatch: the file was edited or damaged; "
                                  "convert the Hugging Face folder again")
         return cls(spec["tokenizer_json"], bos_id=spec.get("bos_id"), eos_ids=spec.get("eos_ids") or (),
-                   chat_template=spec.get("chat_template"))
+                   chat_template=spec.get("chat_template"), pad_id=spec.get("pad_id"))
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -343,6 +345,13 @@ def _ids(value) -> list[int]:
 def _content(token) -> str | None:
     """tokenizer_config.json names a token as a string or as {"content": ...}."""
     return token.get("content") if isinstance(token, dict) else token if isinstance(token, str) else None
+
+
+def _default_template(value) -> str | None:
+    """tokenizer_config.json's chat_template: the text, or (older files) a list of named ones, "default" used."""
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) else None
 
 
 def _checksum(spec: dict) -> str:

@@ -1,7 +1,8 @@
 """An interactive conversation with a checkpoint (`sample.py --chat`).
 
-The history is formatted with the checkpoint's chat template (gpt/data/chat_template.py): the special-token
-template for fine-tuned chat models, a plain "User:/Assistant:" one otherwise. When the history
+The history is formatted with the checkpoint's chat template (gpt/data/chat_template.py): the model's own
+Jinja template when it ships one, the special-token template for fine-tuned chat models, a plain
+"User:/Assistant:" one otherwise. When the history
 no longer fits the context window (leaving room for the reply), the oldest messages are dropped,
 whole user/assistant exchanges at a time, and the user is told; the system prompt is always kept.
 """

@@ -3,7 +3,8 @@ Records that are preference pairs train with DPO instead (gpt/train/dpo.py), in 
 
 The base model comes from one of our checkpoint directories or a Hugging Face GPT-2 directory.
 Its tokenizer gains the chat markers (<|system|> <|user|> <|assistant|> <|end|>) as special tokens,
-the embedding/LM head grow to match, and the tokenizer (hence the template) is saved with every
+the embedding/LM head grow to match (a model that ships its own chat template keeps it and gains
+none: gpt/data/jinja_template.py), and the tokenizer (hence the template) is saved with every
 checkpoint, so `sample.py --chat` formats conversations exactly as training did.
 
 Batches. Training examples are visited epoch by epoch in a seeded shuffled order. With packing
@@ -26,7 +27,7 @@ import torch
 from gpt.config import ConfigError, FinetuneConfig, check_finetune
 from gpt.pretrained import load_pretrained
 from gpt.data.batch import Batch
-from gpt.data.chat_template import CHAT_TOKENS, ChatTemplate
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.examples import Example
 from gpt.data.finetune_data import load_sft_data
 from gpt.data.tokenizer import Tokenizer
@@ -111,7 +112,7 @@ def add_chat_tokens(model: GPT, tok: Tokenizer, seed: int = 0) -> list[str]:
     existing rows): a neutral start, yet distinct, so a LoRA run with frozen embeddings can still
     tell <|user|> from <|assistant|>.
     """
-    new = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
+    new = ChatTemplate.missing_tokens(tok)  # none for a model with its own template: it brings its own tokens
     n_before = tok.vocab_size
     ChatTemplate.add_tokens(tok)
     if tok.vocab_size > model.config.vocab_size:
