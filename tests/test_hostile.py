@@ -211,6 +211,8 @@ CASES = [
          "model.safetensors: its SHA-256 differs from the one recorded"),
     Case("serve.py: --max-batch 0", "serve.py", lambda w, t: ["--ckpt", str(w.run), "--max-batch", "0"],
          "--max-batch out of range: 0"),
+    Case("serve.py: --shutdown-timeout -1", "serve.py",
+         lambda w, t: ["--ckpt", str(w.run), "--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
     Case("serve.py: no such checkpoint", "serve.py", lambda w, t: ["--ckpt", str(t / "none")], "no such checkpoint"),
     # ---- python -m gpt.convert
     Case("unsafe pickle in from-hf", "gpt.convert", lambda w, t: ["from-hf", str(pickled_hf_dir(t)), str(t / "o")],

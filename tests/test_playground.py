@@ -38,7 +38,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
                 "--disable-background-networking", "--disable-component-update", "--no-first-run"):
         opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
     yield driver
     driver.quit()
@@ -161,3 +161,38 @@ def test_playground_defaults_fit_the_context_and_labels_show_the_values(server, 
     assert d.find_element(By.ID, "max_tokens").get_attribute("value") == str(default)
     assert d.find_element(By.ID, "max_tokens-v").text == str(default)
     assert run_and_wait(d).startswith("done (")
+
+
+def test_playground_stops_storing_when_asked_and_runs_under_its_csp(server, browser):
+    d = browser
+    d.get(server.url + "/")
+    d.execute_script("localStorage.clear()")
+    d.get(server.url + "/")
+    WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+    def stored():
+        return sorted(d.execute_script("return Object.keys(localStorage)"))
+
+    set_value(d, "prompt", "Hello private")
+    assert run_and_wait(d).startswith("done (")
+    assert "Hello private" in d.execute_script("return localStorage.getItem('gpt-playground')")
+
+    # Remember off: what the page stored is cleared, and nothing more is stored
+    remember = d.find_element(By.ID, "remember")
+    assert remember.is_selected()
+    remember.click()
+    assert stored() == ["gpt-playground-remember"]
+    set_value(d, "prompt", "Hello secret")
+    assert run_and_wait(d).startswith("done (")
+    assert stored() == ["gpt-playground-remember"]
+    d.get(server.url + "/")
+    WebDriverWait(d, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model-name").text)
+    assert d.find_element(By.ID, "prompt").get_attribute("value") == ""
+    assert not d.find_element(By.ID, "remember").is_selected()  # the choice itself is remembered
+
+    # On again: the page stores from now on
+    d.find_element(By.ID, "remember").click()
+    assert stored() == ["gpt-playground"]
+
+    # The page's code runs under its Content-Security-Policy: the browser blocked nothing
+    blocked = [e["message"] for e in d.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not blocked, blocked

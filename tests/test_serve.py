@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -194,7 +195,9 @@ def test_stop_across_token_boundaries_penalties_echo_and_bias(srv, model, tok):
 
 
 def post(srv, path, body, **kw):
-    return httpx.post(srv.url + path, content=body if isinstance(body, bytes) else json.dumps(body), **kw)
+    """A raw POST, declared JSON as clients send it (the server refuses any other Content-Type: 415)."""
+    return httpx.post(srv.url + path, content=body if isinstance(body, bytes) else json.dumps(body),
+                      headers={"Content-Type": "application/json"}, **kw)
 
 
 @pytest.mark.parametrize("body,param", [
@@ -286,14 +289,37 @@ def test_seeded_chat_is_reproducible_and_logprobs_are_probabilities(srv):
     assert all(math.exp(e.logprob) <= 1.0 for e in a.choices[0].logprobs.content)
 
 
+def in_flight_stream(url: str, body: dict, first_token: bool, ready: threading.Event) -> list[str]:
+    """A streamed request's SSE lines; `ready` is set once the server answered (or, with first_token, once its
+    first token arrived: it is generating)."""
+    with httpx.stream("POST", url, json=body, headers={"Authorization": "Bearer k"}, timeout=30) as r:
+        assert r.status_code == 200
+        if not first_token:
+            ready.set()
+        lines = []
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+                ready.set()
+        return lines
+
+
+def stream_ended_well(lines: list[str]) -> bool:
+    """Finished ([DONE]), or cut by the shutdown with OpenAI's error as the last event."""
+    if lines[-1] == "data: [DONE]":
+        return True
+    return json.loads(lines[-1][len("data: "):])["error"]["code"] == "server_shutting_down"
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_serve_py_prints_its_url_serves_and_stops_on_sigterm(model, tok, tmp_path, quantize):
+def test_serve_py_prints_its_url_serves_and_drains_on_sigterm(model, tok, tmp_path, quantize):
     save_checkpoint(tmp_path / "run" / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(python_command("serve.py", "--ckpt", tmp_path / "run", "--port", port, "--dtype",
-                                           "float32", *(["--quantize", quantize] if quantize else [])),
+                                           "float32", "--max-batch", 1, "--shutdown-timeout", 0,
+                                           *(["--quantize", quantize] if quantize else [])),
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "GPT_API_KEY": "k"})
     try:
@@ -305,10 +331,32 @@ def test_serve_py_prints_its_url_serves_and_stops_on_sigterm(model, tok, tmp_pat
         r = client.completions.create(model="run", prompt="Secret prompt text", temperature=0, max_tokens=8)
         served = quantize_int8(copy.deepcopy(model)) if quantize else model  # what the server computes
         assert r.choices[0].text == greedy(served, tok, "Secret prompt text", 8).text
-        proc.terminate()
+
+        # SIGTERM under load: one stream generating, a request of 16 sequences and a stream queued behind it
+        url, long = f"http://127.0.0.1:{port}/v1/completions", {"model": "run", "prompt": "a", "stream": True,
+                                                               "max_tokens": BLOCK - 2, "ignore_eos": True}
+        with ThreadPoolExecutor(2) as pool:
+            ready = [threading.Event(), threading.Event()]
+            generating = pool.submit(in_flight_stream, url, long, True, ready[0])
+            assert ready[0].wait(30)
+            body = json.dumps({**long, "stream": False, "n": 16}).encode()
+            waiting = socket.create_connection(("127.0.0.1", port), timeout=30)
+            waiting.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\n"
+                            b"Content-Type: application/json\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            queued = pool.submit(in_flight_stream, url, long, False, ready[1])
+            assert ready[1].wait(30)
+            proc.terminate()
+            assert stream_ended_well(generating.result()) and stream_ended_well(queued.result())
+        head, _, answer = waiting.makefile("rb").read().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), head  # 16 x 94 tokens one row at a time: not done yet
+        assert json.loads(answer)["error"] == {"message": "The server is shutting down; the request was not "
+                                               "completed.", "type": "server_error", "param": None,
+                                               "code": "server_shutting_down"}
         assert proc.wait(timeout=60) == 0
         log = proc.stderr.read() + proc.stdout.read()
         assert "POST /v1/completions" in log and "Secret" not in log and "Traceback" not in log
+        assert "\" 500 " not in log and "Exception" not in log  # no handler was killed mid-request
     finally:
         proc.kill()
 

@@ -3,8 +3,9 @@
 Requests become engine sequences (gpt/serve/protocol.py checks the fields), which the engine
 thread (gpt/serve/worker.py) decodes in one continuous batch; their tokens come back to the
 handler's event loop through an asyncio queue and leave as JSON or Server-Sent Events. A client
-that disconnects cancels its sequences. Every error is OpenAI's error JSON with its status; the
-access log (uvicorn's) records method, path and status, never prompt or completion text.
+that disconnects cancels its sequences, streaming or not. Who may ask (Host, Origin, key, a JSON body) is
+checked first, by gpt/serve/access.py. Every error is OpenAI's error JSON with its status; the access
+log (uvicorn's) records method, path and status, never prompt or completion text.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -30,13 +32,15 @@ from gpt.data.tokenizer import Tokenizer
 from gpt.infer.engine import DecodeRequest, Engine, FinishReason, sample_seed
 from gpt.infer.scoring import TokenScore
 from gpt.model import GPT
+from gpt.serve.access import Gate, error_response, too_large
 from gpt.serve.protocol import APIError, Job, chat_job, completion_job
-from gpt.serve.worker import QueueFull, Worker
+from gpt.serve.worker import QueueFull, ShuttingDown, Worker
 
 log = logging.getLogger("gpt.serve")
 FINISH: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's finish_reason
 STATIC = Path(__file__).resolve().parent / "static"  # the playground page, served at /
 RETRY_AFTER_S = 1  # a full server's 429 asks the client to wait this long (rows free up within steps)
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of a UTF-16 surrogate, paired or lone
 
 
 @dataclass
@@ -46,6 +50,9 @@ class ServerConfig:
     max_batch: int = 8
     max_queue: int = 32
     max_body_bytes: int = 1 << 20
+    host: str = "127.0.0.1"  # the bound address: a Host the server answers to (unless 0.0.0.0 or ::)
+    allowed_hosts: tuple[str, ...] = ()  # more Host names it answers to; "*": any
+    cors_origins: tuple[str, ...] = ()  # other pages' origins that may call it from a browser; "*": any
 
 
 @dataclass
@@ -74,7 +81,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServerConfig) -> FastAPI:
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(cfg, tokenizer, worker, model.config.block_size, int(time.time()))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.middleware("http")(guard)
+    app.add_middleware(Gate, host=cfg.host, allowed_hosts=cfg.allowed_hosts, cors_origins=cfg.cors_origins,
+                       api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
@@ -90,49 +98,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     worker.stop()
 
 
-# ---------------------------------------------------------------------------- errors, key and body size
+# ---------------------------------------------------------------------------- errors and the body
 
 
-def too_large(limit: int) -> APIError:
-    return APIError(413, f"The request body is larger than the server's limit of {limit} bytes.",
-                    code="request_too_large")
-
-
-async def guard(request: Request, call_next):
-    """Bearer key and body size, before any handler reads the body."""
-    cfg = server_state(request).config
-    try:
-        if cfg.api_key and request.url.path.startswith(("/v1", "/tokenize")):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
-                               code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            raise too_large(cfg.max_body_bytes)
-        return await call_next(request)
-    except APIError as e:
-        return error_response(e)
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-async def api_error(_request: Request, e: APIError) -> JSONResponse:
+async def api_error(_request: Request, e: APIError):
     return error_response(e)
 
 
-async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+async def http_error(_request: Request, e: StarletteHTTPException):
     code = "not_found" if e.status_code == 404 else None
     return error_response(APIError(e.status_code, str(e.detail), code=code))
 
 
-async def internal_error(_request: Request, e: Exception) -> JSONResponse:
+async def internal_error(_request: Request, e: Exception):
     """A bug: logged with its traceback, answered in OpenAI's shape."""
     log.error("internal error", exc_info=e)
     return error_response(APIError(500, "The server had an error while processing your request.",
                                    type="server_error"))
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; the request was not completed.", type="server_error",
+                    code="server_shutting_down")
 
 
 async def read_body(request: Request, server: ServerState) -> dict:
@@ -148,7 +135,28 @@ async def read_body(request: Request, server: ServerState) -> dict:
         raise APIError(400, "The body of the request is not valid JSON.") from None
     if not isinstance(body, dict):
         raise APIError(400, "The body of the request must be a JSON object.")
+    if SURROGATE_ESCAPE.search(raw) and has_lone_surrogate(body):
+        raise APIError(400, "The body of the request is not valid JSON: a \\u escape names half of a UTF-16 "
+                            "surrogate pair without the other half.")
     return body
+
+
+def has_lone_surrogate(value) -> bool:
+    """Whether a string of the parsed body (keys included) holds a lone UTF-16 surrogate, which JSON's \\ud800
+    escape parses to and which no tokenizer, and no UTF-8 encoder, takes. Iterative: any depth json.loads took."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+    return False
 
 
 def require_model(body: dict, server: ServerState) -> None:
@@ -245,6 +253,12 @@ async def respond(request: Request, server: ServerState, job: Job, shape: "Shape
 # ---------------------------------------------------------------------------- one request's sequences
 
 
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects: its body is read, so the next message it can send is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @dataclass
 class Event:
     seq: DecodeRequest
@@ -277,6 +291,8 @@ class PendingReply:
         except QueueFull as e:
             raise APIError(429, f"The server is busy ({e}); retry shortly.", type="rate_limit_exceeded",
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ShuttingDown:
+            raise shutting_down() from None
 
     def _on_token(self, seq: DecodeRequest, token: int | None, text: str) -> None:  # engine thread
         """Queue what happened now: the handler runs later, when the sequence may have moved on.
@@ -305,25 +321,27 @@ class PendingReply:
                 s.cancel()
 
     async def wait(self, request: Request) -> None:
-        """Until every sequence is done; a client that goes away cancels them."""
-        checked = time.monotonic()
-        while not all(s.done for s in self.seqs):
-            try:
-                await asyncio.wait_for(self.events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                pass
-            if time.monotonic() - checked > 0.25:
-                checked = time.monotonic()
-                if await request.is_disconnected():
+        """Until every sequence is done; a client that goes away cancels them at once (the next step frees their
+        rows), not after the generation it no longer waits for."""
+        gone, event = asyncio.ensure_future(client_gone(request)), None
+        try:
+            while not all(s.done for s in self.seqs):
+                event = asyncio.ensure_future(self.events.get())
+                await asyncio.wait((event, gone), return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
                     self.cancel()
                     raise APIError(499, "The client closed the connection.")
+        finally:
+            for task in (gone, event):
+                if task is not None:
+                    task.cancel()
         self._check_failed()
 
     def _check_failed(self) -> None:
         if any(s.finish_reason == "error" for s in self.seqs):
             raise APIError(500, "The server had an error while generating.", type="server_error")
         if any(s.finish_reason == "cancelled" for s in self.seqs):
-            raise APIError(503, "The server is shutting down; the request was not completed.", type="server_error")
+            raise shutting_down()
 
     def chosen(self) -> list[list[DecodeRequest]]:
         """Per prompt, the n sequences returned: the best by mean token log-probability when best_of > n."""
@@ -350,8 +368,9 @@ async def stream_events(reply: PendingReply, shape: Shape) -> AsyncIterator[str]
             out = []
             for e in events:
                 i = index[id(e.seq)]
-                if e.finish_reason in ("error", "cancelled"):
-                    yield "".join(out) + sse(APIError(500, "generation was interrupted", type="server_error").body())
+                if e.finish_reason in ("error", "cancelled"):  # a failed step; a server shutting down
+                    failed = APIError(500, "generation was interrupted", type="server_error")
+                    yield "".join(out) + sse((failed if e.finish_reason == "error" else shutting_down()).body())
                     return
                 chunk = shape.delta(i, e)
                 if chunk is not None:

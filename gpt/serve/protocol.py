@@ -62,8 +62,8 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, *, lo_o
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(name, f"{name} must be a number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        raise bad(name, f"{name} must be a number, got {v!r}")  # an int is finite (10**400 too: no float of it)
     if v < lo or v > hi or (lo_open and v == lo):
         raise bad(name, f"{name} must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v}")
     return float(v)

@@ -1,8 +1,15 @@
-"""`python serve.py --ckpt DIR`: load a checkpoint once and serve it over OpenAI's API on 127.0.0.1."""
+"""`python serve.py --ckpt DIR`: load a checkpoint once and serve it over OpenAI's API on 127.0.0.1.
+
+Binding another address without --api-key prints a warning line (anyone who reaches it may use the model).
+SIGTERM or Ctrl-C drains: no new connection, 503 for a new request, those in flight may finish for
+--shutdown-timeout seconds, then get 503 too (a stream ends with an error event), and the process exits 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -29,6 +36,11 @@ def serving_threads(requested: int = 0) -> int:
     return requested if requested > 0 else max(1, pick_threads() - 1)
 
 
+def names(value: str) -> list[str]:
+    """A comma-separated list of --allowed-hosts or --cors-origins (the flags may be repeated)."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.py", description="Serve a checkpoint with OpenAI's HTTP API.")
     p.add_argument("--ckpt", required=True, help="output directory (its best checkpoint, else latest) or a checkpoint folder")
@@ -43,7 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "the queue, requests get 429 with Retry-After (default: %(default)s)")
     p.add_argument("--max-body", type=int, default=1 << 20,
                    help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
+    p.add_argument("--allowed-hosts", type=names, action="extend", default=[], metavar="NAMES",
+                   help="more Host names the server answers to, comma-separated (it always answers to its --host, "
+                   "localhost, 127.0.0.1 and [::1]; a server bound to 0.0.0.0 answers to this machine's other names "
+                   "only when listed); '*': any. Other Hosts get 403 (DNS rebinding)")
+    p.add_argument("--cors-origins", type=names, action="extend", default=[], metavar="ORIGINS",
+                   help="web pages that may call the API from a browser, e.g. https://app.example.com, "
+                   "comma-separated; '*': any. Other pages' requests get 403 (default: none; the playground is "
+                   "the server's own page)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long requests in flight may run before they get 503 "
+                   "(default: %(default)s)")
     return p
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning line for a server others can reach with no key: any address but loopback (0.0.0.0, a LAN
+    address, a name other than localhost), without --api-key."""
+    if api_key:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host.lower() == "localhost"
+    if loopback:
+        return None
+    return (f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the model "
+            "and read what it memorized. Set --api-key (or $GPT_API_KEY), or bind 127.0.0.1.")
 
 
 def run(argv: list[str]) -> None:
@@ -51,8 +89,8 @@ def run(argv: list[str]) -> None:
     for flag in ("max_batch", "port"):
         if getattr(args, flag) < 1 or (flag == "port" and args.port > 65535):
             raise ServeError(f"--{flag.replace('_', '-')} out of range: {getattr(args, flag)}")
-    if args.max_queue < 0 or args.max_body < 1 or args.threads < 0:
-        raise ServeError("--max-queue and --threads must be >= 0 and --max-body >= 1")
+    if args.max_queue < 0 or args.max_body < 1 or args.threads < 0 or not args.shutdown_timeout >= 0:
+        raise ServeError("--max-queue, --threads and --shutdown-timeout must be >= 0 and --max-body >= 1")
     torch.set_num_threads(serving_threads(args.threads))
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -60,24 +98,42 @@ def run(argv: list[str]) -> None:
     model, tokenizer, folder = loaded.model, loaded.tokenizer, loaded.folder
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, args.api_key or os.environ.get("GPT_API_KEY") or None, args.max_batch, args.max_queue,
-                       args.max_body)
+                       args.max_body, args.host, tuple(args.allowed_hosts), tuple(args.cors_origins))
     app = create_app(model, tokenizer, cfg)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    # uvicorn's own limit comes after ours: by then every handler has answered, none is killed mid-request
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=True,
-                                   timeout_graceful_shutdown=30, server_header=False))
+                                   timeout_graceful_shutdown=args.shutdown_timeout + 10, server_header=False))
+    server.worker, server.shutdown_timeout = app.state.server.worker, args.shutdown_timeout
     server.ready_line = f"serving {name} ({folder}) at http://{args.host}:{args.port}/v1" + (
         " (API key required)" if cfg.api_key else "")
+    warning = exposure_warning(args.host, cfg.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: exit 0 then, not "killed by a signal"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.run()
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, printing one line once the socket accepts requests."""
+    """uvicorn's server, printing one line once the socket accepts requests, and draining on shutdown."""
 
     ready_line = ""
+    worker = None  # the app's engine thread (gpt.serve.worker.Worker)
+    shutdown_timeout = 30.0
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if self.started:
             print(self.ready_line, file=sys.stderr, flush=True)
+
+    async def shutdown(self, sockets=None) -> None:
+        """uvicorn refuses new connections and a new request gets 503; those in flight run for shutdown_timeout
+        seconds, then the engine cancels them and each answers 503 (a stream: an error event), so uvicorn,
+        which waits for every connection to close, never cancels a handler (its plain-text 500 and a traceback)."""
+        self.worker.stop_accepting()
+        timer = asyncio.get_running_loop().call_later(self.shutdown_timeout, self.worker.cancel_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()

@@ -4,7 +4,8 @@ HTTP handlers `submit` sequences (thread-safe); they join the batch at the next 
 tokens come back through each request's on_token callback (the handler hands them to its event
 loop). When rows and the bounded queue are full, submit raises QueueFull (the server's 429).
 A cancelled sequence, or every held one when a step fails, ends in the engine (finish reason
-"cancelled" or "error") and its on_token hears of it.
+"cancelled" or "error") and its on_token hears of it. A server shutting down first stops accepting
+(submit raises ShuttingDown, the server's 503), then cancels what is left.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ log = logging.getLogger("gpt.serve")
 
 
 class QueueFull(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
     pass
 
 
@@ -46,7 +51,7 @@ class Worker:
         """Queue all of a request's sequences, or none of them (QueueFull); see DecodeRequest for the ids."""
         with self._lock:
             if self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             held = self.engine.held
             if held + len(items) > self.capacity:
                 raise QueueFull(f"{held} sequences running or queued; the server holds at most {self.capacity}")
@@ -60,12 +65,21 @@ class Worker:
         pass of the engine's model outside the batch."""
         return score_prompt(self.engine.model, ids, top_k, self.engine.vocab)
 
-    def stop(self) -> None:
-        """Cancel what is left and end the thread (the server is shutting down)."""
+    def stop_accepting(self) -> None:
+        """Refuse new requests (ShuttingDown); those held go on (the server is draining)."""
         with self._lock:
             self._stopping = True
-            self.engine.cancel_all()
         self._wake.set()
+
+    def cancel_all(self) -> None:
+        """End every held sequence at the next step, finish reason "cancelled" (the drain's time is up)."""
+        self.engine.cancel_all()
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Cancel what is left and end the thread (the server is shutting down)."""
+        self.stop_accepting()
+        self.cancel_all()
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:

@@ -4,22 +4,44 @@
 const $ = (id) => document.getElementById(id);
 const SLIDERS = ["temperature", "max_tokens", "top_p", "frequency_penalty", "presence_penalty", "best_of"];
 const SAVED = [...SLIDERS, "stop_seqs", "seed", "show_probs", "system", "prompt"];
-const state = { mode: "complete", model: null, context: 0, controller: null, turns: [], savedMaxTokens: false };
+const state = { mode: "complete", model: null, context: 0, controller: null, turns: [], savedMaxTokens: false,
+                key: null };
+// What the page keeps in the browser's localStorage: settings, the prompt and the chat (STORE), the API key (KEY_STORE);
+// with "Remember" off only REMEMBER = "off" is kept (docs/security.md).
+const STORE = "gpt-playground", KEY_STORE = "gpt-playground-key", REMEMBER = "gpt-playground-remember";
 const TOO_LONG = "The prompt is too long";
 
+function remembering() { return $("remember").checked; }
+
 function save() {
+  if (!remembering()) return;
   const s = { mode: state.mode, turns: state.turns };
   for (const id of SAVED) s[id] = $(id).value;
-  localStorage.setItem("gpt-playground", JSON.stringify(s));
+  localStorage.setItem(STORE, JSON.stringify(s));
 }
 
 function load() {
+  $("remember").checked = localStorage.getItem(REMEMBER) !== "off";
+  state.key = localStorage.getItem(KEY_STORE);
   let s = {};
-  try { s = JSON.parse(localStorage.getItem("gpt-playground") || "{}"); } catch (e) { s = {}; }
+  try { s = JSON.parse(localStorage.getItem(STORE) || "{}"); } catch (e) { s = {}; }
   for (const id of SAVED) if (s[id] !== undefined) $(id).value = s[id];
   state.savedMaxTokens = s.max_tokens !== undefined;
   state.turns = Array.isArray(s.turns) ? s.turns : [];
   setMode(s.mode === "chat" ? "chat" : "complete");
+}
+
+function setRemember() {
+  // Off: clear what this page stored and store nothing more (the key is kept in this tab only); on: store again.
+  if (remembering()) {
+    localStorage.removeItem(REMEMBER);
+    if (state.key) localStorage.setItem(KEY_STORE, state.key);
+    save();
+    return;
+  }
+  localStorage.removeItem(STORE);
+  localStorage.removeItem(KEY_STORE);
+  localStorage.setItem(REMEMBER, "off");
 }
 
 function unescape(text) {
@@ -28,8 +50,7 @@ function unescape(text) {
 
 function headers() {
   const h = { "Content-Type": "application/json" };
-  const key = localStorage.getItem("gpt-playground-key");
-  if (key) h.Authorization = "Bearer " + key;
+  if (state.key) h.Authorization = "Bearer " + state.key;
   return h;
 }
 
@@ -40,7 +61,8 @@ async function call(path, body, signal) {
     if (r.status === 401 && attempt === 0) {
       const key = window.prompt("This server needs an API key:");
       if (!key) return r;
-      localStorage.setItem("gpt-playground-key", key);
+      state.key = key;
+      if (remembering()) localStorage.setItem(KEY_STORE, key);
       continue;
     }
     return r;
@@ -357,6 +379,7 @@ async function init() {
   for (const id of ["stop_seqs", "seed", "show_probs", "system", "prompt"]) $(id).addEventListener("change", save);
   $("mode-complete").addEventListener("click", () => { setMode("complete"); save(); });
   $("mode-chat").addEventListener("click", () => { setMode("chat"); save(); });
+  $("remember").addEventListener("change", setRemember);
   $("submit").addEventListener("click", submit);
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("regenerate").addEventListener("click", regenerate);
