@@ -33,6 +33,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -120,11 +121,15 @@ def text_probes(data: Path, own: bool, tok: Tokenizer, k: int, m: int, args: arg
     the held-out part (that tail, or --heldout), redacted as the run redacted it."""
     parts: dict[str, list[str]] = {"train": [], "val": []}
     dec = files.Decoding(trained.get("encoding", "utf-8"), trained.get("encoding_errors", "strict"))
-    clean = (lambda text, where: redactor.redact(text, where)) if redactor else (lambda text, where: text)
-    for split, piece, _ in split_text_file(data, float(trained.get("val_fraction", 0.0)) if own else 0.0, dec):
-        parts[split].append(clean(piece, str(data)))
+
+    def read(path: Path, val_fraction: float) -> Iterator[tuple[str, str]]:  # (piece, split), redacted
+        pieces = ((piece, split) for split, piece, _ in split_text_file(path, val_fraction, dec))
+        return redactor.redact_stream(pieces, str(path)) if redactor else pieces
+
+    for piece, split in read(data, float(trained.get("val_fraction", 0.0)) if own else 0.0):
+        parts[split].append(piece)
     if args.heldout:
-        parts["val"] = [clean(piece, args.heldout) for _, piece, _ in split_text_file(Path(args.heldout), 0.0, dec)]
+        parts["val"] = [piece for piece, _ in read(Path(args.heldout), 0.0)]
     train = windows("".join(parts["train"]), tok, k, m, args.samples, rng)
     held = windows("".join(parts["val"]), tok, k, m, args.samples, rng) if parts["val"] else None
     return train, held
@@ -281,6 +286,8 @@ def exposures(model: GPT, tok: Tokenizer, record: dict, candidates: int = 10_000
         every = fmt.enumerate()
         scores = log_perplexities(model, tok, every, context)
         where = {s: i for i, s in enumerate(every)}
+        if any(s not in where for s in secrets):
+            raise AuditError(f"a secret of the canaries file does not have its format '{record['format']}'")
         mine = scores[[where[s] for s in secrets]]
         ranks = [1 + int((scores < p).sum()) for p in mine]
         values = [log2_space - math.log2(r) for r in ranks]
@@ -310,15 +317,40 @@ def find_canaries(args: argparse.Namespace, ckpt: Path) -> Path | None:
 # ---------------------------------------------------------------------------- report
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Counts of at least 1, and finite thresholds (a NaN threshold would pass every report: no gate)."""
+    if min(args.prefix_tokens, args.suffix_tokens, args.samples, args.candidates, args.batch_size) < 1:
+        raise AuditError("--prefix-tokens, --suffix-tokens, --samples, --candidates and --batch-size must be >= 1")
+    for flag, value in (("--max-exposure", args.max_exposure), ("--max-extraction", args.max_extraction)):
+        if value is not None and not math.isfinite(value):
+            raise AuditError(f"{flag} must be a finite number, got {value}")
+
+
+def read_canaries(path: Path) -> dict:
+    """A canaries file written by data.canaries: a JSON object with its format and a list of secrets."""
+    try:
+        record = canary.read_canary_file(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AuditError(f"{path}: not a readable canaries file ({type(e).__name__}); use the canaries.json "
+                         "that data.canaries wrote") from None
+    secrets = record.get("secrets") if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("format"), str) or not secrets or \
+            not isinstance(secrets, list) or not all(isinstance(s, str) for s in secrets):
+        raise AuditError(f"{path}: not a canaries file (expected a JSON object with 'format' and a list of "
+                         "'secrets'); use the canaries.json that data.canaries wrote")
+    canary.Format(record["format"], key=f"{path}: format")  # a bad format is a one-line ConfigError
+    return record
+
+
 def audit(args: argparse.Namespace) -> dict:
     """Run both measures and return the report (no record text, no secrets)."""
-    if args.prefix_tokens < 1 or args.suffix_tokens < 1 or args.samples < 1 or args.candidates < 1:
-        raise AuditError("--prefix-tokens, --suffix-tokens, --samples and --candidates must be >= 1")
+    check_args(args)
     device = pick_device(args.device)
     ckpt = checkpoint.resolve(args.ckpt)
     found = find_canaries(args, ckpt)
     if args.max_exposure is not None and found is None:
         raise AuditError("--max-exposure needs canaries: train with data.canaries=N, or pass --canaries FILE")
+    record = read_canaries(found) if found else None
     loaded = load_pretrained(ckpt, device)
     model, tok = loaded.model, loaded.tokenizer
     model.eval()
@@ -334,7 +366,7 @@ def audit(args: argparse.Namespace) -> dict:
               "suffix_tokens": args.suffix_tokens,
               "extraction": {"training": asdict(extraction(model, tok, train, args.batch_size)),
                              "heldout": asdict(extraction(model, tok, held, args.batch_size)) if held else None}}
-    report["canaries"] = exposures(model, tok, canary.read_canary_file(found), args.candidates, args.seed) if found else None
+    report["canaries"] = exposures(model, tok, record, args.candidates, args.seed) if record else None
     report["gate"] = gate(report, args.max_exposure, args.max_extraction)
     return report
 

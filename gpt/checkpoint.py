@@ -11,7 +11,8 @@ A folder is written under a temporary name (.<name>.tmp-<pid>) and renamed into 
 mid-save leaves the previous checkpoint intact; the next save or run removes the temporary folders
 of processes that died, and loading never reads one. meta.json records the SHA-256 of each weights
 file (`sha256sum` checks it too); loading verifies it, so bytes changed on disk are an error, not a
-silently different model. A full disk, a read-only or impossible folder and an unsafe pickle are
+silently different model; tokenizer.json is checksummed the same way (a character vocabulary has no
+checksum of its own). A full disk, a read-only or impossible folder and an unsafe pickle are
 one-line CheckpointErrors that name the file.
 """
 
@@ -41,7 +42,8 @@ from gpt.model import GPT
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 TIED_KEY = "lm_head.weight"  # same tensor as transformer.wte.weight
-CHECKSUMMED = (MODEL_FILE, STATE_FILE)  # their SHA-256 goes into meta.json["sha256"]
+TOKENIZER_FILE = "tokenizer.json"
+CHECKSUMMED = (MODEL_FILE, STATE_FILE, TOKENIZER_FILE)  # their SHA-256 goes into meta.json["sha256"]
 TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # a save in progress (or a dead one's leftover)
 
 
@@ -84,7 +86,7 @@ def save_checkpoint(
         tmp.mkdir()
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "gpt"})
         save_yaml(config, tmp / "config.yaml")
-        tokenizers.save(tokenizer, tmp / "tokenizer.json")
+        tokenizers.save(tokenizer, tmp / TOKENIZER_FILE)
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
         sums = {name: sha256_of(tmp / name) for name in CHECKSUMMED if (tmp / name).is_file()}
@@ -236,7 +238,7 @@ def read_checkpoint_meta(ckpt_dir: Path) -> dict[str, Any]:
 def verify_checksum(file: Path) -> None:
     """Compare `file` with the SHA-256 its folder's meta.json recorded at save time (if it recorded one)."""
     want = (read_checkpoint_meta(file.parent).get("sha256") or {}).get(file.name)
-    if want is not None and sha256_of(file) != want:
+    if want is not None and file.is_file() and sha256_of(file) != want:
         raise CheckpointError(f"{file}: its SHA-256 differs from the one recorded in meta.json when it was saved: "
                               "the file was changed or damaged on disk; restore it (sample.py --no-verify "
                               "loads it anyway)")
@@ -282,9 +284,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer
     model = GPT(model_config_from(config, where=f"{ckpt}/config.yaml"))
     load_weights(model, ckpt / MODEL_FILE, verify)
     try:
-        tok = tokenizers.load(ckpt / "tokenizer.json")
+        tok = tokenizers.load(ckpt / TOKENIZER_FILE)
     except tokenizers.TokenizerError as e:
         raise CheckpointError(str(e)) from None
+    if verify:  # every tokenizer kind: two swapped characters of a vocabulary change every id
+        verify_checksum(ckpt / TOKENIZER_FILE)
     return LoadedModel(model.to(device), tok, ckpt, config)
 
 

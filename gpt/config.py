@@ -32,28 +32,37 @@ class ConfigError(UserError):
 
 @dataclass(frozen=True)
 class Range:
-    """Allowed values of a numeric key: finite, and within the given bounds (None = unbounded)."""
+    """Allowed values of a numeric key: finite, and within the given bounds (None = unbounded). `most` is
+    a limit of what the machinery handles rather than of what makes sense; exceeding it is named alone."""
 
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
+    most: float | None = None
 
     def holds(self, v: float) -> bool:
         finite = isinstance(v, int) or math.isfinite(v)  # ints are finite (and may be too large for floats)
         return (finite and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
-                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt)
+                and (self.most is None or v <= self.most))
 
     def __str__(self) -> str:
-        parts = [f"{op} {b:g}" for op, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
-                 if b is not None]
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt), ("<=", self.most))
+        parts = [f"{op} {b:,}" if isinstance(b, int) else f"{op} {b:g}" for op, b in bounds if b is not None]
         return " and ".join(parts) if parts else "a finite number"
+
+    def broken(self, v: Any) -> str:
+        """What to say `v` must be: `<= most` alone when v is above that limit, else the other bounds."""
+        if self.most is not None and isinstance(v, (int, float)) and v > self.most:
+            return str(Range(le=self.most))
+        return str(dataclasses.replace(self, most=None))
 
 
 def ranged(default: float | None, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           lt: float | None = None) -> Any:
+           lt: float | None = None, most: float | None = None) -> Any:
     """A numeric dataclass field with its range, declared once and checked by `check_ranges`."""
-    return field(default=default, metadata={"range": Range(ge, gt, le, lt)})
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt, most)})
 
 
 def check_ranges(obj: Any, where: str = "config", prefix: str = "", name: Callable[[str], str] | None = None) -> None:
@@ -70,7 +79,7 @@ def check_ranges(obj: Any, where: str = "config", prefix: str = "", name: Callab
             continue
         if not isinstance(value, (int, float)) or not rng.holds(value):
             shown = name(key) if name else f"key '{key}'"
-            raise ConfigError(f"{where}: {shown} must be {rng}, got {value!r}")
+            raise ConfigError(f"{where}: {shown} must be {rng.broken(value)}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------- sections
@@ -178,7 +187,10 @@ class DataConfig(SourceConfig, CanaryKeys):
     path: str = ""  # corpus: text file, folder, .jsonl/.json/.csv/.parquet, a datasets folder, or hf://org/name
     text_field: str = "text"  # column holding the text in JSONL/Parquet/datasets sources
     tokenizer: str = "char"  # "char", "bpe" (trained on the corpus) or a tiktoken encoding name such as "gpt2"
-    bpe_vocab_size: int = ranged(8192, ge=257)  # data.tokenizer=bpe: 256 bytes + merges + <|endoftext|>
+    # data.tokenizer=bpe: 256 bytes + merges + <|endoftext|>; at most 2^20: the Rust trainer (`tokenizers`)
+    # reserves memory for the whole vocabulary up front and aborts the process on a huge one (1e9), and the
+    # largest vocabularies in use hold ~262k tokens
+    bpe_vocab_size: int = ranged(8192, ge=257, most=1 << 20)
     bpe_pattern: str = ""  # data.tokenizer=bpe: pre-tokenization regex; empty = GPT-2's
     val_fraction: float = ranged(0.1, gt=0, lt=1)  # share held out for validation
     data_dir: str = "data"  # prepared data lives in <data_dir>/<dataset>/<tokenizer>/

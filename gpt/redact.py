@@ -1,9 +1,15 @@
 """Redact personal data from a corpus or record files: `python -m gpt.redact IN OUT [--kinds ...] [--report FILE]`.
 
 IN is a text file, a JSONL/JSON/CSV/Parquet file or a folder of them; OUT gets the same layout with
-every string (text fields, chat message contents, CSV cells) redacted, written as UTF-8. The report
-(JSON) holds counts per kind and per file and masked examples, never a value; the console gets counts.
+every string (text fields, chat message contents, object keys, every CSV row, the first included)
+and every number (a card number stored as a number) redacted, written as UTF-8. The report (JSON)
+holds counts per kind and per file and masked examples, never a value; the console gets counts.
 The engine is gpt/data/pii.py, the same one `data.redact` uses during preparation.
+
+A folder is written whole: into a temporary folder next to OUT, which gets files.REDACTION_MARKER
+last (the files, their sizes, the kinds, the counts) and is then renamed to OUT. A killed run leaves
+no OUT (or the previous one, intact); data preparation refuses a folder whose marker says unfinished
+or whose files are not the ones it lists.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,14 +35,25 @@ from gpt.data.pii import (
 )
 
 
-def redact_value(value: Any, redactor: Redactor, where: str) -> Any:
-    """Every string inside a record (field values, message contents), keys and structure kept."""
+def redact_value(value: Any, redactor: Redactor, where: str, key: str = "", typed: bool = False) -> Any:
+    """Every string and number inside a record (field values, message contents, object keys), structure
+    kept. A redacted number becomes its placeholder string, or with `typed` (a Parquet column keeps its
+    type) None when its replacement is not a number."""
     if isinstance(value, str):
         return redactor.redact(value, where)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = redactor.redact_number(value, key, where)
+        return None if typed and isinstance(out, str) else out
     if isinstance(value, list):
-        return [redact_value(v, redactor, where) for v in value]
+        return [redact_value(v, redactor, where, key, typed) for v in value]
     if isinstance(value, dict):
-        return {k: redact_value(v, redactor, where) for k, v in value.items()}
+        out: dict = {}
+        for k, v in value.items():
+            name = redactor.redact(k, where) if isinstance(k, str) and not typed else k
+            while name in out:  # two keys redacted to one placeholder stay two keys
+                name += "'"
+            out[name] = redact_value(v, redactor, where, k if isinstance(k, str) else key, typed)
+        return out
     return value
 
 
@@ -49,7 +68,7 @@ def redact_file(src: Path, dst: Path, redactor: Redactor, decoding: files.Decodi
         writer = None
         try:
             for batch in files.parquet_batches(src):
-                rows = [redact_value(r, redactor, where) for r in batch.to_pylist()]
+                rows = [redact_value(r, redactor, where, typed=True) for r in batch.to_pylist()]
                 table = pa.Table.from_pylist(rows, schema=batch.schema)
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
@@ -63,24 +82,36 @@ def redact_file(src: Path, dst: Path, redactor: Redactor, decoding: files.Decodi
     with open(tmp, "w", encoding="utf-8", newline="") as out:
         if suffix == ".csv":
             w = csv.writer(out)
-            for i, (_, cells) in enumerate(files.csv_lines(src, decoding)):
-                w.writerow(cells if i == 0 else [redactor.redact(c, where) for c in cells])
+            for _, cells in files.csv_lines(src, decoding):  # the first row too: a header may be data
+                w.writerow([redactor.redact(c, where) for c in cells])
         elif suffix == ".jsonl" or (suffix == ".json" and not decoding.read(src).lstrip().startswith("[")):
-            for line in decoding.lines(src):
-                try:
-                    row = json.loads(line) if line.strip() else None
-                except json.JSONDecodeError:  # not JSON: redact it as text
-                    out.write(redactor.redact(line, where))
-                    continue
-                out.write(line if row is None else json.dumps(redact_value(row, redactor, where),
-                                                              ensure_ascii=False) + "\n")
+            for line in decoding.lines(src):  # each line whole, however long
+                out.write(redact_line(line, redactor, where))
         elif suffix == ".json":
-            out.write(json.dumps(redact_value(json.loads(decoding.read(src)), redactor, where),
-                                 ensure_ascii=False, indent=1) + "\n")
+            text = decoding.read(src)
+            record = redact_json(text, redactor, where, indent=1)
+            out.write(redactor.redact(text, where) if record is None else record + "\n")
         else:
-            for text, _ in decoding.pieces(src):
-                out.write(redactor.redact(text, where))
+            for text, _ in redactor.redact_stream(((text, None) for text, _ in decoding.pieces(src)), where):
+                out.write(text)
     tmp.replace(dst)
+
+
+def redact_json(text: str, redactor: Redactor, where: str, indent: int | None = None) -> str | None:
+    """A JSON document redacted and written back; None when it is not JSON, or is nested too deeply
+    for Python to read (the caller redacts it as text)."""
+    try:
+        return json.dumps(redact_value(json.loads(text), redactor, where), ensure_ascii=False, indent=indent)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def redact_line(line: str, redactor: Redactor, where: str) -> str:
+    """One JSONL line: its record redacted, or the line redacted as text when it is not a record."""
+    if not line.strip():
+        return line
+    record = redact_json(line, redactor, where)
+    return redactor.redact(line, where) if record is None else record + "\n"
 
 
 def redact_path(src: str, dst: str, redactor: Redactor, decoding: files.Decoding) -> dict:
@@ -95,8 +126,7 @@ def redact_path(src: str, dst: str, redactor: Redactor, decoding: files.Decoding
         raise files.DataError(f"{src}: a datasets folder; export it to JSONL or Parquet first")
     if inp.is_dir():
         chosen = files.folder_files(inp)
-        for f in chosen:
-            redact_file(f, out / f.relative_to(inp), redactor, decoding)
+        redact_folder(inp, chosen, out, redactor, decoding)
         skipped = sorted(str(f.relative_to(inp)) for f in inp.rglob("*") if f.is_file() and f not in chosen)
     else:
         redact_file(inp, out, redactor, decoding)
@@ -104,6 +134,40 @@ def redact_path(src: str, dst: str, redactor: Redactor, decoding: files.Decoding
     seconds = time.perf_counter() - start
     return {"input": src, "output": dst, **redactor.report(), "replaced_bytes": decoding.replaced,
             "skipped_files": skipped, "seconds": round(seconds, 3), "names": ner_status()}
+
+
+def redact_folder(inp: Path, chosen: list[Path], out: Path, redactor: Redactor, decoding: files.Decoding) -> None:
+    """The chosen files of folder `inp` redacted into folder `out` as a whole: written into a temporary
+    folder whose marker says unfinished, then complete (with the files and their sizes), then renamed to
+    `out`. A folder of ours already at `out` is replaced; any other non-empty one is refused."""
+    if out.exists() and any(out.iterdir()) and not (out / files.REDACTION_MARKER).is_file():
+        raise files.DataError(f"{out}: a folder that gpt.redact did not write; choose a new or empty output "
+                              "folder (a redacted folder is written whole and replaces the previous one)")
+    tmp, old = (out.parent / f".{out.name}.{part}-{os.getpid()}" for part in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write_marker(tmp, redactor, None)
+        for f in chosen:
+            redact_file(f, tmp / f.relative_to(inp), redactor, decoding)
+        write_marker(tmp, redactor, {f.relative_to(inp).as_posix(): (tmp / f.relative_to(inp)).stat().st_size
+                                     for f in chosen})
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_marker(folder: Path, redactor: Redactor, sizes: dict[str, int] | None) -> None:
+    """files.REDACTION_MARKER: unfinished (sizes None), or complete with every file's size, the kinds and counts."""
+    summary = redactor.summary()
+    record = {"note": "written by python -m gpt.redact; data preparation reads this folder only while it "
+                      "holds exactly these files", "complete": sizes is not None, "kinds": summary["kinds"],
+              "mode": summary["mode"], "counts": summary["counts"], "files": sizes or {}}
+    (folder / files.REDACTION_MARKER).write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> dict:
         kinds = resolve_kinds([k.strip() for k in args.kinds.split(",") if k.strip()])
         redactor = Redactor(kinds, args.mode, args.pattern, read_terms(args.terms) if args.terms else [],
-                            read_salt(args.salt_file) if args.salt_file else None)
+                            read_salt(args.salt_file, "--salt-file") if args.salt_file is not None else None)
         decoding = files.Decoding(args.encoding, args.encoding_errors,
                                   hint="pass --encoding (e.g. latin-1) or --encoding-errors replace")
         return redact_path(args.input, args.output, redactor, decoding)

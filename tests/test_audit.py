@@ -248,3 +248,21 @@ def test_probes_are_the_text_the_run_trained_on_redacted_as_it_was(tmp_path, red
     replies = [tok.decode(p.target) for p in train]
     assert len(replies) == 3
     assert all(("<EMAIL>" in r) == redacted and ("@corp.io" in r) != redacted for r in replies), replies
+
+
+def test_thresholds_batch_size_and_canaries_files_that_would_disable_the_gate_are_one_line(tmp_path, capsys):
+    from conftest import write_base
+
+    base = write_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "abc"}])
+    (tmp_path / "not.json").write_text("pin 1234")
+    (tmp_path / "noformat.json").write_text(json.dumps({"secrets": ["pin 1234"]}))
+    args = ["--ckpt", str(base), "--data", str(data)]
+    for extra, expected in ((["--max-extraction", "nan"], "--max-extraction must be a finite number, got nan"),
+                            (["--max-exposure", "inf"], "--max-exposure must be a finite number, got inf"),
+                            (["--batch-size", "0"], "--candidates and --batch-size must be >= 1"),
+                            (["--canaries", str(tmp_path / "not.json")], "not.json: not a readable canaries file"),
+                            (["--canaries", str(tmp_path / "noformat.json")],
+                             "noformat.json: not a canaries file (expected a JSON object with 'format'")):
+        code, _, err = run_audit(capsys, *args, *extra)
+        assert code == 1 and err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err

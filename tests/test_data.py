@@ -247,3 +247,59 @@ def test_a_malformed_jsonl_line_in_a_corpus_names_file_and_line(tmp_path):
     p.write_text('{"text": "a"}\n{"text": "b"\n')
     with pytest.raises(DataError, match=rf"^{p}:2: malformed JSON"):
         ensure_prepared(cfg_for(tmp_path, p), log=lambda *_: None)
+
+
+# ---------------------------------------------------------------------------- long and deep records, one unit
+
+
+def test_a_long_jsonl_record_is_read_whole_up_to_the_limit(tmp_path, monkeypatch):
+    from gpt.data import files
+
+    monkeypatch.setattr(files, "PIECE_BYTES", 16)  # pieces of 16 bytes, long lines streamed from 64
+    p = tmp_path / "r.jsonl"
+    text = "to be or not to be " * 200  # one 3.8 KB record: 60 times a long line's piece
+    p.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    rows = list(files.iter_rows(str(p), files.Decoding()))
+    assert rows == [(f"{p}:1", {"text": text}), (f"{p}:2", {"text": "b"})]
+    monkeypatch.setattr(files, "MAX_LINE_CHARS", 1000)
+    with pytest.raises(DataError, match=rf"^{p}:1: a line of more than 1,000 characters; a record"):
+        list(files.iter_rows(str(p), files.Decoding()))
+
+
+def test_a_record_nested_too_deeply_is_one_line(tmp_path):
+    from conftest import chat_template
+
+    from gpt.data.finetune_data import load_file
+
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"text": "a"}\n' + '{"text": ' + "[" * 3000 + "]" * 3000 + "}\n")
+    with pytest.raises(DataError, match=rf"^{p}:2: JSON nested too deeply to read"):
+        ensure_prepared(cfg_for(tmp_path, p), log=lambda *_: None)
+    invalid = load_file(str(p), "auto", chat_template(), 16, False).invalid  # fine-tuning: an invalid record
+    assert invalid == [(f"{p}:2", "JSON nested too deeply to read (Python's parser stops near 1,000 levels)")]
+    arr = tmp_path / "a.json"
+    arr.write_text("[" * 3000 + "]" * 3000)
+    with pytest.raises(DataError, match="a.json: JSON nested too deeply"):
+        ensure_prepared(cfg_for(tmp_path, arr), log=lambda *_: None)
+
+
+def test_token_files_and_meta_are_replaced_as_one_unit(tmp_path, tiny_corpus, monkeypatch):
+    from gpt.data import canary
+
+    cfg = cfg_for(tmp_path, tiny_corpus)
+    folder = ensure_prepared(cfg, log=lambda *_: None)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+
+    def crash(*args, **kw):  # after the token files are written, before meta.json
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(canary, "write_record", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_prepared(cfg_for(tmp_path, tiny_corpus, val_fraction=0.5), log=lambda *_: None)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before  # the previous unit, intact
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary folder left
+    monkeypatch.undo()
+    (folder / "val.bin").write_bytes(before["val.bin"][:-2])  # token files that do not match their meta.json
+    logs: list[str] = []
+    ensure_prepared(cfg, log=logs.append)
+    assert "preparing again" in logs[0] and (folder / "val.bin").read_bytes() == before["val.bin"]

@@ -373,3 +373,34 @@ def test_malformed_preference_records_are_file_line_errors(tmp_path):
         assert "cat" not in message  # no record text in errors
     with pytest.raises(DataError, match=rf"{len(BAD_PAIRS)} of {len(BAD_PAIRS) + 1} records are invalid"):
         load_sft_data(SFTDataConfig(path=str(path), format="preference"), tpl, 49, False, lambda s: None)
+
+
+def test_pairs_identical_once_truncated_are_refused_with_counts_or_skipped(tmp_path):
+    tpl = chat_template()
+    long = "the same long start of a reply " * 3  # the window ends before the replies differ
+    rows = [pair("cat"), pair("sun"), {"prompt": "dog?", "chosen": long + "yes.", "rejected": long + "no."}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    loaded = load_file(str(path), "preference", tpl, 49, False)
+    assert len(loaded.records) == 2 and loaded.invalid == [
+        (f"{path}:3", "'chosen' and 'rejected' are identical once cut to the 48-token window: nothing to prefer; "
+                      "a larger model.block_size keeps them apart")]
+    with pytest.raises(DataError, match="2 of 6 records are invalid"):  # train and val read the same file
+        load_sft_data(SFTDataConfig(path=str(path), val_path=str(path)), tpl, 49, False, lambda s: None)
+    lines: list[str] = []
+    data = load_sft_data(SFTDataConfig(path=str(path), val_path=str(path), skip_invalid=True), tpl, 49, False,
+                         lines.append)
+    assert len(data.train_pairs) == 2 and any("skipped 2 of 6 invalid records" in line for line in lines)
+    assert len(load_file(str(path), "preference", tpl, 400, False).records) == 3  # a window that holds them
+
+
+def test_a_damaged_reference_cache_is_computed_again(tmp_path):
+    model, batches = tiny_model(), pair_batches()
+    logs: list[str] = []
+    precompute(model, batches, tmp_path, torch.device("cpu"), torch.float32, Dist(), logs.append)
+    cache = tmp_path / REFERENCE_FILE
+    good = load_tensors(str(cache))
+    cache.write_bytes(cache.read_bytes()[:-9])  # truncated
+    lookup = precompute(model, batches, tmp_path, torch.device("cpu"), torch.float32, Dist(), logs.append)
+    assert any(f"dpo: {cache} is unreadable" in line for line in logs)
+    assert torch.equal(load_tensors(str(cache))["train"], good["train"])  # computed again, the same
+    assert lookup(batches.train_batch(0, 0)).shape == (2 * batches.batch_size,)

@@ -224,6 +224,55 @@ CASES = [
 ]
 
 
+# ---- data integrity and redaction (issue 27): rows of their own, appended to CASES
+
+
+def swap_two_characters(data: bytes) -> bytes:
+    """A character tokenizer.json with 'a' and 'b' swapped: still valid, every id of them changed."""
+    return data.replace(b'"a"', b'"\0"').replace(b'"b"', b'"a"').replace(b'"\0"', b'"b"')
+
+
+def deep_jsonl(tmp: Path) -> Path:
+    return written(tmp, "deep.jsonl", b'{"text": ' + b"[" * 3000 + b"]" * 3000 + b"}\n")
+
+
+def unfinished_redaction(tmp: Path) -> Path:
+    """A folder gpt.redact was writing when it was killed: its marker still says unfinished."""
+    folder = tmp / "redacted"
+    folder.mkdir()
+    (folder / "a.txt").write_text(WORDS * 20)
+    (folder / ".redaction.json").write_text(json.dumps({"complete": False, "kinds": ["email"], "files": {}}))
+    return folder
+
+
+def audit_args(w: World, *extra: str) -> list[str]:
+    return ["--ckpt", str(w.run), "--data", str(w.corpus), "--device", "cpu", *extra]
+
+
+CASES += [
+    Case("data.bpe_vocab_size 1e9", "train.py",
+         lambda w, t: w.train_args(t, **{"data.tokenizer": "bpe", "data.bpe_vocab_size": 1_000_000_000}),
+         "key 'data.bpe_vocab_size' must be <= 1,048,576, got 1000000000"),
+    Case("a JSONL record nested 3,000 deep", "train.py", lambda w, t: w.train_args(t, **{"data.path": deep_jsonl(t)}),
+         "deep.jsonl:1: JSON nested too deeply to read"),
+    Case("a redacted folder left unfinished", "train.py",
+         lambda w, t: w.train_args(t, **{"data.path": unfinished_redaction(t)}), "an unfinished redaction"),
+    Case("an empty --salt-file", "gpt.redact",
+         lambda w, t: [w.corpus, t / "out.txt", "--mode", "pseudonym", "--salt-file", written(t, "salt", b"")],
+         "the pseudonym secret is 0 bytes, fewer than the 16 it needs"),
+    Case("a character tokenizer.json changed on disk", "sample.py",
+         lambda w, t: ["--ckpt", str(edited_ckpt(w, t, "tokenizer.json", swap_two_characters))],
+         "tokenizer.json: its SHA-256 differs from the one recorded"),
+    Case("gpt.audit --max-extraction nan", "gpt.audit", lambda w, t: audit_args(w, "--max-extraction", "nan"),
+         "--max-extraction must be a finite number, got nan"),
+    Case("gpt.audit --batch-size 0", "gpt.audit", lambda w, t: audit_args(w, "--batch-size", "0"),
+         "--batch-size must be >= 1"),
+    Case("gpt.audit canaries file that is not JSON", "gpt.audit",
+         lambda w, t: audit_args(w, "--canaries", str(written(t, "c.json", b"pin 1234"))),
+         "c.json: not a readable canaries file"),
+]
+
+
 def run_entry(entry: str, args: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
     """Run an entry point as `python ENTRY ARGS` would, in this process: (exit code, stderr lines)."""
     proc = run_in_process(capsys, entry, *args)
@@ -333,3 +382,10 @@ def test_stale_temp_folders_of_dead_processes_are_removed(world, tmp_path):
     assert checkpoint.resolve(out, prefer="latest") == out / "latest"  # loading never picks a temp folder
     pretrain(load_config(PretrainConfig, None, resume_args(world, out)))
     assert not dead.exists() and alive.exists()
+
+
+def test_no_verify_loads_a_changed_tokenizer(world, tmp_path, monkeypatch, capsys):
+    ckpt = edited_ckpt(world, tmp_path, "tokenizer.json", swap_two_characters)
+    code, lines = run_entry("sample.py", ["--ckpt", str(ckpt), "--max-new-tokens", "3", "--no-verify"], monkeypatch,
+                            capsys)
+    assert code == 0, lines

@@ -306,7 +306,7 @@ def test_redact_cli_on_a_folder_of_every_format_reports_counts_never_values(tmp_
     assert "12 email" not in proc.stdout and "4 email" in proc.stdout and "names in free text:" in proc.stdout
     out = tmp_path / "out"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        "chat.jsonl", "notes.txt", "sub/t.csv", "sub/t.parquet"]
+        ".redaction.json", "chat.jsonl", "notes.txt", "sub/t.csv", "sub/t.parquet"]  # the marker, written last
     written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file()) + report.read_bytes()
     for value in ORIGINALS:
         assert value.encode() not in written and value not in proc.stdout
@@ -379,3 +379,117 @@ def test_preference_pairs_are_redacted_on_every_side():
     out = redact_content(pair, Redactor(), "p.jsonl")
     assert (out.prompt[0]["content"], out.chosen[0]["content"], out.rejected[0]["content"]) == (
         "mail <EMAIL>?", "sure, <EMAIL>", "call <PHONE>")
+
+
+# ---------------------------------------------------------------------------- redaction that must not miss
+
+
+LONG_LINE = " ".join(f"w{i} jane.doe@example.com 4111 1111 1111 1111 or +44 20 7946 0958 x" for i in range(60))
+
+
+@pytest.mark.parametrize("context", [64, pii.CONTEXT])
+def test_values_straddling_a_piece_end_of_a_long_line_are_redacted_whole(tmp_path, monkeypatch, capsys, context):
+    from gpt.data import corpus, files
+
+    for module in (files, corpus):  # a line is cut into 64-byte pieces: values straddle them
+        monkeypatch.setattr(module, "PIECE_BYTES", 16)
+    monkeypatch.setattr(pii, "CONTEXT", context)  # 64: the stream gives text out many times
+    (tmp_path / "long.txt").write_text(LONG_LINE)
+    proc = run_in_process(capsys, "gpt.redact", tmp_path / "long.txt", tmp_path / "out.txt")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.txt").read_text() == Redactor().redact(LONG_LINE)  # as if read in one piece
+    assert "60 card, 60 email, 60 phone" in proc.stdout
+    cfg = DataConfig(dataset="long", path=str(tmp_path / "long.txt"), data_dir=str(tmp_path / "prep"), redact=["all"])
+    folder = ensure_prepared(cfg, log=lambda *_: None)  # the corpus too, with the val cut inside the line
+    meta = read_data_meta(folder)
+    import numpy as np
+
+    tok = from_spec(meta["tokenizer"])
+    text = "".join(tok.decode(np.fromfile(folder / f"{s}.bin", dtype=meta["dtype"]).tolist()) for s in ("train", "val"))
+    assert text == Redactor().redact(LONG_LINE) and meta["redaction"]["counts"]["card"] == 60
+
+
+def test_a_long_jsonl_record_is_redacted_whole(tmp_path, monkeypatch, capsys):
+    from gpt.data import files
+
+    monkeypatch.setattr(files, "PIECE_BYTES", 16)
+    write_jsonl(tmp_path / "r.jsonl", [{"text": LONG_LINE}, {"text": "short jane@example.com"}])
+    proc = run_in_process(capsys, "gpt.redact", tmp_path / "r.jsonl", tmp_path / "o.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert rows == [{"text": Redactor().redact(LONG_LINE)}, {"text": "short <EMAIL>"}]
+
+
+def test_numbers_keys_and_the_first_csv_row_are_scanned(tmp_path, capsys):
+    record = {"card": 4111111111111111, "phone": 4155550123, "tel_no": 442079460958, "count": 4155550123,
+              "jane@example.com": "x", "john@example.com": 2, "n": 42, "ok": True, "price": 1.5}
+    write_jsonl(tmp_path / "r.jsonl", [record])
+    (tmp_path / "r.csv").write_text("jane@example.com,4111 1111 1111 1111\nplain,words\n")
+    for name in ("r.jsonl", "r.csv"):
+        proc = run_in_process(capsys, "gpt.redact", tmp_path / name, tmp_path / f"o-{name}")
+        assert proc.returncode == 0, proc.stderr
+    out = json.loads((tmp_path / "o-r.jsonl").read_text())
+    assert out == {"card": "<CARD>", "phone": "<PHONE>", "tel_no": "<PHONE>", "count": 4155550123,
+                   "<EMAIL>": "x", "<EMAIL>'": 2, "n": 42, "ok": True, "price": 1.5}
+    assert (tmp_path / "o-r.csv").read_text().splitlines() == ["<EMAIL>,<CARD>", "plain,words"]
+    salt = tmp_path / "salt"
+    proc = run_in_process(capsys, "gpt.redact", tmp_path / "r.jsonl", tmp_path / "p.jsonl", "--mode", "pseudonym",
+                          "--salt-file", salt)
+    out = json.loads((tmp_path / "p.jsonl").read_text())
+    assert isinstance(out["card"], int) and out["card"] != record["card"] and luhn_ok(str(out["card"]))
+    assert str(record["card"]) not in (tmp_path / "p.jsonl").read_text()
+
+
+@pytest.mark.parametrize("content", [b"", b"short\n"])
+def test_a_short_salt_file_is_refused(tmp_path, capsys, content):
+    salt = tmp_path / "salt"
+    salt.write_bytes(content)
+    (tmp_path / "t.txt").write_text("jane@example.com\n")
+    proc = run_in_process(capsys, "gpt.redact", tmp_path / "t.txt", tmp_path / "o.txt", "--mode", "pseudonym",
+                          "--salt-file", salt)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert f"--salt-file {salt}: the pseudonym secret is {len(content.strip())} bytes, fewer than the 16" in proc.stderr
+    with pytest.raises(ConfigError, match="data.redact_salt_file .* fewer than the 16"):
+        pii.from_config(DataConfig(redact=["email"], redact_mode="pseudonym", redact_salt_file=str(salt)))
+
+
+def test_a_redacted_folder_is_written_whole_and_read_only_while_whole(tmp_path, monkeypatch, capsys):
+    import gpt.redact
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (src / name).write_text("mail jane@example.com or call +44 20 7946 0958\n" * 30)
+    real = gpt.redact.redact_file
+
+    def killed_after_one(f, dst, *args):  # the run is stopped after its first file
+        real(f, dst, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpt.redact, "redact_file", killed_after_one)
+    with pytest.raises(SystemExit) as stopped:
+        gpt.redact.main([str(src), str(out)])
+    assert stopped.value.code == 130
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written is left
+    monkeypatch.setattr(gpt.redact, "redact_file", real)
+    assert run_in_process(capsys, "gpt.redact", src, out, "--kinds", "email").returncode == 0
+    marker = json.loads((out / ".redaction.json").read_text())
+    assert marker["complete"] and marker["kinds"] == ["email"] and sorted(marker["files"]) == ["a.txt", "b.txt"]
+    cfg = DataConfig(dataset="r", path=str(out), data_dir=str(tmp_path / "prep"))
+    assert ensure_prepared(cfg, log=lambda *_: None)  # a whole redacted folder is read
+    assert run_in_process(capsys, "gpt.redact", src, out, "--kinds", "phone").returncode == 0  # replaced whole
+    assert "jane@example.com" in (out / "a.txt").read_text() and "<PHONE>" in (out / "b.txt").read_text()
+    (out / "c.txt").write_text("a file from elsewhere\n")  # a mixed folder
+    with pytest.raises(DataError, match=r"not the folder gpt.redact wrote \(1 data file\(s\) missing, added or "
+                                        r"changed since, the first: c.txt\)"):
+        ensure_prepared(cfg, log=lambda *_: None)
+    (out / "c.txt").unlink()
+    marker = json.loads((out / ".redaction.json").read_text())
+    (out / ".redaction.json").write_text(json.dumps({**marker, "complete": False}))  # a run killed outright
+    with pytest.raises(DataError, match="an unfinished redaction"):
+        ensure_prepared(cfg, log=lambda *_: None)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("not ours to replace")
+    proc = run_in_process(capsys, "gpt.redact", src, tmp_path / "mine")
+    assert proc.returncode == 1 and "a folder that gpt.redact did not write" in proc.stderr
+    assert (tmp_path / "mine" / "keep.txt").is_file()

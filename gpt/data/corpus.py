@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
@@ -58,11 +59,22 @@ def ensure_prepared(cfg: DataConfig, log=print, tokenizer: tokenizers.Tokenizer 
     source = resolve_source(cfg, log)
     if all((folder / f).is_file() for f in ("meta.json", "train.bin", "val.bin")):
         meta = read_data_meta(folder)
-        if meta.get("settings") == _settings(cfg, source):
+        if meta.get("settings") == _settings(cfg, source) and _tokens_match(folder, meta):
             return folder
         log(f"data: {folder} was prepared from other settings or source files; preparing again")
     prepare(cfg, source, folder, log, tokenizer)
     return folder
+
+
+def _tokens_match(folder: Path, meta: dict) -> bool:
+    """The token files hold the token counts meta.json records (a folder left half-replaced by an older
+    version of this code, which renamed the files one by one, is prepared again)."""
+    try:
+        size = np.dtype(meta["dtype"]).itemsize
+        return all((folder / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * size
+                   for split in ("train", "val"))
+    except (KeyError, TypeError, ValueError, OSError):
+        return False
 
 
 def tokenizer_settings(cfg: DataConfig) -> dict:
@@ -114,8 +126,28 @@ def prepare(cfg: DataConfig, source: str, folder: Path, log=print, kept: tokeniz
     tokenizer data.tokenizer names (char and bpe are built from the corpus) or `kept` as it is.
 
     Text is decoded per data.encoding and redacted per data.redact before anything is tokenized;
-    the redaction counts go into meta.json (never the values)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    the redaction counts go into meta.json (never the values). The three files (and canaries.json) are
+    one unit: written into a temporary folder next to `folder` and renamed into place together, so a
+    crash never leaves token files next to the meta.json of another preparation."""
+    tmp, old = (folder.parent / f".{folder.name}.{part}-{os.getpid()}" for part in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        summary = _prepare_into(tmp, folder, cfg, source, kept, log)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    for line in summary:
+        log(line)
+    return folder
+
+
+def _prepare_into(tmp: Path, folder: Path, cfg: DataConfig, source: str, kept: tokenizers.Tokenizer | None,
+                  log=print) -> list[str]:
+    """prepare()'s work, into the empty folder `tmp` (renamed to `folder` after): the summary lines to log."""
     redactor = pii.from_config(cfg)  # one salt for every pass: the same pseudonyms each time
     secrets = canary.make(cfg)  # planted in the training split only; see gpt/data/canary.py
     dec = files.Decoding(cfg.encoding, cfg.encoding_errors)
@@ -125,7 +157,7 @@ def prepare(cfg: DataConfig, source: str, folder: Path, log=print, kept: tokeniz
     if tok.vocab_size == 0:
         raise DataError(f"corpus {source} is empty")
     dtype = token_dtype(tok.vocab_size)
-    with TokenFiles(folder, dtype) as out:
+    with TokenFiles(tmp, dtype) as out:
         encode_corpus(passes(), tok, out, cfg.num_workers or os.cpu_count() or 1, compression, source)
         if out.counts["train"] == 0:
             raise DataError(f"corpus {source} is empty: no text to train on")
@@ -139,21 +171,14 @@ def prepare(cfg: DataConfig, source: str, folder: Path, log=print, kept: tokeniz
         "replaced_bytes": dec.replaced,
         "redaction": redactor.summary() if redactor else None,
     }
-    canary.write_record(folder, secrets, cfg, context="\n")
-    if secrets:
-        log(f"data: planted {len(secrets)} canaries x {cfg.canary_repeats} in the training split "
-            f"(secrets in {folder / canary.FILE})")
-    meta_tmp = folder / f"meta.json.tmp-{os.getpid()}"
-    meta_tmp.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-    os.replace(meta_tmp, folder / "meta.json")
-    if dec.report():
-        log(dec.report())
-    if redactor:
-        log(redactor.log_line())
-    log(f"data: {out.counts['train']:,} train and {out.counts['val']:,} val tokens in {folder}")
-    if compression is not None:
-        log(compression.summary())
-    return folder
+    canary.write_record(tmp, secrets, cfg, context="\n")
+    (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    planted = (f"data: planted {len(secrets)} canaries x {cfg.canary_repeats} in the training split "
+               f"(secrets in {folder / canary.FILE})") if secrets else ""
+    counts = f"data: {out.counts['train']:,} train and {out.counts['val']:,} val tokens in {folder}"
+    lines = [planted, dec.report(), redactor.log_line() if redactor else "", counts,
+             compression.summary() if compression is not None else ""]
+    return [line for line in lines if line]
 
 
 def corpus_pass(source: str, cfg: DataConfig, dec: files.Decoding, redactor: pii.Redactor | None,
@@ -225,8 +250,9 @@ def iter_documents(source: str, cfg: DataConfig, dec: files.Decoding,
     document never get one."""
     clean = (lambda text, where: redactor.redact(text, where)) if redactor else (lambda text, where: text)
     if not files.is_hub(source) and files.is_text_file(Path(source)):
-        for split, text, _ in split_text_file(Path(source), cfg.val_fraction, dec):
-            yield split, clean(text, source), False
+        pieces = ((text, split) for split, text, _ in split_text_file(Path(source), cfg.val_fraction, dec))
+        for text, split in redactor.redact_stream(pieces, source) if redactor else pieces:
+            yield split, text, False  # redacted across piece ends: a long line is read in pieces
         return
     rng = np.random.default_rng(0)
     docs = (clean(text, where) for where, text in _iter_texts(source, cfg, dec))

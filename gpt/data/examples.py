@@ -30,6 +30,11 @@ class Pair(NamedTuple):
     chosen: Example
     rejected: Example
 
+    def identical(self) -> bool:
+        """Both sides are the same tokens (two replies that differ only past the window): nothing to
+        prefer, and DPO's loss on the pair would stay at log 2 (0.693) whatever the model does."""
+        return np.array_equal(self.chosen.ids, self.rejected.ids)
+
 
 def encode_chat(template: ChatTemplate, messages: list[dict], budget: int,
                 train_on_prompt: bool = False) -> tuple[Example, bool]:

@@ -12,6 +12,11 @@ U+FFFD in their place and counts them, so the caller can report it.
 
 Rows come as (where, row): `where` is file:line (JSONL, CSV), "file: record N" (a JSON array) or
 "file: row N" (Parquet, saved folders, the hub), so a bad record can be named without its text.
+A record (a JSONL line, a CSV row) is read whole however long it is, up to MAX_LINE_CHARS characters.
+
+A folder written by `python -m gpt.redact` carries REDACTION_MARKER (written last, listing its files,
+their sizes and the kinds redacted); such a folder is read only when it is complete: no file missing,
+added or of another size (a killed or mixed redaction is refused, never trained on).
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ HUB_PREFIX = "hf://"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 PIECE_BYTES = 4 << 20  # text files are read in ~4 MB pieces that end at a line end
+LONG_LINE_PIECES = 4  # a text line longer than this many pieces (16 MiB) is streamed in pieces
+MAX_LINE_CHARS = 1 << 28  # a record (one JSONL line, CSV row) is read whole up to 256 Mi characters
 ROWS_PER_BATCH = 1024
+REDACTION_MARKER = ".redaction.json"  # written last by gpt.redact into a redacted folder
 
 
 class DataError(UserError):
@@ -88,18 +96,24 @@ class Decoding:
         if self.errors not in ("strict", "replace"):
             raise ConfigError(f"data.encoding_errors must be strict or replace, got '{self.errors}'")
 
-    def pieces(self, path: Path, piece_bytes: int = PIECE_BYTES, cut: int | None = None
-               ) -> Iterator[tuple[str, bool]]:
-        """(text, after_cut) pieces of a text file, each ending at a line end. With `cut` (a byte
+    def pieces(self, path: Path, piece_bytes: int | None = None, cut: int | None = None,
+               whole_lines: bool = False) -> Iterator[tuple[str, bool]]:
+        """(text, after_cut) pieces of a text file of about `piece_bytes` (default PIECE_BYTES), each
+        ending at a line end. A line longer than LONG_LINE_PIECES pieces is cut where a piece ends (the
+        redactor reads across such cuts: pii.Redactor.redact_stream) unless `whole_lines`: then every
+        line comes whole, up to MAX_LINE_CHARS characters (a longer one is refused). With `cut` (a byte
         offset) the pieces after it are marked; the cut moves back to the start of its line (when
         that line starts within the last piece) so no line is split between the two sides."""
+        piece_bytes = piece_bytes or PIECE_BYTES
         tracker = _Tracker()
         decoder = codecs.getincrementaldecoder(self.encoding)("gpt.data.count")
         state = "none" if cut is None else ("before" if cut > 0 else "after")
-        carry, first = "", True
+        carry, first, lines = "", True, 0
         with open(path, "rb") as f:
             while True:
-                size = min(piece_bytes, cut - tracker.end) if state == "before" else piece_bytes
+                # a long line read whole: reads grow with it, so it is copied O(1) times, not O(n)
+                size = min(piece_bytes, cut - tracker.end) if state == "before" else \
+                    max(piece_bytes, len(carry) if whole_lines else 0)
                 raw = f.read(size)
                 tracker.end += len(raw)
                 _reading.tracker = tracker
@@ -118,8 +132,15 @@ class Decoding:
                     if text:
                         yield text, state == "after"
                     break
-                k = text.rfind("\n") + 1 if len(text) < 4 * piece_bytes else len(text)  # cap a line-free file
+                k = text.rfind("\n") + 1
+                if not k and len(text) >= LONG_LINE_PIECES * piece_bytes:
+                    if not whole_lines:
+                        k = len(text)  # a text file with a very long line: streamed in pieces
+                    elif len(text) > MAX_LINE_CHARS:
+                        raise DataError(f"{path}:{lines + 1}: a line of more than {MAX_LINE_CHARS:,} characters; "
+                                        "a record (one line) is read whole up to that size: split it")
                 if k:
+                    lines += text.count("\n", 0, k) if whole_lines else 0
                     yield text[:k], state == "after"
                     text = text[k:]
                 carry = text
@@ -140,8 +161,9 @@ class Decoding:
         return "".join(text for text, _ in self.pieces(path))
 
     def lines(self, path: Path) -> Iterator[str]:
-        """The file's lines with their line ends (only '\\n' ends a line: JSON text may hold U+2028)."""
-        for text, _ in self.pieces(path):
+        """The file's lines with their line ends, each whole (only '\\n' ends a line: JSON text may
+        hold U+2028); a line of more than MAX_LINE_CHARS characters is refused."""
+        for text, _ in self.pieces(path, whole_lines=True):
             *whole, rest = text.split("\n")
             for line in whole:
                 yield line + "\n"
@@ -198,7 +220,31 @@ def folder_files(folder: Path) -> list[Path]:
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not found:
         raise DataError(f"{folder}: a folder with no data files (expected {', '.join(known)})")
+    check_redacted(folder, found)
     return found
+
+
+def check_redacted(folder: Path, found: list[Path]) -> None:
+    """A folder written by gpt.redact (it holds REDACTION_MARKER) must be complete: the marker says so and
+    its data files are exactly the ones listed, at the listed sizes; otherwise a killed or mixed
+    redaction would be read as if it were whole."""
+    marker = folder / REDACTION_MARKER
+    if not marker.exists():
+        return
+    redo = "run python -m gpt.redact again into a new folder"
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        listed, complete = dict(record["files"]), record["complete"] is True
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{marker}: unreadable redaction marker ({type(e).__name__}); {redo}") from None
+    if not complete:
+        raise DataError(f"{folder}: an unfinished redaction (gpt.redact was stopped before it completed); {redo}")
+    have = {f.relative_to(folder).as_posix(): f.stat().st_size for f in found}
+    changed = sorted(set(have) ^ set(listed)) + sorted(n for n in have if n in listed and have[n] != listed[n])
+    if changed:
+        raise DataError(f"{folder}: not the folder gpt.redact wrote ({len(changed)} data file(s) missing, added "
+                        f"or changed since, the first: {changed[0]}); a partial or mixed redaction is not "
+                        f"read: {redo}")
 
 
 def stamp(path: str) -> str | None:
@@ -251,6 +297,9 @@ def _file_rows(p: Path, decoding: Decoding) -> Iterator[tuple[str, Any]]:
         yield str(p), decoding.read(p)
 
 
+TOO_DEEP = "JSON nested too deeply to read (Python's parser stops near 1,000 levels)"
+
+
 def _json_rows(p: Path, decoding: Decoding) -> Iterator[tuple[str, Any]]:
     if p.suffix.lower() == ".json":
         text = decoding.read(p)
@@ -259,6 +308,8 @@ def _json_rows(p: Path, decoding: Decoding) -> Iterator[tuple[str, Any]]:
                 rows = json.loads(text)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{p}: {TOO_DEEP}") from None
             for i, row in enumerate(rows, 1):
                 yield f"{p}: record {i}", row
             return
@@ -269,9 +320,12 @@ def _json_rows(p: Path, decoding: Decoding) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield f"{p}:{lineno}", json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            yield f"{p}:{lineno}", RecordError(f"malformed JSON: {e.msg} (column {e.colno})")
+            row = RecordError(f"malformed JSON: {e.msg} (column {e.colno})")
+        except RecursionError:
+            row = RecordError(TOO_DEEP)
+        yield f"{p}:{lineno}", row
 
 
 def csv_lines(p: Path, decoding: Decoding) -> Iterator[tuple[int, list[str]]]:

@@ -6,7 +6,9 @@ gpt/data/examples.py. Every record is checked; a bad one is reported by file and
 record (JSON array) or row (Parquet, saved folders), never by its text. Each file's records are
 counted per shape and the counts printed once, so a user sees how it was read. With data.redact,
 every message (and text) is redacted before it is tokenized. Truncated examples are counted and
-reported. Preference records become `Pair`s, kept apart from SFT examples (DPO trains on pairs only).
+reported. Preference records become `Pair`s, kept apart from SFT examples (DPO trains on pairs only);
+a pair whose two sides are the same tokens once truncated is an invalid record (refused with the
+count, or skipped and counted with data.skip_invalid), never a pair trained at a constant loss.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def load_file(path: str, fmt: str, template: ChatTemplate, budget: int, train_on
                 record = encode_text(template, content, budget)
             elif kind == "preference":
                 record, cut = encode_pair(template, content.prompt, content.chosen, content.rejected, budget)
+                if record.identical():
+                    raise RecordError(f"'chosen' and 'rejected' are identical once cut to the {budget - 1}-token "
+                                      "window: nothing to prefer; a larger model.block_size keeps them apart")
                 conversation = content.prompt + content.chosen
                 out.truncated += cut
             else:

@@ -11,17 +11,22 @@ same pseudonym everywhere, so a conversation stays coherent, and without the sal
 
 The report holds counts per kind and per file and masked examples (j***@e***.com), never a value.
 Pattern-based: names in free text need a named-entity model (see `ner_status`).
+
+A text read in pieces (a long line is cut where a piece ends) is redacted as one string by
+`Redactor.redact_stream`: text is given out only once CONTEXT characters follow it, and never cut
+inside a value, so a value that straddles two pieces is found whole.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import itertools
 import os
 import re
 import secrets
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -34,6 +39,8 @@ PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "card": "<CARD>", "iban"
                 "custom": "<CUSTOM>", "term": "<TERM>", "name": "<NAME>"}
 OPTIONAL = ("name",)  # needs the optional NER extra (presidio-analyzer, spaCy and a local model); not in "all"
 EXAMPLES_PER_KIND = 3
+CONTEXT = 1 << 14  # characters: longer than any value (a private key block) with the text that decides it
+MIN_SALT_BYTES = 16  # a pseudonym secret shorter than this could be guessed, and the pseudonyms undone
 
 Span = tuple[int, int]
 DIGIT_GAP, MARGIN = 24, 8  # digits closer than DIGIT_GAP share a window; windows reach MARGIN chars further
@@ -342,6 +349,8 @@ def find_secrets(scan: Scan) -> Iterator[Span]:
                 yield value.span(1)
 
 
+_PHONE_KEY = re.compile(r"phone|mobile|fax|whatsapp|(?<![a-z])tel(?![a-z])", re.I)  # record keys
+
 DETECTORS: dict[str, Callable[[Scan], Iterator[Span]]] = {
     "email": find_emails, "phone": find_phones, "card": find_cards, "iban": find_ibans, "ipv4": find_ipv4,
     "ipv6": find_ipv6, "ssn": find_ssns, "url_credentials": find_url_credentials, "secret": find_secrets,
@@ -424,23 +433,74 @@ class Redactor:
         return kept
 
     def redact(self, text: str, where: str = "") -> str:
-        self.chars += len(text)
-        hits = self.find(text)
-        if not hits:
-            return text
-        parts, pos = [], 0
-        counts = self.per_file.setdefault(where, {})
+        return self._replace(text, self.find(text), 0, len(text), where)
+
+    def _replace(self, text: str, hits: list[tuple[int, int, str]], lo: int, hi: int, where: str) -> str:
+        """text[lo:hi] with the hits that lie inside it replaced, and counted."""
+        self.chars += hi - lo
+        parts, pos = [], lo
         for s, e, kind in hits:
+            if s < lo or e > hi:
+                continue
             value = text[s:e]
             parts += [text[pos:s], self.replacement(kind, value)]
             pos = e
             self.counts[kind] = self.counts.get(kind, 0) + 1
+            counts = self.per_file.setdefault(where, {})
             counts[kind] = counts.get(kind, 0) + 1
             examples = self.examples.setdefault(kind, [])
             if len(examples) < EXAMPLES_PER_KIND and mask(kind, value) not in examples:
                 examples.append(mask(kind, value))
-        parts.append(text[pos:])
+        parts.append(text[pos:hi])
         return "".join(parts)
+
+    def redact_stream(self, pieces: Iterable[tuple[str, Any]], where: str = "") -> Iterator[tuple[str, Any]]:
+        """Consecutive pieces of one text, each with a tag (its split, say), redacted as if they were one
+        string: a value may straddle a piece's end. Text is given out once CONTEXT characters follow it,
+        at a line end where there is one, never inside a value; a value that straddles two tags goes
+        whole to the first. Each redacted piece comes back with its tag."""
+        left, pending, held = "", [], 0  # left: the last CONTEXT characters given out (context only)
+        for piece in itertools.chain(pieces, [None]):
+            if piece is not None:
+                if not piece[0]:
+                    continue
+                if pending and pending[-1][1] == piece[1]:
+                    pending[-1] = (pending[-1][0] + piece[0], piece[1])
+                else:
+                    pending.append(piece)
+                held += len(piece[0])
+                if held < 2 * CONTEXT:
+                    continue
+            text = left + "".join(t for t, _ in pending)
+            hits = [h for h in self.find(text) if h[0] >= len(left)]
+            cut = len(text) if piece is None else _quiet_cut(text, hits, len(left), len(text) - CONTEXT)
+            bounds = [len(left)]  # where each tag's text starts and ends, moved past a value that straddles it
+            for end in itertools.accumulate((len(t) for t, _ in pending), initial=len(left)):
+                if end > len(left):
+                    bounds.append(max(bounds[-1], next((e for s, e, _ in hits if s < end < e), end)))
+            rest = []
+            for (_, tag), lo, hi in zip(pending, bounds, bounds[1:]):
+                if min(hi, cut) > lo:
+                    yield self._replace(text, hits, lo, min(hi, cut), where), tag
+                if hi > max(lo, cut):
+                    rest.append((text[max(lo, cut):hi], tag))
+            left, pending, held = text[max(0, cut - CONTEXT):cut], rest, sum(len(t) for t, _ in rest)
+
+    def redact_number(self, value: int | float, key: str = "", where: str = "") -> int | float | str:
+        """A number in a record (JSON, Parquet), scanned as its text: a card number stored as a number is
+        found like one written out. Under a key that names a phone number (phone, mobile, tel, fax), an
+        integer of 7-15 digits is one. Returns the number when nothing was found, else its replacement
+        (an integer again for a pseudonym of digits, else the placeholder string)."""
+        text = str(value)
+        hits = self.find(text)
+        digits = len(text.lstrip("-"))
+        if (not hits and "phone" in self.kinds and isinstance(value, int) and 7 <= digits <= 15
+                and _PHONE_KEY.search(key)):
+            hits = [(0, len(text), "phone")]
+        if not hits:
+            return value
+        out = self._replace(text, hits, 0, len(text), where)
+        return int(out) if isinstance(value, int) and out.lstrip("-").isdigit() else out
 
     def replacement(self, kind: str, value: str) -> str:
         return PLACEHOLDERS[kind] if self.mode == "placeholder" else pseudonym(kind, value, self.salt)
@@ -456,6 +516,13 @@ class Redactor:
     def log_line(self) -> str:
         found = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())) or "nothing found"
         return f"data: redacted ({self.mode}) {found}"
+
+
+def _quiet_cut(text: str, hits: list[tuple[int, int, str]], lo: int, limit: int) -> int:
+    """Where redact_stream may end what it gives out: the last line end before `limit` (else `limit`),
+    moved back to the start of a value that crosses it."""
+    cut = text.rfind("\n", lo, limit) + 1 or limit
+    return next((s for s, e, _ in hits if s < cut < e), cut)
 
 
 def pseudonym(kind: str, value: str, salt: bytes) -> str:
@@ -503,15 +570,24 @@ def read_terms(path: str, decoding: Decoding | None = None) -> list[str]:
     return [line.strip() for line in (decoding or Decoding()).lines(p) if line.strip()]
 
 
-def read_salt(path: str) -> bytes:
-    """The pseudonym secret from `path`, created there (readable by you only) when it does not exist."""
+def read_salt(path: str, key: str = "data.redact_salt_file") -> bytes:
+    """The pseudonym secret from `path`, created there (readable by you only) when it does not exist;
+    an existing one shorter than MIN_SALT_BYTES (an empty file, a short word) is refused."""
     p = Path(path)
+    if not path or p.is_dir():
+        raise ConfigError(f"{key} '{path}': not a file; name the file that holds (or will hold) the secret")
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32) + "\n")
-    return p.read_bytes().strip()
+    salt = p.read_bytes().strip()
+    if len(salt) < MIN_SALT_BYTES:
+        raise ConfigError(f"{key} {path}: the pseudonym secret is {len(salt)} bytes, fewer than the "
+                          f"{MIN_SALT_BYTES} it needs (a short one could be guessed and the pseudonyms undone); "
+                          "delete the file to have a random one created, or put at least "
+                          f"{MIN_SALT_BYTES} random bytes in it")
+    return salt
 
 
 def from_config(cfg: SourceConfig) -> Redactor | None:

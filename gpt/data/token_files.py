@@ -3,7 +3,8 @@
 uint16 halves disk and memory; a vocabulary of more than 65536 tokens needs uint32. The files are
 written to per-process temp files (runs may race) and renamed into place only when every token is
 written; on any failure (a refused corpus, Ctrl-C, a full disk) the temp files are deleted, so no
-half-written tokens stay behind.
+half-written tokens stay behind. Data preparation writes them into a temporary folder with their
+meta.json and renames the folder into place (gpt/data/corpus.py prepare), so the three stay one unit.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ does, so resume is exact and N ranks see what one process sees.
 The reference: `init` keeps a frozen copy of the starting model (with LoRA no copy: the same
 model with its adapters switched off); `precompute` runs the starting model once over every pair
 before training and caches the log-probabilities in out_dir/reference_logps.safetensors (reused
-when data and starting weights are unchanged, e.g. on resume), so training holds one model.
+when data and starting weights are unchanged, e.g. on resume; computed again, with a log line, when
+the file is damaged), so training holds one model.
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def precompute(model: torch.nn.Module, batches: PairBatches, out_dir: Path, devi
     it instead of recomputing, and a changed data file or init_from recomputes it."""
     path = Path(out_dir) / REFERENCE_FILE
     key = _fingerprint(model, batches, dtype)
-    tables = _read_cache(path, key)
+    tables = _read_cache(path, key, batches, log)
     if tables is not None:
         log(f"dpo: reference log-probs from {path}")
     else:
@@ -314,15 +315,27 @@ def precompute(model: torch.nn.Module, batches: PairBatches, out_dir: Path, devi
     return lookup
 
 
-def _read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+def _read_cache(path: Path, key: str, batches: PairBatches,
+                log: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
+    """The cached tables when their fingerprint is `key` and they fit the pairs; None (compute them again)
+    when there is no cache, it is stale, or it is damaged (a truncated file: one log line says so)."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        if (f.metadata() or {}).get("fingerprint") != key:
-            return None
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != key:
+                return None
+        tables = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        log(f"dpo: {path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            "computing the reference log-probs again")
+        return None
+    if any(s not in tables or tuple(tables[s].shape) != (len(batches.pairs[s]), 2) for s in batches.pairs):
+        log(f"dpo: {path} does not fit these pairs; computing the reference log-probs again")
+        return None
+    return tables
 
 
 def _fingerprint(model: torch.nn.Module, batches: PairBatches, dtype: torch.dtype) -> str:
