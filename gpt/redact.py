@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpt import entry
+from gpt import entry, outputs
 from gpt.data import files
 from gpt.data.pii import (
     KINDS,
@@ -25,6 +25,8 @@ from gpt.data.pii import (
     read_terms,
     resolve_kinds,
 )
+
+TOOL = "gpt.redact"  # for gpt/outputs.py's rule: OUT and --report are new files or its own
 
 
 def redact_value(value: Any, redactor: Redactor, where: str) -> Any:
@@ -86,24 +88,34 @@ def redact_file(src: Path, dst: Path, redactor: Redactor, decoding: files.Decodi
 def redact_path(src: str, dst: str, redactor: Redactor, decoding: files.Decoding) -> dict:
     """Redact a file or a folder of data files into `dst`; returns the report."""
     start = time.perf_counter()
-    inp, out = files.local_path(src), Path(dst)
-    if out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents:
-        raise files.DataError(f"{dst}: the output must be outside the input {src}")
-    if inp.is_dir() and out.is_file():
-        raise files.DataError(f"{dst}: a file; the redacted copy of a folder needs a folder")
+    inp = files.local_path(src)
+    outputs.check_target(dst, TOOL, [inp])  # before any work: OUT is new, empty or gpt.redact's own
     if files.is_saved_dataset(inp):
         raise files.DataError(f"{src}: a datasets folder; export it to JSONL or Parquet first")
     if inp.is_dir():
         chosen = files.folder_files(inp)
-        for f in chosen:
-            redact_file(f, out / f.relative_to(inp), redactor, decoding)
+
+        def write(out: Path) -> None:
+            for f in chosen:
+                redact_file(f, out / f.relative_to(inp), redactor, decoding)
+
+        outputs.replace_dir(dst, TOOL, write, [inp])
         skipped = sorted(str(f.relative_to(inp)) for f in inp.rglob("*") if f.is_file() and f not in chosen)
     else:
-        redact_file(inp, out, redactor, decoding)
+        outputs.replace_file(dst, TOOL, lambda out: redact_file(inp, out, redactor, decoding), [inp])
         skipped = []
     seconds = time.perf_counter() - start
     return {"input": src, "output": dst, **redactor.report(), "replaced_bytes": decoding.replaced,
             "skipped_files": skipped, "seconds": round(seconds, 3), "names": ner_status()}
+
+
+def is_report(path: Path) -> bool:
+    """A report gpt.redact wrote before (a JSON object with its keys)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"input", "output", "counts", "files", "skipped_files"} <= report.keys()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,11 +137,16 @@ def main(argv: list[str] | None = None) -> None:
                             read_salt(args.salt_file) if args.salt_file else None)
         decoding = files.Decoding(args.encoding, args.encoding_errors,
                                   hint="pass --encoding (e.g. latin-1) or --encoding-errors replace")
-        return redact_path(args.input, args.output, redactor, decoding)
+        if args.report:  # checked before the redaction writes anything
+            outputs.check_target(args.report, TOOL, [args.input], recognise=is_report)
+        report = redact_path(args.input, args.output, redactor, decoding)
+        if args.report:
+            text = json.dumps(report, indent=1, ensure_ascii=False)
+            outputs.replace_file(args.report, TOOL, lambda f: f.write_text(text, encoding="utf-8"), [args.input],
+                                 recognise=is_report)
+        return report
 
     report = entry.main(run)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     found = ", ".join(f"{n} {k}" for k, n in report["counts"].items()) or "nothing found"
     print(f"redacted {args.input} -> {args.output}: {found} in {len(report['files'])} file(s)"
           + (f"; report: {args.report}" if args.report else ""))

@@ -306,7 +306,7 @@ def test_redact_cli_on_a_folder_of_every_format_reports_counts_never_values(tmp_
     assert "12 email" not in proc.stdout and "4 email" in proc.stdout and "names in free text:" in proc.stdout
     out = tmp_path / "out"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        "chat.jsonl", "notes.txt", "sub/t.csv", "sub/t.parquet"]
+        ".gpt-output", "chat.jsonl", "notes.txt", "sub/t.csv", "sub/t.parquet"]  # the marker: gpt/outputs.py
     written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file()) + report.read_bytes()
     for value in ORIGINALS:
         assert value.encode() not in written and value not in proc.stdout
