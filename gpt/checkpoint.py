@@ -7,8 +7,8 @@ Each checkpoint folder holds model.safetensors (a tied lm_head is stored once, a
 config.yaml (the resolved run config), tokenizer.json, meta.json (iteration, val loss) and,
 for resuming, train_state.pt (optimizer, scaler, RNG states; read with weights_only=True).
 
-A folder is written under a temporary name (.<name>.tmp-<pid>) and renamed into place, so a crash
-mid-save leaves the previous checkpoint intact; the next save or run removes the temporary folders
+A folder is written under a temporary name (.<name>.tmp-<pid>) and renamed into place (gpt/outputs.py),
+so a crash mid-save leaves the previous checkpoint intact; the next save or run removes the temporary folders
 of processes that died, and loading never reads one. meta.json records the SHA-256 of each weights
 file (`sha256sum` checks it too); loading verifies it, so bytes changed on disk are an error, not a
 silently different model; tokenizer.json is checksummed the same way (a character vocabulary has no
@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +37,13 @@ from gpt.config import ConfigError, ModelConfig, check_ranges, from_dict, save_y
 from gpt.data import tokenizer as tokenizers
 from gpt.errors import UserError
 from gpt.model import GPT
+from gpt.outputs import TMP_NAME, remove_dead_temps, swap_into_place, temp_sibling
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 TIED_KEY = "lm_head.weight"  # same tensor as transformer.wte.weight
 TOKENIZER_FILE = "tokenizer.json"
 CHECKSUMMED = (MODEL_FILE, STATE_FILE, TOKENIZER_FILE)  # their SHA-256 goes into meta.json["sha256"]
-TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # a save in progress (or a dead one's leftover)
 
 
 class CheckpointError(UserError):
@@ -77,8 +76,7 @@ def save_checkpoint(
     """Write a complete checkpoint folder atomically (temp folder, then rename)."""
     target = Path(ckpt_dir)
     prepare_out_dir(target.parent)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    old = target.parent / f".{target.name}.old"
+    tmp = temp_sibling(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tied = (config.get("model") or {}).get("tie_embeddings", True)  # an untied head is a tensor of its own
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k != TIED_KEY or not tied}
@@ -104,11 +102,7 @@ def save_checkpoint(
         if isinstance(e, OSError):
             raise CheckpointError(f"{target}: could not write the checkpoint ({e.strerror or e}); {kept}") from None
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, target)
     return target
 
 
@@ -123,23 +117,7 @@ def prepare_out_dir(folder: Path) -> None:
     except OSError as e:
         raise CheckpointError(f"out_dir {folder}: cannot write there ({e.strerror or e}); "
                               "choose a writable out_dir") from None
-    for p in folder.iterdir():
-        m = TMP_NAME.match(p.name)
-        if m and p.is_dir() and not _alive(int(m["pid"])):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists (a live save must keep its temp folder)."""
-    if pid == os.getpid() or os.name == "nt":  # os.kill(pid, 0) would terminate it on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    remove_dead_temps(folder)
 
 
 def sha256_of(file: Path) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gpt import checkpoint, entry, hf_families
+from gpt import checkpoint, entry, hf_families, outputs
 from gpt.checkpoint import CheckpointError, LoadedModel
 from gpt.config import ModelConfig, to_dict
 from gpt.data.bpe import GPT2_PATTERN, byte_to_unicode, hf_pre_tokenizer
@@ -43,6 +43,8 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 GPT2_TOKENS = 50256  # GPT-2's byte-level tokens; <|endoftext|> is 50256
 CHAR_UNK = "<unk>"  # never in a character vocabulary: a character the model does not know fails to encode
+FROM_HF, TO_HF = "gpt.convert from-hf", "gpt.convert to-hf"  # the tools, for gpt/outputs.py's rule
+IMPORTED_FILES = {checkpoint.MODEL_FILE, "config.yaml", "tokenizer.json", "meta.json", ".hub_download"}
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -200,9 +202,13 @@ def read_hf_chat_template(folder: Path) -> str | None:
 
 def from_hf(src: str, out_dir: str | Path) -> Path:
     """A local Hugging Face folder (GPT-2 or a family of gpt/hf_families.py), or hf://org/name (the only
-    way this touches the network)."""
-    if src.startswith(HUB_PREFIX):
-        folder = fetch_hub(src[len(HUB_PREFIX):], Path(out_dir) / ".hub_download")
+    way this touches the network). `out_dir` follows gpt/outputs.py's rule: new, empty, or a checkpoint
+    from-hf wrote before (replaced whole); never the source, nor a folder of other files."""
+    hub = src.startswith(HUB_PREFIX)
+    target = outputs.check_target(out_dir, FROM_HF, [] if hub else [src], recognise=is_imported)
+    outputs.check_replaceable(out_dir, target)
+    if hub:
+        folder = fetch_hub(src[len(HUB_PREFIX):], target / ".hub_download")
     else:
         folder = Path(src)
         if not folder.exists():
@@ -216,7 +222,17 @@ def from_hf(src: str, out_dir: str | Path) -> Path:
         print(f"note: {folder} has a chat template of its own; our checkpoints format chats with ours "
               "(see gpt/data/chat_template.py), so chat replies may differ from the original's")
     config = {"out_dir": str(out_dir), "init_from": str(src), "model": to_dict(model.config)}
-    return checkpoint.save_checkpoint(Path(out_dir), model.state_dict(), config, tok, {"source": str(src)})
+    checkpoint.save_checkpoint(target, model.state_dict(), config, tok, {"source": str(src)})
+    return Path(out_dir)
+
+
+def is_imported(folder: Path) -> bool:
+    """A checkpoint that from-hf wrote (its meta.json names the source), with no file added since."""
+    try:
+        return (outputs.is_checkpoint(folder) and "source" in checkpoint.read_checkpoint_meta(folder)
+                and {p.name for p in folder.iterdir()} <= IMPORTED_FILES)
+    except (CheckpointError, OSError):
+        return False
 
 
 # ---------------------------------------------------------------------------- ours -> Hugging Face
@@ -273,10 +289,12 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
     """Write a folder transformers loads as it is: config.json, model.safetensors, generation_config.json,
     tokenizer.json + tokenizer_config.json (with the chat template for chat models). A model or tokenizer
     that cannot be exported faithfully is refused before anything is written: no half folder. Learned
-    positions export as GPT-2, rotary ones as the family gpt/hf_families.py finds for the config."""
+    positions export as GPT-2, rotary ones as the family gpt/hf_families.py finds for the config.
+    `hf_dir` follows gpt/outputs.py's rule: new, empty, or a folder to-hf wrote before (replaced whole,
+    no stale file kept); never the checkpoint, its run folder, nor a folder of other files."""
+    outputs.check_target(hf_dir, TO_HF, [ckpt])  # before the work: a refusal costs nothing
     loaded = checkpoint.load_checkpoint(ckpt)
     model, tok, cfg = loaded.model, loaded.tokenizer, loaded.model.config
-    out = Path(hf_dir)
     hf_tok = tok.hf if isinstance(tok, HFTokenizer) else hf_tokenizer(tok)  # refused here if not faithful
     eos = end_ids(tok)  # the chat template's end of turn first: transformers' generate stops where we do
     bos = tok.bos_id if isinstance(tok, HFTokenizer) else tok.eot_id
@@ -288,19 +306,21 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path) -> Path:
         config = hf_families.config_to_hf(cfg, bos, (eos or [None])[0])
         config["eos_token_id"] = eos if len(eos) > 1 else (eos or [None])[0]
         state = hf_families.weights_to_hf(model.state_dict(), cfg)
-    checkpoint.prepare_out_dir(out)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     # max_length: transformers' pipeline would otherwise generate past the position table
     pad = tok.pad_id if isinstance(tok, HFTokenizer) and tok.pad_id is not None else (eos or [None])[-1]
     generation = {"eos_token_id": eos, "bos_token_id": bos, "pad_token_id": pad,
                   "max_length": cfg.block_size}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-    if isinstance(tok, HFTokenizer):
-        write_shipped_tokenizer(tok, out, cfg.block_size)
-    else:
-        write_hf_tokenizer(hf_tok, tok, out, cfg.block_size)
-    return out
+
+    def write(out: Path) -> None:
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+        if isinstance(tok, HFTokenizer):
+            write_shipped_tokenizer(tok, out, cfg.block_size)
+        else:
+            write_hf_tokenizer(hf_tok, tok, out, cfg.block_size)
+
+    return outputs.replace_dir(hf_dir, TO_HF, write, [ckpt, loaded.folder])
 
 
 def write_shipped_tokenizer(tok: HFTokenizer, out: Path, block_size: int) -> None:

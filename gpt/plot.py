@@ -19,10 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from gpt import entry
+from gpt import entry, outputs
 from gpt.errors import UserError
 
 SERIES = ("loss", "val_loss", "lr")
+TOOL = "gpt.plot"  # named in every PNG it writes (PNG "Software"), so it knows its own for gpt/outputs.py's rule
 
 
 class PlotError(UserError):
@@ -81,9 +82,12 @@ def _block_size(folder: Path) -> int | None:
 
 
 def plot(run_dirs: list[str | Path], out: str | Path, log_scale: bool = False) -> Path:
-    """Draw the runs into one PNG at `out` (written atomically); returns its path."""
+    """Draw the runs into one PNG at `out` (written atomically); returns its path. `out` follows
+    gpt/outputs.py's rule: a new file, a PNG gpt.plot drew, or a run's loss.png."""
     names = [Path(d).resolve().name for d in run_dirs]
     runs = [read_run(d, name if names.count(name) == 1 else str(d)) for d, name in zip(run_dirs, names)]
+    inputs = [Path(d) / "metrics.jsonl" for d in run_dirs]
+    outputs.check_target(out, TOOL, inputs, recognise=is_plot)
     # matplotlib keeps a font cache in ~/.cache unless told otherwise: keep it beside the plot, in the user's folder
     os.environ.setdefault("MPLCONFIGDIR", str(Path(out).resolve().parent / ".matplotlib"))
     import matplotlib
@@ -111,14 +115,22 @@ def plot(run_dirs: list[str | Path], out: str | Path, log_scale: bool = False) -
         ax_lr.set_ylabel("learning rate")
         ax_lr.grid(alpha=0.3)
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out)
+        draw = lambda f: fig.savefig(f, dpi=100, format="png", metadata={"Software": TOOL})  # noqa: E731
+        return outputs.replace_file(out, TOOL, draw, inputs, recognise=is_plot)
     finally:
         plt.close(fig)
-    return out
+
+
+def is_plot(path: Path) -> bool:
+    """A PNG gpt.plot drew (it names itself in it), or a run's loss.png (drawn before it did)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    if not head.startswith(b"\x89PNG"):
+        return False
+    return b"Software\x00" + TOOL.encode() in head or (path.name == "loss.png" and outputs.is_run_folder(path.parent))
 
 
 def _draw(ax, ax_lr, run: RunCurves, color: str, prefix: str) -> None:

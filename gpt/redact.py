@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from gpt import entry
+from gpt import entry, outputs
 from gpt.data import files
 from gpt.data.pii import (
     KINDS,
@@ -33,6 +31,8 @@ from gpt.data.pii import (
     read_terms,
     resolve_kinds,
 )
+
+TOOL = "gpt.redact"  # for gpt/outputs.py's rule: OUT and --report are new files or its own
 
 
 def redact_value(value: Any, redactor: Redactor, where: str, key: str = "", typed: bool = False) -> Any:
@@ -117,19 +117,21 @@ def redact_line(line: str, redactor: Redactor, where: str) -> str:
 def redact_path(src: str, dst: str, redactor: Redactor, decoding: files.Decoding) -> dict:
     """Redact a file or a folder of data files into `dst`; returns the report."""
     start = time.perf_counter()
-    inp, out = files.local_path(src), Path(dst)
-    if out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents:
-        raise files.DataError(f"{dst}: the output must be outside the input {src}")
-    if inp.is_dir() and out.is_file():
-        raise files.DataError(f"{dst}: a file; the redacted copy of a folder needs a folder")
+    inp = files.local_path(src)
+    outputs.check_target(dst, TOOL, [inp])  # before any work: OUT is new, empty or gpt.redact's own
     if files.is_saved_dataset(inp):
         raise files.DataError(f"{src}: a datasets folder; export it to JSONL or Parquet first")
     if inp.is_dir():
         chosen = files.folder_files(inp)
-        redact_folder(inp, chosen, out, redactor, decoding)
+
+        def write(out: Path) -> None:
+            redact_folder(inp, chosen, out, redactor, decoding)
+
+        outputs.replace_dir(dst, TOOL, write, [inp])
+
         skipped = sorted(str(f.relative_to(inp)) for f in inp.rglob("*") if f.is_file() and f not in chosen)
     else:
-        redact_file(inp, out, redactor, decoding)
+        outputs.replace_file(dst, TOOL, lambda out: redact_file(inp, out, redactor, decoding), [inp])
         skipped = []
     seconds = time.perf_counter() - start
     return {"input": src, "output": dst, **redactor.report(), "replaced_bytes": decoding.replaced,
@@ -137,28 +139,13 @@ def redact_path(src: str, dst: str, redactor: Redactor, decoding: files.Decoding
 
 
 def redact_folder(inp: Path, chosen: list[Path], out: Path, redactor: Redactor, decoding: files.Decoding) -> None:
-    """The chosen files of folder `inp` redacted into folder `out` as a whole: written into a temporary
-    folder whose marker says unfinished, then complete (with the files and their sizes), then renamed to
-    `out`. A folder of ours already at `out` is replaced; any other non-empty one is refused."""
-    if out.exists() and any(out.iterdir()) and not (out / files.REDACTION_MARKER).is_file():
-        raise files.DataError(f"{out}: a folder that gpt.redact did not write; choose a new or empty output "
-                              "folder (a redacted folder is written whole and replaces the previous one)")
-    tmp, old = (out.parent / f".{out.name}.{part}-{os.getpid()}" for part in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        write_marker(tmp, redactor, None)
-        for f in chosen:
-            redact_file(f, tmp / f.relative_to(inp), redactor, decoding)
-        write_marker(tmp, redactor, {f.relative_to(inp).as_posix(): (tmp / f.relative_to(inp)).stat().st_size
-                                     for f in chosen})
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    """The chosen files of folder `inp` redacted into `out` (the temporary folder gpt/outputs.py renames into
+    place): the marker says unfinished first, then complete, with the files and their sizes."""
+    write_marker(out, redactor, None)
+    for f in chosen:
+        redact_file(f, out / f.relative_to(inp), redactor, decoding)
+    write_marker(out, redactor, {f.relative_to(inp).as_posix(): (out / f.relative_to(inp)).stat().st_size
+                                 for f in chosen})
 
 
 def write_marker(folder: Path, redactor: Redactor, sizes: dict[str, int] | None) -> None:
@@ -168,6 +155,15 @@ def write_marker(folder: Path, redactor: Redactor, sizes: dict[str, int] | None)
                       "holds exactly these files", "complete": sizes is not None, "kinds": summary["kinds"],
               "mode": summary["mode"], "counts": summary["counts"], "files": sizes or {}}
     (folder / files.REDACTION_MARKER).write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+def is_report(path: Path) -> bool:
+    """A report gpt.redact wrote before (a JSON object with its keys)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"input", "output", "counts", "files", "skipped_files"} <= report.keys()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,11 +185,16 @@ def main(argv: list[str] | None = None) -> None:
                             read_salt(args.salt_file, "--salt-file") if args.salt_file is not None else None)
         decoding = files.Decoding(args.encoding, args.encoding_errors,
                                   hint="pass --encoding (e.g. latin-1) or --encoding-errors replace")
-        return redact_path(args.input, args.output, redactor, decoding)
+        if args.report:  # checked before the redaction writes anything
+            outputs.check_target(args.report, TOOL, [args.input], recognise=is_report)
+        report = redact_path(args.input, args.output, redactor, decoding)
+        if args.report:
+            text = json.dumps(report, indent=1, ensure_ascii=False)
+            outputs.replace_file(args.report, TOOL, lambda f: f.write_text(text, encoding="utf-8"), [args.input],
+                                 recognise=is_report)
+        return report
 
     report = entry.main(run)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     found = ", ".join(f"{n} {k}" for k, n in report["counts"].items()) or "nothing found"
     print(f"redacted {args.input} -> {args.output}: {found} in {len(report['files'])} file(s)"
           + (f"; report: {args.report}" if args.report else ""))

@@ -13,6 +13,7 @@ PKG = ROOT / "gpt"
 # Lower number = lower layer. A module may import only modules of a lower layer; prefixes match whole packages ("gpt.infer" covers gpt.infer.engine, ...).
 LAYERS = {
     "gpt.errors": 0,
+    "gpt.outputs": 5,
     "gpt.config": 10,
     "gpt.entry": 25,
     "gpt.device": 20,
@@ -66,7 +67,7 @@ LAYERS = {
     "gpt.serve.serve_cli": 150,
     "gpt.serve": 159,
 }
-TORCH_FREE = ("gpt.errors", "gpt.config", "gpt.data.tokenizer", "gpt.data.jinja_template", "gpt.data.chat_template",
+TORCH_FREE = ("gpt.errors", "gpt.outputs", "gpt.config", "gpt.data.tokenizer", "gpt.data.jinja_template", "gpt.data.chat_template",
               "gpt.data.messages", "gpt.data.record_formats")
 
 

@@ -306,7 +306,7 @@ def test_redact_cli_on_a_folder_of_every_format_reports_counts_never_values(tmp_
     assert "12 email" not in proc.stdout and "4 email" in proc.stdout and "names in free text:" in proc.stdout
     out = tmp_path / "out"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        ".redaction.json", "chat.jsonl", "notes.txt", "sub/t.csv", "sub/t.parquet"]  # the marker, written last
+        ".gpt-output", ".redaction.json", "chat.jsonl", "notes.txt", "sub/t.csv", "sub/t.parquet"]  # the markers: gpt/outputs.py, and the redaction's, written last
     written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file()) + report.read_bytes()
     for value in ORIGINALS:
         assert value.encode() not in written and value not in proc.stdout
@@ -491,5 +491,5 @@ def test_a_redacted_folder_is_written_whole_and_read_only_while_whole(tmp_path, 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("not ours to replace")
     proc = run_in_process(capsys, "gpt.redact", src, tmp_path / "mine")
-    assert proc.returncode == 1 and "a folder that gpt.redact did not write" in proc.stderr
+    assert proc.returncode == 1 and "not written by gpt.redact" in proc.stderr
     assert (tmp_path / "mine" / "keep.txt").is_file()

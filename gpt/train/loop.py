@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
-from gpt import checkpoint
+from gpt import checkpoint, outputs
 from gpt.config import (
     LoggingConfig,
     ModelConfig,
@@ -522,10 +522,13 @@ def training_threads(t: TrainConfig, out_dir: Path) -> tuple[int, str]:
 
 
 def start_run(cfg: Any) -> tuple[distributed.Dist, torch.device]:
-    """Check out_dir is writable (before any work; this also clears temp folders of dead saves), join
-    torchrun's process group (if any), pick this rank's device, set threads and seed."""
+    """Check out_dir (before any work: new, empty or a run folder, see gpt/outputs.py; writable; this also
+    clears temp folders of dead saves) and mark it as a run folder, join torchrun's process group (if
+    any), pick this rank's device, set threads and seed."""
     if int(os.environ.get("RANK", 0)) == 0:
+        outputs.check_run_folder(cfg.out_dir)
         checkpoint.prepare_out_dir(Path(cfg.out_dir))
+        outputs.claim_run_folder(cfg.out_dir)
     tune_allocator()  # library callers too, not only the entry scripts (GPT_MALLOC_TUNE=0: off)
     dist = distributed.setup(cfg.distributed, cfg.train.device)
     threads, why = training_threads(cfg.train, Path(cfg.out_dir))
