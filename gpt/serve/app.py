@@ -46,6 +46,7 @@ class ServerConfig:
     max_batch: int = 8
     max_queue: int = 32
     max_body_bytes: int = 1 << 20
+    max_model_len: int | None = None  # the context of decoding (None: gpt.infer.engine.context_length's default)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ServerState:
     config: ServerConfig
     tokenizer: Tokenizer
     worker: Worker
-    block_size: int  # the model's context length
+    block_size: int  # the context length: the model's block_size, capped by max_model_len (the engine's)
     created: int  # when the model was loaded (the model card's `created`)
 
 
@@ -70,9 +71,10 @@ router = APIRouter()
 def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServerConfig) -> FastAPI:
     """The app around one loaded model; the engine thread starts and stops with the app."""
     model.eval()
-    worker = Worker(Engine(model, tokenizer, max_batch=cfg.max_batch), cfg.max_queue)
+    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len)
+    worker = Worker(engine, cfg.max_queue)
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = ServerState(cfg, tokenizer, worker, model.config.block_size, int(time.time()))
+    app.state.server = ServerState(cfg, tokenizer, worker, engine.context, int(time.time()))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.middleware("http")(guard)
     app.add_exception_handler(APIError, api_error)
