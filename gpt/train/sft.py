@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from gpt.config import ConfigError, FinetuneConfig, check_finetune
-from gpt.pretrained import load_pretrained
+from gpt.pretrained import load_init_from
 from gpt.data.batch import Batch
 from gpt.data.chat_template import CHAT_TOKENS, ChatTemplate
 from gpt.data.examples import Example
@@ -136,7 +136,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
     try:
         log: Callable[[str], None] = (lambda line: print(line, flush=True)) if dist.is_main else (lambda line: None)
 
-        loaded = load_pretrained(cfg.init_from)
+        loaded = load_init_from(cfg)
         model, tok, folder = loaded.model, loaded.tokenizer, loaded.folder
         new = add_chat_tokens(model, tok, cfg.train.seed)
         log(f"init: {folder}" + (f"; added chat tokens {' '.join(new)}" if new else ""))
