@@ -263,7 +263,8 @@ class PretrainConfig:
     """Everything `python train.py CONFIG` reads."""
 
     out_dir: str = ""  # default: out/<config file name>
-    init_from: str = "scratch"  # scratch, one of our checkpoint dirs, or a Hugging Face GPT-2 dir
+    init_from: str = "scratch"  # scratch, one of our checkpoint dirs, a Hugging Face folder, or hf://org/name
+    allow_download: bool = False  # init_from hf://org/name: download it (once, into out_dir/.hub_download)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -317,7 +318,8 @@ class FinetuneConfig:
     """Everything `python finetune.py CONFIG` reads. The model section is taken from init_from."""
 
     out_dir: str = ""  # default: out/<config file name>
-    init_from: str = ""  # one of our checkpoint dirs (out/shakespeare) or a Hugging Face GPT-2 dir
+    init_from: str = ""  # one of our checkpoint dirs (out/shakespeare), a Hugging Face folder, or hf://org/name
+    allow_download: bool = False  # init_from hf://org/name: download it (once, into out_dir/.hub_download)
     model: ModelConfig = field(default_factory=ModelConfig)  # filled from init_from; do not set
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

@@ -43,8 +43,11 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 GPT2_TOKENS = 50256  # GPT-2's byte-level tokens; <|endoftext|> is 50256
 CHAR_UNK = "<unk>"  # never in a character vocabulary: a character the model does not know fails to encode
+HUB_DOWNLOAD = ".hub_download"  # hf://org/name is downloaded into this folder of the output folder
+HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+             "generation_config.json", "chat_template.jinja"]  # what a download fetches (no other weights formats)
 FROM_HF, TO_HF = "gpt.convert from-hf", "gpt.convert to-hf"  # the tools, for gpt/outputs.py's rule
-IMPORTED_FILES = {checkpoint.MODEL_FILE, "config.yaml", "tokenizer.json", "meta.json", ".hub_download"}
+IMPORTED_FILES = {checkpoint.MODEL_FILE, "config.yaml", "tokenizer.json", "meta.json", HUB_DOWNLOAD}
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -177,14 +180,18 @@ def _hf_pattern(pre: dict | None) -> str | None:
 
 def fetch_hub(name: str, cache_dir: Path) -> Path:
     """Download a hub model, named explicitly as hf://org/name; needs huggingface_hub and a network.
-    The download goes into `cache_dir` (inside the output folder), never ~/.cache."""
+    The download goes into `cache_dir` (inside the output folder), never ~/.cache. A model already
+    there is used as it is, without the network: a run's starting weights never change under it."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(f"to download {HUB_PREFIX}{name}, pip install huggingface_hub") from None
     try:
-        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-                                                          "generation_config.json", "chat_template.jinja"], cache_dir=cache_dir))
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES, cache_dir=cache_dir, local_files_only=True))
+    except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError: not downloaded yet
+        pass
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES, cache_dir=cache_dir))
     except Exception as e:  # offline, unknown repo, ...
         raise CheckpointError(f"could not download '{name}' from the Hugging Face hub ({type(e).__name__}); "
                               "offline, pass a local folder with config.json and model.safetensors") from None
@@ -208,7 +215,7 @@ def from_hf(src: str, out_dir: str | Path) -> Path:
     target = outputs.check_target(out_dir, FROM_HF, [] if hub else [src], recognise=is_imported)
     outputs.check_replaceable(out_dir, target)
     if hub:
-        folder = fetch_hub(src[len(HUB_PREFIX):], target / ".hub_download")
+        folder = fetch_hub(src[len(HUB_PREFIX):], target / HUB_DOWNLOAD)
     else:
         folder = Path(src)
         if not folder.exists():

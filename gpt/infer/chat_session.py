@@ -15,7 +15,7 @@ from typing import Callable, TextIO
 
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer, TokenizerError
-from gpt.infer.engine import complete
+from gpt.infer.engine import complete, context_length
 from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
 
@@ -27,7 +27,7 @@ class ChatSession:
 
     def __init__(self, template: ChatTemplate, budget: int, system: str | None = None):
         self.template = template
-        self.budget = budget  # prompt tokens allowed: block_size minus the room kept for the reply
+        self.budget = budget  # prompt tokens allowed: the context minus the room kept for the reply
         self.system = [{"role": "system", "content": system}] if system else []
         self.turns: list[dict] = []
 
@@ -58,14 +58,15 @@ def run_chat(
     *,
     system: str | None = None,
     use_kv_cache: bool = True,
+    max_model_len: int | None = None,
     read: Callable[[str], str] = input,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> None:
     """Read a message, stream the reply, repeat; params.max_tokens bounds each reply, params.stop adds
-    to the template's own end-of-turn strings."""
+    to the template's own end-of-turn strings; the context is the engine's (`context_length`)."""
     template = ChatTemplate(tokenizer)
-    block = model.config.block_size
+    block = context_length(model.config, max_model_len)
     session = ChatSession(template, block - min(params.max_tokens, block // 2), system)
     stop_ids = template.end_ids
     params = replace(params, stop=tuple(template.stop_strings) + tuple(params.stop))
@@ -102,7 +103,7 @@ def run_chat(
 
         try:
             reply = complete(model, tokenizer, ids, params, stop_ids=stop_ids, use_kv_cache=use_kv_cache,
-                             on_text=show)[0]
+                             on_text=show, max_model_len=block)[0]
         except KeyboardInterrupt:
             print("\n(interrupted)", file=err)
             session.turns.pop()

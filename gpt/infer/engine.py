@@ -16,13 +16,20 @@ floating-point differences between batch shapes, which do not occur in float32 o
 `use_kv_cache=False` runs the naive reference instead: each sequence's whole window through the
 model for every token. Both see exactly the same context at every step.
 
+Context length (max_model_len, vLLM's name). The KV cache holds max_batch rows of `context_length`
+tokens: the model's block_size, capped at DEFAULT_MAX_MODEL_LEN unless the caller asks for another
+length (sample.py and serve.py --max-model-len), so a family whose block_size is its
+max_position_embeddings (131,072 for Llama 3.2) does not allocate its whole context per row. A row
+holds n_kv_head heads (grouped-query attention), so its bytes are
+2 x n_layer x n_kv_head x head_dim x context x dtype size.
+
 Context window (sliding). GPT-2 learns absolute positions, so cached keys are tied to the
-position they were computed at and cannot simply be shifted. When a sequence outgrows
-block_size we therefore drop the oldest half of its window at once: the context restarts at the
-last `block_size - block_size // 2` tokens, which are re-encoded from position 0 into the
-sequence's row, and cached decoding continues from there (one re-encoding per block_size / 2 new
+position they were computed at and cannot simply be shifted. When a sequence outgrows the
+context length we therefore drop the oldest half of its window at once: the context restarts at the
+last `context - context // 2` tokens, which are re-encoded from position 0 into the
+sequence's row, and cached decoding continues from there (one re-encoding per context / 2 new
 tokens; the model always sees between half a window and a full one). The uncached path applies
-the same rule (`window_start`). A prompt longer than block_size keeps its last block_size tokens.
+the same rule (`window_start`). A prompt longer than the context keeps its last context tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from gpt.config import ModelConfig
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer
 from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
@@ -43,13 +51,25 @@ from gpt.model import GPT, KVCache
 # Why a sequence ended: max_tokens reached, a stop string, an end-of-text (or stop) token, cancelled
 # (the caller or a shutting-down server), or a failed engine step (the server's worker).
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
+DEFAULT_MAX_MODEL_LEN = 4096  # the context decoding allows unless asked: min(block_size, this)
 
 
-def window_start(n_tokens: int, start: int, block_size: int) -> int:
+def context_length(cfg: ModelConfig, max_model_len: int | None = None) -> int:
+    """The tokens a decoded sequence may hold (one KV cache row): max_model_len when given (1 .. block_size),
+    else min(block_size, DEFAULT_MAX_MODEL_LEN)."""
+    if max_model_len is None:
+        return min(cfg.block_size, DEFAULT_MAX_MODEL_LEN)
+    if not 1 <= max_model_len <= cfg.block_size:
+        raise SamplingError("max_model_len", f"--max-model-len must be between 1 and the model's block_size "
+                                             f"({cfg.block_size}), got {max_model_len}")
+    return max_model_len
+
+
+def window_start(n_tokens: int, start: int, context: int) -> int:
     """Index of the first token the model sees when predicting token `n_tokens` (see module doc)."""
-    if n_tokens - start <= block_size:
+    if n_tokens - start <= context:
         return start
-    keep = max(1, block_size - block_size // 2)
+    keep = max(1, context - context // 2)
     return n_tokens - keep
 
 
@@ -225,14 +245,15 @@ class Engine:
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
-                 use_kv_cache: bool = True, vocab_limit: int | None = None):
+                 use_kv_cache: bool = True, vocab_limit: int | None = None, max_model_len: int | None = None):
         self.model, self.tokenizer, self.max_batch, self.use_kv_cache = model, tokenizer, max_batch, use_kv_cache
         cfg = model.config
+        self.context = context_length(cfg, max_model_len)  # tokens per sequence (see the module doc)
         limit = vocab_limit or (tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size)
         self.vocab = min(limit, cfg.vocab_size)  # sample only ids below it (the vocabulary may be padded)
         p = next(model.parameters())
         self.device = p.device
-        self.cache = KVCache.empty(cfg, max_batch, cfg.block_size, p.device, p.dtype) if use_kv_cache else None
+        self.cache = KVCache.empty(cfg, max_batch, self.context, p.device, p.dtype) if use_kv_cache else None
         self.active: list[DecodeRequest] = []  # active[i] lives in cache row i
         self.waiting: list[DecodeRequest] = []
         self._lock = threading.Lock()
@@ -300,7 +321,7 @@ class Engine:
                 top = list(zip(indices.tolist(), values.tolist()))
             req.append(token, float(logp[i, token]), top)
             if not req.done:
-                new_start = window_start(len(req.tokens), req.start, self.model.config.block_size)
+                new_start = window_start(len(req.tokens), req.start, self.context)
                 req.fresh, req.start = req.fresh or new_start != req.start, new_start
         self._release([r for r in self.active if r.done])
 
@@ -317,7 +338,7 @@ class Engine:
         with self._lock:
             while self.waiting and len(self.active) < self.max_batch:
                 req = self.waiting.pop(0)
-                req.row, req.start = len(self.active), max(0, len(req.tokens) - self.model.config.block_size)
+                req.row, req.start = len(self.active), max(0, len(req.tokens) - self.context)
                 self.active.append(req)
 
     def _drop_cancelled(self) -> None:
@@ -378,7 +399,8 @@ def _eval_mode(model: torch.nn.Module):
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, params: SamplingParams | None = None, *,
-             vocab_limit: int | None = None, use_kv_cache: bool = True) -> torch.Tensor:
+             vocab_limit: int | None = None, use_kv_cache: bool = True,
+             max_model_len: int | None = None) -> torch.Tensor:
     """Append max_new_tokens tokens to each row of idx (B, T) -> (B, T + max_new_tokens).
 
     Row b draws with sample_seed(params.seed, b); params.max_tokens and params.stop are ignored.
@@ -386,7 +408,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, params: Samplin
     params = replace(params or SamplingParams(), max_tokens=max_new_tokens, stop=())
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError("the prompt must be a non-empty (batch, tokens) tensor")
-    engine = Engine(model, max_batch=idx.shape[0], use_kv_cache=use_kv_cache, vocab_limit=vocab_limit)
+    engine = Engine(model, max_batch=idx.shape[0], use_kv_cache=use_kv_cache, vocab_limit=vocab_limit,
+                    max_model_len=max_model_len)
     reqs = [engine.add(row, replace(params, seed=sample_seed(params.seed, b))) for b, row in enumerate(idx.tolist())]
     engine.run()
     new = torch.tensor([r.out_ids for r in reqs], dtype=torch.long, device=idx.device).view(len(reqs), -1)
@@ -413,20 +436,23 @@ def complete(
     stop_ids: Sequence[int] | None = None,
     use_kv_cache: bool = True,
     on_text: Callable[[int, str], None] | None = None,
+    max_model_len: int | None = None,
 ) -> list[Completion]:
     """Generate num_samples continuations of `prompt` (text or token ids) in one batch.
 
     Generation of a sample ends at params.max_tokens ("length"), at the first of params.stop, which
     is not included ("stop"), or at a token of stop_ids ("eos"; default: the model's end of turn and
     end of text, `ChatTemplate.end_ids`; () = none). Sample i draws with sample_seed(params.seed, i), as the server's n does.
-    on_text(sample_index, text) receives each sample's text as it is generated.
+    on_text(sample_index, text) receives each sample's text as it is generated. max_model_len: the
+    context (see `context_length`).
     """
     params = params or SamplingParams()
     if num_samples < 1:
         raise SamplingError("n", f"num_samples must be >= 1, got {num_samples}")
     ids = prompt_ids(tokenizer, prompt)
     end_ids = list(stop_ids) if stop_ids is not None else ChatTemplate(tokenizer).end_ids
-    engine = Engine(model, tokenizer, max_batch=num_samples, use_kv_cache=use_kv_cache)
+    engine = Engine(model, tokenizer, max_batch=num_samples, use_kv_cache=use_kv_cache,
+                    max_model_len=max_model_len)
     reqs: list[DecodeRequest] = []
     for i in range(num_samples):
         show = None if on_text is None else (lambda _r, _t, text, i=i: text and on_text(i, text))

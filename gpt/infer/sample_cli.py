@@ -12,7 +12,7 @@ import torch
 
 from gpt.config import ConfigError
 from gpt.device import pick_device, pick_threads, resolve_dtype
-from gpt.infer.engine import Completion, complete
+from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN, Completion, complete
 from gpt.infer.sampling import SamplingParams
 from gpt.infer.weights import add_model_args, load_for_decoding
 
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end generation at this text, which is not printed (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
-    add_model_args(p, threads="0 = the cores other processes leave idle; see docs/performance.md#threads")
+    add_model_args(p, threads="0 = the cores other processes leave idle; see docs/performance.md#threads",
+                   context_cap=DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (reference path)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: on when writing to a terminal)")
@@ -96,7 +97,8 @@ def run(argv: list[str]) -> None:
         from gpt.infer.chat_session import run_chat
 
         print(f"loaded {folder}", file=sys.stderr)
-        run_chat(model, tokenizer, params, system=args.system, use_kv_cache=not args.no_kv_cache)
+        run_chat(model, tokenizer, params, system=args.system, use_kv_cache=not args.no_kv_cache,
+                 max_model_len=args.max_model_len)
         return
     if prompt is None:
         prompt = "" if tokenizer.eot_id is not None else "\n"
@@ -107,7 +109,7 @@ def run(argv: list[str]) -> None:
     on_text = _write_stream if stream else None
 
     results = complete(model, tokenizer, prompt, params, num_samples=args.num_samples,
-                       use_kv_cache=not args.no_kv_cache, on_text=on_text)
+                       use_kv_cache=not args.no_kv_cache, on_text=on_text, max_model_len=args.max_model_len)
     for i, r in enumerate(results):
         if args.json:
             print(json.dumps({"index": i, **r.to_dict()}, ensure_ascii=False))

@@ -21,8 +21,9 @@ from gpt.checkpoint import LoadedModel, load_checkpoint
 from gpt.infer.quantize import quantize_int8
 
 
-def add_model_args(p: argparse.ArgumentParser, threads: str) -> None:
-    """How a decoding command loads and holds its model: the flags sample.py and serve.py share."""
+def add_model_args(p: argparse.ArgumentParser, threads: str, context_cap: int) -> None:
+    """How a decoding command loads and holds its model: the flags sample.py and serve.py share.
+    context_cap: the default cap of --max-model-len (gpt.infer.engine.DEFAULT_MAX_MODEL_LEN)."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights are converted)")
     p.add_argument("--threads", type=int, default=0, help=f"CPU threads for torch ({threads})")
@@ -30,6 +31,9 @@ def add_model_args(p: argparse.ArgumentParser, threads: str) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 Linear layers (faster decoding of large models on CPU; "
                         "see docs/performance.md#int8-weights)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="context length of decoding: tokens one sequence holds, prompt included, in its KV cache "
+                        f"row (default: the model's block_size, at most {context_cap})")
 
 
 def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LoadedModel:

@@ -50,6 +50,7 @@ class ServerConfig:
     max_batch: int = 8
     max_queue: int = 32
     max_body_bytes: int = 1 << 20
+    max_model_len: int | None = None  # the context of decoding (None: gpt.infer.engine.context_length's default)
     host: str = "127.0.0.1"  # the bound address: a Host the server answers to (unless 0.0.0.0 or ::)
     allowed_hosts: tuple[str, ...] = ()  # more Host names it answers to; "*": any
     cors_origins: tuple[str, ...] = ()  # other pages' origins that may call it from a browser; "*": any
@@ -62,7 +63,7 @@ class ServerState:
     config: ServerConfig
     tokenizer: Tokenizer
     worker: Worker
-    block_size: int  # the model's context length
+    block_size: int  # the context length: the model's block_size, capped by max_model_len (the engine's)
     created: int  # when the model was loaded (the model card's `created`)
 
 
@@ -77,9 +78,10 @@ router = APIRouter()
 def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServerConfig) -> FastAPI:
     """The app around one loaded model; the engine thread starts and stops with the app."""
     model.eval()
-    worker = Worker(Engine(model, tokenizer, max_batch=cfg.max_batch), cfg.max_queue)
+    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len)
+    worker = Worker(engine, cfg.max_queue)
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = ServerState(cfg, tokenizer, worker, model.config.block_size, int(time.time()))
+    app.state.server = ServerState(cfg, tokenizer, worker, engine.context, int(time.time()))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Gate, host=cfg.host, allowed_hosts=cfg.allowed_hosts, cors_origins=cfg.cors_origins,
                        api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)

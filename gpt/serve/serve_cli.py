@@ -20,6 +20,7 @@ import uvicorn
 
 from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.errors import UserError
+from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN
 from gpt.infer.weights import add_model_args, load_for_decoding
 from gpt.serve.app import ServerConfig, create_app
 
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY, else none)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint folder's name)")
-    add_model_args(p, threads="0 = the cores other processes leave idle, less one for the web server")
+    add_model_args(p, threads="0 = the cores other processes leave idle, less one for the web server",
+                   context_cap=DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--max-batch", type=int, default=8,
                    help="sequences decoded together (the batch's rows) (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond the batch and "
@@ -97,8 +99,9 @@ def run(argv: list[str]) -> None:
     loaded = load_for_decoding(args, device, dtype)
     model, tokenizer, folder = loaded.model, loaded.tokenizer, loaded.folder
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
-    cfg = ServerConfig(name, args.api_key or os.environ.get("GPT_API_KEY") or None, args.max_batch, args.max_queue,
-                       args.max_body, args.host, tuple(args.allowed_hosts), tuple(args.cors_origins))
+    cfg = ServerConfig(name, api_key=args.api_key or os.environ.get("GPT_API_KEY") or None, max_batch=args.max_batch,
+                       max_queue=args.max_queue, max_body_bytes=args.max_body, max_model_len=args.max_model_len,
+                       host=args.host, allowed_hosts=tuple(args.allowed_hosts), cors_origins=tuple(args.cors_origins))
     app = create_app(model, tokenizer, cfg)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     # uvicorn's own limit comes after ours: by then every handler has answered, none is killed mid-request

@@ -121,7 +121,7 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device, dtype: torch.
 
 
 def _fully_shard(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """One FSDP unit per transformer block, then the root (embeddings, tied lm_head, final norm)."""
+    """One FSDP unit per transformer block, then the root (embeddings, the lm_head, tied or not, final norm)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if dtype == torch.float16:
@@ -136,10 +136,11 @@ def _fully_shard(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (torch_dist.get_world_size(),))
+    tied = model.lm_head.weight is model.transformer.wte.weight
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    if model.lm_head.weight is not model.transformer.wte.weight:
+    if tied and model.lm_head.weight is not model.transformer.wte.weight:
         raise RuntimeError("fully_shard untied lm_head.weight from transformer.wte.weight")
     return model
 

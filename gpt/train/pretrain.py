@@ -8,7 +8,7 @@ import torch
 
 from gpt.config import ConfigError, PretrainConfig, check_pretrain, to_dict
 from gpt.checkpoint import LoadedModel
-from gpt.pretrained import load_pretrained
+from gpt.pretrained import load_init_from
 from gpt.data import canary
 from gpt.data.corpus import TokenBatches, ensure_prepared, read_data_meta
 from gpt.data.tokenizer import Tokenizer, from_spec
@@ -24,7 +24,7 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
     check_pretrain(cfg)
     dist, device = start_run(cfg)
     try:
-        start = load_pretrained(cfg.init_from) if cfg.init_from != "scratch" else None
+        start = load_init_from(cfg) if cfg.init_from != "scratch" else None
         # a tokenizer built from a corpus (char, bpe) cannot be rebuilt from new text: the new corpus is
         # encoded with the starting checkpoint's own (continued pretraining)
         kept = start.tokenizer if start is not None and cfg.data.tokenizer in ("char", "bpe") else None

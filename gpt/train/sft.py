@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gpt.config import ConfigError, FinetuneConfig, check_finetune
-from gpt.pretrained import load_pretrained
+from gpt.pretrained import load_init_from
 from gpt.data.batch import Batch
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.examples import Example
@@ -110,7 +110,8 @@ def add_chat_tokens(model: GPT, tok: Tokenizer, seed: int = 0) -> list[str]:
 
     New rows start at the mean embedding plus a little noise (half the per-dimension spread of the
     existing rows): a neutral start, yet distinct, so a LoRA run with frozen embeddings can still
-    tell <|user|> from <|assistant|>.
+    tell <|user|> from <|assistant|>. An untied head (Llama, Qwen2, ...) gets the same treatment in
+    both matrices, each from its own rows: the token reads as a distinct input and scores as a neutral output.
     """
     new = ChatTemplate.missing_tokens(tok)  # none for a model with its own template: it brings its own tokens
     n_before = tok.vocab_size
@@ -118,13 +119,14 @@ def add_chat_tokens(model: GPT, tok: Tokenizer, seed: int = 0) -> list[str]:
     if tok.vocab_size > model.config.vocab_size:
         model.resize_vocab(tok.vocab_size)
     if new:
+        head, embedding = model.lm_head.weight, model.transformer.wte.weight
+        gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            w = model.lm_head.weight
-            old = w[:n_before].float()
-            gen = torch.Generator().manual_seed(seed)
-            for name in new:
-                noise = torch.randn(w.shape[1], generator=gen).to(w.device)
-                w[tok.special_id(name)] = (old.mean(0) + 0.5 * old.std(0) * noise).to(w.dtype)
+            for w in [head] if head is embedding else [head, embedding]:
+                old = w[:n_before].float()
+                for name in new:
+                    noise = torch.randn(w.shape[1], generator=gen).to(w.device)
+                    w[tok.special_id(name)] = (old.mean(0) + 0.5 * old.std(0) * noise).to(w.dtype)
     return new
 
 
@@ -135,7 +137,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
     try:
         log: Callable[[str], None] = (lambda line: print(line, flush=True)) if dist.is_main else (lambda line: None)
 
-        loaded = load_pretrained(cfg.init_from)
+        loaded = load_init_from(cfg)
         model, tok, folder = loaded.model, loaded.tokenizer, loaded.folder
         new = add_chat_tokens(model, tok, cfg.train.seed)
         log(f"init: {folder}" + (f"; added chat tokens {' '.join(new)}" if new else ""))
