@@ -542,6 +542,7 @@ def worker() -> None:
             os.close(saved[1])
         replies.write(json.dumps(answer) + "\n")
         replies.flush()
+    os._exit(0)  # no interpreter teardown (a second or so with torch loaded): the sandbox is thrown away
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
