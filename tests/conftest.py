@@ -191,23 +191,35 @@ def run_in_process(capsys, entry: str, *args, stdin: str = "") -> subprocess.Com
     return subprocess.CompletedProcess(command, code, out.out, out.err)
 
 
-# One interpreter imports the heavy libraries once, then forks a child per case. The child leaves the
-# loop and becomes `python ENTRY ARGS`: its stdin, stdout and stderr are its own, sys.argv and sys.path
-# are what the interpreter would set, and it runs the entry point as __main__ at the top level, so an
-# uncaught exception prints its traceback and SystemExit sets the exit status through the interpreter's
-# own exit path. Only gpt itself is not preloaded: `python -m gpt.x` warns if gpt.x is imported already.
+# One interpreter imports the heavy libraries once, then forks a child per case (at most `parallel` at a
+# time). The child leaves the loop and becomes `python ENTRY ARGS`: its stdin, stdout and stderr are its
+# own, sys.argv and sys.path are what the interpreter would set, and it runs the entry point as __main__ at
+# the top level, so an uncaught exception prints its traceback and SystemExit sets the exit status through
+# the interpreter's own exit path. Only gpt itself is not preloaded: `python -m gpt.x` warns if gpt.x is
+# imported already. The server prints the cases' exit statuses, in the cases' order, once all have ended.
 _FORK_SERVER = textwrap.dedent("""
     import gc, json, os, runpy, sys
-    cases = json.load(sys.stdin)
+    cases, parallel = json.load(sys.stdin)
     import numpy, safetensors.torch, tiktoken, torch, yaml  # noqa: F401  (start-up paid once)
     gc.freeze()  # the children's collections skip these objects: fewer copied pages, a faster exit
     sys.stdout.flush()
-    for case in cases:
+    codes, running = [None] * len(cases), {}
+
+    def reap():
+        pid, status = os.wait()
+        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+
+    for i, case in enumerate(cases):
+        while len(running) >= parallel:
+            reap()
         pid = os.fork()
         if pid == 0:
             break
-        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+        running[pid] = i
     else:
+        while running:
+            reap()
+        print(*codes, flush=True)
         sys.exit(0)
     for fd, (path, flags) in enumerate([(os.devnull, os.O_RDONLY), (case["stdout"], os.O_WRONLY | os.O_CREAT),
                                         (case["stderr"], os.O_WRONLY | os.O_CREAT)]):
@@ -223,15 +235,16 @@ _FORK_SERVER = textwrap.dedent("""
 
 
 def run_scripts(cases: list[tuple[str, list]], folder: Path, timeout: float = 300, env: dict | None = None,
-                prefix: list[str] | tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
+                prefix: list[str] | tuple[str, ...] = (), parallel: int = 1) -> list[subprocess.CompletedProcess]:
     """`run_script(entry, *args, env=env, prefix=prefix)` for each (entry, args), each in its own process,
-    for the price of one interpreter start-up (see _FORK_SERVER). Cases run one after another, in order;
-    their stdout and stderr are kept in `folder`."""
+    for the price of one interpreter start-up (see _FORK_SERVER). Cases run one after another, in order,
+    or, for cases independent of each other, up to `parallel` at a time (each core a case); their stdout
+    and stderr are kept in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = [{"entry": entry, "args": [str(a) for a in args], "stdout": str(folder / f"{i}.out"),
              "stderr": str(folder / f"{i}.err")} for i, (entry, args) in enumerate(cases)]
-    server = subprocess.run([*prefix, sys.executable, "-c", _FORK_SERVER], cwd=ROOT, input=json.dumps(spec), env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    server = subprocess.run([*prefix, sys.executable, "-c", _FORK_SERVER], cwd=ROOT, input=json.dumps([spec, parallel]),
+                            env=env, capture_output=True, text=True, timeout=timeout)
     codes = server.stdout.split()
     assert server.returncode == 0 and len(codes) == len(cases), server.stdout + server.stderr
     return [subprocess.CompletedProcess(python_command(entry, *args), int(code),

@@ -27,7 +27,8 @@ How blocks run:
 - Step counts are tiny (CAPS): training commands get TRAINING_CAPS appended (after the doc's own
   overrides, so they win; out_dir, configs, tokenizers and contexts stay the doc's), sample.py at most
   8 new tokens, `--chat` gets "hello" on stdin, data/qa/prepare.py writes 200 conversations.
-- `python serve.py ...` starts a real server in the background on a free port; the page's later blocks
+- `python serve.py ...` starts a real server in the background on a free port (a child of the worker: a
+  fork, torch imported already, running serve.py as __main__); the page's later blocks
   talk to it (`127.0.0.1:8000` and `localhost:8000`, or the `--port` the doc gave, are rewritten to that
   port) and it is stopped when the page ends.
 
@@ -36,6 +37,7 @@ How blocks run:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -43,6 +45,7 @@ import re
 import runpy
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,6 +96,7 @@ CHAT_INPUT = "hello\n"
 SERVER = re.compile(r"^python3? (\./)?serve\.py\b")
 DOCS_PORT = 8000  # what the docs' clients call when serve.py was given no --port
 COMMAND_TIMEOUT_S = 300
+SERVER_START_S = 120
 
 
 # ---------------------------------------------------------------------------- reading the pages
@@ -226,7 +230,7 @@ class Sandbox:
     steps: list[Step] = field(default_factory=list)
     seen: dict[str, str] = field(default_factory=dict)  # command -> where it ran first
     ports: dict[int, int] = field(default_factory=dict)  # port the docs name -> port the server listens on
-    servers: list[subprocess.Popen] = field(default_factory=list)
+    servers: list[int] = field(default_factory=list)  # pids of the worker's serve.py children
     worker: subprocess.Popen | None = None
     clients_follow: bool = False  # later blocks of the page may call the servers started by this one
     n_logs: int = 0
@@ -335,25 +339,33 @@ class Sandbox:
 
     def in_worker(self, where: str, kind: str, target: str, args: list[str], stdin: str, command: str,
                   code: str = "") -> str:
+        log = self.new_log()
+        request = {"kind": kind, "target": target, "args": args, "stdin": stdin, "code": code, "log": str(log)}
+        rc = self.ask_worker(where, command, request, log)["rc"]
+        if rc != 0:
+            self.fail(where, command, f"exited {rc}", log.read_text(encoding="utf-8", errors="replace"))
+        return "ran"
+
+    def new_log(self) -> Path:
+        self.n_logs += 1
+        return self.folder / ".logs" / f"{self.n_logs}.txt"
+
+    def ask_worker(self, where: str, command: str, request: dict, log: Path | None = None) -> dict:
+        """Send the worker one request (starting the worker if there is none); its answer."""
         if self.worker is None or self.worker.poll() is not None:
+            self.servers.clear()  # a dead worker's servers died with it
             self.worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "worker"], cwd=self.folder,
                                            env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.n_logs += 1
-        log = self.folder / ".logs" / f"{self.n_logs}.txt"
-        request = {"kind": kind, "target": target, "args": args, "stdin": stdin, "code": code, "log": str(log)}
         self.worker.stdin.write(json.dumps(request) + "\n")
         self.worker.stdin.flush()
         ready, _, _ = select.select([self.worker.stdout], [], [], COMMAND_TIMEOUT_S)
         reply = self.worker.stdout.readline() if ready else ""
-        output = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
         if not reply:
             self.worker.kill()
             self.worker.wait()
+            output = log.read_text(encoding="utf-8", errors="replace") if log and log.exists() else ""
             self.fail(where, command, "did not finish" if not ready else "crashed the worker", output)
-        rc = json.loads(reply)["rc"]
-        if rc != 0:
-            self.fail(where, command, f"exited {rc}", output)
-        return "ran"
+        return json.loads(reply)
 
     # -------------------------------------------------------------- servers
 
@@ -363,6 +375,8 @@ class Sandbox:
         return text
 
     def start_server(self, where: str, argv: list[str]) -> None:
+        """serve.py in a child of the worker (torch already imported), on a free port; back once it answers
+        /health (or failed)."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -371,33 +385,20 @@ class Sandbox:
             doc_port, argv[i] = int(argv[i]), str(port)
         else:
             doc_port, argv = DOCS_PORT, [*argv, "--port", str(port)]
-        self.n_logs += 1
-        log = self.folder / ".logs" / f"{self.n_logs}.txt"
-        with open(log, "wb") as f:
-            proc = subprocess.Popen([sys.executable, *argv], cwd=self.folder, env=self.env, stdout=f,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.servers.append(proc)
-        command, deadline = " ".join(["python", *argv]), time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self.fail(where, command, f"exited {proc.returncode}", log.read_text(errors="replace"))
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    self.ports[doc_port] = port
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.fail(where, command, "did not answer /health in 120 s", log.read_text(errors="replace"))
+        log = self.new_log()
+        command = " ".join(["python", *argv])
+        request = {"kind": "serve", "target": argv[0], "args": argv[1:], "stdin": "", "log": str(log), "port": port}
+        reply = self.ask_worker(where, command, request, log)
+        if "pid" in reply:
+            self.servers.append(reply["pid"])
+            self.ports[doc_port] = port
+            return
+        what = f"exited {reply['rc']}" if reply["rc"] is not None else f"did not answer /health in {SERVER_START_S} s"
+        self.fail(where, command, what, log.read_text(errors="replace"))
 
     def stop_servers(self) -> None:
-        for proc in self.servers:
-            proc.terminate()
-        for proc in self.servers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if self.servers and self.worker is not None and self.worker.poll() is None:
+            self.ask_worker("", "stopping the servers", {"kind": "stop", "pids": self.servers})
         self.servers.clear()
         self.ports.clear()
 
@@ -447,10 +448,70 @@ def _run(request: dict) -> int:
         sys.argv[:], sys.path[:], sys.stdin = saved_argv, saved_path, saved_stdin
 
 
+def _serve(request: dict, inherited: list[int]) -> dict:
+    """`python serve.py ARGS` in a child of this process (torch and the package already imported): {"pid"}
+    once it answers /health; else {"rc"}: its exit status, or None if it never answered (it is killed).
+    The child closes `inherited` (the worker's pipes: a hung server must not hold them open) and dies
+    with the worker."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        rc = 1
+        try:
+            _die_with_parent()
+            for fd in inherited:
+                os.close(fd)
+            rc = _run({**request, "kind": "path"})
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+    url, deadline = f"http://127.0.0.1:{request['port']}/health", time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return {"rc": os.waitstatus_to_exitcode(status)}
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return {"pid": pid}
+        except OSError:
+            time.sleep(0.05)
+    _stop([pid], grace_s=0)
+    return {"rc": None}
+
+
+def _die_with_parent() -> None:
+    """Linux: this process is killed when its parent (the worker) ends, however it ends."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop(pids: list[int], grace_s: float = 30) -> dict:
+    """SIGTERM to the servers, SIGKILL to any still running `grace_s` later; they are reaped."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM if grace_s else signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    for pid in pids:
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.02)
+    return {"rc": 0}
+
+
 def worker() -> None:
     """Read one JSON request per line on stdin, run it with stdout and stderr going to its log file, and
     answer with its exit status. Requests come on the original stdin, answers go to the original stdout;
-    what runs sees /dev/null and its log file."""
+    what runs sees /dev/null and its log file. A "serve" request starts serve.py in a child process
+    (answered with its pid, see _serve), a "stop" request ends such children."""
     # `python -m gpt.x` after gpt.x was imported by an earlier command: harmless here, noise in the logs.
     warnings.filterwarnings("ignore", r".*found in sys\.modules after import of package", RuntimeWarning)
     requests, replies = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
@@ -459,12 +520,19 @@ def worker() -> None:
     os.dup2(devnull, 1)
     for line in requests:
         request = json.loads(line)
+        if request["kind"] == "stop":
+            replies.write(json.dumps(_stop(request["pids"])) + "\n")
+            replies.flush()
+            continue
         saved = os.dup(1), os.dup(2)
         with open(request["log"], "wb") as log:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
         try:
-            rc = _run(request)
+            if request["kind"] == "serve":
+                answer = _serve(request, [requests.fileno(), replies.fileno(), *saved])
+            else:
+                answer = {"rc": _run(request)}
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -472,8 +540,9 @@ def worker() -> None:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
-        replies.write(json.dumps({"rc": rc}) + "\n")
+        replies.write(json.dumps(answer) + "\n")
         replies.flush()
+    os._exit(0)  # no interpreter teardown (a second or so with torch loaded): the sandbox is thrown away
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:

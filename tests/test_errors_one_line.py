@@ -128,11 +128,12 @@ def files(tmp_path_factory, shakespeare_text) -> Files:
 
 @pytest.fixture(scope="module")
 def results(files) -> dict[str, tuple[object, str]]:
-    """Every row run as its own process: name -> (the finished process, the cause it must show)."""
+    """Every row run as its own process, two at a time (the rows share only what they read): name -> (the
+    finished process, the cause it must show)."""
     folders = [files.root / f"case{i}" for i in range(len(CASES))]
     for folder in folders:
         folder.mkdir()
-    procs = run_scripts([(c.entry, c.args(files, t)) for c, t in zip(CASES, folders)], files.root / "std")
+    procs = run_scripts([(c.entry, c.args(files, t)) for c, t in zip(CASES, folders)], files.root / "std", parallel=2)
     return {c.name: (p, c.cause(files, t) if callable(c.cause) else c.cause) for c, t, p in zip(CASES, folders, procs)}
 
 

@@ -7,7 +7,6 @@ import math
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -289,6 +288,28 @@ def test_seeded_chat_is_reproducible_and_logprobs_are_probabilities(srv):
     assert all(math.exp(e.logprob) <= 1.0 for e in a.choices[0].logprobs.content)
 
 
+@pytest.fixture(scope="module")
+def serve_py(model, tok, tmp_path_factory):
+    """`python serve.py` serving `model`'s checkpoint (folder "run"), as is and with --quantize int8, with
+    GPT_API_KEY=k: both started at once, so that their start-ups overlap; by quantize, (process, port)."""
+    tmp = tmp_path_factory.mktemp("serve_py")
+    save_checkpoint(tmp / "run" / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
+    with socket.socket() as a, socket.socket() as b:  # both held while picking: two different free ports
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = {None: a.getsockname()[1], "int8": b.getsockname()[1]}
+    procs = {quantize: (subprocess.Popen(python_command("serve.py", "--ckpt", tmp / "run", "--port", port, "--dtype",
+                                                        "float32", "--max-batch", 1, "--shutdown-timeout", 0,
+                                                        *(["--quantize", quantize] if quantize else [])),
+                                         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         env={**os.environ, "GPT_API_KEY": "k"}), port)
+             for quantize, port in ports.items()}
+    yield procs
+    for proc, _ in procs.values():
+        proc.kill()
+        proc.wait()
+
+
 def in_flight_stream(url: str, body: dict, first_token: bool, ready: threading.Event) -> list[str]:
     """A streamed request's SSE lines; `ready` is set once the server answered (or, with first_token, once its
     first token arrived: it is generating)."""
@@ -312,16 +333,8 @@ def stream_ended_well(lines: list[str]) -> bool:
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_serve_py_prints_its_url_serves_and_drains_on_sigterm(model, tok, tmp_path, quantize):
-    save_checkpoint(tmp_path / "run" / "best", model.state_dict(), {"model": dataclasses.asdict(model.config)}, tok)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(python_command("serve.py", "--ckpt", tmp_path / "run", "--port", port, "--dtype",
-                                           "float32", "--max-batch", 1, "--shutdown-timeout", 0,
-                                           *(["--quantize", quantize] if quantize else [])),
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "GPT_API_KEY": "k"})
+def test_serve_py_prints_its_url_serves_and_drains_on_sigterm(model, tok, serve_py, quantize):
+    proc, port = serve_py[quantize]
     try:
         for line in proc.stderr:
             if "serving" in line:
@@ -361,8 +374,8 @@ def test_serve_py_prints_its_url_serves_and_drains_on_sigterm(model, tok, tmp_pa
         proc.kill()
 
 
-def test_serve_py_help_shows_the_limits_and_their_defaults():
-    proc = subprocess.run([sys.executable, "serve.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_serve_py_help_shows_the_limits_and_their_defaults(capsys):
+    proc = run_in_process(capsys, "serve.py", "--help")
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())  # argparse wraps help lines
     for flag, default in (("--max-batch", 8), ("--max-queue", 32), ("--max-body", 1 << 20), ("--port", 8000)):
