@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from conftest import write_hf_model
 
 from gpt import checkpoint, convert
 from gpt.config import ModelConfig
@@ -370,17 +371,10 @@ def test_export_answers_a_chat_like_sample_chat(folders, tmp_path):
     hf.mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         (hf / f).write_bytes((folders["smollm2"] / f).read_bytes())
-    cfg = transformers.Qwen2Config(vocab_size=HFTokenizer.from_folder(hf).vocab_size, hidden_size=32,
-                                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(0)
-    qwen = transformers.Qwen2ForCausalLM(cfg)
-    with torch.no_grad():  # confident predictions (flat random logits make greedy ties)
-        for pname, p in qwen.named_parameters():
-            p.normal_(0, 2.0 / p.shape[-1] ** 0.5 if "embed" not in pname else 0.3) if p.ndim >= 2 else (
-                p.uniform_(-0.3, 0.3).add_(1.0) if "norm" in pname else p.normal_(0, 0.3))
-    qwen.save_pretrained(hf)
+    write_hf_model(hf, "Qwen2Config", "Qwen2ForCausalLM", vocab_size=HFTokenizer.from_folder(hf).vocab_size,
+                   hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
     ours = convert.from_hf(str(hf), tmp_path / "ours")
     exported = convert.to_hf(ours, tmp_path / "export")
     loaded = checkpoint.load_checkpoint(ours)  # what sample.py --chat loads
