@@ -66,7 +66,7 @@ def run_chat(
     """Read a message, stream the reply, repeat; params.max_tokens bounds each reply, params.stop adds
     to the template's own end-of-turn strings; the context is the engine's (`context_length`). `out` and
     `err` default to sys.stdout and sys.stderr as they are at the call (not at import)."""
-    out, err = out or sys.stdout, err or sys.stderr
+    out, err = sys.stdout if out is None else out, sys.stderr if err is None else err
     template = ChatTemplate(tokenizer)
     block = context_length(model.config, max_model_len)
     session = ChatSession(template, block - min(params.max_tokens, block // 2), system)
