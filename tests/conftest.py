@@ -1,8 +1,9 @@
 """Shared test setup: the network guard, offline tiktoken cache, the Tiny Shakespeare copy, tiny configs, the
 suite's time budget, and the helpers several test modules share (no test module imports another):
 running entry scripts (`run_script` in a fresh interpreter, `run_in_process` in this one, `run_scripts`
-for a table of cases), tiny fine-tuning material (`write_base`, `qa`, `sft_config`, ...) and an
-in-process server with an OpenAI client (`Running`)."""
+for a table of cases), tiny fine-tuning material (`write_base`, `qa`, `sft_config`, ...), Hugging Face
+model folders built here (`write_hf_tokenizer`, `write_hf_model`, `load_hf_model`) and an in-process
+server with an OpenAI client (`Running`)."""
 
 from __future__ import annotations
 
@@ -306,6 +307,68 @@ def sft_config(tmp_path: Path, base: Path, data: Path, **extra):
     }
     values.update(extra)
     return load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in values.items()])
+
+
+# ---------------------------------------------------------------------------- Hugging Face model folders
+
+
+def write_hf_tokenizer(folder: Path, corpus: str, specials: list[str], config: dict, *, vocab_size: int = 300,
+                       added: tuple[str, ...] = (), prefix: str | None = None):
+    """A byte-level BPE of about `vocab_size` tokens trained on `corpus` (built with `tokenizers`), saved in
+    `folder` as a model hub folder ships it: tokenizer.json, and tokenizer_config.json holding `config`
+    (bos/eos/pad token names, chat_template, ...). `specials` are its first ids, in order; `added` are
+    added tokens that are not special (Qwen3's <think>); `prefix` is the special token its post-processor
+    puts first when special tokens are added (Llama's or Gemma's BOS). Returns the `tokenizers.Tokenizer`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([corpus], trainer)
+    if added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    if prefix is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{prefix} $A",
+                                                           special_tokens=[(prefix, specials.index(prefix))])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return tok
+
+
+def write_hf_model(folder: Path, config_cls: str, model_cls: str, seed: int = 0, **config):
+    """A random transformers model (`getattr(transformers, config_cls)(**config)`, fp32) saved in `folder`,
+    its weights scaled up so that predictions are confident (flat random logits make greedy ties and hide
+    bugs). Gemma's embeddings are scaled by sqrt(hidden) in its forward pass and its norms hold 1 + weight,
+    so they are drawn smaller and around 0. Returns the model."""
+    import torch
+    import transformers
+
+    cfg = getattr(transformers, config_cls)(**config)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    gemma = cfg.model_type.startswith("gemma")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                embed = 0.3 / (cfg.hidden_size ** 0.5 if gemma else 1)
+                p.normal_(0, 2.0 / p.shape[-1] ** 0.5 if "embed" not in name else embed)
+            elif "norm" in name:
+                p.uniform_(-0.3, 0.3).add_(0.0 if gemma else 1.0)
+            else:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return model
+
+
+def load_hf_model(folder: Path):
+    """transformers' model of a folder, as the tests compare it: fp32, eager attention, eval mode."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager",
+                                                             dtype=torch.float32).eval()
 
 
 # ---------------------------------------------------------------------------- the server

@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import load_hf_model, write_hf_model, write_hf_tokenizer
 from safetensors.torch import load_file
 
 from gpt import checkpoint, convert
@@ -44,54 +45,23 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Grüße aus Köln! 東京 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
 
-def build_tokenizer(folder):
-    """A byte-level BPE of ~300 tokens built with `tokenizers`, saved as a model hub folder ships it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "chat_template": CHAT_TEMPLATE}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return tok
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    """family -> a saved random transformers model folder (fp32, eager attention)."""
+    """family -> a saved random transformers model folder (fp32) with a ~300-token byte-level BPE."""
     root = tmp_path_factory.mktemp("families")
     out = {}
     for name, (config_cls, model_cls, extra) in FAMILIES.items():
         folder = root / name
         folder.mkdir()
-        vocab = build_tokenizer(folder).get_vocab_size()
-        cfg = getattr(transformers, config_cls)(**{**SHAPE, "vocab_size": vocab, **extra})
-        torch.manual_seed(0)
-        model = getattr(transformers, model_cls)(cfg).eval()
-        with torch.no_grad():  # confident predictions: large random weights
-            for pname, p in model.named_parameters():
-                if p.ndim >= 2:
-                    embed = 0.3 / (48**0.5 if name == "gemma3" else 1)  # Gemma scales embeddings by sqrt(48)
-                    p.normal_(0, 2.0 / p.shape[-1] ** 0.5 if "embed" not in pname else embed)
-                elif "norm" in pname:
-                    p.uniform_(-0.3, 0.3).add_(0.0 if name == "gemma3" else 1.0)
-                else:
-                    p.normal_(0, 0.3)
-        model.save_pretrained(folder)
+        config = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "chat_template": CHAT_TEMPLATE}
+        vocab = write_hf_tokenizer(folder, TEXT, SPECIALS, config, prefix="<|im_start|>").get_vocab_size()
+        write_hf_model(folder, config_cls, model_cls, **{**SHAPE, "vocab_size": vocab, **extra})
         (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}), encoding="utf-8")
         out[name] = folder
     return out
-
-
-def theirs(folder):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
 
 
 def greedy_theirs(model, prompt, n=100):
@@ -102,7 +72,7 @@ def greedy_theirs(model, prompt, n=100):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_and_greedy_tokens_match_transformers(family, hf_dirs):
-    ref = theirs(hf_dirs[family])
+    ref = load_hf_model(hf_dirs[family])
     ours = convert.load_hf_folder(hf_dirs[family]).model.eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -136,7 +106,7 @@ def test_export_import_is_bit_exact_and_transformers_loads_the_export(family, hf
     assert all(torch.equal(original[k], reloaded[k]) for k in reloaded)
     model = checkpoint.load_checkpoint(ours).model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
-    assert torch.equal(greedy_theirs(theirs(exported), prompt, 40), generate(model, prompt, 40, SamplingParams(temperature=0)))
+    assert torch.equal(greedy_theirs(load_hf_model(exported), prompt, 40), generate(model, prompt, 40, SamplingParams(temperature=0)))
 
 
 def test_shipped_tokenizer_round_trips_through_the_checkpoint_spec(hf_dirs, tmp_path):

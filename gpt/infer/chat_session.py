@@ -60,11 +60,13 @@ def run_chat(
     use_kv_cache: bool = True,
     max_model_len: int | None = None,
     read: Callable[[str], str] = input,
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
 ) -> None:
     """Read a message, stream the reply, repeat; params.max_tokens bounds each reply, params.stop adds
-    to the template's own end-of-turn strings; the context is the engine's (`context_length`)."""
+    to the template's own end-of-turn strings; the context is the engine's (`context_length`). `out` and
+    `err` default to sys.stdout and sys.stderr as they are at the call (not at import)."""
+    out, err = sys.stdout if out is None else out, sys.stderr if err is None else err
     template = ChatTemplate(tokenizer)
     block = context_length(model.config, max_model_len)
     session = ChatSession(template, block - min(params.max_tokens, block // 2), system)
