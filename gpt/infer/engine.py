@@ -3,7 +3,9 @@
 `Engine` holds a batch of sequences in one KV cache and advances all of them by one token per
 `step()`. Sequences join at the next step (`add`) and leave when they finish, so prompts of
 different lengths, each with its own SamplingParams (seed, stops, max_tokens, penalties), share
-a batch: continuous batching. Built on it:
+a batch: continuous batching. A request with a constraint (SamplingParams.constraint: JSON schema,
+regex, choice, grammar) carries its own grammar matcher, whose mask of allowed tokens applies
+before its sampling rules (gpt/infer/constraints.py). Built on it:
   generate(model, idx, n, params)          (B, T) tensor in, (B, T + n) out (training's samples)
   complete(model, tokenizer, prompt, params)  text in, `Completion`s out: stop strings, end-of-text,
                                           UTF-8-safe streaming, log-probabilities, finish reasons
@@ -45,6 +47,7 @@ import torch
 from gpt.config import ModelConfig
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer
+from gpt.infer.constraints import ConstraintError, GrammarState, token_masks
 from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
 from gpt.model import GPT, KVCache
 
@@ -177,6 +180,7 @@ class DecodeRequest:
         self.fresh = True  # its row must be (re)filled before the next step
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed) if params.seed is not None else self.generator.seed()
+        self.grammar: GrammarState | None = None  # the constraint's matcher (Engine.add sets it)
         self.seen = self.counts = None
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
@@ -213,6 +217,8 @@ class DecodeRequest:
             self.seen[0, token] = True
         if self.counts is not None:
             self.counts[0, token] += 1
+        if self.grammar is not None and token not in self.stop_ids:
+            self.grammar.advance(token)
         if token in self.stop_ids:
             self.finish_reason = "eos"
         elif self.stream is not None and token not in self.hidden_ids and self.stream.push(token):
@@ -267,6 +273,8 @@ class Engine:
             raise SamplingError("prompt", "the prompt is empty")
         req = DecodeRequest(list(prompt), params, stop_ids, self.tokenizer, on_token, self.vocab, self.device,
                             hidden_ids)
+        if params.constraint is not None:
+            req.grammar = self._grammar(params, req.stop_ids)
         if params.max_tokens == 0:
             req.end("length")
             return req
@@ -309,11 +317,15 @@ class Engine:
         else:
             logits = self._next_logits()
         logp = logits.log_softmax(-1)
+        masks = self._masks()
         for i, req in enumerate(self.active):
             p = req.params
-            row = logits[i : i + 1]
+            row, allowed = logits[i : i + 1], masks.get(i)
+            if allowed is not None and not allowed.any():  # the grammar is complete, or stuck (constraints.py)
+                req.end("stop" if req.grammar.accepting else "error")
+                continue
             candidates, ids = filter_logits(row, p, None if req.seen is None else req.seen[:, : self.vocab],
-                                            None if req.counts is None else req.counts[:, : self.vocab])
+                                            None if req.counts is None else req.counts[:, : self.vocab], allowed)
             token = int(draw(candidates, ids, p, req.generator))
             top = None
             if p.logprobs:
@@ -332,6 +344,26 @@ class Engine:
                 self.step()
 
     # ------------------------------------------------------------------ internals
+
+    def _grammar(self, params: SamplingParams, stop_ids: set[int]) -> GrammarState:
+        """The constraint's matcher for a new request; refused in one line if the vocabulary cannot even begin it."""
+        if self.tokenizer is None:
+            raise SamplingError("constraint", "constrained decoding needs the model's tokenizer")
+        state = GrammarState(params.constraint, self.tokenizer)
+        if not token_masks([state], [stop_ids], self.vocab).any():
+            kind = params.constraint.kind.replace("_", " ")
+            raise ConstraintError(f"this model's vocabulary ({self.vocab} tokens) cannot begin the {kind} "
+                                  "constraint (a character it needs is not a token)")
+        return state
+
+    def _masks(self) -> dict[int, torch.Tensor]:
+        """Row -> (1, vocab) bool: the tokens its constraint allows next (rows without one are absent)."""
+        rows = [i for i, r in enumerate(self.active) if r.grammar is not None]
+        if not rows:
+            return {}
+        allowed = token_masks([self.active[i].grammar for i in rows], [self.active[i].stop_ids for i in rows],
+                              self.vocab).to(self.device)
+        return {i: allowed[k : k + 1] for k, i in enumerate(rows)}
 
     def _admit(self) -> None:
         self._drop_cancelled()
@@ -400,19 +432,26 @@ def _eval_mode(model: torch.nn.Module):
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, params: SamplingParams | None = None, *,
              vocab_limit: int | None = None, use_kv_cache: bool = True,
-             max_model_len: int | None = None) -> torch.Tensor:
+             max_model_len: int | None = None, tokenizer: Tokenizer | None = None) -> torch.Tensor:
     """Append max_new_tokens tokens to each row of idx (B, T) -> (B, T + max_new_tokens).
 
     Row b draws with sample_seed(params.seed, b); params.max_tokens and params.stop are ignored.
+    A params.constraint needs the tokenizer; a row whose grammar is complete before max_new_tokens
+    is padded with the tokenizer's end-of-text id (complete() returns each sample's own length).
     """
     params = replace(params or SamplingParams(), max_tokens=max_new_tokens, stop=())
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError("the prompt must be a non-empty (batch, tokens) tensor")
-    engine = Engine(model, max_batch=idx.shape[0], use_kv_cache=use_kv_cache, vocab_limit=vocab_limit,
+    engine = Engine(model, tokenizer, max_batch=idx.shape[0], use_kv_cache=use_kv_cache, vocab_limit=vocab_limit,
                     max_model_len=max_model_len)
     reqs = [engine.add(row, replace(params, seed=sample_seed(params.seed, b))) for b, row in enumerate(idx.tolist())]
     engine.run()
-    new = torch.tensor([r.out_ids for r in reqs], dtype=torch.long, device=idx.device).view(len(reqs), -1)
+    pad = tokenizer.eot_id if tokenizer is not None else None
+    if any(len(r.out_ids) < max_new_tokens for r in reqs) and pad is None:
+        raise SamplingError("constraint", "a constrained row ended before max_new_tokens and this tokenizer has no "
+                                          "end-of-text id to pad it with: use complete()")
+    new = [r.out_ids + [pad] * (max_new_tokens - len(r.out_ids)) for r in reqs]
+    new = torch.tensor(new, dtype=torch.long, device=idx.device).view(len(reqs), -1)
     return torch.cat([idx, new], dim=1)
 
 

@@ -13,7 +13,7 @@ import torch
 from gpt.config import ConfigError
 from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN, Completion, complete
-from gpt.infer.sampling import SamplingParams
+from gpt.infer.sampling import Constraint, SamplingParams
 from gpt.infer.weights import add_model_args, load_for_decoding
 
 
@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end generation at this text, which is not printed (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
+    shape = p.add_mutually_exclusive_group()  # constrained decoding (llguidance), docs/sampling.md#constrained-decoding
+    shape.add_argument("--json-schema", metavar="FILE", default=None,
+                       help="the output is JSON valid against this JSON schema file (compact, no free whitespace)")
+    shape.add_argument("--regex", metavar="RE", default=None, help="the whole output matches this regular expression")
+    shape.add_argument("--choice", metavar="A,B,C", default=None, help="the output is exactly one of these strings")
+    shape.add_argument("--grammar", metavar="FILE", default=None, help="the output follows this Lark or GBNF grammar file")
     add_model_args(p, threads="0 = the cores other processes leave idle; see docs/performance.md#threads",
                    context_cap=DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (reference path)")
@@ -66,8 +72,40 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                             presence_penalty=args.presence_penalty, max_tokens=args.max_new_tokens,
-                            stop=tuple(args.stop), seed=args.seed, logprobs=args.logprobs)
+                            stop=tuple(args.stop), seed=args.seed, logprobs=args.logprobs,
+                            constraint=read_constraint(args))
     return params.validate(name=lambda key: "--max-new-tokens" if key == "max_tokens" else "--" + key.replace("_", "-"))
+
+
+def read_constraint(args: argparse.Namespace) -> Constraint | None:
+    """--json-schema / --regex / --choice / --grammar as a Constraint, checked by the grammar library (one-line errors)."""
+    from gpt.infer.constraints import ConstraintError, check_constraint
+
+    if args.json_schema is not None:
+        flag, constraint = "--json-schema", Constraint.json_schema(_read_text(args.json_schema, "--json-schema"))
+    elif args.regex is not None:
+        flag, constraint = "--regex", Constraint.regex(args.regex)
+    elif args.choice is not None:
+        flag, constraint = "--choice", Constraint.choice([c for c in args.choice.split(",") if c])
+    elif args.grammar is not None:
+        flag, constraint = "--grammar", Constraint.grammar(_read_text(args.grammar, "--grammar"))
+    else:
+        return None
+    try:
+        check_constraint(constraint.validate())
+    except ConfigError as e:
+        raise ConstraintError(f"{flag}: {e}") from None
+    return constraint
+
+
+def _read_text(file: str, flag: str) -> str:
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{flag} {path}: not UTF-8 text (byte {e.start})") from None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -79,6 +117,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.chat and (args.json or args.num_samples > 1 or args.logprobs or args.prompt or args.prompt_file):
         raise ConfigError("--chat is interactive: it cannot be combined with --json, --logprobs, --num-samples > 1 "
                           "or a --prompt/--prompt-file")
+    if args.chat and any(v is not None for v in (args.json_schema, args.regex, args.choice, args.grammar)):
+        raise ConfigError("--json-schema, --regex, --choice and --grammar apply to completions, not --chat")
     if args.system is not None and not args.chat:
         raise ConfigError("--system only applies to --chat")
 

@@ -2,6 +2,9 @@
 
 Pure tensor functions on (B, V) float logits, applied in this order (the order of HF and vLLM):
 
+-1. the constraint's mask (a `Constraint`: JSON schema, regex, choice, grammar; gpt/infer/constraints.py
+   computes which tokens its grammar allows): every other token gets -inf first, so no later rule can
+   bring it back.
 1. repetition_penalty (CTRL / HF semantics): a token already in the context (prompt or output)
    has its logit divided by the penalty when positive and multiplied by it when negative.
 2. frequency_penalty and presence_penalty (OpenAI semantics): logit -= count * frequency_penalty
@@ -17,8 +20,9 @@ Pure tensor functions on (B, V) float logits, applied in this order (the order o
 from __future__ import annotations
 
 import math
+import json
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -35,6 +39,60 @@ class SamplingError(ConfigError):
         self.param = param
 
 
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match: kind + text (hashable, so compiled grammars are shared).
+
+    json_schema: a JSON schema (text = the schema as JSON; OpenAI's strict subset and more).
+    json_object: any JSON object (text unused). regex: the whole output matches the regular
+    expression. choice: exactly one of several strings (text = a JSON list of them). grammar: a Lark
+    or GBNF (llama.cpp) grammar. Build one with the class methods: Constraint.json_schema({...}).
+    """
+
+    kind: ConstraintKind
+    text: str = ""
+
+    @classmethod
+    def json_schema(cls, schema: dict | str) -> "Constraint":
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+
+    @classmethod
+    def json_object(cls) -> "Constraint":
+        return cls("json_object")
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Constraint":
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, options: Sequence[str]) -> "Constraint":
+        return cls("choice", json.dumps(list(options)))
+
+    @classmethod
+    def grammar(cls, text: str) -> "Constraint":
+        return cls("grammar", text)
+
+    def validate(self) -> "Constraint":
+        """SamplingError for an unknown kind or missing text (the grammar itself is checked when compiled)."""
+        if self.kind not in CONSTRAINT_KINDS:
+            raise SamplingError("constraint", f"constraint kind must be one of {', '.join(CONSTRAINT_KINDS)}, "
+                                              f"got {self.kind!r}")
+        if self.kind == "choice":
+            try:
+                options = json.loads(self.text)
+            except json.JSONDecodeError:
+                options = None
+            if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
+                raise SamplingError("constraint", "a choice constraint needs a non-empty list of non-empty strings")
+        elif self.kind != "json_object" and not self.text.strip():
+            raise SamplingError("constraint", f"the {self.kind.replace('_', ' ')} constraint is empty")
+        return self
+
+
 @dataclass
 class SamplingParams:
     """Everything that decides one continuation: the one object passed through complete(), generate(),
@@ -44,6 +102,7 @@ class SamplingParams:
         the batch (every sequence draws from its own generator).
     logit_bias: token id -> value added to its logit before penalties and temperature (OpenAI's).
     logprobs: also report the K most likely tokens at each step (0 = only the chosen token's).
+    constraint: a JSON schema, regex, choice or grammar the output must match (None = free text).
     """
 
     temperature: float = ranged(1.0, ge=0)  # 0 = greedy
@@ -57,6 +116,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = ranged(None)  # None = a random seed
     logprobs: int = ranged(0, ge=0)
+    constraint: Constraint | None = None  # the output must match it (gpt/infer/constraints.py)
 
     def validate(self, name: Callable[[str], str] | None = None) -> "SamplingParams":
         """SamplingError naming the first setting out of range (NaN and infinities included); returns self.
@@ -74,6 +134,8 @@ class SamplingParams:
             raise SamplingError(failed[-1], str(e)) from None
         if any(not math.isfinite(b) for b in self.logit_bias.values()):
             raise SamplingError("logit_bias", "sampling: logit_bias values must be finite numbers")
+        if self.constraint is not None:
+            self.constraint.validate()
         return self
 
     @property
@@ -115,12 +177,16 @@ def filter_logits(
     params: SamplingParams,
     seen: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bias, penalties, temperature, top-k and top-p -> (candidate logits (B, K), their token ids (B, K)).
+    """Mask, bias, penalties, temperature, top-k and top-p -> (candidate logits (B, K), their token ids (B, K)).
 
+    allowed: (B, V) bool, the tokens a constraint allows (at least one per row); the others get -inf.
     ids is None when every token is a candidate (K = V). Top-k keeps only the k best candidates
     (topk), which is cheaper than masking the whole vocabulary; top-p sets dropped ones to -inf.
     """
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, NEG_INF)
     if params.logit_bias:
         ids, bias = zip(*params.logit_bias.items())
         logits = logits.index_add(-1, torch.tensor(ids, device=logits.device),
