@@ -154,7 +154,20 @@ def runs(tmp_path_factory, shakespeare_text) -> Runs:
     dpo.mkdir()
     jobs += sft_jobs(sft)
     jobs.append(dpo_job(dpo))
+    jobs.append(llama_job(tmp, corpus, data))
     return Runs(tmp, corpus, data, sft, dpo, single, launch_jobs(jobs, tmp / "jobs"))
+
+
+# A Llama shape: RMSNorm, rotary positions, SwiGLU, grouped-query attention, an untied LM head (FSDP wraps it)
+LLAMA = {"model.norm": "rmsnorm", "model.position": "rope", "model.mlp": "swiglu", "model.n_kv_head": 1,
+         "model.bias": "false", "model.tie_embeddings": "false", "model.intermediate_size": 40}
+
+
+def llama_job(tmp: Path, corpus: Path, data: Path) -> dict:
+    """FSDP on 2 ranks at batch 2 each of a Llama-shaped model, after its reference here at batch 4."""
+    train_here(tmp / "llama-single", corpus, data, 4, **LLAMA)
+    return {"name": "llama-fsdp", "entry": "train.py", "args": train_args(
+        tmp / "llama-fsdp", corpus, data, 2, **LLAMA, **{"distributed.strategy": "fsdp"})}
 
 
 def sft_jobs(tmp: Path) -> list[dict]:
@@ -270,3 +283,12 @@ def test_dpo_on_two_ranks_matches_one_process(runs):
         assert metrics(tmp / "ddp", key) == pytest.approx(metrics(tmp / "single", key), **TOL), key
     assert metrics(tmp / "ddp", "val_accuracy")[K] > 0.5  # it trained
     assert files(tmp / "ddp") == files(tmp / "single")  # one cache file, one writer
+
+
+def test_fsdp_trains_an_untied_llama_shape_like_one_process(runs):
+    runs.stdout("llama-fsdp")
+    out, reference = runs.tmp / "llama-fsdp", runs.tmp / "llama-single"
+    losses = metrics(out, "loss")
+    assert sorted(losses) == list(range(1, K + 1))
+    assert losses == pytest.approx(metrics(reference, "loss"), **TOL)
+    assert metrics(out, "val_loss") == pytest.approx(metrics(reference, "val_loss"), **TOL)
