@@ -3,6 +3,7 @@
     python bench/train_throughput.py                        # shakespeare, bpe-small, 124m; dtype auto
     python bench/train_throughput.py --models 124m --steps 3 --compile
     python bench/train_throughput.py --models bpe-small --systems ours,before
+    python bench/train_throughput.py --models 124m,124m-modern --systems ours   # GPT-2 vs the modern architecture
     python bench/train_throughput.py --models 124m --batch-size 16 --compile     # on a GPU: MFU with bf16,
                                                                                 # compile and flash SDPA
 
@@ -55,6 +56,7 @@ from gpt.train.dist import Dist  # noqa: E402
 from gpt.train.loop import Optimization, StepContext, TokenLoss, _train_step  # noqa: E402
 from gpt.train.optim import make_optimizer  # noqa: E402
 
+MODERN = dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False)
 SYSTEMS = ("ours", "fused", "untuned", "before", "nanogpt", "nanogpt-amp")
 
 
@@ -63,9 +65,9 @@ def shapes() -> dict[str, tuple[ModelConfig, int]]:
     sh = load_config(PretrainConfig, ROOT / "configs" / "shakespeare.yaml")
     sh.model.vocab_size = 65
 
-    def gpt(n_layer, n_head, n_embd, block_size=256, vocab_size=50304):
+    def gpt(n_layer, n_head, n_embd, block_size=256, vocab_size=50304, **options):
         return ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                           n_embd=n_embd, bias=False, gelu="exact", dropout=0.0)
+                           n_embd=n_embd, bias=False, gelu="exact", dropout=0.0, **options)
 
     return {
         "shakespeare": (sh.model, sh.train.batch_size),
@@ -73,6 +75,9 @@ def shapes() -> dict[str, tuple[ModelConfig, int]]:
         "10m": (gpt(6, 6, 192), 8),
         "50m": (gpt(8, 8, 512), 4),
         "124m": (gpt(12, 12, 768), 4),
+        # the 124M shape with configs/shakespeare_modern.yaml's architecture: RoPE, RMSNorm, SwiGLU at
+        # 8/3 x 768 = 2048 (GPT-2's MLP parameters), QK-norm and an untied head (+38.6M head parameters)
+        "124m-modern": (gpt(12, 12, 768, **MODERN, intermediate_size=2048), 4),
         "350m": (gpt(24, 16, 1024), 2),
     }
 
@@ -202,6 +207,8 @@ def worker(args) -> None:
     if args.system == "nanogpt":
         dtype = torch.float32
     if args.system in ("nanogpt", "nanogpt-amp"):
+        if cfg.position != "learned":
+            raise SystemExit(f"{args.system} is GPT-2's architecture only; {args.model} is not")
         model, step = nanogpt_step(cfg, batch_size, device, dtype)
     else:
         cfg.fused_loss = {"ours": "auto", "fused": "on", "untuned": "auto", "before": "off"}[args.system]
@@ -332,6 +339,17 @@ def cpu_flag(flag: str) -> bool:
         return flag in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform reports."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

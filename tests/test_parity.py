@@ -17,12 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from gpt.config import LoRAConfig, ModelConfig
 from gpt.infer.engine import generate
 from gpt.infer.sampling import SamplingParams
 from gpt.lora import apply_lora, merged_state_dict
 from gpt.model import GPT, KVCache
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BASE = dict(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=40, dropout=0.1)
 OPTIONS = {
@@ -149,14 +152,19 @@ def test_cached_decoding_computes_the_uncached_model(field, value, variant):
     assert torch.equal(generate(model, long, n, params), generate(model, long, n, params, use_kv_cache=False))
 
 
-def briefly_trained(gelu: str, bias: bool) -> tuple[GPT, list[int]]:
+# the architecture options of configs/shakespeare_modern.yaml (RoPE, RMSNorm, SwiGLU, QK-norm, untied head)
+MODERN_KEYS = ("position", "norm", "mlp", "qk_norm", "tie_embeddings", "bias")
+MODERN = {k: v for k, v in yaml.safe_load((ROOT / "configs" / "shakespeare_modern.yaml").read_text())["model"].items()
+          if k in MODERN_KEYS}
+
+
+def briefly_trained(**options) -> tuple[GPT, list[int]]:
     """A char model trained for a few seconds on the README (float32): peaked, near-tie-prone logits."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()[:20000]
+    text = (ROOT / "README.md").read_text()[:20000]
     chars = sorted(set(text))
     data = torch.tensor([chars.index(c) for c in text])
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=len(chars), gelu=gelu,
-                            bias=bias))
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=len(chars), **options))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(150):
@@ -169,11 +177,17 @@ def briefly_trained(gelu: str, bias: bool) -> tuple[GPT, list[int]]:
     return model.eval(), [chars.index(c) for c in "## Training\n"]
 
 
-@pytest.mark.parametrize("gelu,bias", [("exact", False), ("tanh", True)])
-def test_trained_model_cached_greedy_equals_uncached_for_300_tokens(gelu, bias):
-    model, prompt = briefly_trained(gelu, bias)
+@pytest.mark.parametrize("options", [dict(gelu="exact", bias=False), dict(gelu="tanh", bias=True), MODERN],
+                         ids=["exact-nobias", "tanh-bias", "modern"])
+def test_trained_model_cached_greedy_equals_uncached_for_300_tokens(options):
+    model, prompt = briefly_trained(**options)
     idx = torch.tensor([prompt])
     params = SamplingParams(temperature=0)
     cached = generate(model, idx, 300, params)  # block_size 32: the window slides about 18 times
     assert torch.equal(cached, generate(model, idx, 300, params, use_kv_cache=False))
     assert len(set(cached[0].tolist())) > 5
+
+
+def test_the_modern_options_are_the_modern_config():
+    assert MODERN == dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False,
+                          bias=False)
