@@ -58,13 +58,7 @@ def read_prompt(args: argparse.Namespace) -> str | None:
         return args.prompt
     if args.prompt_file == "-":
         return sys.stdin.read()
-    path = Path(args.prompt_file)
-    if not path.is_file():
-        raise ConfigError(f"--prompt-file {path}: no such file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--prompt-file {path}: not UTF-8 text (byte {e.start})") from None
+    return _read_text(args.prompt_file, "--prompt-file")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -99,6 +93,7 @@ def read_constraint(args: argparse.Namespace) -> Constraint | None:
 
 
 def _read_text(file: str, flag: str) -> str:
+    """The UTF-8 text of the file a flag names (a missing or undecodable file is a one-line error)."""
     path = Path(file)
     if not path.is_file():
         raise ConfigError(f"{flag} {path}: no such file")
