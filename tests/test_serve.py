@@ -208,7 +208,7 @@ def post(srv, path, body, **kw):
     ({"ignore_eos": "yes"}, "ignore_eos"), ({"model": None}, "model"), ({"model": 5}, "model"),
 ])
 def test_bad_parameters_are_400_with_the_param(srv, body, param):
-    r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "hi", "unknown_field": 1, **body})
+    r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "hi", **body})  # unknown fields: test_response_format.py
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]

@@ -6,6 +6,13 @@ handler's event loop through an asyncio queue and leave as JSON or Server-Sent E
 that disconnects cancels its sequences, streaming or not. Who may ask (Host, Origin, key, a JSON body) is
 checked first, by gpt/serve/access.py. Every error is OpenAI's error JSON with its status; the access
 log (uvicorn's) records method, path and status, never prompt or completion text.
+
+A reply held to a `response_format` that the model's vocabulary cannot continue (the format needs a
+character no token has: the engine ends the row with finish reason "error", see
+gpt/infer/constraints.py) is cut off, not failed: OpenAI has no reason for it, so the choice ends
+with "length", the one reason clients read as "incomplete, do not parse", and carries an `error`
+object saying why (param "response_format", code "response_format_unreachable"). A failed engine
+step stays a 500.
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.data.tokenizer import Tokenizer
+from gpt.infer.constraints import ConstraintError, token_masks
 from gpt.infer.engine import DecodeRequest, Engine, FinishReason, sample_seed
 from gpt.infer.scoring import TokenScore
 from gpt.model import GPT
 from gpt.serve.access import Gate, error_response, too_large
-from gpt.serve.protocol import APIError, Job, chat_job, completion_job
+from gpt.serve.protocol import RF, APIError, Job, bad, chat_job, completion_job
 from gpt.serve.worker import QueueFull, ShuttingDown, Worker
 
 log = logging.getLogger("gpt.serve")
@@ -41,6 +49,9 @@ FINISH: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "len
 STATIC = Path(__file__).resolve().parent / "static"  # the playground page, served at /
 RETRY_AFTER_S = 1  # a full server's 429 asks the client to wait this long (rows free up within steps)
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of a UTF-16 surrogate, paired or lone
+UNREACHABLE = {"message": "The reply was cut off: the model's vocabulary has no token for what the response_format "
+                          "needs next.", "type": "invalid_request_error", "param": RF,
+               "code": "response_format_unreachable"}  # a stuck constrained row's choice carries it (module doc)
 
 
 @dataclass
@@ -295,6 +306,8 @@ class PendingReply:
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except ShuttingDown:
             raise shutting_down() from None
+        except ConstraintError as e:  # the vocabulary cannot even begin the format
+            raise bad(RF, f"Invalid response_format for this model: {e}") from None
 
     def _on_token(self, seq: DecodeRequest, token: int | None, text: str) -> None:  # engine thread
         """Queue what happened now: the handler runs later, when the sequence may have moved on.
@@ -339,8 +352,14 @@ class PendingReply:
                     task.cancel()
         self._check_failed()
 
+    def stuck(self, seq: DecodeRequest) -> bool:
+        """A row the engine ended because its vocabulary cannot continue the response_format (not a failed
+        step): its grammar allows no token (the engine's own test, constraints.token_masks)."""
+        return (seq.finish_reason == "error" and seq.grammar is not None
+                and not token_masks([seq.grammar], [seq.stop_ids], self.worker.engine.vocab).any())
+
     def _check_failed(self) -> None:
-        if any(s.finish_reason == "error" for s in self.seqs):
+        if any(s.finish_reason == "error" and not self.stuck(s) for s in self.seqs):
             raise APIError(500, "The server had an error while generating.", type="server_error")
         if any(s.finish_reason == "cancelled" for s in self.seqs):
             raise shutting_down()
@@ -370,7 +389,8 @@ async def stream_events(reply: PendingReply, shape: Shape) -> AsyncIterator[str]
             out = []
             for e in events:
                 i = index[id(e.seq)]
-                if e.finish_reason in ("error", "cancelled"):  # a failed step; a server shutting down
+                failed = e.finish_reason == "cancelled" or (e.finish_reason == "error" and not reply.stuck(e.seq))
+                if failed:  # a failed step; a server shutting down
                     failed = APIError(500, "generation was interrupted", type="server_error")
                     yield "".join(out) + sse((failed if e.finish_reason == "error" else shutting_down()).body())
                     return
@@ -379,7 +399,7 @@ async def stream_events(reply: PendingReply, shape: Shape) -> AsyncIterator[str]
                     out.append(sse(chunk))
                 if e.finish_reason is not None:
                     left -= 1
-                    out.append(sse(shape.finish(i, e.finish_reason)))
+                    out.append(sse(shape.finish(i, e.seq, reply)))
             yield "".join(out)
         if reply.job.include_usage:
             yield sse(shape.usage_chunk(reply.seqs))
@@ -393,6 +413,16 @@ def sse(obj: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- OpenAI's response objects
+
+
+def finish_reason(seq: DecodeRequest, reply: PendingReply) -> str:
+    """OpenAI's finish_reason of an ended sequence: a stuck constrained row is cut off, "length" (module doc)."""
+    return "length" if reply.stuck(seq) else FINISH[seq.finish_reason]
+
+
+def unreachable(seq: DecodeRequest, reply: PendingReply) -> dict:
+    """The choice's extra `error` field when its row was stuck on the response_format; else nothing."""
+    return {"error": UNREACHABLE} if reply.stuck(seq) else {}
 
 
 def generated(seq: DecodeRequest, indices: list[int]) -> list[TokenScore]:
@@ -455,8 +485,10 @@ class Shape(ABC):
             return None
         return self.envelope(self.object_chunk, choices=[self.chunk_choice(i, e.text, lp, None)])
 
-    def finish(self, i: int, reason: FinishReason) -> dict:
-        return self.envelope(self.object_chunk, choices=[self.chunk_choice(i, None, None, FINISH[reason])])
+    def finish(self, i: int, seq: DecodeRequest, reply: PendingReply) -> dict:
+        """A stream's last chunk for choice i: its finish reason (and why a stuck row was cut off)."""
+        choice = self.chunk_choice(i, None, None, finish_reason(seq, reply))
+        return self.envelope(self.object_chunk, choices=[{**choice, **unreachable(seq, reply)}])
 
 
 class Completions(Shape):
@@ -475,7 +507,8 @@ class Completions(Shape):
                 lp = None
                 if self.job.logprobs is not None:
                     lp = self.text_logprobs(scored + generated(seq, self.reported(seq)), offset, len(scored))
-                choices.append({"text": text, "index": i, "logprobs": lp, "finish_reason": FINISH[c.finish_reason]})
+                choices.append({"text": text, "index": i, "logprobs": lp, "finish_reason": finish_reason(seq, reply),
+                                **unreachable(seq, reply)})
                 i += 1
         return self.envelope("text_completion", choices=choices, usage=self.usage(reply.seqs))
 
@@ -519,7 +552,7 @@ class ChatCompletions(Shape):
             c = seq.completion()
             lp = self.logprobs(seq, self.reported(seq)) if self.job.logprobs is not None else None
             choices.append({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                            "logprobs": lp, "finish_reason": FINISH[c.finish_reason]})
+                            "logprobs": lp, "finish_reason": finish_reason(seq, reply), **unreachable(seq, reply)})
         return self.envelope("chat.completion", choices=choices, usage=self.usage(reply.seqs),
                              system_fingerprint=None)
 

@@ -1,13 +1,23 @@
 """OpenAI's request fields checked and turned into the engine's terms; OpenAI's error shape.
 
 Every value a client can send is checked here, with OpenAI's ranges, and a bad one becomes an
-`APIError` (400 and the offending `param`), never an exception further down. Unknown fields are
-ignored, as the hosted API does.
+`APIError` (400 and the offending `param`), never an exception further down. A field the endpoint
+does not know is refused as the hosted API refuses it ("Unrecognized request argument supplied"),
+and tools are refused by name until they land, never accepted and ignored.
+
+`response_format` (OpenAI's structured outputs) becomes the engine's constraint
+(gpt/infer/constraints.py): {"type": "text"} none, {"type": "json_object"} any JSON object,
+{"type": "json_schema", "json_schema": {"name", "schema", "strict"}} that schema, compiled here so a
+schema the grammar library refuses is a 400 naming `response_format`; `strict: true` also holds the
+schema to OpenAI's strict rules (an object at the root; every object lists all its properties in
+`required` and sets `additionalProperties: false`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 
 from gpt.data.chat_template import ChatTemplate
@@ -15,11 +25,20 @@ from gpt.data.files import RecordError
 from gpt.data.messages import MessageError, read_messages
 from gpt.data.tokenizer import Tokenizer
 from gpt.errors import UserError
-from gpt.infer.sampling import SamplingParams
+from gpt.infer.constraints import ConstraintError, compiled_matcher
+from gpt.infer.sampling import Constraint, SamplingParams
 
 MAX_STOPS = 4
 MAX_N = 64  # n and best_of
 MAX_LOGPROBS = 20
+COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "frequency_penalty",
+                           "presence_penalty", "seed", "logit_bias", "logprobs", "stream", "stream_options",
+                           "response_format", "ignore_eos", "user"})  # user: accepted and ignored
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "best_of", "echo"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+NOT_YET = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix")  # OpenAI's, not ours
+SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
+RF = "response_format"
 
 
 class APIError(Exception):
@@ -171,11 +190,93 @@ def _end_ids(body: dict, tokenizer: Tokenizer) -> dict[str, list[int]]:
     return {"stop_ids": [] if _bool(body, "ignore_eos") else ends, "hidden_ids": ends}
 
 
+def _known_fields(body: dict, known: frozenset[str]) -> None:
+    """Refuse a field the endpoint does not take: OpenAI's 400 naming it (tools by name, until they land)."""
+    for name, value in body.items():
+        if name in NOT_YET:
+            if value is not None:
+                raise bad(name, f"{name} is not supported yet by this server")
+        elif name not in known:
+            raise bad(name, f"Unrecognized request argument supplied: {name}")
+
+
+def _response_format(body: dict, tokenizer: Tokenizer) -> Constraint | None:
+    """response_format as the engine's constraint, compiled for this tokenizer (the engine reuses it)."""
+    v = body.get(RF)
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not isinstance(v.get("type"), str):
+        raise bad(RF, "response_format must be an object with a type: 'text', 'json_object' or 'json_schema'")
+    kind, name = v["type"], None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        constraint = Constraint.json_object()
+    elif kind == "json_schema":
+        name, constraint = _json_schema(v.get("json_schema"))
+    else:
+        raise bad(RF, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    try:
+        compiled_matcher(constraint, tokenizer)
+    except ConstraintError as e:
+        raise bad(RF, f"Invalid schema for response_format{'' if name is None else f' {name!r}'}: {e}") from None
+    return constraint
+
+
+def _json_schema(v) -> tuple[str, Constraint]:
+    """OpenAI's json_schema object: name (required), description, schema (absent: any JSON object), strict."""
+    if not isinstance(v, dict):
+        raise bad(RF, "response_format.json_schema must be an object with a name and a schema")
+    name, schema, strict = v.get("name"), v.get("schema"), v.get("strict")
+    if not isinstance(name, str) or not SCHEMA_NAME.fullmatch(name):
+        raise bad(RF, "response_format.json_schema.name must be 1-64 letters, digits, '_' or '-', "
+                      f"got {name!r}")
+    if strict is not None and not isinstance(strict, bool):
+        raise bad(RF, f"response_format.json_schema.strict must be true or false, got {strict!r}")
+    if schema is None:
+        return name, Constraint.json_object()
+    if not isinstance(schema, dict):
+        raise bad(RF, f"Invalid schema for response_format {name!r}: the schema must be a JSON object")
+    if strict:
+        problem = _strict_problem(schema)
+        if problem is not None:
+            raise bad(RF, f"Invalid schema for response_format {name!r}: {problem}")
+    return name, Constraint.json_schema(schema)
+
+
+def _strict_problem(schema: dict) -> str | None:
+    """What breaks OpenAI's strict rules in the schema (an object root; closed objects whose properties are
+    all required), or None. Iterative, over every subschema of properties, items, anyOf and $defs."""
+    if schema.get("type") != "object":
+        return "In strict mode the root of the schema must be an object ('type': 'object')"
+    stack: list[tuple[tuple, object]] = [((), schema)]
+    while stack:
+        where, node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if node.get("type") == "object" or "properties" in node:
+            props = node.get("properties") or {}
+            if node.get("additionalProperties") is not False:
+                return f"In context={where}, 'additionalProperties' is required to be supplied and to be false"
+            missing = [k for k in props if k not in (node.get("required") or [])]
+            if missing:
+                return f"In context={where}, 'required' is required to include every property; missing {missing[0]!r}"
+        for key in ("properties", "$defs", "definitions"):
+            if isinstance(node.get(key), dict):
+                stack += [((*where, key, k), sub) for k, sub in node[key].items()]
+        for key in ("anyOf", "prefixItems"):
+            if isinstance(node.get(key), list):
+                stack += [((*where, key, str(i)), sub) for i, sub in enumerate(node[key])]
+        stack.append(((*where, "items"), node.get("items")))
+    return None
+
+
 # ---------------------------------------------------------------------------- the two endpoints
 
 
 def completion_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
     """POST /v1/completions: prompt (string, strings, token ids or lists of ids) and OpenAI's legacy fields."""
+    _known_fields(body, COMPLETION_FIELDS)
     prompts = _prompts(body.get("prompt"), tokenizer)
     stream = _bool(body, "stream")
     max_tokens = _int(body, "max_tokens", 16, 0)
@@ -183,12 +284,15 @@ def completion_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
     for p in prompts:
         _fits(p, max_tokens, block_size, "max_tokens")
     n, best_of = _n_best_of(body, stream)
-    return Job(prompts, _sampling(body, tokenizer, max_tokens, logprobs), n, best_of, stream,
-               _include_usage(body, stream), _bool(body, "echo"), logprobs, **_end_ids(body, tokenizer))
+    params = _sampling(body, tokenizer, max_tokens, logprobs)
+    params.constraint = _response_format(body, tokenizer)
+    return Job(prompts, params, n, best_of, stream, _include_usage(body, stream), _bool(body, "echo"), logprobs,
+               **_end_ids(body, tokenizer))
 
 
 def chat_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
     """POST /v1/chat/completions: messages rendered with the checkpoint's chat template."""
+    _known_fields(body, CHAT_FIELDS)
     template = ChatTemplate(tokenizer)
     try:
         prompt = template.encode(_messages(body.get("messages")), add_generation_prompt=True)
@@ -210,6 +314,7 @@ def chat_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
     n, best_of = _n_best_of({"n": body.get("n")}, stream)
     params = _sampling(body, tokenizer, max_tokens, logprobs)
     params.stop = tuple(template.stop_strings) + params.stop
+    params.constraint = _response_format(body, tokenizer)
     return Job([prompt], params, n, best_of, stream, _include_usage(body, stream), False, logprobs,
                **_end_ids(body, tokenizer))
 
