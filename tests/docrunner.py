@@ -432,7 +432,9 @@ def _run(request: dict) -> int:
         else:  # python -c, or a python block
             sys.argv = ["-c" if kind == "code" else "", *args]
             code = target if kind == "code" else request["code"]
-            exec(compile(code, "<string>" if kind == "code" else target, "exec"), {"__name__": "__main__"})
+            # dont_inherit: compiled as `python` would, without this file's `from __future__` flags
+            exec(compile(code, "<string>" if kind == "code" else target, "exec", dont_inherit=True),
+                 {"__name__": "__main__"})
         return 0
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):

@@ -118,12 +118,13 @@ def test_a_format_the_vocabulary_cannot_finish_is_cut_off_as_length_with_an_erro
     rf = {"type": "json_schema", "json_schema": {"name": "aq", "schema": schema}}
     s = Running(lively_model(tok.vocab_size, block_size=64), tok)
     try:
-        r = s.client.completions.create(model="tiny", prompt="ab", max_tokens=30, extra_body={"response_format": rf})
+        r = s.client.completions.create(model="tiny", prompt="ab", max_tokens=30, seed=1,
+                                        extra_body={"response_format": rf})
         c = r.choices[0]
         assert c.finish_reason == "length" and c.text.startswith('{"a":') and "q" not in c.text
         assert c.error["param"] == "response_format" and c.error["code"] == "response_format_unreachable"
-        chunks = list(s.client.completions.create(model="tiny", prompt="ab", max_tokens=30, stream=True,
-                                                  extra_body={"response_format": rf}))
+        chunks = list(s.client.completions.create(model="tiny", prompt="ab", max_tokens=30, stream=True, seed=1,
+                                                  extra_body={"response_format": rf}))  # the same seed: the same text
         assert "".join(ch.choices[0].text for ch in chunks) == c.text
         assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].error["param"] == "response_format"
         r = post(s, "/v1/completions", {"model": "tiny", "prompt": "ab", "response_format": {"type": "json_schema",
