@@ -290,7 +290,7 @@ class SFTDataConfig(SourceConfig, CanaryKeys):
 class SFTConfig:
     train_on_prompt: bool = False  # false: loss only on assistant/response tokens
     packing: bool = True  # pack several examples per window (attention kept inside each), else pad one per row
-    block_size: int = ranged(0, ge=0)  # training window in tokens; 0 = the base model's block_size
+    block_size: int = ranged(0, ge=0)  # training window in tokens; 0 = the base model's block_size, at most 4096
 
 
 @dataclass

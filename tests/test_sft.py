@@ -10,7 +10,7 @@ import torch
 from conftest import CHAT_CHARS, chat_template, qa, sft_config, write_base, write_jsonl
 
 from gpt import checkpoint
-from gpt.config import ConfigError, ModelConfig
+from gpt.config import ConfigError, FinetuneConfig, ModelConfig
 from gpt.data.chat_template import END_TOKEN, ROLE_TOKENS, ChatTemplate
 from gpt.data.examples import encode_chat, encode_text
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer
@@ -462,3 +462,15 @@ def test_malformed_sharegpt_and_openai_records_are_file_line_errors(tmp_path):
     assert [where for where, _ in loaded.invalid] == [f"{path}:{i}" for i in range(2, len(BAD_FORMATS) + 2)]
     for (_, message), (_, expected) in zip(loaded.invalid, BAD_FORMATS):
         assert message.startswith(expected), message
+
+
+def test_the_default_training_window_is_the_base_block_size_capped_at_4096():
+    from gpt.train.sft import training_window
+
+    cfg = FinetuneConfig()
+    assert training_window(cfg, ModelConfig(block_size=64)) == 64
+    assert training_window(cfg, ModelConfig(block_size=131072)) == 4096  # Llama 3.2's max_position_embeddings
+    cfg.sft.block_size = 8192
+    assert training_window(cfg, ModelConfig(block_size=131072)) == 8192  # asked for: allowed up to block_size
+    with pytest.raises(ConfigError, match="exceeds the block size"):
+        training_window(cfg, ModelConfig(block_size=64))

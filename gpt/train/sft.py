@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from gpt.config import ConfigError, FinetuneConfig, check_finetune
+from gpt.config import ConfigError, FinetuneConfig, ModelConfig, check_finetune
 from gpt.pretrained import load_init_from
 from gpt.data.batch import Batch
 from gpt.data.chat_template import ChatTemplate
@@ -32,7 +32,7 @@ from gpt.data.examples import Example
 from gpt.data.finetune_data import load_sft_data
 from gpt.data.tokenizer import Tokenizer
 from gpt.data.training_order import RowStream
-from gpt.infer.engine import complete
+from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN, complete
 from gpt.infer.sampling import SamplingParams
 from gpt.lora import apply_lora, count_trainable, merged_state_dict
 from gpt.model import GPT, IGNORE_INDEX
@@ -130,6 +130,16 @@ def add_chat_tokens(model: GPT, tok: Tokenizer, seed: int = 0) -> list[str]:
     return new
 
 
+def training_window(cfg: FinetuneConfig, model: ModelConfig) -> int:
+    """Tokens a fine-tuning row holds: sft.block_size, or the base model's block_size capped at the decoding
+    default (DEFAULT_MAX_MODEL_LEN): a family whose block_size is its max_position_embeddings (131,072 for
+    Llama 3.2) would otherwise pad every packed row to that length."""
+    window = cfg.sft.block_size or min(model.block_size, DEFAULT_MAX_MODEL_LEN)
+    if window > model.block_size:
+        raise ConfigError(f"sft.block_size {window} exceeds the block size of {cfg.init_from} ({model.block_size})")
+    return window
+
+
 def finetune(cfg: FinetuneConfig) -> FitResult:
     """Load the base model, add the chat tokens, read and check the data, optionally add LoRA, fit()."""
     check_finetune(cfg)
@@ -141,10 +151,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         model, tok, folder = loaded.model, loaded.tokenizer, loaded.folder
         new = add_chat_tokens(model, tok, cfg.train.seed)
         log(f"init: {folder}" + (f"; added chat tokens {' '.join(new)}" if new else ""))
-        block_size = cfg.sft.block_size or model.config.block_size
-        if block_size > model.config.block_size:
-            raise ConfigError(f"sft.block_size {block_size} exceeds the block size of {cfg.init_from} "
-                              f"({model.config.block_size})")
+        block_size = training_window(cfg, model.config)
         template = ChatTemplate(tok)
         data = load_sft_data(cfg.data, template, block_size + 1, cfg.sft.train_on_prompt, log,
                              report_dir=Path(cfg.out_dir) if dist.is_main else None)
