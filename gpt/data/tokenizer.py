@@ -208,10 +208,8 @@ class BPETokenizer(TiktokenTokenizer):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "BPETokenizer":
-        body = {k: v for k, v in spec.items() if k != "sha256"}
-        if spec.get("sha256") != _checksum(body):
-            raise TokenizerError("BPE tokenizer checksum mismatch: the file was edited or damaged; "
-                             "restore it from the run that trained it")
+        _verify(spec, "BPE tokenizer checksum mismatch: the file was edited or damaged; restore it from the run "
+                      "that trained it")
         return cls([base64.b64decode(t) for t in spec["tokens"]], spec["pattern"], spec.get("special_tokens"))
 
 
@@ -307,10 +305,8 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "HFTokenizer":
-        body = {k: v for k, v in spec.items() if k != "sha256"}
-        if spec.get("sha256") != _checksum(body):
-            raise TokenizerError("tokenizer checksum mismatch: the file was edited or damaged; "
-                                 "convert the Hugging Face folder again")
+        _verify(spec, "tokenizer checksum mismatch: the file was edited or damaged; convert the Hugging Face "
+                      "folder again")
         return cls(spec["tokenizer_json"], bos_id=spec.get("bos_id"), eos_ids=spec.get("eos_ids") or (),
                    chat_template=spec.get("chat_template"), pad_id=spec.get("pad_id"))
 
@@ -352,6 +348,12 @@ def _default_template(value) -> str | None:
     if isinstance(value, list):
         value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
     return value if isinstance(value, str) else None
+
+
+def _verify(spec: dict, message: str) -> None:
+    """Raise TokenizerError(message) unless spec["sha256"] is the checksum of the rest of the spec."""
+    if spec.get("sha256") != _checksum({k: v for k, v in spec.items() if k != "sha256"}):
+        raise TokenizerError(message)
 
 
 def _checksum(spec: dict) -> str:
