@@ -38,6 +38,7 @@ LAYERS = {
     "gpt.data": 59,
     "gpt.checkpoint": 60,
     "gpt.hf_families": 65,
+    "gpt.lora_peft": 66,
     "gpt.convert": 70,
     "gpt.pretrained": 72,
     "gpt.infer.sampling": 70,

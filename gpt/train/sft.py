@@ -35,6 +35,7 @@ from gpt.data.training_order import RowStream
 from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN, complete
 from gpt.infer.sampling import SamplingParams
 from gpt.lora import apply_lora, count_trainable, merged_state_dict
+from gpt.lora_peft import write_peft_adapter
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.plot import plot_run
 from gpt.train import dpo
@@ -181,6 +182,8 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
                 f"one epoch is about {batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
         result = fit(model, batches, FitConfig.of(cfg, model.config), tok, device, dist, export=export,
                      objective=objective)
+        if cfg.lora.rank and dist.is_main:
+            log(write_adapter(model, cfg, new, dist.sharded))
         if dist.is_main and cfg.logging.plot:
             plot_run(cfg.out_dir)
         show = cfg.logging.show_examples and cfg.logging.sample_tokens  # record text: printed only if asked
@@ -190,6 +193,19 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         return result
     finally:
         dist.close()
+
+
+def write_adapter(model: GPT, cfg: FinetuneConfig, added_tokens: list[str], sharded: bool) -> str:
+    """out_dir/adapter/: the final step's LoRA adapters (those of out_dir/latest) in PEFT's format, for the
+    to-hf export of init_from; returns the log line. Not written when the run added chat tokens (the base's
+    vocabulary lacks them) or sharded the model (FSDP: no rank holds the whole adapters)."""
+    if added_tokens:
+        return (f"adapter: no PEFT adapter written: the run added {' '.join(added_tokens)}, which "
+                f"{cfg.init_from} lacks; the checkpoints hold the merged model")
+    if sharded:
+        return "adapter: no PEFT adapter written under fsdp; the checkpoints hold the merged model"
+    folder = write_peft_adapter(model, cfg.lora, Path(cfg.out_dir) / "adapter", cfg.init_from)
+    return f"adapter: {folder} (PEFT, for the Hugging Face export of {cfg.init_from})"
 
 
 def greedy_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_new_tokens: int) -> str:
