@@ -235,18 +235,20 @@ def model_card(server: ServerState) -> dict:
 
 @router.post("/v1/completions")
 async def completions(request: Request, server: Server):
-    body = await read_body(request, server)
-    require_model(body, server)
-    job = completion_job(body, server.tokenizer, server.block_size)
-    return await respond(request, server, job, Completions(server, job))
+    return await generation(request, server, completion_job, Completions)
 
 
 @router.post("/v1/chat/completions")
 async def chat(request: Request, server: Server):
+    return await generation(request, server, chat_job, ChatCompletions)
+
+
+async def generation(request: Request, server: ServerState, make_job, shape: type["Shape"]):
+    """The two generating endpoints: read and check the body, build the endpoint's job, answer in its shape."""
     body = await read_body(request, server)
     require_model(body, server)
-    job = chat_job(body, server.tokenizer, server.block_size)
-    return await respond(request, server, job, ChatCompletions(server, job))
+    job = make_job(body, server.tokenizer, server.block_size)
+    return await respond(request, server, job, shape(server, job))
 
 
 async def respond(request: Request, server: ServerState, job: Job, shape: "Shape"):
