@@ -231,6 +231,10 @@ class TrainConfig:
     # (docs/performance.md#precision)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False  # wrap the model in torch.compile
+    # recompute each transformer block's activations in the backward pass instead of keeping them: less
+    # memory (about one block's activations plus each block's input), about a third more compute; the same
+    # result (docs/performance.md#memory)
+    activation_checkpointing: bool = False
     # torch CPU threads: auto = the cores other processes leave idle when the run starts (shared by the ranks
     # of a machine); 0 = torch's default (one per core); N = exactly N. The count is recorded in `latest`,
     # and a resume uses it again, so resuming stays bit-exact (docs/performance.md#threads)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gpt.config import ModelConfig
 from gpt.losses import IGNORE_INDEX, cross_entropy, linear_cross_entropy
@@ -327,6 +328,9 @@ class GPT(nn.Module):
             )
         )
         self.has_sliding_layers = any(block.sliding for block in self.transformer.h)
+        # recompute each block's activations in the backward pass instead of keeping them (set by fit() from
+        # train.activation_checkpointing); only where a graph is built: decoding and no_grad passes never do
+        self.activation_checkpointing = False
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
@@ -375,7 +379,11 @@ class GPT(nn.Module):
         if self.config.position == "learned":
             x = x + self.transformer.wpe(at.pos)
         x = self.transformer.drop(x)
+        recompute = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
+            if recompute:  # the same block, run again in backward (same RNG state: dropout masks repeat)
+                x = checkpoint(block, x, at, use_reentrant=False)
+                continue
             layer_cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             x = block(x, at, layer_cache)
         x = self.transformer.ln_f(x)

@@ -133,8 +133,9 @@ class Runs:
 def runs(tmp_path_factory, shakespeare_text) -> Runs:
     """The one-process references in this process, then every 2-rank run in one launch, in this order:
     K steps of one process at batch 4 (the reference); ddp and fsdp on 2 ranks at batch 2 each (x 2
-    accumulation steps), fsdp with the fused head and loss; resumes on 2 ranks (1 process -> fsdp, fsdp ->
-    ddp); LoRA fine-tunes (ddp, fsdp) and DPO (ddp), each after its one-process reference."""
+    accumulation steps), fsdp with the fused head and loss, fsdp with activation checkpointing; resumes on
+    2 ranks (1 process -> fsdp, fsdp -> ddp); LoRA fine-tunes (ddp, fsdp) and DPO (ddp), each after its
+    one-process reference."""
     tmp = tmp_path_factory.mktemp("dist")
     corpus = tmp / "corpus.txt"
     corpus.write_text(shakespeare_text[:100_000], encoding="utf-8")
@@ -145,6 +146,9 @@ def runs(tmp_path_factory, shakespeare_text) -> Runs:
             for s in ("ddp", "fsdp")]
     jobs.append({"name": "fsdp_fused", "entry": "train.py", "args": train_args(
         tmp / "fsdp_fused", corpus, data, 2, **{"distributed.strategy": "fsdp", "model.fused_loss": "on"})})
+    jobs.append({"name": "fsdp_recompute", "entry": "train.py", "args": train_args(
+        tmp / "fsdp_recompute", corpus, data, 2, **{"distributed.strategy": "fsdp",
+                                                    "train.activation_checkpointing": "true"})})
     for name, strategy in (("single", "fsdp"), ("fsdp", "ddp")):  # 1 process -> 2 ranks, sharded; fsdp -> ddp
         out = tmp / resumed_name(name, 2, strategy)
         jobs.append({"name": out.name, "entry": "train.py", "copy": [(tmp / name, out)], "args": train_args(
@@ -214,6 +218,14 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs, strat
 def test_fsdp_with_the_fused_head_and_loss_trains_like_one_process_with_the_plain_loss(runs):
     runs.stdout("fsdp_fused")
     out = runs.tmp / "fsdp_fused"
+    assert metrics(out, "loss") == pytest.approx(metrics(runs.tmp / "single", "loss"), **TOL)
+    assert metrics(out, "val_loss") == pytest.approx(metrics(runs.tmp / "single", "val_loss"), **TOL)
+
+
+def test_fsdp_with_activation_checkpointing_trains_like_one_process_without(runs):
+    """Each block recomputed in the backward pass gathers its shards again: the same run."""
+    runs.stdout("fsdp_recompute")
+    out = runs.tmp / "fsdp_recompute"
     assert metrics(out, "loss") == pytest.approx(metrics(runs.tmp / "single", "loss"), **TOL)
     assert metrics(out, "val_loss") == pytest.approx(metrics(runs.tmp / "single", "val_loss"), **TOL)
 

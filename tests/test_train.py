@@ -10,7 +10,9 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 from gpt import checkpoint
-from gpt.config import PretrainConfig, load_config
+from gpt.config import LoRAConfig, ModelConfig, PretrainConfig, load_config
+from gpt.lora import apply_lora
+from gpt.model import GPT, Block, KVCache
 from gpt.train.loop import TrainingError
 from gpt.train.pretrain import pretrain
 
@@ -38,6 +40,68 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path, tiny_corpus):
     la = [m["loss"] for m in metrics(tmp_path / "a" / "out") if "loss" in m]
     lb = [m["loss"] for m in metrics(tmp_path / "b" / "out") if "loss" in m]
     assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_activation_checkpointing_recomputes_every_block_and_trains_the_same(tmp_path, tiny_corpus, monkeypatch):
+    """train.activation_checkpointing=true runs each block again in the backward pass, and the run is the
+    same run: fp32, dropout on (the recomputation replays the same masks), two micro-batches a step."""
+    calls = []
+    forward = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    common = {"train.max_iters": 3, "train.eval_interval": 3, "train.log_interval": 1, "train.grad_accum": 2,
+              "model.dropout": 0.1}
+    run(tmp_path / "a", tiny_corpus, **common)
+    plain = len(calls)
+    run(tmp_path / "b", tiny_corpus, **common, **{"train.activation_checkpointing": "true"})
+    assert len(calls) - 2 * plain == 2 * 2 * 3  # 2 layers x 2 micro-batches x 3 steps; validation not again
+    wa, wb = weights(tmp_path / "a" / "out"), weights(tmp_path / "b" / "out")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=0, atol=1e-6), name
+    la = [m["loss"] for m in metrics(tmp_path / "a" / "out") if "loss" in m]
+    lb = [m["loss"] for m in metrics(tmp_path / "b" / "out") if "loss" in m]
+    assert len(la) == 3 and lb == pytest.approx(la, rel=0, abs=1e-6)
+
+
+def test_activation_checkpointing_with_lora_packed_rows_and_decoding():
+    """LoRA (frozen base: no block input needs a gradient), packed rows and per-token losses (SFT, DPO)
+    give the same losses and adapter gradients recomputed; passes without a graph run each block once."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=11, dropout=0.1,
+                            position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1))
+    apply_lora(model, LoRAConfig(rank=2, dropout=0.1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B = 0 at the start would leave A without a gradient
+    calls = []
+    for block in model.transformer.h:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    x, y = torch.randint(0, 11, (2, 12)), torch.randint(0, 11, (2, 12))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+
+    def step(recompute: bool):
+        model.activation_checkpointing = recompute
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(1)
+        _, losses = model(x, y, doc_ids=doc_ids, reduction="none")
+        losses.sum().backward()
+        return len(calls), losses.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (n_plain, loss_plain, grads_plain), (n_ckpt, loss_ckpt, grads_ckpt) = step(False), step(True)
+    assert (n_plain, n_ckpt) == (2, 4)
+    assert torch.allclose(loss_plain, loss_ckpt, rtol=0, atol=1e-6)
+    assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) == 16  # 4 Linear x A, B x 2 layers
+    for name, g in grads_plain.items():
+        assert g.abs().sum() > 0 and torch.allclose(g, grads_ckpt[name], rtol=0, atol=1e-6), name
+
+    model.eval()  # decoding with the flag on: the cached and uncached paths run each block once, as before
+    calls.clear()
+    with torch.no_grad():
+        full, _ = model(x)
+    cache = KVCache.empty(model.config, 2, 12, x.device, torch.float32)
+    cached = torch.cat([model(x[:, :6], kv_cache=cache)[0], model(x[:, 6:], kv_cache=cache, start_pos=6)[0]], 1)
+    assert len(calls) == 3 * 2 and torch.allclose(full, cached, atol=1e-5)
 
 
 def test_resume_is_bit_exact(tmp_path, tiny_corpus):

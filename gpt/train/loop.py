@@ -227,6 +227,7 @@ def _start(model: GPT, batches: BatchSource, cfg: FitConfig, tokenizer: Tokenize
     dtype = resolve_dtype(t.dtype, device)
     enable_tf32()
     model.to(device)
+    model.activation_checkpointing = t.activation_checkpointing  # before DDP/FSDP/compile wrap it
     state = LoopState(start=0, step=0)
     saved = _resume_weights(model, cfg.out_dir, export) if t.resume else None
     train_model = distributed.wrap(model, dist, device, dtype)  # fsdp shards `model` in place
