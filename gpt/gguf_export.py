@@ -129,7 +129,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
         out.update({n: ours.get(n, zero) for n, zero in biases.items()})
     if cfg.rope_scaling == "llama3":  # llama.cpp divides each frequency by its factor
         args = (cfg.head_size, cfg.rope_theta)
-        extra = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context)
+        extra = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context, "cpu")
         out[name(T.ROPE_FREQS)] = rope_frequencies(*args, "none", *extra) / rope_frequencies(*args, "llama3", *extra)
     return out
 
