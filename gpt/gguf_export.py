@@ -38,10 +38,10 @@ ROPE = ("rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "ro
         "rope_original_context")
 # Per architecture: the options it fixes (value) and those it takes as they are (free); every other family
 # option of ModelConfig must keep its default.
-FREE = {"gpt2": {"norm_eps", "intermediate_size", "n_kv_head", "tie_embeddings", "bias", *ROPE},
+FREE = {"gpt2": {"norm_eps", "intermediate_size", "n_kv_head", "tie_embeddings", "bias", "gelu", *ROPE},
         "rope": {"norm_eps", "intermediate_size", "n_kv_head", "head_dim", "tie_embeddings", "gelu",
                  "sliding_window_pattern", *ROPE}}
-FIXED = {"gpt2": dict(norm="layernorm", position="learned", mlp="gelu", gelu="tanh"),
+FIXED = {"gpt2": dict(norm="layernorm", position="learned", mlp="gelu"),
          "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False),
          "qwen2": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, qkv_bias=True),
          "qwen3": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, qk_norm=True)}
@@ -296,6 +296,9 @@ def to_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f32") -> Path:
     loaded = checkpoint.load_checkpoint(ckpt)
     cfg = loaded.model.config
     arch = architecture(cfg)
+    if arch == "gpt2" and cfg.gelu == "exact":
+        print("note: llama.cpp's gpt2 computes GELU in its tanh form (from an fp16 table); this model was trained "
+              "with the exact one: the two differ by at most 5e-4 per activation, so logits may differ slightly")
     tokens = tokenizer_metadata(loaded.tokenizer, cfg.vocab_size)
     tensors = gguf_tensors(loaded.model.state_dict(), cfg, arch)
 

@@ -199,7 +199,7 @@ def test_what_llama_cpp_cannot_compute_is_refused_in_one_line(tmp_path):
     rope = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False)
     cases = [("softcap", dict(**rope, logit_softcap=30.0), bpe, "no llama.cpp llama form: logit_softcap"),
              ("window", dict(**rope, sliding_window=4), bpe, "llama form: sliding_window"),
-             ("exact_gelu", dict(gelu="exact"), bpe, "no llama.cpp gpt2 form: gelu"),
+             ("gpt2_rmsnorm", dict(norm="rmsnorm"), bpe, "no llama.cpp gpt2 form: norm"),
              ("gemma", dict(**rope, post_norms=True), bpe, "Gemma3ForCausalLM"),
              ("chars", {}, CharTokenizer(list("ab")), "character-level tokenizers have no GGUF form")]
     for name, extra, tok, message in cases:
