@@ -3,6 +3,7 @@ Qwen3, Mistral and Gemma 3 families (their mapping: gpt/hf_families.py).
 
     python -m gpt.convert from-hf HF_DIR_OR_HUB_NAME OUT_DIR
     python -m gpt.convert to-hf CKPT_DIR HF_DIR
+    python -m gpt.convert to-gguf CKPT_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0]   (gpt/gguf_export.py)
 
 Our parameter names are GPT-2's; the differences are that Hugging Face's GPT-2 uses Conv1D layers
 (weights stored as (in, out), so ours are their transpose), keeps the causal-mask buffers
@@ -21,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gpt import checkpoint, entry, hf_families, outputs
+from gpt import checkpoint, entry, gguf_export, hf_families, outputs
 from gpt.checkpoint import CheckpointError, LoadedModel
 from gpt.config import ModelConfig, to_dict
-from gpt.data.bpe import GPT2_PATTERN, byte_to_unicode, hf_pre_tokenizer
+from gpt.data.bpe import GPT2_PATTERN, byte_to_unicode, hf_pre_tokenizer, rank_merges
 from gpt.data.chat_template import END_TOKEN, ChatTemplate, hf_chat_template
 from gpt.data.files import HUB_PREFIX
 from gpt.data.tokenizer import (
@@ -380,15 +381,9 @@ def bpe_to_hf(tok: TiktokenTokenizer, specials: dict[str, int]):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models
 
-    ranks = tok.ranks
     b2u = byte_to_unicode()
-    spell = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
-    merges = []
-    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
-        merges += [(spell(token[:k]), spell(token[k:])) for k in range(1, len(token))
-                   if token[:k] in ranks and token[k:] in ranks]
-    vocab = {spell(t): i for t, i in ranks.items()} | specials
-    hf = HFTokenizer(models.BPE(vocab, merges, ignore_merges=True))
+    vocab = {"".join(b2u[b] for b in t): i for t, i in tok.ranks.items()} | specials
+    hf = HFTokenizer(models.BPE(vocab, rank_merges(tok.ranks), ignore_merges=True))
     hf.pre_tokenizer = hf_pre_tokenizer(tok.pattern)
     hf.decoder = decoders.ByteLevel()
     return with_specials(hf, specials)
@@ -440,9 +435,16 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face folder (GPT-2 or the family of its config)")
     b.add_argument("ckpt")
     b.add_argument("hf_dir")
+    c = sub.add_parser("to-gguf", help="our checkpoint -> one GGUF file for llama.cpp and Ollama")
+    c.add_argument("ckpt")
+    c.add_argument("out")
+    c.add_argument("--outtype", choices=gguf_export.OUTTYPES, default="f32",
+                   help="weights' type: f32 (exact), f16, bf16, q8_0 (8-bit blocks, about half of f16)")
     args = p.parse_args(argv)
     if args.command == "from-hf":
         entry.main(lambda: print(f"wrote {from_hf(args.src, args.out_dir)}"))
+    elif args.command == "to-gguf":
+        entry.main(lambda: print(f"wrote {gguf_export.to_gguf(args.ckpt, args.out, args.outtype)}"))
     else:
         entry.main(lambda: print(f"wrote {to_hf(args.ckpt, args.hf_dir)}"))
 

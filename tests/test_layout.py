@@ -39,6 +39,7 @@ LAYERS = {
     "gpt.checkpoint": 60,
     "gpt.hf_families": 65,
     "gpt.lora_peft": 66,
+    "gpt.gguf_export": 68,
     "gpt.convert": 70,
     "gpt.pretrained": 72,
     "gpt.infer.sampling": 70,

@@ -75,6 +75,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = GPT2_PATTERN
     return BPETokenizer(tokens, pattern)
 
 
+def rank_merges(ranks: dict[bytes, int]) -> list[tuple[str, str]]:
+    """tiktoken's ranks as BPE merges in GPT-2's byte spelling: tiktoken merges any two neighbours whose
+    bytes form a token (lowest id first), so every split of a token into two tokens is a merge at the
+    token's rank. Merging by these merges' order then encodes as tiktoken does (to-hf, to-gguf)."""
+    b2u = byte_to_unicode()
+    spell = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
+    merges = []
+    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+        merges += [(spell(token[:k]), spell(token[k:])) for k in range(1, len(token))
+                   if token[:k] in ranks and token[k:] in ranks]
+    return merges
+
+
 def merged_tokens(hf) -> list[bytes]:
     """The 256 bytes (ids 0-255), then each merge's new token in the order learned (a merge that
     rebuilds an existing token adds nothing)."""

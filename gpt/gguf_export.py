@@ -1,0 +1,328 @@
+"""Our checkpoints as GGUF files for llama.cpp and Ollama (`python -m gpt.convert to-gguf CKPT OUT.gguf`).
+
+The file is written by the `gguf` package (llama.cpp's own writer). Learned-position models are llama.cpp's
+`gpt2` architecture (fused q/k/v, LayerNorm with biases: zeros where our model has none); rotary ones are
+the architecture of their family (gpt/hf_families.py): Llama and Mistral `llama`, Qwen2 `qwen2`, Qwen3
+`qwen3`. Our rotary layout is rotate-half (Hugging Face's); llama.cpp's `llama` rotates interleaved pairs,
+so its q and k rows are permuted per head as llama.cpp's converter does (`interleave_rope`); `qwen2` and
+`qwen3` rotate halves (NeoX) and take them as they are. A ModelConfig option the target architecture
+cannot compute (a soft cap on `llama`, a sliding window, Gemma 3's norms) is refused in one line naming it,
+before anything is written. The tokenizer goes into the metadata as llama.cpp's byte-level BPE ("gpt2"
+model: tokens, token types, merges, the pre-tokenizer by the name llama.cpp knows), with the special tokens
+and the chat template (the model's own, or ours for chat fine-tunes). Character tokenizers are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt import checkpoint, hf_families, outputs
+from gpt.checkpoint import CheckpointError
+from gpt.config import ModelConfig
+from gpt.data.bpe import GPT2_PATTERN, rank_merges
+from gpt.data.chat_template import ChatTemplate, hf_chat_template
+from gpt.data.tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer, byte_to_unicode
+from gpt.model import rope_frequencies
+
+TO_GGUF = "gpt.convert to-gguf"  # the tool, for gpt/outputs.py's rule
+TOOL_KEY = "gpt.exported_by"  # metadata key naming the tool: a file it wrote may be replaced by it
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+ARCH_OF_FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                  "Qwen3ForCausalLM": "qwen3"}
+ROPE = ("rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+        "rope_original_context")
+# Per architecture: the options it fixes (value) and those it takes as they are (free); every other family
+# option of ModelConfig must keep its default.
+FREE = {"gpt2": {"norm_eps", "intermediate_size", "n_kv_head", "tie_embeddings", "bias", "gelu", *ROPE},
+        "rope": {"norm_eps", "intermediate_size", "n_kv_head", "head_dim", "tie_embeddings", "gelu",
+                 "sliding_window_pattern", *ROPE}}
+FIXED = {"gpt2": dict(norm="layernorm", position="learned", mlp="gelu"),
+         "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False),
+         "qwen2": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, qkv_bias=True),
+         "qwen3": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, qk_norm=True)}
+# tokenizer.json pre-tokenizers as llama.cpp names them (tokenizer.ggml.pre)
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_NAMES = {GPT2_PATTERN: "gpt-2", LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("writing GGUF needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+# ---------------------------------------------------------------------------- architecture
+
+
+def architecture(cfg: ModelConfig) -> str:
+    """llama.cpp's architecture for `cfg`; refused (one line naming the options) when it cannot compute it."""
+    if cfg.position == "learned":
+        arch, free = "gpt2", FREE["gpt2"]
+    else:
+        family = hf_families.family_of(cfg)
+        if family not in ARCH_OF_FAMILY:
+            raise CheckpointError(f"this model ({family}) has no GGUF export yet: llama.cpp's gemma3 is not "
+                                  "supported here; nothing was written")
+        arch, free = ARCH_OF_FAMILY[family], FREE["rope"]
+    base, fixed = ModelConfig(), FIXED[arch]
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    options = ["bias", "gelu", *names[names.index("fused_loss") + 1:]]
+    wrong = [n for n in options if n not in free and getattr(cfg, n) != fixed.get(n, getattr(base, n))]
+    if arch == "gpt2" and cfg.head_size * cfg.n_head != cfg.n_embd:
+        wrong.append("head_dim")
+    if arch != "gpt2" and cfg.sliding_window and cfg.sliding_window < cfg.block_size:
+        wrong.append("sliding_window")  # llama.cpp's llama/qwen attend to every earlier key
+    if arch != "llama" and cfg.rope_scaling == "llama3":
+        wrong.append("rope_scaling")
+    if wrong:
+        raise CheckpointError(f"this model has no llama.cpp {arch} form: {', '.join(dict.fromkeys(wrong))} "
+                              "not expressible there; nothing was written")
+    return arch
+
+
+def interleave_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of q or k from rotate-half order (pairs i, i + d/2 per head) to interleaved (2i, 2i + 1), the
+    order llama.cpp's `llama` rotates."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """llama.cpp's tensor names -> tensors (ours are nn.Linear's (out, in), which is GGUF's order too)."""
+    gguf = _gguf()
+    T, name = gguf.MODEL_TENSOR, lambda t, i=None, kind="weight": gguf.TENSOR_NAMES[t].format(bid=i) + "." + kind  # noqa: E731
+    out = {name(T.TOKEN_EMBD): state["transformer.wte.weight"], name(T.OUTPUT_NORM): state["transformer.ln_f.weight"]}
+    if arch == "gpt2" or not cfg.tie_embeddings:  # llama.cpp's gpt2 wants its output matrix
+        out[name(T.OUTPUT)] = state.get("lm_head.weight", state["transformer.wte.weight"])
+    q, kv = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
+    for i in range(cfg.n_layer):
+        h = lambda s: state[f"transformer.h.{i}.{s}"]  # noqa: E731
+        out[name(T.ATTN_NORM, i)], out[name(T.FFN_NORM, i)] = h("ln_1.weight"), h("ln_2.weight")
+        out[name(T.ATTN_OUT, i)], out[name(T.FFN_DOWN, i)] = h("attn.c_proj.weight"), h("mlp.c_proj.weight")
+        if arch == "gpt2":
+            out[name(T.ATTN_QKV, i)], out[name(T.FFN_UP, i)] = h("attn.c_attn.weight"), h("mlp.c_fc.weight")
+            continue
+        wq, wk, wv = h("attn.c_attn.weight").split([q, kv, kv])
+        if arch == "llama":
+            wq, wk = interleave_rope(wq, cfg.n_head), interleave_rope(wk, cfg.kv_heads)
+        out.update({name(T.ATTN_Q, i): wq, name(T.ATTN_K, i): wk, name(T.ATTN_V, i): wv})
+        out[name(T.FFN_GATE, i)], out[name(T.FFN_UP, i)] = h("mlp.c_fc.weight").split([cfg.ffn_size] * 2)
+        if cfg.qkv_bias:
+            bq, bk, bv = h("attn.c_attn.bias").split([q, kv, kv])
+            out.update({name(T.ATTN_Q, i, "bias"): bq, name(T.ATTN_K, i, "bias"): bk, name(T.ATTN_V, i, "bias"): bv})
+        if cfg.qk_norm:
+            out[name(T.ATTN_Q_NORM, i)], out[name(T.ATTN_K_NORM, i)] = h("attn.q_norm.weight"), h("attn.k_norm.weight")
+    if arch == "gpt2":
+        out[name(T.POS_EMBD)] = state["transformer.wpe.weight"]
+        biases = {n[: -len("weight")] + "bias": torch.zeros(t.shape[0]) for n, t in out.items()
+                  if n.startswith(("blk.", "output_norm")) and not n.endswith(".bias")}
+        ours = _gpt2_biases(state, cfg, name, T)
+        out.update({n: ours.get(n, zero) for n, zero in biases.items()})
+    if cfg.rope_scaling == "llama3":  # llama.cpp divides each frequency by its factor
+        args = (cfg.head_size, cfg.rope_theta)
+        extra = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context, "cpu")
+        out[name(T.ROPE_FREQS)] = rope_frequencies(*args, "none", *extra) / rope_frequencies(*args, "llama3", *extra)
+    return out
+
+
+def _gpt2_biases(state, cfg: ModelConfig, name, T) -> dict[str, torch.Tensor]:
+    """The biases our GPT-2-style model has (none with model.bias=false), under llama.cpp's names."""
+    ours = {name(T.OUTPUT_NORM, None, "bias"): state.get("transformer.ln_f.bias")}
+    for i in range(cfg.n_layer):
+        for mine, theirs in [("ln_1", T.ATTN_NORM), ("ln_2", T.FFN_NORM), ("attn.c_attn", T.ATTN_QKV),
+                             ("attn.c_proj", T.ATTN_OUT), ("mlp.c_fc", T.FFN_UP), ("mlp.c_proj", T.FFN_DOWN)]:
+            ours[name(theirs, i, "bias")] = state.get(f"transformer.h.{i}.{mine}.bias")
+    return {n: t for n, t in ours.items() if t is not None}
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_metadata(tok: Tokenizer, n_vocab: int) -> dict:
+    """tokenizer.ggml.*: tokens (padded with unused ones to the model's rows), types, merges, pre-tokenizer
+    name, special ids, whether to add BOS, and the chat template."""
+    gguf = _gguf()
+    if isinstance(tok, CharTokenizer):
+        raise CheckpointError("character-level tokenizers have no GGUF form (llama.cpp reads byte-level BPE "
+                              "here); train with data.tokenizer=bpe or gpt2 to export; nothing was written")
+    if isinstance(tok, HFTokenizer):
+        meta = _shipped_vocab(tok)
+    else:
+        meta = _tiktoken_vocab(tok)
+    tokens, types = meta["tokens"], meta["types"]
+    if len(tokens) > n_vocab:
+        raise CheckpointError(f"the tokenizer has {len(tokens)} tokens but the model only {n_vocab} rows; "
+                              "nothing was written")
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), n_vocab)]
+    types += [gguf.TokenType.UNUSED] * (n_vocab - len(types))
+    template = ChatTemplate(tok)
+    ends = template.end_ids
+    own = tok.chat_template if isinstance(tok, HFTokenizer) else None
+    meta.update(eos=tok.eot_id, eot=ends[0] if ends else None,
+                chat_template=own if own is not None else (hf_chat_template() if template.special else None))
+    return meta
+
+
+def _tiktoken_vocab(tok: TiktokenTokenizer) -> dict:
+    gguf = _gguf()
+    if tok.pattern != GPT2_PATTERN:
+        raise CheckpointError(f"the tokenizer's pre-tokenization pattern {tok.pattern!r} has no llama.cpp "
+                              "pre-tokenizer (GPT-2's has); nothing was written")
+    b2u = byte_to_unicode()
+    by_id = {i: "".join(b2u[b] for b in t) for t, i in tok.ranks.items()}
+    specials = {**({"<|endoftext|>": tok.eot_id} if tok.eot_id is not None else {}), **tok.special_tokens}
+    by_id.update({i: n for n, i in specials.items()})
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(tok.vocab_size)]
+    control = set(specials.values())
+    types = [gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL if i in by_id
+             else gguf.TokenType.UNUSED for i in range(tok.vocab_size)]
+    merges = [f"{a} {b}" for a, b in rank_merges(tok.ranks)]
+    return dict(tokens=tokens, types=types, merges=merges, pre="gpt-2", bos=tok.eot_id, add_bos=False,
+                pad=None)
+
+
+def _shipped_vocab(tok: HFTokenizer) -> dict:
+    """A tokenizer.json byte-level BPE as llama.cpp reads it; anything else refused in one line."""
+    gguf = _gguf()
+    spec = json.loads(tok.hf.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not tok._byte_level:
+        raise CheckpointError("this tokenizer.json is not a byte-level BPE (SentencePiece-style tokenizers have "
+                              "no GGUF export here); nothing was written")
+    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    added = {t["id"]: t for t in spec.get("added_tokens") or []}
+    by_id = {i: s for s, i in model["vocab"].items()} | {i: t["content"] for i, t in added.items()}
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(tok.vocab_size)]
+    types = [gguf.TokenType.NORMAL if i not in added else gguf.TokenType.CONTROL if added[i].get("special")
+             else gguf.TokenType.USER_DEFINED for i in range(tok.vocab_size)]
+    types = [t if i in by_id else gguf.TokenType.UNUSED for i, t in enumerate(types)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    single = ((spec.get("post_processor") or {}).get("single") or [{}])[0]
+    add_bos = "SpecialToken" in single and tok.bos_id is not None
+    return dict(tokens=tokens, types=types, merges=merges, pre=pre, bos=tok.bos_id, add_bos=add_bos,
+                pad=tok.pad_id)
+
+
+def pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre) of a tokenizer.json pre-tokenizer: GPT-2's byte-level regex,
+    digits split one by one before it (SmolLM), or a Split regex of GPT-2, Llama 3 or Qwen2."""
+    steps = (pre or {}).get("pretokenizers") or ([pre] if pre else [])
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = SPLIT_NAMES.get(steps[0].get("pattern", {}).get("Regex"))
+        if name:
+            return name
+    raise CheckpointError(f"this tokenizer.json's pre-tokenizer ({', '.join(map(str, kinds)) or 'none'}) has no "
+                          "llama.cpp name known here (GPT-2, SmolLM, Llama 3 and Qwen2 ones have); nothing was written")
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _encode(gguf, t: torch.Tensor, outtype: str):
+    """(numpy data, raw ggml type or None) for one tensor: 1-D ones and rows q8_0 cannot block stay f32."""
+    a = t.detach().to(torch.float32).cpu().numpy()
+    Q = gguf.GGMLQuantizationType
+    if outtype == "f32" or a.ndim == 1:
+        return a, None
+    if outtype == "f16":
+        return a.astype(np.float16), None
+    if outtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
+        return gguf.quants.quantize(a, Q.Q8_0), Q.Q8_0
+    if outtype == "q8_0":
+        return a.astype(np.float16), None
+    return gguf.quants.quantize(a, Q.BF16), Q.BF16
+
+
+def _write_metadata(w, gguf, cfg: ModelConfig, arch: str, tokens: dict, name: str, outtype: str) -> None:
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+    w.add_string(TOOL_KEY, TO_GGUF)
+    w.add_name(name)
+    w.add_file_type(getattr(gguf.LlamaFileType, file_types[outtype]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.ffn_size)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.kv_heads)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_key_length(cfg.head_size)
+        w.add_value_length(cfg.head_size)
+        w.add_rope_dimension_count(cfg.head_size)
+        w.add_rope_freq_base(cfg.rope_theta)
+        if cfg.rope_scaling == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(cfg.rope_factor)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tokens["pre"])
+    w.add_token_list(tokens["tokens"])
+    w.add_token_types(tokens["types"])
+    w.add_token_merges(tokens["merges"])
+    for key, add in [("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("eot", w.add_eot_token_id),
+                     ("pad", w.add_pad_token_id)]:
+        if tokens[key] is not None:
+            add(tokens[key])
+    w.add_add_bos_token(tokens["add_bos"])
+    w.add_add_eos_token(False)
+    if tokens["chat_template"] is not None:
+        w.add_chat_template(tokens["chat_template"])
+
+
+def to_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f32") -> Path:
+    """Write `out` (one .gguf file) from checkpoint `ckpt`; refused before writing when the model or
+    tokenizer has no faithful GGUF form. `out` follows gpt/outputs.py's rule (a file to-gguf wrote before
+    is replaced; never an input nor another file)."""
+    if outtype not in OUTTYPES:
+        raise CheckpointError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    gguf = _gguf()
+    outputs.check_target(out, TO_GGUF, [ckpt], recognise=is_gguf_export)
+    loaded = checkpoint.load_checkpoint(ckpt)
+    cfg = loaded.model.config
+    arch = architecture(cfg)
+    if arch == "gpt2" and cfg.gelu == "exact":
+        print("note: llama.cpp's gpt2 computes GELU in its tanh form (from an fp16 table); this model was trained "
+              "with the exact one: the two differ by at most 5e-4 per activation, so logits may differ slightly")
+    tokens = tokenizer_metadata(loaded.tokenizer, cfg.vocab_size)
+    tensors = gguf_tensors(loaded.model.state_dict(), cfg, arch)
+
+    def write(path: Path) -> None:
+        w = gguf.GGUFWriter(str(path), arch)
+        _write_metadata(w, gguf, cfg, arch, tokens, Path(loaded.folder).resolve().name, outtype)
+        for n, t in tensors.items():
+            data, raw = _encode(gguf, t, outtype)
+            w.add_tensor(n, data, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    return outputs.replace_file(out, TO_GGUF, write, [ckpt, loaded.folder], recognise=is_gguf_export)
+
+
+def is_gguf_export(path: Path) -> bool:
+    """A GGUF file that to-gguf wrote (its metadata names the tool)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get(TOOL_KEY)
+        return field is not None and field.contents() == TO_GGUF
+    except Exception:  # not a GGUF file, unreadable, or no gguf package
+        return False
+

@@ -1,0 +1,281 @@
+"""GGUF export (`python -m gpt.convert to-gguf`): the file read back with gguf's own reader (metadata, every
+tensor through the documented layout, tokenizer), refusals, and llama.cpp itself (llama-cpp-python)
+computing our logits and greedy tokens from it."""
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_hf_tokenizer
+
+from gpt import checkpoint, convert, hf_families
+from gpt.checkpoint import CheckpointError
+from gpt.config import ModelConfig
+from gpt.data.bpe import GPT2_PATTERN, train_bpe
+from gpt.data.chat_template import END_TOKEN, ChatTemplate, hf_chat_template
+from gpt.data.tokenizer import CharTokenizer, HFTokenizer, byte_to_unicode
+from gpt.gguf_export import LLAMA3_REGEX, QWEN2_REGEX, pre_tokenizer_name, to_gguf
+from gpt.infer.engine import generate
+from gpt.infer.sampling import SamplingParams
+from gpt.model import GPT
+from gpt.outputs import OutputError
+
+gguf = pytest.importorskip("gguf")
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Grüße aus Köln! 東京 x = f(3.14)\n"
+        "Pack my box with five dozen liquor jugs; sphinx of black quartz, judge my vow.\n") * 20
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+FAMILY = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+              max_position_embeddings=64, rms_norm_eps=1e-5)
+FAMILIES = {"llama": dict(architectures=["LlamaForCausalLM"], rope_theta=5e5, tie_word_embeddings=True,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+            "qwen2": dict(architectures=["Qwen2ForCausalLM"], rope_theta=1e6, tie_word_embeddings=False),
+            "qwen3": dict(architectures=["Qwen3ForCausalLM"], head_dim=16, tie_word_embeddings=True)}
+LLAMA_CPP_MISSING = ("llama-cpp-python is not installed: pip install llama-cpp-python (it compiles llama.cpp from "
+                     "source, several minutes) to check the GGUF files against llama.cpp itself")
+
+
+def lively(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """A random model with confident predictions (flat logits hide bugs)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 1.0 if "wpe" in name else 2.0 / p.shape[-1] ** 0.5)
+            elif "norm" in name or "ln" in name:
+                p.uniform_(0.7, 1.3) if name.endswith("weight") else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2_ckpt(tmp_path_factory):
+    """A GPT-2-style chat model (learned positions, no biases) with a BPE trained here plus our chat markers."""
+    tok = train_bpe([TEXT], 300, log=lambda _: None)
+    ChatTemplate.add_tokens(tok)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=320, bias=False)
+    folder = tmp_path_factory.mktemp("gpt2") / "ckpt"
+    checkpoint.save_checkpoint(folder, lively(cfg).state_dict(), {"model": asdict(cfg)}, tok)
+    return folder
+
+
+def family_ckpt(root, family: str):
+    """One of our checkpoints of a family: its config as from-hf reads config.json, a shipped tokenizer.json."""
+    root.mkdir()
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE}
+    vocab = write_hf_tokenizer(root, TEXT, SPECIALS, config, prefix="<|im_start|>").get_vocab_size()
+    cfg = hf_families.config_from_hf({**FAMILY, **FAMILIES[family], "vocab_size": vocab}, family)
+    checkpoint.save_checkpoint(root / "ckpt", lively(cfg).state_dict(), {"model": asdict(cfg)},
+                               HFTokenizer.from_folder(root))
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def family_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {f: family_ckpt(root / f, f) for f in FAMILIES}
+
+
+def fields(reader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def tensors(reader) -> dict[str, np.ndarray]:
+    return {t.name: np.array(t.data) for t in reader.tensors}
+
+
+def test_gpt2_metadata_tensors_and_tokenizer_read_back(gpt2_ckpt, tmp_path):
+    out = to_gguf(gpt2_ckpt, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(out))
+    meta, got = fields(reader), tensors(reader)
+    loaded = checkpoint.load_checkpoint(gpt2_ckpt)
+    cfg, tok, state = loaded.model.config, loaded.tokenizer, loaded.model.state_dict()
+    assert meta["general.architecture"] == "gpt2"
+    assert (meta["gpt2.context_length"], meta["gpt2.embedding_length"], meta["gpt2.block_count"]) == (64, 32, 2)
+    assert (meta["gpt2.attention.head_count"], meta["gpt2.attention.head_count_kv"], meta["gpt2.feed_forward_length"]) == (2, 2, 128)
+    assert meta["gpt2.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+    # tensors: ours are nn.Linear (out, in), which is GGUF's row order; the missing biases are zeros
+    np.testing.assert_array_equal(got["token_embd.weight"], state["transformer.wte.weight"].numpy())
+    np.testing.assert_array_equal(got["position_embd.weight"], state["transformer.wpe.weight"].numpy())
+    np.testing.assert_array_equal(got["output.weight"], state["lm_head.weight"].numpy())
+    np.testing.assert_array_equal(got["blk.1.attn_qkv.weight"], state["transformer.h.1.attn.c_attn.weight"].numpy())
+    np.testing.assert_array_equal(got["blk.0.ffn_up.weight"], state["transformer.h.0.mlp.c_fc.weight"].numpy())
+    np.testing.assert_array_equal(got["blk.0.attn_norm.weight"], state["transformer.h.0.ln_1.weight"].numpy())
+    assert not got["blk.0.attn_qkv.bias"].any() and got["blk.0.attn_qkv.bias"].shape == (96,)
+    assert len(got) == 5 + 2 * 12  # wte, wpe, output, final norm and bias; 12 per block
+    # tokenizer: GPT-2's byte spelling, our markers as control tokens, merges that rebuild every token
+    tokens, types, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"], meta["tokenizer.ggml.merges"]
+    b2u = byte_to_unicode()
+    assert len(tokens) == cfg.vocab_size and tokens[:299] == ["".join(b2u[b] for b in t) for t in tok.tokens]
+    end = tok.special_id(END_TOKEN)
+    assert tokens[end] == END_TOKEN and types[end] == gguf.TokenType.CONTROL and types[0] == gguf.TokenType.NORMAL
+    assert types[-1] == gguf.TokenType.UNUSED  # rows past the tokenizer (vocab padding)
+    assert {a + b for a, b in (m.split(" ") for m in merges)} == {t for t in tokens[256:299]}
+    assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert (meta["tokenizer.ggml.eos_token_id"], meta["tokenizer.ggml.eot_token_id"]) == (tok.eot_id, end)
+    assert meta["tokenizer.chat_template"] == hf_chat_template() and meta["tokenizer.ggml.add_bos_token"] is False
+
+
+def test_outtypes_keep_the_values_within_their_precision(gpt2_ckpt, tmp_path):
+    exact = tensors(gguf.GGUFReader(str(to_gguf(gpt2_ckpt, tmp_path / "f32.gguf"))))
+    for outtype, tol in [("f16", 1e-3), ("bf16", 1e-2), ("q8_0", 2e-2)]:
+        reader = gguf.GGUFReader(str(to_gguf(gpt2_ckpt, tmp_path / f"{outtype}.gguf", outtype)))
+        t = {x.name: x for x in reader.tensors}["blk.0.attn_qkv.weight"]
+        assert t.tensor_type.name == outtype.upper()
+        back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(exact["blk.0.attn_qkv.weight"].shape)
+        scale = np.abs(exact["blk.0.attn_qkv.weight"]).max()
+        assert np.abs(back - exact["blk.0.attn_qkv.weight"]).max() < tol * scale
+        assert {x.name: x for x in reader.tensors}["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+
+
+def interleaved_to_half(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's interleaved rotary rows (pairs 2i, 2i+1 per head) back to rotate-half (i, i + d/2)."""
+    return w.reshape(heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_metadata_and_tensors_read_back(family, family_ckpts, tmp_path):
+    loaded = checkpoint.load_checkpoint(family_ckpts[family])
+    cfg, tok, state = loaded.model.config, loaded.tokenizer, loaded.model.state_dict()
+    reader = gguf.GGUFReader(str(to_gguf(family_ckpts[family], tmp_path / "m.gguf")))
+    meta, got = fields(reader), tensors(reader)
+    a = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[family]
+    assert meta["general.architecture"] == a
+    assert (meta[f"{a}.context_length"], meta[f"{a}.embedding_length"], meta[f"{a}.feed_forward_length"]) == (64, 48, 80)
+    assert (meta[f"{a}.attention.head_count"], meta[f"{a}.attention.head_count_kv"]) == (6, 2)
+    assert meta[f"{a}.attention.key_length"] == meta[f"{a}.rope.dimension_count"] == cfg.head_size
+    assert meta[f"{a}.rope.freq_base"] == pytest.approx(cfg.rope_theta)
+    assert meta[f"{a}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    q, kv = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
+    wq, wk, wv = np.split(state["transformer.h.1.attn.c_attn.weight"].numpy(), [q, q + kv])
+    if family == "llama":  # rotate-half -> interleaved, as llama.cpp's converter permutes Hugging Face's q/k
+        assert not np.array_equal(got["blk.1.attn_q.weight"], wq)
+        got["blk.1.attn_q.weight"] = interleaved_to_half(got["blk.1.attn_q.weight"], cfg.n_head)
+        got["blk.1.attn_k.weight"] = interleaved_to_half(got["blk.1.attn_k.weight"], cfg.kv_heads)
+        np.testing.assert_allclose(1 / got["rope_freqs.weight"][[0, -1]], [1.0, 1 / 8.0])  # llama3 scaling by band
+    for name, ours in [("attn_q", wq), ("attn_k", wk), ("attn_v", wv)]:
+        np.testing.assert_array_equal(got[f"blk.1.{name}.weight"], ours)
+    gate, up = np.split(state["transformer.h.0.mlp.c_fc.weight"].numpy(), 2)
+    np.testing.assert_array_equal(got["blk.0.ffn_gate.weight"], gate)
+    np.testing.assert_array_equal(got["blk.0.ffn_up.weight"], up)
+    assert ("output.weight" in got) == (not cfg.tie_embeddings)
+    if family == "qwen2":
+        np.testing.assert_array_equal(got["blk.0.attn_k.bias"], state["transformer.h.0.attn.c_attn.bias"][q:q + kv].numpy())
+    if family == "qwen3":
+        np.testing.assert_array_equal(got["blk.0.attn_k_norm.weight"], state["transformer.h.0.attn.k_norm.weight"].numpy())
+    spec = json.loads(tok.hf.to_str())
+    assert meta["tokenizer.ggml.tokens"][:len(spec["model"]["vocab"])] == sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)
+    assert meta["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.chat_template"] == TEMPLATE
+    ids = {n: tok.hf.token_to_id(n) for n in SPECIALS}
+    assert meta["tokenizer.ggml.bos_token_id"] == ids["<|im_start|>"] and meta["tokenizer.ggml.add_bos_token"] is True
+    assert meta["tokenizer.ggml.eos_token_id"] == ids["<|im_end|>"]
+
+
+def test_pre_tokenizers_get_the_names_llama_cpp_knows():
+    from tokenizers import Regex, pre_tokenizers
+
+    def named(*steps):
+        return pre_tokenizer_name(json.loads(pre_tokenizers.Sequence(list(steps)).__getstate__()))
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    split = lambda r: pre_tokenizers.Split(Regex(r), behavior="isolated")  # noqa: E731
+    assert named(split(LLAMA3_REGEX), byte_level) == "llama-bpe"
+    assert named(split(QWEN2_REGEX), byte_level) == "qwen2"
+    assert named(split(GPT2_PATTERN), byte_level) == "gpt-2"
+    assert named(pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)) == "smollm"
+    with pytest.raises(CheckpointError, match="no llama.cpp name"):
+        named(split(r"\w+"), byte_level)
+
+
+def test_what_llama_cpp_cannot_compute_is_refused_in_one_line(tmp_path):
+    bpe = train_bpe([TEXT], 280, log=lambda _: None)
+    rope = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    cases = [("softcap", dict(**rope, logit_softcap=30.0), bpe, "no llama.cpp llama form: logit_softcap"),
+             ("window", dict(**rope, sliding_window=4), bpe, "llama form: sliding_window"),
+             ("gpt2_rmsnorm", dict(norm="rmsnorm"), bpe, "no llama.cpp gpt2 form: norm"),
+             ("gemma", dict(**rope, post_norms=True), bpe, "Gemma3ForCausalLM"),
+             ("chars", {}, CharTokenizer(list("ab")), "character-level tokenizers have no GGUF form")]
+    for name, extra, tok, message in cases:
+        cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=300, **extra)
+        checkpoint.save_checkpoint(tmp_path / name, GPT(cfg).state_dict(), {"model": asdict(cfg)}, tok)
+        with pytest.raises(CheckpointError, match=message) as e:
+            to_gguf(tmp_path / name, tmp_path / f"{name}.gguf")
+        assert "\n" not in str(e.value) and not (tmp_path / f"{name}.gguf").exists()
+
+
+def test_the_output_file_follows_the_rule_of_every_output(gpt2_ckpt, tmp_path, capsys):
+    (tmp_path / "notes.gguf").write_text("mine")
+    with pytest.raises(OutputError, match="not written by gpt.convert to-gguf"):
+        to_gguf(gpt2_ckpt, tmp_path / "notes.gguf")
+    assert (tmp_path / "notes.gguf").read_text() == "mine"
+    convert.main(["to-gguf", str(gpt2_ckpt), str(tmp_path / "m.gguf"), "--outtype", "f16"])
+    convert.main(["to-gguf", str(gpt2_ckpt), str(tmp_path / "m.gguf")])  # its own output: replaced
+    assert "wrote" in capsys.readouterr().out
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents() == 0  # f32
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+# ---------------------------------------------------------------------------- llama.cpp itself
+
+
+def llama_cpp_or_skip():
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip(LLAMA_CPP_MISSING)
+    return llama_cpp
+
+
+def llama_cpp_model(path, n_ctx: int):
+    llama_cpp = llama_cpp_or_skip()  # an f32 KV cache: llama.cpp's default f16 one rounds keys and values
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=1, seed=0,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+
+def compare_with_llama_cpp(ckpt, path, prompt_text: str, n_new: int = 30) -> tuple[float, list, list]:
+    """(largest logit difference over the prompt relative to the largest logit, llama.cpp's greedy tokens,
+    ours) for `prompt_text`."""
+    loaded = checkpoint.load_checkpoint(ckpt)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    llm = llama_cpp_model(path, model.config.block_size)
+    try:
+        ids = tok.encode(prompt_text)
+        assert llm.tokenize(prompt_text.encode(), add_bos=False, special=False) == ids  # same tokens
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+        with torch.no_grad():
+            ours = model(torch.tensor([ids]))[0][0, :, : theirs.shape[1]].numpy()
+        llm.reset()
+        greedy = []
+        for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+            greedy.append(t)
+            if len(greedy) == n_new:
+                break
+    finally:
+        llm.close()
+    mine = generate(model, torch.tensor([ids]), n_new, SamplingParams(temperature=0))[0, len(ids):].tolist()
+    return float(np.abs(theirs - ours).max() / np.abs(ours).max()), greedy, mine
+
+
+def test_llama_cpp_computes_our_gpt2_logits_and_greedy_tokens(gpt2_ckpt, tmp_path):
+    llama_cpp_or_skip()
+    out = to_gguf(gpt2_ckpt, tmp_path / "m.gguf")
+    diff, theirs, ours = compare_with_llama_cpp(gpt2_ckpt, out, "The quick brown fox jumps over")
+    assert diff < 1e-3, diff  # ggml's CPU GELU reads an fp16 table (about 5e-4 here); the families' are within 1e-6
+    assert theirs == ours and len(set(ours)) > 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_computes_our_family_logits_and_greedy_tokens(family, family_ckpts, tmp_path):
+    llama_cpp_or_skip()
+    out = to_gguf(family_ckpts[family], tmp_path / "m.gguf")
+    diff, theirs, ours = compare_with_llama_cpp(family_ckpts[family], out, "Pack my box with five dozen")
+    assert diff < 1e-4, diff
+    assert theirs == ours and len(set(ours)) > 3
