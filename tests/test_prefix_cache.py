@@ -191,3 +191,12 @@ def test_the_server_reports_cached_prompt_tokens(server):
             max_tokens=3, stream=True, stream_options={"include_usage": True}))
         seen.append(chunks[-1].usage.prompt_tokens_details.cached_tokens)
     assert seen[1] >= 48 and seen[1] > seen[0] and seen[1] % 16 == 0
+
+
+def test_serve_refuses_a_negative_size_in_one_line():
+    from gpt.serve.serve_cli import ServeError, build_parser, run
+
+    assert build_parser().parse_args(["--ckpt", "x"]).prefix_cache_mb == 1024  # on by default
+    for bad in ("-1", "inf"):
+        with pytest.raises(ServeError, match="--prefix-cache-mb"):
+            run(["--ckpt", "nowhere", "--prefix-cache-mb", bad])
