@@ -46,6 +46,7 @@ LAYERS = {
     "gpt.infer.quantize": 70,
     "gpt.infer.weights": 75,
     "gpt.infer.constraints": 75,
+    "gpt.infer.prefix_cache": 75,
     "gpt.infer.engine": 80,
     "gpt.infer.scoring": 80,
     "gpt.infer.chat_session": 90,

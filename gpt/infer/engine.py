@@ -32,6 +32,11 @@ last `context - context // 2` tokens, which are re-encoded from position 0 into 
 sequence's row, and cached decoding continues from there (one re-encoding per context / 2 new
 tokens; the model always sees between half a window and a full one). The uncached path applies
 the same rule (`window_start`). A prompt longer than the context keeps its last context tokens.
+
+Prefix caching (Engine(prefix_cache_mb=N), serve.py --prefix-cache-mb). A row's fill copies what the
+prefix cache holds of its window's beginning and runs the model on the rest only, at the positions
+after it; the filled blocks are kept for the next rows (gpt/infer/prefix_cache.py).
+`DecodeRequest.cached_tokens` says how many prompt tokens came from it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from gpt.config import ModelConfig
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer
 from gpt.infer.constraints import ConstraintError, GrammarState, token_masks
+from gpt.infer.prefix_cache import MiB, PrefixCache
 from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
 from gpt.model import GPT, KVCache
 
@@ -176,6 +182,7 @@ class DecodeRequest:
         self.finish_reason: FinishReason | None = None
         self.cancelled = False
         self.row: int | None = None  # its row of the KV cache while it is in the batch
+        self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.start = 0  # first token of its window (see window_start)
         self.fresh = True  # its row must be (re)filled before the next step
         self.generator = torch.Generator(device=device)
@@ -247,11 +254,14 @@ class Engine:
     """The decode loop: up to max_batch sequences in one KV cache, joining and leaving between steps.
 
     add() may be called from any thread; step() from one thread at a time (the server's worker,
-    or complete() running until its requests are done).
+    or complete() running until its requests are done). prefix_cache_mb > 0 keeps the keys and values
+    of prompt prefixes (block-aligned, up to that many MiB, least recently used evicted) and reuses them
+    for later rows that begin with the same tokens (gpt/infer/prefix_cache.py); 0 = off.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
-                 use_kv_cache: bool = True, vocab_limit: int | None = None, max_model_len: int | None = None):
+                 use_kv_cache: bool = True, vocab_limit: int | None = None, max_model_len: int | None = None,
+                 prefix_cache_mb: float = 0):
         self.model, self.tokenizer, self.max_batch, self.use_kv_cache = model, tokenizer, max_batch, use_kv_cache
         cfg = model.config
         self.context = context_length(cfg, max_model_len)  # tokens per sequence (see the module doc)
@@ -260,6 +270,7 @@ class Engine:
         p = next(model.parameters())
         self.device = p.device
         self.cache = KVCache.empty(cfg, max_batch, self.context, p.device, p.dtype) if use_kv_cache else None
+        self.prefix_cache = self._prefix_cache(prefix_cache_mb)
         self.active: list[DecodeRequest] = []  # active[i] lives in cache row i
         self.waiting: list[DecodeRequest] = []
         self._lock = threading.Lock()
@@ -345,6 +356,22 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
 
+    def _prefix_cache(self, mib: float) -> PrefixCache | None:
+        """The cache of prompt prefixes' keys and values (None when mib is 0); refused where it cannot work."""
+        if not mib:
+            return None
+        if not 0 < mib < float("inf"):
+            raise SamplingError("prefix_cache_mb", f"the prefix cache's size must be a number of MiB >= 0 (0 = off), "
+                                                   f"got {mib}")
+        if self.cache is None:
+            raise SamplingError("prefix_cache_mb", "the prefix cache reuses the KV cache: not with use_kv_cache=False")
+        cache = PrefixCache(self.model.config, mib, self.device, self.cache.k.dtype)
+        if cache.capacity == 0:
+            raise SamplingError("prefix_cache_mb", f"a prefix cache of {mib:g} MiB holds no block of "
+                                                   f"{cache.block_tokens} tokens of this model "
+                                                   f"({cache.block_bytes / MiB:.2f} MiB); give more or 0 (off)")
+        return cache
+
     def _grammar(self, params: SamplingParams, stop_ids: set[int]) -> GrammarState:
         """The constraint's matcher for a new request; refused in one line if the vocabulary cannot even begin it."""
         if self.tokenizer is None:
@@ -397,6 +424,21 @@ class Engine:
                 last.row = req.row
             req.row = None
 
+    def _prefill(self, req: DecodeRequest) -> None:
+        """Fill the request's row with its window but the last token, from position 0: what the prefix cache
+        holds of it is copied, the rest computed by the model at the positions after it (chunked prefill)."""
+        window = req.tokens[req.start : -1]
+        k, v = self.cache.k[:, req.row], self.cache.v[:, req.row]  # (n_layer, n_kv_head, context, head_dim)
+        done = self.prefix_cache.load(window, k, v) if self.prefix_cache is not None else 0
+        if not req.out_ids:  # the prompt's own prefill (not a window re-encoded later)
+            req.cached_tokens = done
+        if len(window) > done:
+            row = KVCache(self.cache.k[:, req.row : req.row + 1], self.cache.v[:, req.row : req.row + 1])
+            self.model(torch.tensor([window[done:]], device=self.device), kv_cache=row, start_pos=done,
+                       logits_to_keep=1)
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(window, k, v)
+
     def _next_logits(self) -> torch.Tensor:
         """(A, vocab) float logits of the next token of every active request."""
         if not self.use_kv_cache:
@@ -404,11 +446,8 @@ class Engine:
                     for r in self.active]
             return torch.cat(rows)[:, : self.vocab].float()
         for req in self.active:
-            if req.fresh:  # its window but the last token, from position 0 of its row
-                if len(req.tokens) - req.start > 1:
-                    window = torch.tensor([req.tokens[req.start : -1]], device=self.device)
-                    row = KVCache(self.cache.k[:, req.row : req.row + 1], self.cache.v[:, req.row : req.row + 1])
-                    self.model(window, kv_cache=row, start_pos=0, logits_to_keep=1)
+            if req.fresh:
+                self._prefill(req)
                 req.fresh = False
         a = len(self.active)
         positions = [len(r.tokens) - 1 - r.start for r in self.active]

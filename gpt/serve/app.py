@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gpt.data.tokenizer import Tokenizer
 from gpt.infer.constraints import ConstraintError, token_masks
 from gpt.infer.engine import DecodeRequest, Engine, FinishReason, sample_seed
+from gpt.infer.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from gpt.infer.scoring import TokenScore
 from gpt.model import GPT
 from gpt.serve.access import Gate, error_response, too_large
@@ -62,6 +63,7 @@ class ServerConfig:
     max_queue: int = 32
     max_body_bytes: int = 1 << 20
     max_model_len: int | None = None  # the context of decoding (None: gpt.infer.engine.context_length's default)
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # MiB of prompt prefixes' keys and values kept; 0 = off
     host: str = "127.0.0.1"  # the bound address: a Host the server answers to (unless 0.0.0.0 or ::)
     allowed_hosts: tuple[str, ...] = ()  # more Host names it answers to; "*": any
     cors_origins: tuple[str, ...] = ()  # other pages' origins that may call it from a browser; "*": any
@@ -89,7 +91,8 @@ router = APIRouter()
 def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServerConfig) -> FastAPI:
     """The app around one loaded model; the engine thread starts and stops with the app."""
     model.eval()
-    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len)
+    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len,
+                    prefix_cache_mb=cfg.prefix_cache_mb)
     worker = Worker(engine, cfg.max_queue)
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(cfg, tokenizer, worker, engine.context, int(time.time()))
@@ -465,7 +468,10 @@ class Shape(ABC):
     def usage(self, seqs: list[DecodeRequest]) -> dict:
         prompt = sum(len(p) for p in self.job.prompts)
         completion = sum(len(s.out_ids) for s in seqs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        b = self.job.best_of  # a prompt's cached tokens: its sequences' fewest (the later ones reuse the first's)
+        cached = sum(min(s.cached_tokens for s in seqs[p * b : (p + 1) * b]) for p in range(len(seqs) // b))
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def usage_chunk(self, seqs: list[DecodeRequest]) -> dict:
         return self.envelope(self.object_chunk, choices=[], usage=self.usage(seqs))

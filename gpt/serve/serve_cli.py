@@ -21,6 +21,7 @@ import uvicorn
 from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.errors import UserError
 from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN
+from gpt.infer.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from gpt.infer.weights import add_model_args, load_for_decoding
 from gpt.serve.app import ServerConfig, create_app
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together (the batch's rows) (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond the batch and "
                    "the queue, requests get 429 with Retry-After (default: %(default)s)")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MIB",
+                   help="MiB of prompt prefixes' keys and values kept for requests that begin alike (a shared system "
+                   "prompt is computed once), least recently used evicted; 0 = off (default: %(default)s)")
     p.add_argument("--max-body", type=int, default=1 << 20,
                    help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
     p.add_argument("--allowed-hosts", type=names, action="extend", default=[], metavar="NAMES",
@@ -91,8 +95,10 @@ def run(argv: list[str]) -> None:
     for flag in ("max_batch", "port"):
         if getattr(args, flag) < 1 or (flag == "port" and args.port > 65535):
             raise ServeError(f"--{flag.replace('_', '-')} out of range: {getattr(args, flag)}")
-    if args.max_queue < 0 or args.max_body < 1 or args.threads < 0 or not args.shutdown_timeout >= 0:
-        raise ServeError("--max-queue, --threads and --shutdown-timeout must be >= 0 and --max-body >= 1")
+    if (args.max_queue < 0 or args.max_body < 1 or args.threads < 0 or not args.shutdown_timeout >= 0
+            or not 0 <= args.prefix_cache_mb < float("inf")):
+        raise ServeError("--max-queue, --threads, --shutdown-timeout and --prefix-cache-mb must be >= 0 and "
+                         "--max-body >= 1")
     torch.set_num_threads(serving_threads(args.threads))
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -101,7 +107,8 @@ def run(argv: list[str]) -> None:
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, api_key=args.api_key or os.environ.get("GPT_API_KEY") or None, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_body_bytes=args.max_body, max_model_len=args.max_model_len,
-                       host=args.host, allowed_hosts=tuple(args.allowed_hosts), cors_origins=tuple(args.cors_origins))
+                       prefix_cache_mb=args.prefix_cache_mb, host=args.host, allowed_hosts=tuple(args.allowed_hosts),
+                       cors_origins=tuple(args.cors_origins))
     app = create_app(model, tokenizer, cfg)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     # uvicorn's own limit comes after ours: by then every handler has answered, none is killed mid-request
