@@ -41,7 +41,7 @@ from gpt.infer.engine import DecodeRequest, Engine, FinishReason, sample_seed
 from gpt.infer.scoring import TokenScore
 from gpt.model import GPT
 from gpt.serve.access import Gate, error_response, too_large
-from gpt.serve.protocol import RF, APIError, Job, bad, chat_job, completion_job
+from gpt.serve.protocol import RF, APIError, Job, bad, chat_job, completion_job, detokenize_ids, tokenize_ids
 from gpt.serve.worker import QueueFull, ShuttingDown, Worker
 
 log = logging.getLogger("gpt.serve")
@@ -200,15 +200,20 @@ async def playground():
 
 @router.post("/tokenize")
 async def tokenize(request: Request, server: Server):
-    """Prompt tokens of a completion prompt or chat messages (the playground's live count)."""
+    """vLLM's /tokenize: a completion {"prompt"} or chat {"messages"} -> its prompt's token ids (the playground's
+    live count)."""
     body = await read_body(request, server)
     check_model(body.get("model"), server)
-    if "messages" in body:
-        n = len(chat_job({**body, "max_tokens": 1, "stream": False}, server.tokenizer, 1 << 30).prompts[0])
-    else:
-        n = sum(len(p) for p in completion_job({"prompt": body.get("prompt"), "max_tokens": 0}, server.tokenizer,
-                                               1 << 30).prompts)
-    return {"tokens": n, "context_length": server.block_size}
+    ids = tokenize_ids(body, server.tokenizer)
+    return {"tokens": ids, "count": len(ids), "max_model_len": server.block_size}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request, server: Server):
+    """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": their text}."""
+    body = await read_body(request, server)
+    check_model(body.get("model"), server)
+    return {"prompt": server.tokenizer.decode(detokenize_ids(body, server.tokenizer))}
 
 
 @router.get("/health")
