@@ -205,14 +205,17 @@ def test_vllm_sampling_extensions_decode_as_the_engine_does(srv, model, tok):
     assert text(temperature=1.0, seed=3, min_p=1.0) == free  # only tokens as likely as the top one
     ends = ChatTemplate(tok).end_ids
     for extra in (dict(top_k=3), dict(min_p=0.3), dict(top_k=5, min_p=0.3, top_p=0.9)):
-        ref = complete(model, tok, "Hello", SamplingParams(temperature=1.0, seed=5, max_tokens=20, **extra), stop_ids=ends)
+        ref = complete(model, tok, "Hello", SamplingParams(temperature=1.0, seed=5, max_tokens=20, **extra),
+                       stop_ids=ends)
         assert text(temperature=1.0, seed=5, **extra) == ref[0].text, extra
-    assert text(temperature=1.0, seed=5, top_k=-1) == text(temperature=1.0, seed=5, top_k=0) == text(temperature=1.0, seed=5)
+    off = text(temperature=1.0, seed=5)
+    assert text(temperature=1.0, seed=5, top_k=-1) == text(temperature=1.0, seed=5, top_k=0) == off
     rep = text(temperature=0, repetition_penalty=1.8)
     assert rep == greedy(model, tok, "Hello", 20, repetition_penalty=1.8).text != free
     msgs = [{"role": "user", "content": "hi"}]
-    chat = [srv.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, **k).choices[0].message.content
+    chat = [srv.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, **k)
             for k in (dict(temperature=0), dict(temperature=1.2, seed=1, extra_body={"top_k": 1}))]
+    chat = [c.choices[0].message.content for c in chat]
     assert chat[0] == chat[1]
 
 
@@ -268,7 +271,8 @@ def post(srv, path, body, **kw):
     ({"logit_bias": {"999": 1}}, "logit_bias"), ({"temperature": "hot"}, "temperature"),
     ({"prompt": 5}, "prompt"), ({"prompt": "no ~ in this vocabulary"}, "prompt"), ({"logprobs": 99}, "logprobs"), ({"seed": 1.5}, "seed"),
     ({"ignore_eos": "yes"}, "ignore_eos"), ({"top_k": -2}, "top_k"), ({"top_k": 2.5}, "top_k"),
-    ({"min_p": 1.5}, "min_p"), ({"min_p": -0.1}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"), ({"model": None}, "model"), ({"model": 5}, "model"),
+    ({"min_p": 1.5}, "min_p"), ({"min_p": -0.1}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": None}, "model"), ({"model": 5}, "model"),
 ])
 def test_bad_parameters_are_400_with_the_param(srv, body, param):
     r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "hi", **body})  # unknown fields: test_response_format.py

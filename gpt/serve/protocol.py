@@ -3,7 +3,10 @@
 Every value a client can send is checked here, with OpenAI's ranges, and a bad one becomes an
 `APIError` (400 and the offending `param`), never an exception further down. A field the endpoint
 does not know is refused as the hosted API refuses it ("Unrecognized request argument supplied"),
-and tools are refused by name until they land, never accepted and ignored.
+and tools are refused by name until they land, never accepted and ignored. vLLM's sampling extensions
+(`top_k`, `min_p`, `repetition_penalty`) are fields of both endpoints; vLLM's /tokenize and /detokenize
+read their bodies here too (`tokenize_ids`, `detokenize_ids`). The Responses API is a translation onto
+`chat_job` (gpt/serve/responses.py).
 
 `response_format` (OpenAI's structured outputs) becomes the engine's constraint
 (gpt/infer/constraints.py): {"type": "text"} none, {"type": "json_object"} any JSON object,
