@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from gpt.data.bpe import GPT2_PATTERN
 from gpt.data.chat_template import ChatTemplate
-from gpt.data.tokenizer import BPETokenizer
+from gpt.data.tokenizer import BPETokenizer, CharTokenizer
 from gpt.serve.responses import Responses, chat_request, output_items
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "color"],
@@ -207,3 +207,20 @@ def test_function_tools_reach_the_chat_path_which_refuses_them_today(srv):
                              {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
                              {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input[1]", r.text
+
+
+def test_a_format_the_vocabulary_cannot_finish_is_incomplete_with_its_reason():
+    """A character vocabulary without `q`: the schema's second key cannot be written (no 500, not "completed")."""
+    tok = CharTokenizer(list('{}":,ab0123456789 \n'))
+    ChatTemplate.add_tokens(tok)
+    schema = {"type": "object", "additionalProperties": False, "required": ["a", "q"],
+              "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                             "q": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    s = Running(lively_model(tok.vocab_size, block_size=64), tok)
+    try:
+        r = s.client.responses.create(model="tiny", input="ab", text={"format": {"type": "json_schema", "name": "aq",
+                                                                                  "schema": schema}})
+        assert r.status == "incomplete" and r.incomplete_details.reason == "response_format_unreachable"
+        assert r.output_text.startswith('{"a":') and "q" not in r.output_text
+    finally:
+        s.stop()
