@@ -121,6 +121,27 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert renorm[1].item() == pytest.approx(0.5 / 0.8) and renorm[3].item() == pytest.approx(0.3 / 0.8)
 
 
+def test_min_p_keeps_tokens_near_the_top_one_after_temperature_top_k_and_top_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+
+    def kept(min_p, **kw):
+        out, ids = filter_logits(logits, SamplingParams(min_p=min_p, **kw))
+        ids = torch.arange(4)[None] if ids is None else ids
+        return sorted(ids[torch.isfinite(out)].tolist())
+
+    assert kept(0.0) == [0, 1, 2, 3]  # off
+    assert kept(0.2) == [1, 2, 3]  # 0.05 < 0.2 x 0.5 <= 0.15
+    assert kept(0.5) == [1, 3]  # 0.3 >= 0.25
+    assert kept(1.0) == [1]  # the most likely token is always kept
+    assert kept(0.2, temperature=0.5) == [1, 3]  # after temperature: 0.15**2 < 0.2 x 0.5**2 (unnormalised)
+    assert kept(0.2, top_k=2) == [1, 3] and kept(0.2, top_p=0.7) == [1, 3]  # among what top-k/top-p left
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(min_p=0.5)
+    draws = {int(draw(*filter_logits(logits, params), params, gen)) for _ in range(200)}
+    assert draws == {1, 3}
+
+
 def test_temperature_sharpens_and_flattens():
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     cold, _ = filter_logits(logits, SamplingParams(temperature=0.5))

@@ -67,6 +67,7 @@ LAYERS = {
     "gpt.serve.protocol": 140,
     "gpt.serve.worker": 140,
     "gpt.serve.access": 142,
+    "gpt.serve.responses": 143,
     "gpt.serve.app": 145,
     "gpt.serve.serve_cli": 150,
     "gpt.serve": 159,

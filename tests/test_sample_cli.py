@@ -13,7 +13,7 @@ from gpt.config import ConfigError
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer, TokenizerError
 from gpt.infer.chat_session import ChatSession, run_chat
-from gpt.infer.sample_cli import build_parser, check_args
+from gpt.infer.sample_cli import build_parser, check_args, sampling_params
 from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
 
@@ -76,6 +76,9 @@ def test_bad_flag_combinations_are_refused():
         check_args(build_parser().parse_args(["--ckpt", "x", "--threads", "-1"]))
     with pytest.raises(ConfigError, match="--num-samples"):
         check_args(build_parser().parse_args(["--ckpt", "x", "--num-samples", "0"]))
+    with pytest.raises(ConfigError, match="--min-p must be >= 0 and <= 1, got 1.5"):
+        check_args(build_parser().parse_args(["--ckpt", "x", "--min-p", "1.5"]))
+    assert sampling_params(build_parser().parse_args(["--ckpt", "x", "--min-p", "0.1"])).min_p == 0.1
 
 
 # ---------------------------------------------------------------------------- chat

@@ -193,6 +193,71 @@ def test_stop_across_token_boundaries_penalties_echo_and_bias(srv, model, tok):
     assert not biased.startswith(tok.decode([banned]))
 
 
+def test_vllm_sampling_extensions_decode_as_the_engine_does(srv, model, tok):
+    """top_k, min_p and repetition_penalty reach SamplingParams: the server returns what complete() returns."""
+    kw = dict(model="tiny", prompt="Hello", max_tokens=20)
+    free = greedy(model, tok, "Hello", 20).text
+
+    def text(**extra):
+        return srv.client.completions.create(**kw, extra_body=extra).choices[0].text
+
+    assert text(temperature=1.5, seed=3, top_k=1) == free  # one candidate: the most likely token
+    assert text(temperature=1.0, seed=3, min_p=1.0) == free  # only tokens as likely as the top one
+    ends = ChatTemplate(tok).end_ids
+    for extra in (dict(top_k=3), dict(min_p=0.3), dict(top_k=5, min_p=0.3, top_p=0.9)):
+        ref = complete(model, tok, "Hello", SamplingParams(temperature=1.0, seed=5, max_tokens=20, **extra),
+                       stop_ids=ends)
+        assert text(temperature=1.0, seed=5, **extra) == ref[0].text, extra
+    off = text(temperature=1.0, seed=5)
+    assert text(temperature=1.0, seed=5, top_k=-1) == text(temperature=1.0, seed=5, top_k=0) == off
+    rep = text(temperature=0, repetition_penalty=1.8)
+    assert rep == greedy(model, tok, "Hello", 20, repetition_penalty=1.8).text != free
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = [srv.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, **k)
+            for k in (dict(temperature=0), dict(temperature=1.2, seed=1, extra_body={"top_k": 1}))]
+    chat = [c.choices[0].message.content for c in chat]
+    assert chat[0] == chat[1]
+
+
+def test_chat_streams_usage_under_max_completion_tokens_with_seed_and_logit_bias(srv, model, tok):
+    msgs = [{"role": "user", "content": "tell me"}]
+    kw = dict(model="tiny", messages=msgs, max_completion_tokens=6, seed=8, temperature=1.0)
+    full = srv.client.chat.completions.create(**kw)
+    chunks = list(srv.client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens <= 6
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    def first_token(r):
+        return next(i for i in range(tok.vocab_size) if tok.decode([i]) == r.choices[0].logprobs.content[0].token)
+
+    first = first_token(srv.client.chat.completions.create(**kw, logprobs=True))
+    biased = srv.client.chat.completions.create(**kw, logprobs=True, logit_bias={str(first): -100})
+    assert first_token(biased) != first  # the same seed, the first token banned
+    no_usage = list(srv.client.chat.completions.create(stream=True, **kw))
+    assert all(c.usage is None for c in no_usage)
+
+
+def test_tokenize_and_detokenize_have_vllms_shapes(srv, tok):
+    r = post(srv, "/tokenize", {"model": "tiny", "prompt": "Hello"}).json()
+    assert r == {"tokens": tok.encode("Hello"), "count": 5, "max_model_len": BLOCK}
+    msgs = [{"role": "user", "content": "hi there"}]
+    chat = post(srv, "/tokenize", {"model": "tiny", "messages": msgs}).json()
+    used = srv.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=1).usage.prompt_tokens
+    assert chat["count"] == len(chat["tokens"]) == used
+    assert post(srv, "/detokenize", {"model": "tiny", "tokens": r["tokens"]}).json() == {"prompt": "Hello"}
+    assert post(srv, "/detokenize", {"tokens": chat["tokens"]}).json()["prompt"] == tok.decode(chat["tokens"])
+    for path, body, param in [("/detokenize", {"tokens": [tok.vocab_size]}, "tokens"),
+                              ("/detokenize", {"tokens": "Hello"}, "tokens"), ("/detokenize", {}, "tokens"),
+                              ("/detokenize", {"tokens": [1], "skip_special_tokens": True}, "skip_special_tokens"),
+                              ("/tokenize", {"prompt": "a", "add_special_tokens": False}, "add_special_tokens"),
+                              ("/tokenize", {"prompt": ["a", "b"]}, "prompt"),
+                              ("/tokenize", {"messages": msgs, "chat_template": "x"}, "chat_template")]:
+        e = post(srv, path, body)
+        assert e.status_code == 400 and e.json()["error"]["param"] == param, (path, body, e.text)
+    assert post(srv, "/detokenize", {"model": "other", "tokens": [1]}).status_code == 404
+
+
 def post(srv, path, body, **kw):
     """A raw POST, declared JSON as clients send it (the server refuses any other Content-Type: 415)."""
     return httpx.post(srv.url + path, content=body if isinstance(body, bytes) else json.dumps(body),
@@ -205,7 +270,9 @@ def post(srv, path, body, **kw):
     ({"max_tokens": BLOCK}, "max_tokens"), ({"frequency_penalty": 3}, "frequency_penalty"),
     ({"logit_bias": {"999": 1}}, "logit_bias"), ({"temperature": "hot"}, "temperature"),
     ({"prompt": 5}, "prompt"), ({"prompt": "no ~ in this vocabulary"}, "prompt"), ({"logprobs": 99}, "logprobs"), ({"seed": 1.5}, "seed"),
-    ({"ignore_eos": "yes"}, "ignore_eos"), ({"model": None}, "model"), ({"model": 5}, "model"),
+    ({"ignore_eos": "yes"}, "ignore_eos"), ({"top_k": -2}, "top_k"), ({"top_k": 2.5}, "top_k"),
+    ({"min_p": 1.5}, "min_p"), ({"min_p": -0.1}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": None}, "model"), ({"model": 5}, "model"),
 ])
 def test_bad_parameters_are_400_with_the_param(srv, body, param):
     r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "hi", **body})  # unknown fields: test_response_format.py
@@ -246,6 +313,8 @@ def test_error_statuses(srv, model, tok):
     try:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        for path in ("/tokenize", "/detokenize"):  # vLLM's token routes take the key too
+            assert httpx.post(keyed.url + path, json={"prompt": "a", "tokens": [1]}).status_code == 401
         assert keyed.client.completions.create(model="tiny", prompt="a", max_tokens=2).choices[0].text
     finally:
         keyed.stop()

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this total probability")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens at least this fraction of the most likely one's probability (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the context")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI: subtract count x this from a logit")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI: subtract this once a token appeared")
@@ -63,7 +65,7 @@ def read_prompt(args: argparse.Namespace) -> str | None:
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The flags as the engine's one SamplingParams (validated: a bad value is a one-line error naming the flag)."""
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                             presence_penalty=args.presence_penalty, max_tokens=args.max_new_tokens,
                             stop=tuple(args.stop), seed=args.seed, logprobs=args.logprobs,

@@ -1,4 +1,4 @@
-"""Turning next-token logits into a token: penalties, temperature, top-k, top-p, then a draw.
+"""Turning next-token logits into a token: penalties, temperature, top-k, top-p, min-p, then a draw.
 
 Pure tensor functions on (B, V) float logits, applied in this order (the order of HF and vLLM):
 
@@ -13,6 +13,8 @@ Pure tensor functions on (B, V) float logits, applied in this order (the order o
 3. temperature: 0 means greedy (argmax of the penalised logits); otherwise logits / temperature.
 4. top_k: keep the k most likely tokens. 5. top_p (nucleus): keep the smallest set of most likely
    tokens whose probability reaches top_p (the most likely token is always kept).
+5b. min_p: keep the tokens whose probability is at least min_p times the most likely one's (after
+   temperature; among what top-k and top-p left: HF's order, and vLLM's before its v1 engine).
 0. logit_bias (OpenAI): added to the logits of the given token ids.
 6. a draw from the remaining distribution with a seeded torch.Generator: one seed, one output.
 """
@@ -108,6 +110,7 @@ class SamplingParams:
     temperature: float = ranged(1.0, ge=0)  # 0 = greedy
     top_k: int | None = ranged(None, ge=0)  # None or 0 = no limit
     top_p: float = ranged(1.0, gt=0, le=1)
+    min_p: float = ranged(0.0, ge=0, le=1)  # 0 = off; keep tokens at least min_p x the top token's probability
     repetition_penalty: float = ranged(1.0, gt=0)  # 1 = off
     frequency_penalty: float = ranged(0.0)  # any finite number; 0 = off
     presence_penalty: float = ranged(0.0)
@@ -172,6 +175,15 @@ def apply_top_p(logits: torch.Tensor, p: float, is_sorted: bool = False) -> torc
     return logits.masked_fill(drop, NEG_INF)
 
 
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop (-inf) the tokens whose probability is below min_p times the row's most likely token's:
+    p < min_p * p_max is logit < max_logit + log(min_p), so no softmax is needed."""
+    if min_p <= 0.0:
+        return logits
+    floor = logits.max(-1, keepdim=True).values + math.log(min_p)
+    return logits.masked_fill(logits < floor, NEG_INF)
+
+
 def filter_logits(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -179,7 +191,7 @@ def filter_logits(
     counts: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mask, bias, penalties, temperature, top-k and top-p -> (candidate logits (B, K), their token ids (B, K)).
+    """Mask, bias, penalties, temperature, top-k, top-p and min-p -> (candidate logits (B, K), their ids (B, K)).
 
     allowed: (B, V) bool, the tokens a constraint allows (at least one per row); the others get -inf.
     ids is None when every token is a candidate (K = V). Top-k keeps only the k best candidates
@@ -202,7 +214,7 @@ def filter_logits(
     ids = None
     if params.top_k and params.top_k < logits.size(-1):
         logits, ids = torch.topk(logits, params.top_k, dim=-1)  # sorted, most likely first
-    return apply_top_p(logits, params.top_p, is_sorted=ids is not None), ids
+    return apply_min_p(apply_top_p(logits, params.top_p, is_sorted=ids is not None), params.min_p), ids
 
 
 def draw(logits: torch.Tensor, ids: torch.Tensor | None, params: SamplingParams, generator) -> torch.Tensor:

@@ -30,7 +30,7 @@ SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY", "
                     "Referrer-Policy": "no-referrer"}
 CORS_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                 "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Max-Age": "600"}
-KEYED_PATHS = ("/v1", "/tokenize")  # the page and /health answer without the key
+KEYED_PATHS = ("/v1", "/tokenize", "/detokenize")  # the page and /health answer without the key
 
 
 class JSONError(Response):

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, /health.
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses, /health,
+vLLM's /tokenize and /detokenize.
 
 Requests become engine sequences (gpt/serve/protocol.py checks the fields), which the engine
 thread (gpt/serve/worker.py) decodes in one continuous batch; their tokens come back to the
@@ -42,7 +43,8 @@ from gpt.infer.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from gpt.infer.scoring import TokenScore
 from gpt.model import GPT
 from gpt.serve.access import Gate, error_response, too_large
-from gpt.serve.protocol import RF, APIError, Job, bad, chat_job, completion_job
+from gpt.serve.protocol import RF, APIError, Job, bad, chat_job, completion_job, detokenize_ids, tokenize_ids
+from gpt.serve.responses import Responses, response_job
 from gpt.serve.worker import QueueFull, ShuttingDown, Worker
 
 log = logging.getLogger("gpt.serve")
@@ -203,15 +205,20 @@ async def playground():
 
 @router.post("/tokenize")
 async def tokenize(request: Request, server: Server):
-    """Prompt tokens of a completion prompt or chat messages (the playground's live count)."""
+    """vLLM's /tokenize: a completion {"prompt"} or chat {"messages"} -> its prompt's token ids (the playground's
+    live count)."""
     body = await read_body(request, server)
     check_model(body.get("model"), server)
-    if "messages" in body:
-        n = len(chat_job({**body, "max_tokens": 1, "stream": False}, server.tokenizer, 1 << 30).prompts[0])
-    else:
-        n = sum(len(p) for p in completion_job({"prompt": body.get("prompt"), "max_tokens": 0}, server.tokenizer,
-                                               1 << 30).prompts)
-    return {"tokens": n, "context_length": server.block_size}
+    ids = tokenize_ids(body, server.tokenizer)
+    return {"tokens": ids, "count": len(ids), "max_model_len": server.block_size}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request, server: Server):
+    """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": their text}."""
+    body = await read_body(request, server)
+    check_model(body.get("model"), server)
+    return {"prompt": server.tokenizer.decode(detokenize_ids(body, server.tokenizer))}
 
 
 @router.get("/health")
@@ -244,6 +251,15 @@ async def completions(request: Request, server: Server):
 @router.post("/v1/chat/completions")
 async def chat(request: Request, server: Server):
     return await generation(request, server, chat_job, ChatCompletions)
+
+
+@router.post("/v1/responses")
+async def responses(request: Request, server: Server):
+    """OpenAI's Responses API: the chat path's job, its reply translated (gpt/serve/responses.py)."""
+    body = await read_body(request, server)
+    require_model(body, server)
+    job = response_job(body, server.tokenizer, server.block_size)
+    return await respond(request, server, job, Responses(ChatCompletions(server, job), body))
 
 
 async def generation(request: Request, server: ServerState, make_job, shape: type["Shape"]):
@@ -385,7 +401,7 @@ async def stream_events(reply: PendingReply, shape: Shape) -> AsyncIterator[str]
     index = {id(s): i for i, s in enumerate(reply.seqs)}  # best_of == n when streaming
     try:
         for chunk in shape.opening(reply.seqs):
-            yield sse(chunk)
+            yield shape.frame(chunk)
         left = len(reply.seqs)
         while left:
             events = [await reply.events.get()]
@@ -397,18 +413,16 @@ async def stream_events(reply: PendingReply, shape: Shape) -> AsyncIterator[str]
                 failed = e.finish_reason == "cancelled" or (e.finish_reason == "error" and not reply.stuck(e.seq))
                 if failed:  # a failed step; a server shutting down
                     failed = APIError(500, "generation was interrupted", type="server_error")
-                    yield "".join(out) + sse((failed if e.finish_reason == "error" else shutting_down()).body())
+                    yield "".join(out) + shape.failure(failed if e.finish_reason == "error" else shutting_down())
                     return
                 chunk = shape.delta(i, e)
                 if chunk is not None:
-                    out.append(sse(chunk))
+                    out.append(shape.frame(chunk))
                 if e.finish_reason is not None:
                     left -= 1
-                    out.append(sse(shape.finish(i, e.seq, reply)))
+                    out.append(shape.frame(shape.finish(i, e.seq, reply)))
             yield "".join(out)
-        if reply.job.include_usage:
-            yield sse(shape.usage_chunk(reply.seqs))
-        yield "data: [DONE]\n\n"
+        yield shape.closing(reply)
     finally:
         reply.cancel()  # the client went away (or we are done): free the rows
 
@@ -460,6 +474,18 @@ class Shape(ABC):
     def opening(self, seqs: list[DecodeRequest]) -> list[dict]:
         """The chunks a stream starts with, before any token."""
         return []
+
+    def frame(self, chunk: dict) -> str:
+        """How a chunk goes on the wire: one Server-Sent Event."""
+        return sse(chunk)
+
+    def failure(self, e: APIError) -> str:
+        """The event a stream ends with when generation fails."""
+        return sse(e.body())
+
+    def closing(self, reply: PendingReply) -> str:
+        """What a stream ends with once every sequence is done: the usage chunk when asked for, then [DONE]."""
+        return (sse(self.usage_chunk(reply.seqs)) if self.job.include_usage else "") + "data: [DONE]\n\n"
 
     def envelope(self, obj: str, **fields) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.server.config.model_name,

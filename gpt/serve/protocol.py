@@ -3,7 +3,10 @@
 Every value a client can send is checked here, with OpenAI's ranges, and a bad one becomes an
 `APIError` (400 and the offending `param`), never an exception further down. A field the endpoint
 does not know is refused as the hosted API refuses it ("Unrecognized request argument supplied"),
-and tools are refused by name until they land, never accepted and ignored.
+and tools are refused by name until they land, never accepted and ignored. vLLM's sampling extensions
+(`top_k`, `min_p`, `repetition_penalty`) are fields of both endpoints; vLLM's /tokenize and /detokenize
+read their bodies here too (`tokenize_ids`, `detokenize_ids`). The Responses API is a translation onto
+`chat_job` (gpt/serve/responses.py).
 
 `response_format` (OpenAI's structured outputs) becomes the engine's constraint
 (gpt/infer/constraints.py): {"type": "text"} none, {"type": "json_object"} any JSON object,
@@ -33,7 +36,8 @@ MAX_N = 64  # n and best_of
 MAX_LOGPROBS = 20
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "frequency_penalty",
                            "presence_penalty", "seed", "logit_bias", "logprobs", "stream", "stream_options",
-                           "response_format", "ignore_eos", "user"})  # user: accepted and ignored
+                           "response_format", "ignore_eos", "user",  # user: accepted and ignored
+                           "top_k", "min_p", "repetition_penalty"})  # vLLM's sampling extensions
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "best_of", "echo"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 NOT_YET = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix")  # OpenAI's, not ours
@@ -84,7 +88,8 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, *, lo_o
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
         raise bad(name, f"{name} must be a number, got {v!r}")  # an int is finite (10**400 too: no float of it)
     if v < lo or v > hi or (lo_open and v == lo):
-        raise bad(name, f"{name} must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v}")
+        upper = f" and <= {hi:g}" if math.isfinite(hi) else ""
+        raise bad(name, f"{name} must be {'>' if lo_open else '>='} {lo:g}{upper}, got {v}")
     return float(v)
 
 
@@ -145,6 +150,9 @@ def _sampling(body: dict, tokenizer: Tokenizer, max_tokens: int, logprobs: int |
     return SamplingParams(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=max(_int(body, "top_k", 0, -1), 0) or None,  # vLLM's: -1 or 0 = no limit
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf, lo_open=True),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         logit_bias=_logit_bias(body, tokenizer.vocab_size),
@@ -317,6 +325,29 @@ def chat_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
     params.constraint = _response_format(body, tokenizer)
     return Job([prompt], params, n, best_of, stream, _include_usage(body, stream), False, logprobs,
                **_end_ids(body, tokenizer))
+
+
+def tokenize_ids(body: dict, tokenizer: Tokenizer) -> list[int]:
+    """vLLM's /tokenize: the prompt tokens of a completion's {"prompt"} (one) or a chat's {"messages"} (with its
+    generation prompt), exactly as those endpoints would count them."""
+    if "messages" in body:
+        return chat_job({**body, "max_tokens": 1, "stream": False}, tokenizer, 1 << 30).prompts[0]
+    _known_fields(body, frozenset({"model", "prompt"}))
+    prompts = _prompts(body.get("prompt"), tokenizer)
+    if len(prompts) != 1:
+        raise bad("prompt", f"/tokenize takes one prompt, got {len(prompts)}")
+    return prompts[0]
+
+
+def detokenize_ids(body: dict, tokenizer: Tokenizer) -> list[int]:
+    """vLLM's /detokenize: {"tokens": [ids]}, each in the vocabulary."""
+    _known_fields(body, frozenset({"model", "tokens"}))
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise bad("tokens", "tokens must be a list of token ids")
+    if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+        raise bad("tokens", f"token ids must be in 0..{tokenizer.vocab_size - 1}")
+    return ids
 
 
 def _prompts(v, tokenizer: Tokenizer) -> list[list[int]]:

@@ -311,7 +311,7 @@ async function fits() {
   const [, body] = request();
   const r = await call("/tokenize", state.mode === "complete" ? { prompt: body.prompt } : { messages: body.messages });
   if (!r || !r.ok) return true;
-  const n = (await r.json()).tokens;
+  const n = (await r.json()).count;
   const max = +$("max_tokens").value, room = state.context - n;
   $("count").textContent = `${n} prompt tokens / ${state.context} context`;
   if (n + max > state.context) {
