@@ -170,8 +170,8 @@ class DraftProposer:
     def __init__(self, model: GPT, vocab: int, context: int):
         cfg = model.config
         if cfg.vocab_size < vocab:
-            raise SpeculationError(f"the draft model has {cfg.vocab_size} token ids, the target samples from {vocab}: "
-                                   "a draft model must share the target's vocabulary")
+            raise SpeculationError(f"the draft model has {cfg.vocab_size} token ids, the target samples from "
+                                   f"{vocab}: a draft model must share the target's vocabulary")
         p = next(model.parameters())
         self.model, self.vocab, self.context = model, vocab, max(2, min(context, cfg.block_size))
         self.cache = KVCache.empty(cfg, 1, self.context, p.device, p.dtype)
@@ -221,9 +221,9 @@ def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, name: str = "the 
     if target.vocab_size == draft.vocab_size and all(
             target.decode_bytes([i]) == draft.decode_bytes([i]) for i in range(target.vocab_size)):
         return
-    raise SpeculationError(f"{name}'s tokenizer differs from the target's ({draft.vocab_size} vs "
-                           f"{target.vocab_size} tokens, or other token bytes): a draft model must share the "
-                           "target's vocabulary")
+    raise SpeculationError(f"{name}: its tokenizer differs from the target's ({draft.vocab_size} vs "
+                           f"{target.vocab_size} tokens, or other bytes for a token): a draft model must share "
+                           "the target's vocabulary")
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -326,8 +326,7 @@ class Speculator:
                 if not allowed.any():  # the grammar is complete, or stuck (the engine's rule)
                     req.end("stop" if req.grammar.accepting else "error")
                     return j
-            candidates, ids = filter_logits(logits[j : j + 1], p, None if req.seen is None else req.seen[:, : self.vocab],
-                                            None if req.counts is None else req.counts[:, : self.vocab], allowed)
+            candidates, ids = filter_logits(logits[j : j + 1], p, req.seen, req.counts, allowed)  # (1, vocab) state
             if j == len(guesses) or p.greedy:  # the free token after the last guess; greedy: the argmax
                 token = int(draw(candidates, ids, p, req.generator))
                 kept = j < len(guesses) and token == guesses[j]
