@@ -29,11 +29,12 @@ OPTIONS = {  # the model options that touch attention and positions (seeds and s
 }
 
 
-def model(seed: int = 0, n_embd: int = 32, block_size: int = 32, scale: float = 0.3, **options) -> GPT:
+def model(seed: int = 0, n_embd: int = 32, block_size: int = 32, scale: float = 0.3, vocab_size: int = len(CHARS),
+          **options) -> GPT:
     """A random model whose greedy output does not collapse into one repeated token (large weights)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(n_layer=2, n_head=options.pop("n_head", 2), n_embd=n_embd, block_size=block_size,
-                      vocab_size=len(CHARS), **options)
+                      vocab_size=vocab_size, **options)
     m = GPT(cfg)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -47,8 +48,8 @@ def test_greedy_output_is_plain_decodings_token_for_token(option):
     target = model(**OPTIONS[option])
     params = SamplingParams(temperature=0, max_tokens=40)
     plain = complete(target, TOK, PROMPT, params, stop_ids=())[0]
-    proposers = [NgramProposer(), DraftProposer(model(seed=1, n_embd=16), len(CHARS), 32),
-                 DraftProposer(target, len(CHARS), 32)]  # a draft that is the target: every guess is kept
+    proposers = [NgramProposer(), DraftProposer(model(seed=1, n_embd=16)),
+                 DraftProposer(target)]  # a draft that is the target: every guess is kept
     for proposer in proposers:
         spec = Speculator(target, TOK, proposer, speculate_tokens=4)
         out = spec.complete(PROMPT, params, stop_ids=())[0]
@@ -72,7 +73,7 @@ def test_penalties_stops_logprobs_and_constraints_compose():
 
 def test_sampling_with_a_seed_is_reproducible():
     target, draft = model(), model(seed=1, n_embd=16)
-    for proposer in (NgramProposer(), DraftProposer(draft, len(CHARS), 32)):
+    for proposer in (NgramProposer(), DraftProposer(draft)):
         spec = Speculator(target, TOK, proposer)
         runs = [spec.complete(PROMPT, SamplingParams(temperature=1.0, top_k=6, max_tokens=30, seed=s))[0].token_ids
                 for s in (7, 7, 8)]
@@ -121,12 +122,24 @@ def test_ngram_lookup_proposes_what_followed_the_latest_earlier_match():
     assert NgramProposer(max_n=1).propose([5, 6, 5], 2, None, None).tokens == [6, 5]
 
 
+def test_the_draft_proposes_its_own_greedy_continuation_after_a_rollback():
+    draft, greedy, seq = model(seed=1, n_embd=16), SamplingParams(temperature=0), TOK.encode(PROMPT)
+    own = complete(draft, TOK, seq + [4], SamplingParams(temperature=0, max_tokens=4), stop_ids=())[0].token_ids
+    proposer = DraftProposer(draft)
+    proposer.prepare(TOK, len(CHARS), 32)
+    proposer.propose(seq[:-3] + [5, 5, 5, 5], 4, greedy, None)  # its cache now holds tokens past the shared prefix
+    assert proposer.propose(seq + [4], 4, greedy, None).tokens == own
+
+
 def test_a_draft_with_another_vocabulary_is_refused():
     check_same_vocabulary(TOK, CharTokenizer(CHARS))
     with pytest.raises(SpeculationError, match="draft model must share the target's vocabulary"):
         check_same_vocabulary(TOK, CharTokenizer(CHARS[::-1]))
-    with pytest.raises(SpeculationError, match="draft model must share"):
-        DraftProposer(model(), len(CHARS) + 1, 32)
+    other = CharTokenizer(CHARS + ["z"])
+    with pytest.raises(SpeculationError, match="the draft model: its tokenizer differs"):
+        Speculator(model(), other, DraftProposer(model(), TOK))
+    with pytest.raises(SpeculationError, match="the draft model has 10 token ids, the target samples from 11"):
+        Speculator(model(vocab_size=11), other, DraftProposer(model()))
 
 
 def test_sample_py_speculates_and_reports_the_acceptance_rate(tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 from gpt.checkpoint import load_checkpoint
 from gpt.config import ConfigError
 from gpt.device import pick_device, pick_threads, resolve_dtype
-from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN, Completion, complete, context_length
+from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN, Completion, complete
 from gpt.infer.sampling import Constraint, SamplingParams
 from gpt.infer.speculative import PROPOSERS, SPECULATE_TOKENS, Speculator, build_proposer
 from gpt.infer.weights import add_model_args, load_for_decoding, prepare_for_decoding
@@ -199,9 +199,8 @@ def _complete(args: argparse.Namespace, loaded, prompt: str, params: SamplingPar
     if args.draft_ckpt is not None:
         draft = load_checkpoint(args.draft_ckpt, device, verify=not args.no_verify)
         prepare_for_decoding(draft.model, dtype, args.quantize)
-    proposer = build_proposer(args.speculate, model, tokenizer, context_length(model.config, args.max_model_len),
-                              draft=draft and draft.model, draft_tokenizer=draft and draft.tokenizer,
-                              draft_name=f"--draft-ckpt {args.draft_ckpt}")
+    proposer = build_proposer(args.speculate, draft and draft.model, draft and draft.tokenizer,
+                              f"--draft-ckpt {args.draft_ckpt}")
     spec = Speculator(model, tokenizer, proposer, speculate_tokens=args.speculate_tokens or SPECULATE_TOKENS,
                       max_model_len=args.max_model_len)
     results = spec.complete(prompt, params, num_samples=args.num_samples, on_text=on_text)

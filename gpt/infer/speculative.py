@@ -147,6 +147,9 @@ class NgramProposer:
             raise SpeculationError(f"n-gram lengths must satisfy 1 <= min_n <= max_n, got {min_n} and {max_n}")
         self.max_n, self.min_n = max_n, min_n
 
+    def prepare(self, tokenizer: Tokenizer, vocab: int, context: int) -> None:
+        """Nothing to check or allocate: the lookup needs no model."""
+
     def reset(self) -> None:
         """Nothing to forget: the lookup reads only the sequence it is given."""
 
@@ -163,17 +166,27 @@ class NgramProposer:
 
 
 class DraftProposer:
-    """A smaller model with the same vocabulary guesses k tokens from its own KV cache (batch 1)."""
+    """A smaller model with the same vocabulary guesses k tokens from its own KV cache (batch 1).
+
+    tokenizer: the draft's own, checked against the target's (`check_same_vocabulary`) when the
+    Speculator is built; name says which model an error is about."""
 
     name = "draft"
 
-    def __init__(self, model: GPT, vocab: int, context: int):
-        cfg = model.config
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, name: str = "the draft model"):
+        self.model, self.tokenizer, self.label = model, tokenizer, name
+        self.cache: KVCache | None = None
+
+    def prepare(self, tokenizer: Tokenizer, vocab: int, context: int) -> None:
+        """Check the vocabulary against the target's; allocate the cache for the target's context (or less)."""
+        cfg = self.model.config
+        if self.tokenizer is not None:
+            check_same_vocabulary(tokenizer, self.tokenizer, self.label)
         if cfg.vocab_size < vocab:
-            raise SpeculationError(f"the draft model has {cfg.vocab_size} token ids, the target samples from "
+            raise SpeculationError(f"{self.label} has {cfg.vocab_size} token ids, the target samples from "
                                    f"{vocab}: a draft model must share the target's vocabulary")
-        p = next(model.parameters())
-        self.model, self.vocab, self.context = model, vocab, max(2, min(context, cfg.block_size))
+        p = next(self.model.parameters())
+        self.vocab, self.context = vocab, max(2, min(context, cfg.block_size))
         self.cache = KVCache.empty(cfg, 1, self.context, p.device, p.dtype)
         self.reset()
 
@@ -232,7 +245,7 @@ def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, name: str = "the 
 class Speculator:
     """Batch-1 speculative decoding of one target model with one proposer; `stats` sums every request.
 
-        spec = Speculator(model, tokenizer, NgramProposer())
+        spec = Speculator(model, tokenizer, NgramProposer())   # or DraftProposer(draft_model, draft_tokenizer)
         [completion] = spec.complete("def f(x):", SamplingParams(temperature=0, max_tokens=64))
         print(spec.stats.acceptance_rate)
     """
@@ -249,6 +262,7 @@ class Speculator:
         self.device = p.device
         self.cache = KVCache.empty(cfg, 1, self.context, p.device, p.dtype)
         self.stats = SpeculationStats()
+        proposer.prepare(tokenizer, self.vocab, self.context)
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, num_samples: int = 1,
                  stop_ids: Sequence[int] | None = None,
@@ -358,15 +372,13 @@ def _eval_mode(model: torch.nn.Module | None):
 # ---------------------------------------------------------------------------- sample.py
 
 
-def build_proposer(kind: str, target: GPT, tokenizer: Tokenizer, context: int, *, draft: GPT | None = None,
-                   draft_tokenizer: Tokenizer | None = None, draft_name: str = "the draft model"):
-    """The proposer sample.py's --speculate names: "ngram", or "draft" with its model and tokenizer checked."""
+def build_proposer(kind: str, draft: GPT | None = None, draft_tokenizer: Tokenizer | None = None,
+                   draft_name: str = "the draft model"):
+    """The proposer sample.py's --speculate names: "ngram", or "draft" with its model and tokenizer."""
     if kind == "ngram":
         return NgramProposer()
     if kind != "draft":
         raise SpeculationError(f"--speculate must be one of {', '.join(PROPOSERS)}, got {kind!r}")
     if draft is None or draft_tokenizer is None:
         raise SpeculationError("--speculate draft needs --draft-ckpt (a smaller checkpoint with the same tokenizer)")
-    check_same_vocabulary(tokenizer, draft_tokenizer, draft_name)
-    vocab = min(tokenizer.vocab_size, target.config.vocab_size)
-    return DraftProposer(draft, vocab, context)
+    return DraftProposer(draft, draft_tokenizer, draft_name)
