@@ -80,6 +80,15 @@ def test_sampling_with_a_seed_is_reproducible():
         assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+def test_streams_exactly_the_final_text_and_samples_keep_their_seeds():
+    spec = Speculator(model(), TOK, NgramProposer())
+    params = SamplingParams(temperature=0.8, max_tokens=25, seed=3, stop=("ab",))
+    streamed = {0: "", 1: ""}
+    pair = spec.complete(PROMPT, params, num_samples=2, on_text=lambda i, t: streamed.update({i: streamed[i] + t}))
+    assert [streamed[0], streamed[1]] == [c.text for c in pair]
+    assert spec.complete(PROMPT, params)[0] == pair[0] and pair[0].token_ids != pair[1].token_ids
+
+
 # Hand-made (p, q) pairs: overlapping, disjoint supports, q a point mass, p a point mass, p = q.
 P = torch.tensor([0.5, 0.3, 0.2, 0.0])
 CASES = [(P, torch.tensor([0.1, 0.6, 0.1, 0.2])), (P, torch.tensor([0.0, 0.0, 0.0, 1.0])), (P, None),

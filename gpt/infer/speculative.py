@@ -322,10 +322,10 @@ class Speculator:
         guesses = proposal.tokens[:k]
         x = torch.tensor([[req.tokens[-1], *guesses]], device=self.device)
         logits = self.model(x, kv_cache=self.cache, start_pos=n - 1 - req.start)[0][0, :, : self.vocab].float()
-        accepted = self._take(req, logits, guesses, proposal.q)
-        s = self.stats
-        s.proposed, s.accepted, s.rounds, s.tokens = s.proposed + len(guesses), s.accepted + accepted, s.rounds + 1, \
-            s.tokens + len(req.tokens) - n
+        self.stats.accepted += self._take(req, logits, guesses, proposal.q)
+        self.stats.proposed += len(guesses)
+        self.stats.rounds += 1
+        self.stats.tokens += len(req.tokens) - n
 
     def _take(self, req: DecodeRequest, logits: torch.Tensor, guesses: list[int], q: torch.Tensor | None) -> int:
         """Append the tokens of one verified chunk, position by position; returns how many guesses were kept.
