@@ -1,0 +1,207 @@
+"""Speculative decoding against plain decoding at batch 1: tokens/s, acceptance rate, identical greedy tokens.
+
+    python bench/speculative.py                      # the 124M shape, random weights (a few minutes on 2 cores)
+    python bench/speculative.py --ckpt out/run --draft-ckpt out/small   # your trained models
+    python bench/speculative.py --smoke              # a seconds-long run of the script itself
+
+Rows, all greedy, all generating exactly --new-tokens tokens (end tokens ignored), on two prompts (a
+repetitive, code-like one, where prompt lookup shines, and plain prose):
+  plain          gpt.infer.engine.complete: one forward pass per token
+  ngram          --speculate ngram: prompt lookup, K guesses verified per forward pass
+  draft-tiny     --speculate draft with a tiny draft (2 layers x 128, the target's vocabulary)
+  draft-layers   --speculate draft with the target's own first 2 layers as the draft (self-speculation)
+  oracle         guesses that are always right (plain decoding's own tokens): the ceiling at this K,
+                 what verifying K + 1 positions per pass can give at 100% acceptance
+With random weights (the default) the models predict nothing, so acceptance says little about real
+use: draft-tiny then almost never agrees (its row is the cost of drafting), draft-layers agrees often
+(random layers barely move the residual stream), and ngram accepts only where the random model
+repeats itself. Pass --ckpt (and --draft-ckpt) for trained models; the oracle row is the ceiling either way.
+Decode rate = (n - 1) / (time(n tokens) - time(1 token)), which removes the prefill; each figure is the
+median of --repeats runs. Compare ratios within one run, and name the CPU (printed) with any figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpt.checkpoint import load_checkpoint  # noqa: E402
+from gpt.config import ModelConfig  # noqa: E402
+from gpt.data.tokenizer import TiktokenTokenizer  # noqa: E402
+from gpt.device import pick_device, resolve_dtype, tune_allocator  # noqa: E402
+from gpt.infer.engine import complete  # noqa: E402
+from gpt.infer.sampling import SamplingParams  # noqa: E402
+from gpt.infer.speculative import DraftProposer, NgramProposer, Proposal, Speculator  # noqa: E402
+from gpt.infer.weights import prepare_for_decoding  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+
+SHAPE_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+SHAPE_SMOKE = dict(n_layer=2, n_head=2, n_embd=64, block_size=256)
+TINY_DRAFT = dict(n_layer=2, n_head=2, n_embd=128)
+
+CODE_PROMPT = '''Rename the field `user_id` to `account_id` everywhere in this code and return the whole file.
+
+def load_user(db, user_id):
+    row = db.fetch("SELECT * FROM users WHERE user_id = ?", (user_id,))
+    if row is None:
+        raise KeyError(f"no user {user_id}")
+    return {"user_id": row["user_id"], "name": row["name"], "email": row["email"]}
+
+
+def save_user(db, user):
+    db.execute("UPDATE users SET name = ?, email = ? WHERE user_id = ?",
+               (user["name"], user["email"], user["user_id"]))
+
+
+def delete_user(db, user_id):
+    db.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+
+Here is the file with `user_id` renamed to `account_id`:
+
+def load_user(db, account_id):
+'''
+PROSE_PROMPT = ('The harbour town woke slowly that morning. Fishermen argued about the weather while the '
+                'baker opened his shutters, and a girl with a red scarf ran down to the quay to watch the '
+                'ferry come in. Nobody noticed the stranger who stepped off it, a tall man carrying a '
+                'violin case and a letter he had been told never to open. He asked the way to the old '
+                'lighthouse, and the answer he got made him smile for the first time in weeks.')
+
+
+class OracleProposer:
+    """Guesses plain decoding's own next tokens: every guess is accepted (the ceiling of verification)."""
+
+    name = "oracle"
+
+    def __init__(self, reference: list[int]):
+        self.reference = reference
+
+    def prepare(self, tokenizer, vocab: int, context: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, tokens, k: int, params, generator) -> Proposal:
+        return Proposal(self.reference[len(tokens) : len(tokens) + k])
+
+
+def decode_rate(run, n: int, repeats: int) -> float:
+    """Median tokens/s of the decode phase: (n - 1) / (time(n) - time(1))."""
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        run(n)
+        t2 = time.perf_counter()
+        rates.append((n - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
+    return statistics.median(rates)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def models(args, device, dtype):
+    """(target, tokenizer, {draft name: (model, tokenizer or None)}): a checkpoint's, or random ones."""
+    torch.manual_seed(0)
+    if args.ckpt:
+        loaded = load_checkpoint(args.ckpt, device)
+        target, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        tokenizer = TiktokenTokenizer("gpt2")
+        shape = SHAPE_SMOKE if args.smoke else SHAPE_124M
+        target = GPT(ModelConfig(**shape, vocab_size=tokenizer.vocab_size, dropout=0.0)).to(device)
+    cfg = target.config
+    drafts = {}
+    if args.draft_ckpt:
+        loaded = load_checkpoint(args.draft_ckpt, device)
+        drafts["draft-ckpt"] = (loaded.model, loaded.tokenizer)
+    tiny = dict(TINY_DRAFT, block_size=cfg.block_size, vocab_size=cfg.vocab_size, dropout=0.0)
+    if cfg.position == "rope" or cfg.norm != "layernorm":  # a tiny draft of the target's own family
+        tiny.update(position=cfg.position, norm=cfg.norm, mlp=cfg.mlp, bias=cfg.bias)
+    drafts["draft-tiny"] = (GPT(ModelConfig(**tiny)).to(device), None)
+    layers = copy.deepcopy(target)
+    layers.transformer.h = layers.transformer.h[:2]
+    layers.config = replace(cfg, n_layer=2)
+    drafts["draft-layers"] = (layers, None)
+    for m in [target] + [d for d, _ in drafts.values()]:
+        prepare_for_decoding(m, dtype, args.quantize)
+    return target, tokenizer, drafts
+
+
+def bench_prompt(label: str, prompt: str, target, tokenizer, drafts, args) -> None:
+    ids = tokenizer.encode(prompt)[-(target.config.block_size - args.new_tokens - 1):]
+    greedy = lambda n: SamplingParams(temperature=0, max_tokens=n)  # noqa: E731
+    reference = ids + complete(target, tokenizer, ids, greedy(args.new_tokens), stop_ids=())[0].token_ids
+    rows = {"plain": (decode_rate(lambda n: complete(target, tokenizer, ids, greedy(n), stop_ids=()),
+                                  args.new_tokens, args.repeats), None, True)}
+    proposers = [NgramProposer()] + [DraftProposer(m, tok, name) for name, (m, tok) in drafts.items()]
+    for proposer in proposers + [OracleProposer(reference)]:
+        spec = Speculator(target, tokenizer, proposer, speculate_tokens=args.k)
+        name = proposer.label if isinstance(proposer, DraftProposer) else proposer.name
+        rate = decode_rate(lambda n: spec.complete(ids, greedy(n), stop_ids=()), args.new_tokens, args.repeats)
+        spec.stats.__init__()  # the stats of one full-length run, for the table
+        out = spec.complete(ids, greedy(args.new_tokens), stop_ids=())[0].token_ids
+        rows[name] = (rate, spec.stats, ids + out == reference)
+    plain = rows["plain"][0]
+    print(f"\n## {label} prompt: {len(ids)} tokens, {args.new_tokens} new, K = {args.k}")
+    print(f"{'system':>13} {'tok/s':>9} {'x plain':>8} {'accepted':>9} {'tok/pass':>9}  greedy = plain")
+    for name, (rate, stats, same) in rows.items():
+        acc = f"{100 * stats.acceptance_rate:.1f}%" if stats else "-"
+        per = f"{stats.tokens / max(stats.rounds, 1):.2f}" if stats else "1.00"
+        print(f"{name:>13} {rate:>9.1f} {rate / plain:>8.2f} {acc:>9} {per:>9}  {same}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", default=None, help="target checkpoint (default: a random GPT-2-124M-shaped model)")
+    p.add_argument("--draft-ckpt", default=None, help="also a draft checkpoint with the target's tokenizer")
+    p.add_argument("--prompt-file", default=None, help="time this prompt instead of the two built in")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=5, help="--speculate-tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto")
+    p.add_argument("--quantize", choices=["int8"], default=None)
+    p.add_argument("--smoke", action="store_true", help="a tiny target, few tokens, one repeat: checks the script")
+    args = p.parse_args()
+    if args.smoke:
+        args.new_tokens, args.repeats = min(args.new_tokens, 12), 1
+    allocator = tune_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    target, tokenizer, drafts = models(args, device, dtype)
+    cfg = target.config
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, allocator {allocator}; "
+          f"{str(dtype).replace('torch.', '')} on {device}")
+    print(f"target: {args.ckpt or 'random'} {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}; "
+          f"decode tokens/s at batch 1 (median of {args.repeats}); noisy on a shared machine")
+    with torch.no_grad():
+        prompts = [("code-like", CODE_PROMPT), ("prose", PROSE_PROMPT)] if args.prompt_file is None else \
+            [(args.prompt_file, Path(args.prompt_file).read_text(encoding="utf-8"))]
+        for label, prompt in prompts:
+            bench_prompt(label, prompt, target, tokenizer, drafts, args)
+
+
+if __name__ == "__main__":
+    main()
