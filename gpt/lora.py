@@ -44,7 +44,7 @@ class LoRALinear(nn.Module):
             self.lora_A.uniform_(-bound, bound, generator=generator)
         self.dropout = nn.Dropout(dropout)
         self.enabled = True
-        self.mask: torch.Tensor | None = None
+        mask = None
         if blocks is not None:
             mask = torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype)
             offset = 0
@@ -53,7 +53,7 @@ class LoRALinear(nn.Module):
                 offset += r
             if offset != rank:
                 raise ValueError(f"blocks hold rank {offset}, not {rank}")
-            self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)  # None: B is whole
 
     def B(self) -> torch.Tensor:
         """B as the layer applies it (masked to its blocks)."""
