@@ -1,9 +1,10 @@
 """A model to start from or to score: one of our checkpoints, a local Hugging Face folder, hf://org/name, or a
 PEFT LoRA adapter folder on one of these (its base).
 
-`init_from` (training and fine-tuning), `python -m gpt.eval`, `python -m gpt.audit`, and sample.py/serve.py
-for adapter folders accept them; this is the one place that tells them apart. An adapter is merged into its
-base for scoring and decoding, and kept as LoRA layers for fine-tuning, which trains it on. A hub name is downloaded only when the run allows it
+`init_from` (training and fine-tuning), `python -m gpt.eval` and `python -m gpt.audit` accept them (adapter
+folders: fine-tuning, gpt.eval, and sample.py/serve.py through gpt.infer.weights); this is the one place that
+tells them apart. An adapter is merged into its base for scoring and decoding, and kept as LoRA layers
+for fine-tuning, which trains it on. A hub name is downloaded only when the run allows it
 (`allow_download: true`), once, into the output folder (out_dir/.hub_download), never ~/.cache.
 """
 
