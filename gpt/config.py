@@ -322,8 +322,13 @@ class FinetuneConfig:
     """Everything `python finetune.py CONFIG` reads. The model section is taken from init_from."""
 
     out_dir: str = ""  # default: out/<config file name>
-    init_from: str = ""  # one of our checkpoint dirs (out/shakespeare), a Hugging Face folder, or hf://org/name
+    # one of our checkpoint dirs (out/shakespeare), a Hugging Face folder, hf://org/name, or a PEFT LoRA adapter
+    # folder (adapter_config.json): its base model with its adapters, which the run trains on (lora.* from the adapter)
+    init_from: str = ""
     allow_download: bool = False  # init_from hf://org/name: download it (once, into out_dir/.hub_download)
+    # init_from a PEFT adapter folder: its base model (one of our checkpoint dirs, a Hugging Face folder, or
+    # hf://org/name with allow_download); default: the adapter's base_model_name_or_path
+    adapter_base: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)  # filled from init_from; do not set
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

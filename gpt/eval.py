@@ -310,7 +310,7 @@ def exact_match_rate(model: GPT, template: ChatTemplate, conversations: list[lis
 
 
 def load_scored(path: str, device: torch.device) -> LoadedModel:
-    """Our run or checkpoint folder, or a local Hugging Face GPT-2 folder (never the hub), in eval mode."""
+    """Our run or checkpoint folder, a local Hugging Face folder or a PEFT adapter folder (never the hub), in eval mode."""
     if not Path(path).exists():
         raise DataError(f"--ckpt {path}: no such checkpoint or run folder")
     loaded = load_pretrained(path, device)
@@ -336,7 +336,7 @@ def format_table(rows: list[tuple[str, EvalResult]]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gpt.eval", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", nargs="+", required=True, help="run folders, checkpoint folders or HF GPT-2 folders")
+    p.add_argument("--ckpt", nargs="+", required=True, help="run folders, checkpoint folders, Hugging Face folders or PEFT adapter folders")
     p.add_argument("--data", required=True, help="text file, folder of .txt, JSONL/JSON/CSV/Parquet, datasets folder")
     p.add_argument("--format", default="auto", choices=FORMATS, help="record format (auto: per record)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride in tokens (default: block/2)")

@@ -21,7 +21,7 @@ from gpt.infer.weights import add_model_args, load_for_decoding, prepare_for_dec
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description="Sample text from a trained checkpoint, or chat with it.")
-    p.add_argument("--ckpt", required=True, help="output directory (its best checkpoint, else latest) or a checkpoint folder")
+    p.add_argument("--ckpt", required=True, help="output directory (its best checkpoint, else latest), a checkpoint folder, or a PEFT adapter folder (merged into its base)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text (default: the end-of-text token, or a newline)")
     src.add_argument("--prompt-file", default=None, help="read the prompt from this file ('-' for stdin)")

@@ -19,6 +19,8 @@ import torch.nn as nn
 
 from gpt.checkpoint import LoadedModel, load_checkpoint
 from gpt.infer.quantize import quantize_int8
+from gpt.lora_peft import is_peft_dir
+from gpt.pretrained import load_adapter_folder
 
 
 def add_model_args(p: argparse.ArgumentParser, threads: str, context_cap: int) -> None:
@@ -37,8 +39,12 @@ def add_model_args(p: argparse.ArgumentParser, threads: str, context_cap: int) -
 
 
 def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """args.ckpt, verified unless --no-verify, prepared for decoding (the flags of add_model_args)."""
-    loaded = load_checkpoint(args.ckpt, device, verify=not args.no_verify)
+    """args.ckpt (one of our checkpoints, or a PEFT adapter folder on its base, merged), verified unless
+    --no-verify, prepared for decoding (the flags of add_model_args)."""
+    if is_peft_dir(args.ckpt):
+        loaded = load_adapter_folder(args.ckpt, device, verify=not args.no_verify)
+    else:
+        loaded = load_checkpoint(args.ckpt, device, verify=not args.no_verify)
     prepare_for_decoding(loaded.model, dtype, args.quantize)
     return loaded
 

@@ -45,7 +45,7 @@ def names(value: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.py", description="Serve a checkpoint with OpenAI's HTTP API.")
-    p.add_argument("--ckpt", required=True, help="output directory (its best checkpoint, else latest) or a checkpoint folder")
+    p.add_argument("--ckpt", required=True, help="output directory (its best checkpoint, else latest), a checkpoint folder, or a PEFT adapter folder (merged into its base)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY, else none)")

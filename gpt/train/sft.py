@@ -34,8 +34,8 @@ from gpt.data.tokenizer import Tokenizer
 from gpt.data.training_order import RowStream
 from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN, complete
 from gpt.infer.sampling import SamplingParams
-from gpt.lora import apply_lora, count_trainable, merged_state_dict
-from gpt.lora_peft import write_peft_adapter
+from gpt.lora import LoRALinear, apply_lora, count_trainable, merged_state_dict
+from gpt.lora_peft import is_peft_dir, peft_base, write_peft_adapter
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.plot import plot_run
 from gpt.train import dpo
@@ -160,7 +160,10 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         if data.preference and cfg.sft.train_on_prompt:
             raise ConfigError("sft.train_on_prompt does not apply to preference pairs: DPO compares replies only")
         export = None
-        if cfg.lora.rank:
+        if is_peft_dir(cfg.init_from):
+            log(continue_adapter(model, cfg))
+            export = merged_state_dict
+        elif cfg.lora.rank:
             names = apply_lora(model, cfg.lora, cfg.train.seed)
             trainable, total = count_trainable(model)
             log(f"lora: rank {cfg.lora.rank} adapters on {len(names)} layers; training {trainable:,} of "
@@ -182,7 +185,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
                 f"one epoch is about {batches.steps_per_epoch():.1f} steps; max_iters {t.max_iters}")
         result = fit(model, batches, FitConfig.of(cfg, model.config), tok, device, dist, export=export,
                      objective=objective)
-        if cfg.lora.rank and dist.is_main:
+        if export is not None and dist.is_main:
             log(write_adapter(model, cfg, new, dist.sharded))
         if dist.is_main and cfg.logging.plot:
             plot_run(cfg.out_dir)
@@ -195,17 +198,32 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
         dist.close()
 
 
+def continue_adapter(model: GPT, cfg: FinetuneConfig) -> str:
+    """init_from a PEFT adapter: its LoRA layers (loaded by load_init_from) train on, with lora.dropout;
+    their rank, alpha and layers are the adapter's. Returns the log line."""
+    if cfg.lora.rank:
+        raise ConfigError(f"lora.rank: init_from {cfg.init_from} is a PEFT adapter, whose own rank the run "
+                          "trains on; leave lora.rank at 0")
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.dropout.p = cfg.lora.dropout
+    trainable, total = count_trainable(model)
+    return (f"lora: continuing the PEFT adapter {cfg.init_from} on {len(layers)} layers; training {trainable:,} of "
+            f"{total:,} parameters; checkpoints hold the merged model")
+
+
 def write_adapter(model: GPT, cfg: FinetuneConfig, added_tokens: list[str], sharded: bool) -> str:
     """out_dir/adapter/: the final step's LoRA adapters (those of out_dir/latest) in PEFT's format, for the
-    to-hf export of init_from; returns the log line. Not written when the run added chat tokens (the base's
+    to-hf export of init_from (of its base, when init_from is itself an adapter); returns the log line. Not written when the run added chat tokens (the base's
     vocabulary lacks them) or sharded the model (FSDP: no rank holds the whole adapters)."""
     if added_tokens:
         return (f"adapter: no PEFT adapter written: the run added {' '.join(added_tokens)}, which "
                 f"{cfg.init_from} lacks; the checkpoints hold the merged model")
     if sharded:
         return "adapter: no PEFT adapter written under fsdp; the checkpoints hold the merged model"
-    folder = write_peft_adapter(model, cfg.lora, Path(cfg.out_dir) / "adapter", cfg.init_from)
-    return f"adapter: {folder} (PEFT, for the Hugging Face export of {cfg.init_from})"
+    base = peft_base(cfg.init_from, cfg.adapter_base) if is_peft_dir(cfg.init_from) else cfg.init_from
+    folder = write_peft_adapter(model, cfg.lora, Path(cfg.out_dir) / "adapter", base)
+    return f"adapter: {folder} (PEFT, for the Hugging Face export of {base})"
 
 
 def greedy_reply(model: GPT, template: ChatTemplate, messages: list[dict], max_new_tokens: int) -> str:
