@@ -27,9 +27,11 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from lm_eval.api.model import TemplateLM
+import lm_eval.models  # noqa: F401  lm-eval's own models, registered (lazily) before ours: an empty registry is
+from lm_eval.api.model import TemplateLM  # filled on first use, a non-empty one is not
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
@@ -215,13 +217,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Evaluate every checkpoint on the tasks; prints lm-eval's table (or JSON) per checkpoint."""
-    if not args.allow_download:
-        offline()
+    with offline_hub(not args.allow_download):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.utils import make_table
 
-    manager = task_manager(args.include_path, args.allow_download)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    manager = task_manager(args.include_path, tasks, args.allow_download)
     out = []
     for path in args.ckpt:
         lm = HarnessModel(path, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
@@ -235,21 +240,32 @@ def run(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def offline() -> None:
-    """Task data from local files only: the hub libraries' offline switches, set before they are imported."""
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    if "datasets" in sys.modules:  # already imported (a test process): its switch was read at import
-        import datasets.config
+@contextmanager
+def offline_hub(offline: bool = True):
+    """Task data from local files only, while it lasts: the hub libraries' offline switches (their environment
+    variables, and the flags they read at import when they are already imported); restored on exit."""
+    if not offline:
+        yield
+        return
+    flags = [(m, name) for m, name in (("datasets.config", "HF_HUB_OFFLINE"), ("datasets.config", "HF_DATASETS_OFFLINE"),
+                                       ("huggingface_hub.constants", "HF_HUB_OFFLINE")) if m in sys.modules]
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    saved_flags = [getattr(sys.modules[m], name) for m, name in flags]
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for m, name in flags:
+        setattr(sys.modules[m], name, True)
+    try:
+        yield
+    finally:
+        for k, v in saved_env.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        for (m, name), v in zip(flags, saved_flags):
+            setattr(sys.modules[m], name, v)
 
-        datasets.config.HF_HUB_OFFLINE = True
-    if "huggingface_hub" in sys.modules:
-        import huggingface_hub.constants
 
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-
-
-def task_manager(include_path: str | None, allow_download: bool):
-    """lm-eval's TaskManager (its tasks and --include-path's), whose failure to load a task is one line."""
+def task_manager(include_path: str | None, tasks: list[str], allow_download: bool):
+    """lm-eval's TaskManager (its tasks and --include-path's; only the latter when they hold every task asked for),
+    whose failure to load a task is one line."""
     from lm_eval.tasks import TaskManager
 
     class OneLineTasks(TaskManager):
@@ -259,20 +275,24 @@ def task_manager(include_path: str | None, allow_download: bool):
             except Exception as e:  # an unknown name, data that is not on this machine, a broken YAML
                 raise HarnessError(task_problem(e, tasks, allow_download)) from None
 
-    if include_path is not None and not Path(include_path).is_dir():
+    if include_path is None:
+        return OneLineTasks()
+    if not Path(include_path).is_dir():
         raise HarnessError(f"--include-path {include_path}: no such folder")
-    return OneLineTasks(include_path=include_path)
+    local = OneLineTasks(include_path=include_path, include_defaults=False)  # indexing lm-eval's own tasks takes seconds
+    return local if set(tasks) <= set(local.all_tasks) else OneLineTasks(include_path=include_path)
 
 
 def task_problem(e: Exception, tasks: list[str], allow_download: bool) -> str:
     """One line for lm-eval's failure to load or run a task."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    text = text.splitlines()[0] if text else type(e).__name__
     names = ", ".join(map(str, tasks))
     offline_markers = ("offline", "connect", "hub", "couldn't reach", "not found on the hugging face")
     if not allow_download and any(m in text.lower() for m in offline_markers + ("doesn't exist",)):
         return (f"{names}: the task's data is not on this machine and downloads are off ({text}); pass "
                 "--allow-download to let lm-eval fetch it, or write a local task (--include-path)")
-    return f"{names}: {type(e).__name__}: {text}"
+    return f"{names}: {text}"
 
 
 def main(argv: list[str] | None = None) -> None:
