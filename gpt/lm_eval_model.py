@@ -206,7 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=float, default=None, help="score only the first N documents of each task")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass / sequences per decode batch")
     p.add_argument("--max-length", type=int, default=None, help="context length (default: the model's, at most 4096)")
-    p.add_argument("--apply-chat-template", action="store_true", help="render prompts with the checkpoint's chat template")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render prompts with the checkpoint's chat template")
     p.add_argument("--allow-download", action="store_true", help="let lm-eval download task data from the hub")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
@@ -247,8 +248,9 @@ def offline_hub(offline: bool = True):
     if not offline:
         yield
         return
-    flags = [(m, name) for m, name in (("datasets.config", "HF_HUB_OFFLINE"), ("datasets.config", "HF_DATASETS_OFFLINE"),
-                                       ("huggingface_hub.constants", "HF_HUB_OFFLINE")) if m in sys.modules]
+    switches = (("datasets.config", "HF_HUB_OFFLINE"), ("datasets.config", "HF_DATASETS_OFFLINE"),
+                ("huggingface_hub.constants", "HF_HUB_OFFLINE"))
+    flags = [(m, name) for m, name in switches if m in sys.modules]
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     saved_flags = [getattr(sys.modules[m], name) for m, name in flags]
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -279,7 +281,7 @@ def task_manager(include_path: str | None, tasks: list[str], allow_download: boo
         return OneLineTasks()
     if not Path(include_path).is_dir():
         raise HarnessError(f"--include-path {include_path}: no such folder")
-    local = OneLineTasks(include_path=include_path, include_defaults=False)  # indexing lm-eval's own tasks takes seconds
+    local = OneLineTasks(include_path=include_path, include_defaults=False)  # lm-eval's own index takes seconds
     return local if set(tasks) <= set(local.all_tasks) else OneLineTasks(include_path=include_path)
 
 

@@ -46,8 +46,8 @@ def setup(tmp_path_factory):
     config = {"eos_token": "<|endoftext|>", "chat_template": TEMPLATE}
     vocab = write_hf_tokenizer(hf, TEXT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], config).get_vocab_size()
     write_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", vocab_size=vocab, hidden_size=48, intermediate_size=80,
-                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH,
-                   bos_token_id=None, eos_token_id=0, pad_token_id=None, tie_word_embeddings=True)
+                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                   max_position_embeddings=MAX_LENGTH, bos_token_id=None, eos_token_id=0, pad_token_id=None, tie_word_embeddings=True)
     for name, rows in (("mc", MC), ("gen", GEN), ("docs", DOCS)):
         (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (tasks / "tiny_mc.yaml").write_text(task_yaml("tiny_mc", tasks / "mc.jsonl", (
