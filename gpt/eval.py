@@ -1,6 +1,7 @@
 """Held-out loss, perplexity and bits per byte of any checkpoint on any text or record file.
 
     python -m gpt.eval --ckpt out/shakespeare out/sft_qa --data data/qa/val.jsonl
+    python -m gpt.eval lm-eval --ckpt out/sft_qa --tasks my_task --include-path tasks/   (gpt/lm_eval_model.py)
 
 What is scored:
   text (a text file, a folder of .txt, {"text": ...} records): every token of every document but
@@ -380,8 +381,22 @@ def run(args: argparse.Namespace) -> list[tuple[str, EvalResult]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # lm-evaluation-harness tasks, in process (gpt/lm_eval_model.py)
+        entry.main(lambda: _lm_eval_main(argv[1:]))
+        return
     args = parse_args(argv)
     entry.main(lambda: run(args))
+
+
+def _lm_eval_main(argv: list[str]) -> None:
+    try:
+        from gpt import lm_eval_model
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise UserError("lm-eval is not installed: pip install 'lm-eval[api]'") from None
+    lm_eval_model.run(lm_eval_model.parse_args(argv))
 
 
 if __name__ == "__main__":

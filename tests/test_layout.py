@@ -56,6 +56,7 @@ LAYERS = {
     "gpt.train.optim": 100,
     "gpt.train.metrics": 100,
     "gpt.train.dist": 100,
+    "gpt.lm_eval_model": 104,
     "gpt.eval": 105,
     "gpt.plot": 105,
     "gpt.train.loop": 110,

@@ -453,6 +453,7 @@ class Shape(ABC):
     """OpenAI's response objects for one endpoint: the whole reply, or a stream's chunks."""
 
     prefix = object_chunk = ""
+    reports_end = False  # logprobs list a generated end-of-text/turn token (which adds no text)
 
     def __init__(self, server: ServerState, job: Job):
         self.server, self.tok, self.job = server, server.tokenizer, job
@@ -506,14 +507,14 @@ class Shape(ABC):
         return self.tok.decode([token])
 
     def reported(self, seq: DecodeRequest) -> list[int]:
-        """Indices of the generated tokens that logprobs report: all but an end-of-text/turn token."""
-        n = len(seq.out_ids) - (1 if seq.finish_reason == "eos" else 0)
+        """Indices of the generated tokens that logprobs report: all (reports_end) or all but an end token."""
+        n = len(seq.out_ids) - (1 if seq.finish_reason == "eos" and not self.reports_end else 0)
         return list(range(n))
 
     def delta(self, i: int, e: Event) -> dict | None:
         """The chunk for one token event (None when it shows nothing yet)."""
         lp = None
-        if self.job.logprobs is not None and e.token is not None and e.finish_reason != "eos":
+        if self.job.logprobs is not None and e.token is not None and (self.reports_end or e.finish_reason != "eos"):
             lp = self.logprobs(e.seq, [e.position])
         if not e.text and lp is None:
             return None
@@ -528,6 +529,9 @@ class Shape(ABC):
 class Completions(Shape):
     prefix = "cmpl-"
     object_chunk = "text_completion"
+    # Every generated token, the end token too, as vLLM and OpenAI's legacy endpoint list them: echo + logprobs
+    # with max_tokens 1 (lm-eval's loglikelihood) then always has one entry past the prompt's.
+    reports_end = True
 
     async def full(self, reply: PendingReply) -> dict:
         choices, i = [], 0
