@@ -95,10 +95,11 @@ def run(argv: list[str]) -> None:
     for flag in ("max_batch", "port"):
         if getattr(args, flag) < 1 or (flag == "port" and args.port > 65535):
             raise ServeError(f"--{flag.replace('_', '-')} out of range: {getattr(args, flag)}")
-    if (args.max_queue < 0 or args.max_body < 1 or args.threads < 0 or not args.shutdown_timeout >= 0
-            or not 0 <= args.prefix_cache_mb < float("inf")):
-        raise ServeError("--max-queue, --threads, --shutdown-timeout and --prefix-cache-mb must be >= 0 and "
-                         "--max-body >= 1")
+    minimum = {"max_queue": 0, "threads": 0, "shutdown_timeout": 0, "prefix_cache_mb": 0, "max_body": 1}
+    for flag, lo in minimum.items():
+        value = getattr(args, flag)
+        if not lo <= value < float("inf"):  # NaN fails too
+            raise ServeError(f"--{flag.replace('_', '-')} must be >= {lo} (and finite), got {value}")
     torch.set_num_threads(serving_threads(args.threads))
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
