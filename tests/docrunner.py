@@ -314,7 +314,8 @@ class Sandbox:
         if name == "serve.py" and not {"-h", "--help"} & set(args):  # --help prints and exits: a plain command
             self.start_server(where, [target, *args])
             return "server"
-        args = args + CAPS.get(name, [])
+        if not (name == "gpt.eval" and args[:1] == ["lm-eval"]):  # lm-eval takes --limit, not --max-tokens
+            args = args + CAPS.get(name, [])
         if stdin is None:
             stdin = CHAT_INPUT if name == "sample.py" and "--chat" in args else ""
         return self.in_worker(where, kind, target, args, stdin, command)
