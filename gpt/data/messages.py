@@ -126,8 +126,8 @@ def read_message(i: int, msg: Any, *, empty_replies: bool = False) -> dict:
         raise MessageError(i, "role", "expected an object with 'role' and 'content'")
     role = msg["role"]
     if role in OTHER_TOOL_ROLES:
-        raise MessageError(i, "role", f"role {role!r} is not supported: write tool results as role 'tool' with the "
-                                      "'tool_call_id' of the call they answer")
+        raise MessageError(i, "role", f"role {role!r} is not supported: write calls as an assistant message's "
+                                      "'tool_calls' and results as role 'tool' with the call's 'tool_call_id'")
     if msg.get("function_call") is not None:
         raise MessageError(i, "function_call", "'function_call' (OpenAI's legacy functions) is not supported: "
                                                "use 'tool_calls'")
