@@ -58,7 +58,7 @@ def srv():
     """A byte-level BPE with our chat markers under a random model: its calls are valid by the grammar alone."""
     tok = BPETokenizer([bytes([b]) for b in range(256)] + [b'{"', b'":', b'",', b'"}', b"true", b"name"], GPT2_PATTERN)
     ChatTemplate.add_tokens(tok)
-    s = Running(lively_model(tok.vocab_size, block_size=1024), tok, max_batch=8, max_queue=32)
+    s = Running(lively_model(tok.vocab_size, block_size=1536), tok, max_batch=8, max_queue=32)
     yield s
     s.stop()
 
@@ -236,8 +236,9 @@ def test_a_stream_read_in_pieces_gives_the_calls_read_whole():
             args[d.index] += d.text
         assert [c.arguments for c in whole.calls] == [args[0], args[1]] == [c.arguments for c in reader.calls]
     assert [(c.name, c.complete) for c in whole.calls] == [("get_weather", True), ("search", True)]
-    cut = read_calls(text[:40], HERMES)
-    assert [c.complete for c in cut.calls] == [False]
+    cut = read_calls(text[:60], HERMES)  # cut inside the arguments: a call, not complete
+    assert [(c.name, c.complete) for c in cut.calls] == [("get_weather", False)]
+    assert read_calls(text[:40], HERMES).calls == []  # cut before the name is complete: no call at all
 
 
 # ---------------------------------------------------------------------------- records
