@@ -108,10 +108,10 @@ def test_tiktoken_base_gets_chat_tokens_past_its_vocabulary(model_vocab):
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=model_vocab))
     before = model.lm_head.weight[:50257].clone()
-    assert add_chat_tokens(model, tok) == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    ids = [tok.special_id(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")]
-    assert ids == [50257, 50258, 50259, 50260] and tok.vocab_size == 50261
-    assert model.config.vocab_size == max(model_vocab, 50261)
+    assert add_chat_tokens(model, tok) == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>"]
+    ids = [tok.special_id(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>")]
+    assert ids == [50257, 50258, 50259, 50260, 50261] and tok.vocab_size == 50262
+    assert model.config.vocab_size == max(model_vocab, 50262)
     w = model.lm_head.weight
     assert w is model.transformer.wte.weight and torch.equal(w[:50257], before)
     new = w[ids]
@@ -315,7 +315,7 @@ def test_special_tokens_survive_save_and_load(mapping_run):
         ckpt = checkpoint.load_checkpoint(out / name)
         loaded, loaded_tok, config = ckpt.model, ckpt.tokenizer, ckpt.config
         assert loaded_tok.special_tokens == tok.special_tokens
-        assert loaded.config.vocab_size == tok.vocab_size == len(CHARS) + 4
+        assert loaded.config.vocab_size == tok.vocab_size == len(CHARS) + 5  # the 4 chat markers and <|tool|>
         msgs = qa("cat", "dog")["messages"]
         assert ChatTemplate(loaded_tok).encode(msgs) == ChatTemplate(tok).encode(msgs)
         assert config["data"]["format"] == "auto" and config["init_from"].endswith("base")
