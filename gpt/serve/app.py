@@ -423,8 +423,14 @@ def finish_reason(seq: DecodeRequest, reply: PendingReply) -> str:
 
 
 def unreachable(seq: DecodeRequest, reply: PendingReply) -> dict:
-    """The choice's extra `error` field when its row was stuck on the response_format; else nothing."""
-    return {"error": UNREACHABLE} if reply.stuck(seq) else {}
+    """The choice's extra `error` field when its row was stuck on the response_format (or the tools' grammar);
+    else nothing."""
+    if not reply.stuck(seq):
+        return {}
+    if reply.job.reads_calls:
+        return {"error": {**UNREACHABLE, "message": UNREACHABLE["message"].replace("response_format", "tool call"),
+                          "param": "tools", "code": "tools_unreachable"}}
+    return {"error": UNREACHABLE}
 
 
 def generated(seq: DecodeRequest, indices: list[int]) -> list[TokenScore]:
