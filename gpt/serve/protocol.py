@@ -312,7 +312,7 @@ def tool_use(body: dict, template: ChatTemplate) -> ToolUse | None:
         tools = read_tools(body.get("tools"))
     except ToolsError as e:
         raise bad(e.param, f"Invalid value for {e.param}: {e.why}") from None
-    choice, parallel = body.get("tool_choice"), body.get("parallel_tool_calls")
+    choice = body.get("tool_choice")
     if tools is None:
         for name in ("tool_choice", "parallel_tool_calls"):
             if body.get(name) is not None and body.get(name) != "none":
