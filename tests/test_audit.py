@@ -42,7 +42,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A random base (with the chat tokens) and that base fine-tuned 120 steps on 6 records + 4 canaries x 20."""
+    """A random base (with the chat tokens) and that base fine-tuned 150 steps on 6 records + 4 canaries x 20."""
     tmp = tmp_path_factory.mktemp("audit")
     torch.manual_seed(0)
     tok = CharTokenizer(CHARS)
@@ -54,8 +54,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     held = write_jsonl(tmp / "held.jsonl", records(rng, range(100, 104)))
     values = {"out_dir": tmp / "ft", "init_from": tmp / "base", "data.path": train, "data.val_path": held,
               "data.canaries": 4, "data.canary_repeats": 20, "data.canary_format": "pin {4 digits}",
-              "train.max_iters": 120, "train.batch_size": 8, "train.eval_interval": 120, "train.eval_iters": 1,
-              "train.log_interval": 120, "train.device": "cpu", "train.dtype": "float32", "train.threads": 1,
+              "train.max_iters": 150, "train.batch_size": 8, "train.eval_interval": 150, "train.eval_iters": 1,
+              "train.log_interval": 150, "train.device": "cpu", "train.dtype": "float32", "train.threads": 1,
               "optim.lr": 1e-2, "optim.min_lr": 1e-3, "optim.warmup_iters": 10, "logging.progress": False,
               "logging.sample_tokens": 0}
     finetune(load_config(config.FinetuneConfig, None, [f"{k}={v}" for k, v in values.items()]))

@@ -354,7 +354,7 @@ BAD_PAIRS = [
                                                                                         "content": "a."}]},
      "missing field 'non_preferred_output'"),
     ({"input": {"messages": [{"role": "tool", "content": "x"}]}, "preferred_output": "a.",
-      "non_preferred_output": "b."}, "message 1: role 'tool' is not supported"),
+      "non_preferred_output": "b."}, "message 1: a tool message needs the 'tool_call_id'"),
     ({"prompt": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "chosen": "a.",
       "rejected": "b."}, "the prompt must end with a user message"),
     ({"prompt": "cat?", "chosen": [{"role": "assistant", "content": ""}], "rejected": "b."},

@@ -59,8 +59,8 @@ def chat_ckpt(tmp_path_factory, bpe):
             for q, a in pairs.items()]
     (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     values = {"out_dir": tmp / "out", "init_from": tmp / "base", "data.path": tmp / "d.jsonl",
-              "data.val_path": tmp / "d.jsonl", "train.max_iters": 60, "train.batch_size": 4,
-              "train.eval_interval": 60, "train.eval_iters": 1, "train.device": "cpu", "train.dtype": "float32",
+              "data.val_path": tmp / "d.jsonl", "train.max_iters": 80, "train.batch_size": 4,
+              "train.eval_interval": 80, "train.eval_iters": 1, "train.device": "cpu", "train.dtype": "float32",
               "optim.lr": 1e-2, "optim.warmup_iters": 5, "logging.progress": False, "logging.sample_tokens": 0}
     finetune(load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in values.items()]))
     return tmp / "out" / "best"

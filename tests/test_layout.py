@@ -20,6 +20,7 @@ LAYERS = {
     "gpt.data.tokenizer": 20,
     "gpt.losses": 25,
     "gpt.data.jinja_template": 25,
+    "gpt.data.tool_calls": 28,
     "gpt.data.chat_template": 30,
     "gpt.model": 30,
     "gpt.lora": 40,
@@ -75,6 +76,7 @@ LAYERS = {
     "gpt.serve": 159,
 }
 TORCH_FREE = ("gpt.errors", "gpt.outputs", "gpt.config", "gpt.data.tokenizer", "gpt.data.jinja_template", "gpt.data.chat_template",
+              "gpt.data.tool_calls",
               "gpt.data.messages", "gpt.data.record_formats")
 
 

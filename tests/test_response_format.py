@@ -96,13 +96,12 @@ def test_a_schema_llguidance_or_strict_mode_refuses_is_400_naming_response_forma
     assert e.value.param == "response_format"
 
 
-@pytest.mark.parametrize("field,value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                         ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
+@pytest.mark.parametrize("field,value", [("functions", [{"name": "f"}]), ("function_call", "auto"),
                                          ("unknown_field", 1), ("best_of", 2)])
-def test_tools_and_unknown_fields_are_400_naming_them(srv, field, value):
+def test_legacy_functions_and_unknown_fields_are_400_naming_them(srv, field, value):
     r = post(srv, "/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
-    assert ("not supported yet" if field in ("tools", "tool_choice", "functions") else "Unrecognized") in r.text
+    assert ("not supported yet" if field in ("functions", "function_call") else "Unrecognized") in r.text
     r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "x", "unknown": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "unknown"
     assert post(srv, "/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "max_tokens": 1, "tools": None,

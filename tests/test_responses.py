@@ -171,11 +171,11 @@ class FakeChat:
     def __init__(self, deltas):
         self.deltas = iter(deltas)
 
-    def delta(self, i, e):
-        return {"choices": [{"index": 0, "delta": next(self.deltas)}]}
+    def chunks(self, i, e):
+        return [{"choices": [{"index": 0, "delta": next(self.deltas)}]}]
 
-    def finish(self, i, seq, reply):
-        return {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+    def finish_chunks(self, i, seq, reply):
+        return [{"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
 
 
 def test_streamed_tool_call_deltas_become_function_call_events():
@@ -185,7 +185,8 @@ def test_streamed_tool_call_deltas_become_function_call_events():
               {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]},
               {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}]
     shape = Responses(FakeChat(deltas), {})
-    events = [ev for _ in deltas for ev in shape.delta(0, None)] + shape.finish(0, None, None)
+    events = [ev for _ in deltas for chunk in shape.chunks(0, None) for ev in chunk]
+    events += [ev for chunk in shape.finish_chunks(0, None, None) for ev in chunk]
     assert [e["type"].removeprefix("response.") for e in events] == [
         "output_item.added", "content_part.added", "output_text.delta", "output_text.done", "content_part.done",
         "output_item.done", "output_item.added", "function_call_arguments.delta", "function_call_arguments.delta",
@@ -196,17 +197,37 @@ def test_streamed_tool_call_deltas_become_function_call_events():
     assert [i["type"] for i in shape.output] == ["message", "function_call"]
 
 
-def test_function_tools_reach_the_chat_path_which_refuses_them_today(srv):
-    # TODO(tools merge): chat_job refuses `tools` until the tools branch lands; the Responses request is already
-    # translated onto chat's tools (test above). After the merge, flip this test: assert a function_call item
-    # comes back (tool_choice="required"), its arguments valid against TOOL's parameters, and streamed
-    # function_call_arguments deltas that add up to the non-streamed call.
-    r = post(srv, {"input": "Weather in Paris?", "tools": [TOOL], "tool_choice": "required"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools" and "not supported yet" in r.text
-    r = post(srv, {"input": [{"role": "user", "content": "Weather?"},
-                             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
-                             {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "input[1]", r.text
+def test_function_tools_answer_with_calls_and_stream_them_as_returned():
+    """tool_choice="required": a function_call item whose arguments fit the tool's schema; the streamed
+    function_call_arguments deltas add up to it; a history with a call and its output is accepted."""
+    tool = {**TOOL, "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 4}},
+                                   "required": ["city"], "additionalProperties": False}}
+    tok = BPETokenizer([bytes([b]) for b in range(256)] + [b'{"', b'":'], GPT2_PATTERN)
+    ChatTemplate.add_tokens(tok)
+    s = Running(lively_model(tok.vocab_size, block_size=1024), tok)
+    try:
+        body = {"model": "tiny", "input": "Weather?", "tools": [tool], "tool_choice": "required",
+                "parallel_tool_calls": False, "temperature": 0, "max_output_tokens": 120}
+        r = httpx.post(s.url + "/v1/responses", json=body).json()
+        assert r["status"] == "completed", r
+        (call,) = [i for i in r["output"] if i["type"] == "function_call"]
+        assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city"}
+        assert len(json.loads(call["arguments"])["city"]) <= 4
+        events = []
+        with httpx.stream("POST", s.url + "/v1/responses", json={**body, "stream": True}) as resp:
+            events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: ")]
+        deltas = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+        (done,) = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+        assert deltas == done["arguments"] == call["arguments"] and done["name"] == "get_weather"
+        assert events[-1]["type"] == "response.completed"
+        history = [{"role": "user", "content": "Weather?"},
+                   {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                   {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+        r = httpx.post(s.url + "/v1/responses", json={"model": "tiny", "input": history, "tools": [tool],
+                                                      "tool_choice": "none", "max_output_tokens": 5})
+        assert r.status_code == 200 and r.json()["output"][0]["type"] == "message", r.text
+    finally:
+        s.stop()
 
 
 def test_a_format_the_vocabulary_cannot_finish_is_incomplete_with_its_reason():

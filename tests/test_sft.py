@@ -108,10 +108,10 @@ def test_tiktoken_base_gets_chat_tokens_past_its_vocabulary(model_vocab):
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=model_vocab))
     before = model.lm_head.weight[:50257].clone()
-    assert add_chat_tokens(model, tok) == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    ids = [tok.special_id(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")]
-    assert ids == [50257, 50258, 50259, 50260] and tok.vocab_size == 50261
-    assert model.config.vocab_size == max(model_vocab, 50261)
+    assert add_chat_tokens(model, tok) == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>"]
+    ids = [tok.special_id(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>")]
+    assert ids == [50257, 50258, 50259, 50260, 50261] and tok.vocab_size == 50262
+    assert model.config.vocab_size == max(model_vocab, 50262)
     w = model.lm_head.weight
     assert w is model.transformer.wte.weight and torch.equal(w[:50257], before)
     new = w[ids]
@@ -315,7 +315,7 @@ def test_special_tokens_survive_save_and_load(mapping_run):
         ckpt = checkpoint.load_checkpoint(out / name)
         loaded, loaded_tok, config = ckpt.model, ckpt.tokenizer, ckpt.config
         assert loaded_tok.special_tokens == tok.special_tokens
-        assert loaded.config.vocab_size == tok.vocab_size == len(CHARS) + 4
+        assert loaded.config.vocab_size == tok.vocab_size == len(CHARS) + 5  # the 4 chat markers and <|tool|>
         msgs = qa("cat", "dog")["messages"]
         assert ChatTemplate(loaded_tok).encode(msgs) == ChatTemplate(tok).encode(msgs)
         assert config["data"]["format"] == "auto" and config["init_from"].endswith("base")
@@ -428,13 +428,13 @@ BAD_FORMATS = [
     ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]},
      "message 1: expected an object with 'from' and 'value'"),
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{}"}]},
-     "message 2: role 'function_call' is not supported"),
+     "message 2: role 'function_call' is not supported: write calls as an assistant"),
     ({"conversations": "not json"}, "'conversations' is text that is not a JSON list"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"},
-                   {"role": "assistant", "content": "z"}]}, "message 2: role 'tool' is not supported"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y", "tool_call_id": "c"},
+                   {"role": "assistant", "content": "z"}]}, "message 2: a tool message must answer the tool_calls"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
                                                       "tool_calls": [{"id": "1"}]}]},
-     "message 2: a tool call is not supported"),
+     "message 2: tool call 1: expected"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
                    {"role": "assistant", "content": "z"}]}, "message 1: content part 1 of type 'image_url' is not"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "z", "weight": 2}]},
@@ -444,7 +444,7 @@ BAD_FORMATS = [
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "z", "weight": 0}]},
      "every assistant message has weight 0"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "z"}],
-      "tools": [{"type": "function"}]}, "'tools' (function definitions) is not supported"),
+      "tools": [{"type": "function"}]}, "tools[0]: expected {\"type\": \"function\""),
     ({"messages": [{"role": "user", "content": "x", "name": 3}, {"role": "assistant", "content": "z"}]},
      "message 1: 'name' must be text"),
     ({"messages": [{"role": "user", "content": [{"text": "x"}]}, {"role": "assistant", "content": "z"}]},

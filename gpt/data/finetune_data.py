@@ -25,6 +25,7 @@ from gpt.data import canary, files, pii
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.examples import Example, Pair, encode_chat, encode_pair, encode_text
 from gpt.data.files import DataError, RecordError
+from gpt.data.messages import Conversation, tools_of
 from gpt.data.record_formats import Preference, read_record
 from gpt.data.tokenizer import TokenizerError
 
@@ -111,7 +112,28 @@ def redact_content(content: Any, redactor: pii.Redactor, where: str) -> Any:
     if isinstance(content, Preference):
         return Preference(*(redact_content(part, redactor, where)
                             for part in (content.prompt, content.chosen, content.rejected)))
-    return [{**m, "content": redactor.redact(m["content"], where)} for m in content]
+    messages = [_redact_message(m, redactor, where) for m in content]
+    return Conversation(messages, tools_of(content)) if isinstance(content, Conversation) else messages
+
+
+def _redact_message(m: dict, redactor: pii.Redactor, where: str) -> dict:
+    """A message's content and the text values in its calls' arguments, redacted (tool definitions are not data)."""
+    out = {**m, "content": redactor.redact(m["content"], where)}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _redact_value(c["function"]["arguments"],
+                                                                                           redactor, where)}}
+                             for c in m["tool_calls"]]
+    return out
+
+
+def _redact_value(value: Any, redactor: pii.Redactor, where: str) -> Any:
+    if isinstance(value, str):
+        return redactor.redact(value, where)
+    if isinstance(value, dict):
+        return {k: _redact_value(v, redactor, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_value(v, redactor, where) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------- a run's data

@@ -3,12 +3,16 @@
 A template is untrusted input (a program from the internet), so it runs in jinja2's
 ImmutableSandboxedEnvironment (jinja2 >= 3.1.6: older ones have known sandbox escapes) with transformers'
 hardened `dict` and `namespace`: no attribute of Python internals, no changing the messages. It sees
-what transformers gives it: `messages`, `add_generation_prompt`, `tools=None`, `documents=None`, the
+what transformers gives it: `messages`, `add_generation_prompt`, `tools` (OpenAI's tool definitions, or None),
+`documents=None`, the
 tokenizer's `bos_token`/`eos_token`/`pad_token` (when it has them), `raise_exception`, `strftime_now`,
 transformers' `tojson` filter, loop controls, and `{% generation %}` blocks (rendered as written).
 Anything that goes wrong in it (a syntax error, a forbidden attribute, its own raise_exception) is a
 ChatTemplateError in one line. The rendered text is tokenized reading special-token text as those
 tokens and adding no BOS (the template writes its own), as `apply_chat_template(..., tokenize=True)` does.
+
+Messages reach it in transformers' convention: an assistant turn's `tool_calls` carry `function.arguments` as
+a mapping (templates write it with `tojson`), a tool turn has `role: "tool"`, its `content` and `tool_call_id`.
 
 Loss masks are found by rendering incrementally: the conversation up to each assistant turn with the
 generation prompt, then with the turn; the tokens in between are the reply and its end of turn, learned
@@ -130,19 +134,21 @@ class JinjaTemplate:
         self.tokens = {k: v for k, v in tokens.items() if v is not None}
         self._end_of_turn: list[int] | None = None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> str:
         """The conversation as text (the template's own text; `weight` is ours and is not shown to it)."""
         chat = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
         template = compile_template(self.source)
         try:
-            return template.render(messages=chat, add_generation_prompt=add_generation_prompt, tools=None,
+            return template.render(messages=chat, add_generation_prompt=add_generation_prompt, tools=tools or None,
                                    documents=None, **self.tokens)
         except Exception as e:  # the template's own raise_exception, a SecurityError, a type error in it, ...
             raise ChatTemplateError(f"the model's chat template failed: {_first_line(e)}") from None
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> list[int]:
         """Token ids of the rendered conversation, as `apply_chat_template(..., tokenize=True)` gives them."""
-        return self.tok.encode(self.render(messages, add_generation_prompt), split_special_tokens=False)
+        return self.tok.encode(self.render(messages, add_generation_prompt, tools), split_special_tokens=False)
 
     @property
     def end_of_turn_ids(self) -> list[int]:
@@ -164,25 +170,26 @@ class JinjaTemplate:
             return [t for t in tail if t in added][:1]
         return [i for i in map(self.tok.hf.token_to_id, END_OF_TURN) if i is not None and i in added][:1]
 
-    def encode_with_mask(self, messages: list[dict], end_ids: list[int],
-                         add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
-        """Token ids and the loss mask: True on each assistant reply (unless `weight` 0) and its end of turn,
-        found by incremental rendering (module docstring)."""
-        ids = self.encode(messages, add_generation_prompt)
+    def encode_with_mask(self, messages: list[dict], end_ids: list[int], add_generation_prompt: bool = False,
+                         tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
+        """Token ids and the loss mask: True on each assistant reply (unless `weight` 0: its text and calls) and its
+        end of turn, found by incremental rendering (module docstring); tool turns and definitions never."""
+        ids = self.encode(messages, add_generation_prompt, tools)
         mask = [False] * len(ids)
         ends = set(end_ids)
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant" or msg.get("weight", 1) == 0:
                 continue
-            start = self._prefix_length(ids, messages[:i], True, i)
-            stop = self._prefix_length(ids, messages[:i + 1], False, i)
+            start = self._prefix_length(ids, messages[:i], True, i, tools)
+            stop = self._prefix_length(ids, messages[:i + 1], False, i, tools)
             reply = ids[start:stop]
             last = max((k for k, t in enumerate(reply) if t in ends), default=len(reply) - 1)
             mask[start:start + last + 1] = [True] * (last + 1)
         return ids, mask
 
-    def _prefix_length(self, ids: list[int], prefix: list[dict], add_generation_prompt: bool, turn: int) -> int:
-        part = self.encode(prefix, add_generation_prompt) if prefix or add_generation_prompt else []
+    def _prefix_length(self, ids: list[int], prefix: list[dict], add_generation_prompt: bool, turn: int,
+                       tools: list[dict] | None = None) -> int:
+        part = self.encode(prefix, add_generation_prompt, tools) if prefix or add_generation_prompt else []
         if ids[:len(part)] != part:
             raise ChatTemplateError(
                 f"the model's chat template renders the conversation up to message {turn + 1} differently from "

@@ -1,11 +1,13 @@
 """Fine-tuning record shapes: one row of a data file -> a validated conversation, text or preference.
 
 Shapes, detected per record (`data.format: auto`) or required (`data.format: <kind>`):
-  chat         {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}, OpenAI's chat
-               fine-tuning format in full (the message rules of gpt/data/messages.py: an assistant turn
-               with "weight": 0 carries no loss, "name" is accepted, text content parts are joined,
-               "developer" is read as system; tool/function roles, tool calls and non-text parts are
-               reported as unsupported, never dropped)
+  chat         {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...], "tools": [...]},
+               OpenAI's chat fine-tuning format in full (the message and tool rules of gpt/data/messages.py: an
+               assistant turn with "weight": 0 carries no loss, "name" is accepted, text content parts are
+               joined, "developer" is read as system, assistant "tool_calls" and "tool" turns answering them,
+               the record's "tools" (a list, or JSON text of one in a CSV cell); legacy "functions" and
+               "function_call", other tool roles and non-text parts are reported as unsupported, never dropped).
+               The messages come back as a Conversation carrying the tools.
   sharegpt     {"conversations": [{"from": "system"|"human"|"gpt"|"user"|"assistant", "value": "..."}, ...]}
   instruction  {"prompt": ..., "response": ...} or {"instruction": ..., "input": ..., "output": ...}
   text         {"text": ...}   continued pretraining: loss on every token, long texts split into windows
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpt.data.files import RecordError
-from gpt.data.messages import TOOL_ROLES, read_messages
+from gpt.data.messages import TOOL_ROLES, Conversation, read_messages, read_tools
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -83,11 +85,14 @@ def detect_format(row: dict) -> str:
                       f"(fields: {', '.join(map(str, row)) or 'none'})")
 
 
-def _chat(row: dict) -> list[dict]:
+def _chat(row: dict) -> Conversation:
     if row.get("messages") is None:
         raise RecordError("missing field 'messages'")
-    _no_tools(row)
-    return _conversation(_messages(row["messages"], "messages"))
+    if row.get("functions"):
+        raise RecordError("'functions' (OpenAI's legacy function definitions) is not supported: use 'tools'")
+    tools = read_tools(_json_text(row["tools"], "tools") if row.get("tools") is not None else None)
+    messages = read_messages(_json_text(row["messages"], "messages"), "messages", tools=tools)
+    return Conversation(_conversation(messages), tools)
 
 
 def _sharegpt(row: dict) -> list[dict]:
@@ -131,7 +136,7 @@ def _messages(value: Any, name: str) -> list[dict]:
 def _no_tools(obj: dict) -> None:
     for key in ("tools", "functions"):
         if obj.get(key):
-            raise RecordError(f"'{key}' (function definitions) is not supported: this model has no tool calls")
+            raise RecordError(f"'{key}' (function definitions) is not supported in preference records")
 
 
 def _conversation(messages: list[dict]) -> list[dict]:
@@ -158,7 +163,7 @@ def _preference(row: dict) -> tuple[str, Preference]:
         source = row.get("input")
         if not isinstance(source, dict) or source.get("messages") is None:
             raise RecordError("'input' must be an object with 'messages'")
-        _no_tools(source)
+        _no_tools(source)  # preference pairs with tools: not yet
         shape, prompt = "openai preference", _messages(source["messages"], "input.messages")
         sides = ("preferred_output", "non_preferred_output")
     else:
@@ -203,6 +208,8 @@ def _reply(row: dict, name: str) -> list[dict]:
     for i, m in enumerate(messages, 1):
         if m["role"] != "assistant":
             raise RecordError(f"'{name}': message {i}: expected role 'assistant', got {m['role']!r}")
+        if m.get("tool_calls"):
+            raise RecordError(f"'{name}': message {i}: tool calls in preference replies are not supported")
     return [{"role": "assistant", "content": m["content"]} for m in messages]
 
 

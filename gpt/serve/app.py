@@ -37,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.data.tokenizer import Tokenizer
+from gpt.data.tool_calls import CallReader, Delta, ParsedCall, read_calls
 from gpt.infer.constraints import ConstraintError, token_masks
 from gpt.infer.engine import DecodeRequest, Engine, FinishReason, sample_seed
 from gpt.infer.prefix_cache import DEFAULT_PREFIX_CACHE_MB
@@ -328,7 +329,8 @@ class PendingReply:
         except ShuttingDown:
             raise shutting_down() from None
         except ConstraintError as e:  # the vocabulary cannot even begin the format
-            raise bad(RF, f"Invalid response_format for this model: {e}") from None
+            what = "tools" if job.reads_calls else RF
+            raise bad(what, f"Invalid {what} for this model: {e}") from None
 
     def _on_token(self, seq: DecodeRequest, token: int | None, text: str) -> None:  # engine thread
         """Queue what happened now: the handler runs later, when the sequence may have moved on.
@@ -415,12 +417,10 @@ async def stream_events(reply: PendingReply, shape: Shape) -> AsyncIterator[str]
                     failed = APIError(500, "generation was interrupted", type="server_error")
                     yield "".join(out) + shape.failure(failed if e.finish_reason == "error" else shutting_down())
                     return
-                chunk = shape.delta(i, e)
-                if chunk is not None:
-                    out.append(shape.frame(chunk))
+                out += [shape.frame(chunk) for chunk in shape.chunks(i, e)]
                 if e.finish_reason is not None:
                     left -= 1
-                    out.append(shape.frame(shape.finish(i, e.seq, reply)))
+                    out += [shape.frame(chunk) for chunk in shape.finish_chunks(i, e.seq, reply)]
             yield "".join(out)
         yield shape.closing(reply)
     finally:
@@ -440,8 +440,14 @@ def finish_reason(seq: DecodeRequest, reply: PendingReply) -> str:
 
 
 def unreachable(seq: DecodeRequest, reply: PendingReply) -> dict:
-    """The choice's extra `error` field when its row was stuck on the response_format; else nothing."""
-    return {"error": UNREACHABLE} if reply.stuck(seq) else {}
+    """The choice's extra `error` field when its row was stuck on the response_format (or the tools' grammar);
+    else nothing."""
+    if not reply.stuck(seq):
+        return {}
+    if reply.job.reads_calls:
+        return {"error": {**UNREACHABLE, "message": UNREACHABLE["message"].replace("response_format", "tool call"),
+                          "param": "tools", "code": "tools_unreachable"}}
+    return {"error": UNREACHABLE}
 
 
 def generated(seq: DecodeRequest, indices: list[int]) -> list[TokenScore]:
@@ -520,6 +526,15 @@ class Shape(ABC):
             return None
         return self.envelope(self.object_chunk, choices=[self.chunk_choice(i, e.text, lp, None)])
 
+    def chunks(self, i: int, e: Event) -> list[dict]:
+        """The chunks one token event adds to a stream (none, one, or several: a tool call's start and arguments)."""
+        chunk = self.delta(i, e)
+        return [] if chunk is None else [chunk]
+
+    def finish_chunks(self, i: int, seq: DecodeRequest, reply: PendingReply) -> list[dict]:
+        """The chunks that end choice i of a stream."""
+        return [self.finish(i, seq, reply)]
+
     def finish(self, i: int, seq: DecodeRequest, reply: PendingReply) -> dict:
         """A stream's last chunk for choice i: its finish reason (and why a stuck row was cut off)."""
         choice = self.chunk_choice(i, None, None, finish_reason(seq, reply))
@@ -581,18 +596,76 @@ class Completions(Shape):
 
 
 class ChatCompletions(Shape):
+    """Chat replies; with tools (job.reads_calls) each choice's text is read for calls (gpt/data/tool_calls.py):
+    `message.tool_calls` and finish_reason "tool_calls", streamed as OpenAI's deltas (a call's id, type and name
+    first, with empty arguments, then fragments of its arguments). A call cut off (max_tokens) ends the choice
+    with "length" and is not listed in a non-streamed message."""
+
     prefix = "chatcmpl-"
     object_chunk = "chat.completion.chunk"
+
+    def __init__(self, server: ServerState, job: Job):
+        super().__init__(server, job)
+        self.readers: dict[int, CallReader] = {}  # per streamed choice
+        self.call_ids: dict[tuple[int, int], str] = {}  # (choice, call) -> id
 
     async def full(self, reply: PendingReply) -> dict:
         choices = []
         for i, seq in enumerate(reply.chosen()[0]):
             c = seq.completion()
             lp = self.logprobs(seq, self.reported(seq)) if self.job.logprobs is not None else None
-            choices.append({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                            "logprobs": lp, "finish_reason": finish_reason(seq, reply), **unreachable(seq, reply)})
+            message, reason = {"role": "assistant", "content": c.text, "refusal": None}, finish_reason(seq, reply)
+            if self.job.reads_calls:
+                reader = read_calls(c.text, self.job.tools.format)
+                reason = calls_finish(reader, reason)
+                calls = [self.call_object(i, k, call) for k, call in enumerate(reader.calls) if call.complete]
+                message["content"] = reader.content if reader.content.strip() or not calls else None
+                if calls:
+                    message["tool_calls"] = calls
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason,
+                            **unreachable(seq, reply)})
         return self.envelope("chat.completion", choices=choices, usage=self.usage(reply.seqs),
                              system_fingerprint=None)
+
+    def call_id(self, i: int, k: int) -> str:
+        return self.call_ids.setdefault((i, k), "call_" + secrets.token_hex(12))
+
+    def call_object(self, i: int, k: int, call: ParsedCall) -> dict:
+        return {"id": self.call_id(i, k), "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
+
+    def chunks(self, i: int, e: Event) -> list[dict]:
+        if not self.job.reads_calls:
+            return super().chunks(i, e)
+        reader = self.readers.setdefault(i, CallReader(self.job.tools.format))
+        lp = None
+        if self.job.logprobs is not None and e.token is not None and e.finish_reason != "eos":
+            lp = self.logprobs(e.seq, [e.position])
+        out = [self.tool_delta(i, d) for d in reader.feed(e.text)]
+        if lp is not None:
+            out = out or [self.envelope(self.object_chunk, choices=[self.chunk_choice(i, None, None, None)])]
+            out[-1]["choices"][0]["logprobs"] = lp
+        return out
+
+    def finish_chunks(self, i: int, seq: DecodeRequest, reply: PendingReply) -> list[dict]:
+        if not self.job.reads_calls:
+            return super().finish_chunks(i, seq, reply)
+        reader = self.readers.setdefault(i, CallReader(self.job.tools.format))
+        out = [self.tool_delta(i, d) for d in reader.finish()]
+        choice = self.chunk_choice(i, None, None, calls_finish(reader, finish_reason(seq, reply)))
+        return out + [self.envelope(self.object_chunk, choices=[{**choice, **unreachable(seq, reply)}])]
+
+    def tool_delta(self, i: int, d: Delta) -> dict:
+        """One chunk of a streamed choice read for calls: content, a call's start, or an arguments fragment."""
+        if d.kind == "content":
+            delta = {"content": d.text}
+        elif d.kind == "call":
+            delta = {"tool_calls": [{"index": d.index, "id": self.call_id(i, d.index), "type": "function",
+                                     "function": {"name": d.text, "arguments": ""}}]}
+        else:
+            delta = {"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]}
+        return self.envelope(self.object_chunk, choices=[{"index": i, "delta": delta, "logprobs": None,
+                                                          "finish_reason": None}])
 
     def entry(self, token: int, logprob: float) -> dict:
         s = self.token_str(token)
@@ -614,3 +687,11 @@ class ChatCompletions(Shape):
     def chunk_choice(self, i: int, text: str | None, lp: dict | None, reason: str | None) -> dict:
         return {"index": i, "delta": {} if text is None else {"content": text}, "logprobs": lp,
                 "finish_reason": reason}
+
+
+def calls_finish(reader: CallReader, reason: str) -> str:
+    """OpenAI's finish_reason of a reply read for calls: "tool_calls" when it ended with complete calls, "length"
+    when a call was cut off (never a broken call presented as complete)."""
+    if any(not c.complete for c in reader.calls):
+        return "length"
+    return "tool_calls" if reader.calls and reason == "stop" else reason

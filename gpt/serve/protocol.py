@@ -3,10 +3,18 @@
 Every value a client can send is checked here, with OpenAI's ranges, and a bad one becomes an
 `APIError` (400 and the offending `param`), never an exception further down. A field the endpoint
 does not know is refused as the hosted API refuses it ("Unrecognized request argument supplied"),
-and tools are refused by name until they land, never accepted and ignored. vLLM's sampling extensions
-(`top_k`, `min_p`, `repetition_penalty`) are fields of both endpoints; vLLM's /tokenize and /detokenize
-read their bodies here too (`tokenize_ids`, `detokenize_ids`). The Responses API is a translation onto
-`chat_job` (gpt/serve/responses.py).
+and OpenAI's legacy `functions`/`function_call` are refused by name, never accepted and ignored. vLLM's
+sampling extensions (`top_k`, `min_p`, `repetition_penalty`) are fields of both endpoints; vLLM's /tokenize
+and /detokenize read their bodies here too (`tokenize_ids`, `detokenize_ids`). The Responses API is a
+translation onto `chat_job` (gpt/serve/responses.py).
+
+`tools`, `tool_choice` and `parallel_tool_calls` (chat): the tools are checked by gpt/data/messages.py's rules
+(the ones fine-tuning records follow) and shown to the model through its chat template; the reply is held
+to the Lark grammar of gpt/data/tool_calls.py in the model's call format (Hermes `<tool_call>` for ours and
+Qwen, Llama 3's JSON): "required" or a named function = one call (several with parallel_tool_calls), "auto"
+= text or calls, "none" = the tools are shown but the reply is text and is not read for calls. A template
+that renders no calls is a 400 naming `tools`. `tool_use` and `build_chat_job` are the parts another
+endpoint (the Responses API) reuses.
 
 `response_format` (OpenAI's structured outputs) becomes the engine's constraint
 (gpt/infer/constraints.py): {"type": "text"} none, {"type": "json_object"} any JSON object,
@@ -25,8 +33,9 @@ from dataclasses import dataclass, field
 
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.files import RecordError
-from gpt.data.messages import MessageError, read_messages
+from gpt.data.messages import MessageError, ToolsError, read_messages, read_tools
 from gpt.data.tokenizer import Tokenizer
+from gpt.data.tool_calls import ToolFormat, tool_grammar
 from gpt.errors import UserError
 from gpt.infer.constraints import ConstraintError, compiled_matcher
 from gpt.infer.sampling import Constraint, SamplingParams
@@ -39,8 +48,9 @@ COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "
                            "response_format", "ignore_eos", "user",  # user: accepted and ignored
                            "top_k", "min_p", "repetition_penalty"})  # vLLM's sampling extensions
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "best_of", "echo"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
-NOT_YET = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix")  # OpenAI's, not ours
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                               "parallel_tool_calls"}
+NOT_YET = ("functions", "function_call", "suffix")  # OpenAI's, not ours
 SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
 RF = "response_format"
 
@@ -76,6 +86,31 @@ class Job:
     logprobs: int | None = None  # None: not asked for; K: the chosen token and the K most likely
     stop_ids: list[int] = field(default_factory=list)  # tokens that end a sequence (none under ignore_eos)
     hidden_ids: list[int] = field(default_factory=list)  # tokens whose text is never shown (the end tokens)
+    tools: "ToolUse | None" = None  # a chat request's tools (None: none sent)
+
+    @property
+    def reads_calls(self) -> bool:
+        """The replies are read for tool calls (tools were sent and tool_choice is not "none")."""
+        return self.tools is not None and self.tools.choice != "none"
+
+
+@dataclass
+class ToolUse:
+    """A chat request's tools: the definitions, how its model writes calls, tool_choice ("none", "auto",
+    "required" or "function" with `name`) and parallel_tool_calls."""
+
+    tools: list[dict]
+    format: ToolFormat
+    choice: str = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+    def constraint(self) -> Constraint | None:
+        """The grammar every reply follows (None under "none": the reply is text, not read for calls)."""
+        if self.choice == "none":
+            return None
+        mode = "auto" if self.choice == "auto" else "required"
+        return Constraint.grammar(tool_grammar(self.format, self.tools, mode, self.parallel, self.name))
 
 
 # ---------------------------------------------------------------------------- field readers
@@ -279,6 +314,48 @@ def _strict_problem(schema: dict) -> str | None:
     return None
 
 
+def tool_use(body: dict, template: ChatTemplate) -> ToolUse | None:
+    """tools, tool_choice and parallel_tool_calls checked (400s naming them); None when no tools are sent."""
+    try:
+        tools = read_tools(body.get("tools"))
+    except ToolsError as e:
+        raise bad(e.param, f"Invalid value for {e.param}: {e.why}") from None
+    choice = body.get("tool_choice")
+    if tools is None:
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if body.get(name) is not None and body.get(name) != "none":
+                raise bad(name, f"{name} is only allowed when 'tools' are specified")
+        return None
+    fmt = template.tool_format
+    if fmt is None:
+        raise bad("tools", "this model's chat template has no tool calling (it renders no tool calls): "
+                           "send the request without tools")
+    use = ToolUse(tools, fmt, parallel=_bool(body, "parallel_tool_calls", True))
+    if isinstance(choice, str) and choice in ("none", "auto", "required"):
+        use.choice = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        use.choice, use.name = "function", choice["function"].get("name")
+        declared = [t["function"]["name"] for t in tools]
+        if use.name not in declared:
+            raise bad("tool_choice", f"tool_choice names the function {use.name!r}, which is not among the "
+                                     f"declared tools ({', '.join(declared)})")
+    elif choice is not None:
+        raise bad("tool_choice", "tool_choice must be 'none', 'auto', 'required' or "
+                                 "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+    return use
+
+
+def _tool_constraint(use: ToolUse | None, tokenizer: Tokenizer) -> Constraint | None:
+    """The tools' grammar compiled for this tokenizer: a schema the grammar library refuses is a 400 naming tools."""
+    constraint = None if use is None else use.constraint()
+    if constraint is not None:
+        try:
+            compiled_matcher(constraint, tokenizer)
+        except ConstraintError as e:
+            raise bad("tools", f"Invalid tools for this model: {e}") from None
+    return constraint
+
+
 # ---------------------------------------------------------------------------- the two endpoints
 
 
@@ -299,11 +376,21 @@ def completion_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
 
 
 def chat_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
-    """POST /v1/chat/completions: messages rendered with the checkpoint's chat template."""
+    """POST /v1/chat/completions: messages (and tools) rendered with the checkpoint's chat template."""
     _known_fields(body, CHAT_FIELDS)
     template = ChatTemplate(tokenizer)
+    tools = tool_use(body, template)
+    messages = _messages(body.get("messages"), tools.tools if tools else None)
+    return build_chat_job(body, template, block_size, messages, tools)
+
+
+def build_chat_job(body: dict, template: ChatTemplate, block_size: int, messages: list[dict],
+                   tools: ToolUse | None) -> Job:
+    """A chat job from checked messages and tools (tool_use) and the body's sampling fields: the prompt rendered
+    by the chat template, held to response_format or to the tools' grammar."""
+    tokenizer = template.tok
     try:
-        prompt = template.encode(_messages(body.get("messages")), add_generation_prompt=True)
+        prompt = template.encode(messages, add_generation_prompt=True, tools=tools.tools if tools else None)
     except (UserError, ValueError) as e:  # text the tokenizer cannot encode (a character model's unknown character)
         raise bad("messages", str(e)) from None
     stream = _bool(body, "stream")
@@ -323,8 +410,12 @@ def chat_job(body: dict, tokenizer: Tokenizer, block_size: int) -> Job:
     params = _sampling(body, tokenizer, max_tokens, logprobs)
     params.stop = tuple(template.stop_strings) + params.stop
     params.constraint = _response_format(body, tokenizer)
+    calls = _tool_constraint(tools, tokenizer)
+    if calls is not None and params.constraint is not None:
+        raise bad(RF, "response_format cannot be combined with tools unless tool_choice is 'none'")
+    params.constraint = params.constraint or calls
     return Job([prompt], params, n, best_of, stream, _include_usage(body, stream), False, logprobs,
-               **_end_ids(body, tokenizer))
+               **_end_ids(body, tokenizer), tools=tools)
 
 
 def tokenize_ids(body: dict, tokenizer: Tokenizer) -> list[int]:
@@ -386,11 +477,11 @@ def _encode(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
         raise bad(param, str(e)) from None
 
 
-def _messages(v) -> list[dict]:
+def _messages(v, tools: list[dict] | None = None) -> list[dict]:
     """The request's messages by the rules fine-tuning records follow (gpt/data/messages.py); earlier
-    assistant turns are context, so they may be empty."""
+    assistant turns are context, so they may be empty; their calls name the request's tools."""
     try:
-        return read_messages(v, "messages", empty_replies=True)
+        return read_messages(v, "messages", empty_replies=True, tools=tools)
     except MessageError as e:
         raise bad(f"messages[{e.index}].{e.field}", f"messages[{e.index}]: {e.why}") from None
     except RecordError as e:  # not a non-empty list

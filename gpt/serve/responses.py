@@ -323,17 +323,17 @@ class Responses:
         started = self.response("in_progress", [], None)
         return [[self.event("created", response=started), self.event("in_progress", response=started)]]
 
-    def delta(self, i: int, e) -> list[dict] | None:
-        chunk = self.chat.delta(i, e)
-        if chunk is None:
-            return None
-        d = chunk["choices"][0]["delta"]
-        events = []
-        if d.get("content"):
-            events += self._text(d["content"])
+    def chunks(self, i: int, e) -> list[list[dict]]:
+        """A token event's chat chunks (text, a tool call's start or arguments) as Responses events."""
+        events = [ev for chunk in self.chat.chunks(i, e) for ev in self._events(chunk)]
+        return [events] if events else []
+
+    def _events(self, chunk: dict) -> list[dict]:
+        d = chunk["choices"][0].get("delta") or {}
+        events = self._text(d["content"]) if d.get("content") else []
         for call in d.get("tool_calls") or []:
             events += self._call(call)
-        return events or None
+        return events
 
     def _where(self) -> dict:
         return {"item_id": self.open["id"], "output_index": len(self.output)}
@@ -383,11 +383,14 @@ class Responses:
         self.open = None
         return events + [self.event("output_item.done", output_index=where["output_index"], item=item)]
 
-    def finish(self, i: int, seq, reply) -> list[dict]:
-        choice = self.chat.finish(i, seq, reply)["choices"][0]
+    def finish_chunks(self, i: int, seq, reply) -> list[list[dict]]:
+        """The chat stream's last chunks (a call's last arguments, the finish reason) as the closing events."""
+        *deltas, last = self.chat.finish_chunks(i, seq, reply)
+        events = [ev for chunk in deltas for ev in self._events(chunk)]
+        choice = last["choices"][0]
         self.reason, self.stuck = choice["finish_reason"], "error" in choice
-        events = [] if self.output or self.open else self._open_message()  # an empty reply: an empty message
-        return events + self._close()
+        events += [] if self.output or self.open else self._open_message()  # an empty reply: an empty message
+        return [events + self._close()]
 
     def closing(self, reply) -> str:
         status = self.status()
