@@ -1,22 +1,39 @@
-"""Tokens/s through the HTTP server against the in-process engine, alone and with concurrent clients.
+"""Tokens/s, latency and time to first token of serve.py at 1, 8 and 32 concurrent requests, against the engine.
 
-    python bench/serve_throughput.py                         # char and 124M shapes
-    python bench/serve_throughput.py --models char --tokens 64 --concurrency 8
+    python bench/serve_throughput.py                                    # char and 124M shapes, 1, 8 and 32 at once
+    python bench/serve_throughput.py --models char --tokens 16 --repeats 1     # a smoke run (seconds)
+    python bench/serve_throughput.py --models 124m --max-batch 32 --prefill-chunk 0
 
 For each model shape (random weights: speed does not depend on them), in one run:
-  engine   gpt.infer.engine.complete in this process: one request, greedy, `tokens` new tokens
-  http x1  the same request through serve's app (uvicorn on loopback) with the real `openai` client
-  http xN  N clients at once from threads (continuous batching): aggregate tokens/s, p50 and max latency
-Single-request figures are the best of --repeats runs. Every request generates exactly `tokens` tokens (no end-of-text stop: a logit_bias bans it).
-`transformers serve` is compared only where its serving extra is installed; otherwise the line says
-it was skipped. Timings on a shared machine are noisy: read the ratios printed in the same run.
+  engine      gpt.infer.engine.complete in this process: one request, greedy, `tokens` new tokens (best of
+              --repeats), on the main thread and on a worker thread as the server runs it
+  serve.py    the real server in its own process (a checkpoint of the same weights; its --threads rule,
+              --max-batch, --prefill-chunk), driven over loopback by `httpx` clients from threads, so the clients'
+              Python does not share the server's GIL. For each concurrency level (--concurrency, default
+              1,8,32) and each mode (whole replies, then SSE streams) all the level's requests start together
+              (a barrier): aggregate tokens/s (level x tokens / wall time from the first send to the last
+              reply), its ratio to one request of the same mode, p50/p99 request latency and, for streams, p50/p99
+              time to first token (to the first chunk with text). Level 1 is the best of --repeats runs (its
+              latencies are pooled). p99 of N requests is their slowest but one rank: with 8 it is the slowest.
+Every request generates exactly `tokens` tokens (ignore_eos) and the bench checks the count. The target
+of issue 26: 8 concurrent >= 6x one request on the 124M shape. The first lines name the CPU, torch and the
+command; timings on a shared machine are noisy: read the ratios printed in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,15 +41,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from gpt.checkpoint import save_checkpoint  # noqa: E402
 from gpt.config import ModelConfig  # noqa: E402
 from gpt.data.tokenizer import CharTokenizer, TiktokenTokenizer  # noqa: E402
 from gpt.infer.engine import complete  # noqa: E402
 from gpt.infer.sampling import SamplingParams  # noqa: E402
-from gpt.model import GPT  # noqa: E402
 from gpt.infer.weights import prepare_for_decoding  # noqa: E402
-from gpt.serve.app import ServerConfig, create_app  # noqa: E402
+from gpt.model import GPT  # noqa: E402
 from gpt.serve.serve_cli import serving_threads  # noqa: E402
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # its 65
@@ -40,91 +58,191 @@ SHAPES = {
     "char": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0),
     "124m": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0),
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def start_server(model, tok, max_batch: int):
-    import uvicorn
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), and the cores this process may use."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {len(os.sched_getaffinity(0))} cores usable"
 
-    app = create_app(model, tok, ServerConfig("bench", max_batch=max_batch, max_queue=64))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, args) -> tuple[subprocess.Popen, str]:
+    """serve.py on the checkpoint, in its own process; returns once it accepts requests."""
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "serve.py"), "--ckpt", str(folder), "--port", str(port), "--model-name", "bench",
+           "--dtype", args.dtype, "--threads", str(args.threads), "--max-queue", str(max(args.levels) * 2)]
+    for flag in ("max_batch", "prefill_chunk"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line.rstrip())
+        if line.startswith("serving "):
+            break
+    else:
+        raise SystemExit("serve.py did not start:\n" + "\n".join(seen))
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining its log
+    print("  " + " ".join(shlex.quote(c) for c in cmd[1:]))
+    print("  " + "; ".join(s for s in seen if s.startswith("KV cache")))
+    return proc, f"http://127.0.0.1:{port}/v1/completions"
+
+
+def one_request(client, url: str, body: dict, n: int, stream: bool) -> tuple[float, float, float | None]:
+    """(start, seconds, time to first token or None) of one request; checks it generated n tokens."""
+    t0 = time.perf_counter()
+    first, tokens = None, None
+    if stream:
+        with client.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    else:
+        r = client.post(url, json=body)
+        r.raise_for_status()
+        tokens = r.json()["usage"]["completion_tokens"]
+    assert tokens == n, f"expected {n} tokens, got {tokens}"
+    return t0, time.perf_counter() - t0, first
+
+
+def level_run(client, url: str, body: dict, n: int, level: int, stream: bool) -> dict:
+    """`level` requests started together: aggregate tokens/s, their latencies and times to first token."""
+    barrier = threading.Barrier(level)
+
+    def go(_):
+        barrier.wait()
+        return one_request(client, url, body, n, stream)
+
+    with ThreadPoolExecutor(level) as pool:
+        results = list(pool.map(go, range(level)))
+    wall = max(t0 + s for t0, s, _ in results) - min(t0 for t0, _, _ in results)
+    return {"rate": level * n / wall, "lat": [s for _, s, _ in results],
+            "ttft": [f for _, _, f in results if f is not None]}
+
+
+def measure_server(url: str, prompt: str, n: int, args) -> dict:
+    import httpx
+
+    body = {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    out = {}
+    limits = httpx.Limits(max_connections=max(args.levels) + 4, max_keepalive_connections=max(args.levels) + 4)
+    with httpx.Client(timeout=3600, limits=limits) as client:
+        for level in args.levels:  # warm up the server and open every level's connections
+            level_run(client, url, {**body, "max_tokens": 1}, 1, level, False)
+        for stream in (False, True):
+            for level in args.levels:
+                runs = [level_run(client, url, body, n, level, stream) for _ in range(args.repeats if level == 1 else 1)]
+                out[stream, level] = {"rate": max(r["rate"] for r in runs), "lat": sum((r["lat"] for r in runs), []),
+                                      "ttft": sum((r["ttft"] for r in runs), [])}
+    return out
+
+
+def engine_rates(model, tok, prompt: str, params: SamplingParams, n: int, repeats: int) -> tuple[float, float]:
+    """One request through the engine in this process: tokens/s on the main thread and on a worker thread."""
+    complete(model, tok, prompt, SamplingParams(temperature=0, max_tokens=4))  # warm up
+
+    def best() -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            complete(model, tok, prompt, params, stop_ids=())  # no end-of-text stop: exactly n tokens
+            times.append(time.perf_counter() - t0)
+        return n / min(times)
+
+    main_rate, box = best(), []
+    # the server decodes in its own thread; measure the engine there too (on a loaded 2-core CPU the
+    # main thread's OpenMP team was several times slower than a worker thread's in our runs)
+    worker = threading.Thread(target=lambda: box.append(best()))
+    worker.start()
+    worker.join()
+    return main_rate, box[0]
 
 
 def bench_shape(name: str, args) -> None:
-    import openai
-
     torch.manual_seed(0)
-    model = prepare_for_decoding(GPT(SHAPES[name]), torch.float32)  # as serve.py prepares a checkpoint
+    cfg = SHAPES[name]
+    model = prepare_for_decoding(GPT(cfg), DTYPES[args.dtype])  # as serve.py prepares a checkpoint
     tok = CharTokenizer(list(SHAKESPEARE_CHARS)) if name == "char" else TiktokenTokenizer("gpt2")
     prompt = "ROMEO:" if name == "char" else "The meaning of life is"
-    bias = {tok.eot_id: -100.0} if tok.eot_id is not None else {}
-    n = min(args.tokens, model.config.block_size - len(tok.encode(prompt)))  # the server refuses what does not fit
-    params = SamplingParams(temperature=0, max_tokens=n, logit_bias=bias)
-    complete(model, tok, prompt, SamplingParams(temperature=0, max_tokens=4))  # warm up
+    n = min(args.tokens, cfg.block_size - len(tok.encode(prompt)))  # the server refuses what does not fit
+    params = SamplingParams(temperature=0, max_tokens=n)
+    main_rate, engine_rate = engine_rates(model, tok, prompt, params, n, args.repeats)
+    print(f"\n## {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, {n} new tokens")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "bench" / "best"
+        save_checkpoint(folder, _fp32_state(model), {"model": dataclasses.asdict(cfg)}, tok)
+        proc, url = start_server(folder, args)
+        try:
+            results = measure_server(url, prompt, n, args)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    print(f"{'system':>26} {'tok/s':>9} {'x one':>6} {'latency p50':>12} {'p99':>7} {'first token p50':>16} {'p99':>7}")
+    print(f"{'engine, main thread':>26} {main_rate:>9.1f}")
+    print(f"{'engine, worker thread':>26} {engine_rate:>9.1f}")
+    for stream in (False, True):
+        base = results[stream, 1]["rate"]
+        for level in args.levels:
+            r = results[stream, level]
+            label = f"serve.py, {level} {'stream' if stream else 'repl'}{('s' if stream else 'ies') if level > 1 else ('' if stream else 'y')}"
+            ttft = (f"{percentile(r['ttft'], 50):>14.3f} s {percentile(r['ttft'], 99):>5.3f} s" if r["ttft"]
+                    else f"{'-':>16} {'-':>7}")
+            print(f"{label:>26} {r['rate']:>9.1f} {r['rate'] / base:>5.2f}x {percentile(r['lat'], 50):>10.3f} s "
+                  f"{percentile(r['lat'], 99):>5.3f} s {ttft}")
+    if 8 in args.levels and 1 in args.levels:
+        ratio = results[False, 8]["rate"] / results[False, 1]["rate"]
+        print(f"8 concurrent / one request (whole replies): {ratio:.2f}x (issue 26's target on the 124M shape: >= 6x); "
+              f"one request through serve.py: {100 * results[False, 1]['rate'] / engine_rate:.0f}% of the engine's rate")
 
-    def alone() -> float:
-        t0 = time.perf_counter()
-        complete(model, tok, prompt, params)
-        return time.perf_counter() - t0
 
-    main_rate = n / min(alone() for _ in range(args.repeats))
-    # the server decodes in its own thread; measure the engine there too (on a loaded 2-core CPU the
-    # main thread's OpenMP team was several times slower than a worker thread's in our runs)
-    box = []
-    worker = threading.Thread(target=lambda: box.append(n / min(alone() for _ in range(args.repeats))))
-    worker.start()
-    worker.join()
-    engine_rate = box[0]
-
-    server, thread, url = start_server(model, tok, args.concurrency)
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
-
-    def one(_=None) -> float:
-        t0 = time.perf_counter()
-        r = client.completions.create(model="bench", prompt=prompt, max_tokens=n, temperature=0,
-                                      logit_bias={str(k): v for k, v in bias.items()})
-        assert r.usage.completion_tokens == n
-        return time.perf_counter() - t0
-
-    one()  # warm up the connection
-    single = min(one() for _ in range(args.repeats))
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        t0 = time.perf_counter()
-        lat = list(pool.map(one, range(args.concurrency)))
-        wall = time.perf_counter() - t0
-    server.should_exit = True
-    thread.join(timeout=30)
-
-    http1 = n / single
-    agg = args.concurrency * n / wall
-    print(f"\n## {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, fp32, {n} new tokens")
-    print(f"{'system':>22} {'tok/s':>9}  note")
-    print(f"{'engine, main thread':>22} {main_rate:>9.1f}")
-    print(f"{'engine, worker thread':>22} {engine_rate:>9.1f}  the baseline below")
-    print(f"{'http, 1 request':>22} {http1:>9.1f}  {100 * http1 / engine_rate:.0f}% of the engine")
-    print(f"{f'http, {args.concurrency} concurrent':>22} {agg:>9.1f}  {agg / http1:.2f}x one request; latency p50 "
-          f"{statistics.median(lat):.2f} s, max {max(lat):.2f} s")
-    try:
-        import transformers.commands.serving  # noqa: F401  (the serving extra)
-        print("transformers serve: installed, but this bench does not drive it yet (compare by hand)")
-    except Exception:
-        print("transformers serve: skipped (transformers' serving extra is not installed)")
+def _fp32_state(model: GPT) -> dict:
+    """The weights as a checkpoint holds them (float32, contiguous: the decoding layout is not saved)."""
+    return {k: v.float().contiguous() for k, v in model.state_dict().items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="char,124m")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (1 is always measured)")
     p.add_argument("--repeats", type=int, default=3, help="single-request figures are the best of this many")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = serve.py's rule: the idle cores less one)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the engine and of serve.py "
+                   "(0 = serve.py's rule: the idle cores less one)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--max-batch", type=int, default=None, help="serve.py --max-batch (default: serve.py's)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="serve.py --prefill-chunk (default: serve.py's)")
     args = p.parse_args()
+    args.levels = sorted({1, *(int(c) for c in args.concurrency.split(","))})
     torch.set_num_threads(serving_threads(args.threads))
+    print(f"CPU: {cpu_model()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; the machine may be shared (noisy)")
+    print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
     for name in args.models.split(","):
         bench_shape(name.strip(), args)
 

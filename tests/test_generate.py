@@ -335,6 +335,44 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(use_kv_cache):
     assert len({len(r.out_ids) for r in reqs}) > 1  # they left the batch at different steps
 
 
+LONG = "the quick brown fox jumps over the lazy dog: a prompt of sixty"  # 61 tokens, a 60-token window to fill
+
+
+@pytest.mark.parametrize("prefix_cache_mb", [0, 1])
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(prefix_cache_mb):
+    """prefill_chunk=8: a long prompt joining a decoding batch takes one chunk per step, and the running row gets a
+    token at every one of those steps (it is not stalled for the whole prefill); a row that finishes meanwhile
+    frees its row under the part-filled prompt; every completion is what it is alone, past the window too."""
+    model, tok = lively_model(block_size=64), char_tok()
+    engine = Engine(model, tok, max_batch=3, prefill_chunk=8, prefix_cache_mb=prefix_cache_mb)
+    params = [P(temperature=0, max_tokens=30), P(temperature=0.8, seed=3, max_tokens=9), P(temperature=0, max_tokens=12),
+              P(temperature=0, max_tokens=5)]
+    prompts = ["ab", "xyz", LONG, "q"]
+    running = [engine.add(tok.encode(pr), pa) for pr, pa in zip(prompts[:2], params)]
+    engine.step(), engine.step()
+    late = engine.add(tok.encode(LONG), params[2])
+    queued = engine.add(tok.encode("q"), params[3])  # a free row, but the long prompt is still being filled
+    gained = []
+    while not late.out_ids:
+        before = len(running[0].out_ids)
+        engine.step()
+        gained.append(len(running[0].out_ids) - before)
+        assert running[1].done or late.out_ids or not queued.out_ids
+    assert gained == [1] * math.ceil(60 / 8)  # a token for the running row at each of the long prompt's chunks
+    assert running[1].done  # it left while the long prompt was part-way in
+    engine.run()
+    reqs = running + [late, queued]
+    assert [r.completion(tok) for r in reqs] == [complete(model, tok, pr, pa)[0] for pr, pa in zip(prompts, params)]
+
+
+def test_prefill_chunk_and_max_batch_are_checked():
+    model = lively_model()
+    for kw in (dict(prefill_chunk=-1), dict(prefill_chunk=4, use_kv_cache=False), dict(max_batch=0)):
+        with pytest.raises(SamplingError) as e:
+            Engine(model, **kw)
+        assert e.value.param in kw
+
+
 def test_a_cancelled_request_leaves_and_frees_its_row():
     model, tok = lively_model(), char_tok()
     engine = Engine(model, tok, max_batch=1)

@@ -210,7 +210,7 @@ CASES = [
          lambda w, t: ["--ckpt", str(edited_ckpt(w, t, checkpoint.MODEL_FILE, flip_a_weight))],
          "model.safetensors: its SHA-256 differs from the one recorded"),
     Case("serve.py: --max-batch 0", "serve.py", lambda w, t: ["--ckpt", str(w.run), "--max-batch", "0"],
-         "--max-batch out of range: 0"),
+         "--max-batch must be >= 1, got 0"),
     Case("serve.py: --shutdown-timeout -1", "serve.py",
          lambda w, t: ["--ckpt", str(w.run), "--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
     Case("serve.py: no such checkpoint", "serve.py", lambda w, t: ["--ckpt", str(t / "none")], "no such checkpoint"),

@@ -448,6 +448,44 @@ def test_serve_py_help_shows_the_limits_and_their_defaults(capsys):
     proc = run_in_process(capsys, "serve.py", "--help")
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())  # argparse wraps help lines
-    for flag, default in (("--max-batch", 8), ("--max-queue", 32), ("--max-body", 1 << 20), ("--port", 8000)):
+    for flag, default in (("--max-batch", 8), ("--max-queue", 32), ("--max-body", 1 << 20), ("--port", 8000),
+                          ("--prefill-chunk", 256), ("--prefix-cache-mb", 1024), ("--shutdown-timeout", 30.0)):
         assert flag in text and f"(default: {default})" in text.split(flag, 2)[-1].split("--", 1)[0], flag
 
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-batch", "0", "--max-batch must be >= 1, got 0"), ("--port", "70000", "--port must be between 1 and 65535"),
+    ("--max-queue", "-1", "--max-queue must be >= 0"), ("--max-body", "0", "--max-body must be >= 1"),
+    ("--prefill-chunk", "-8", "--prefill-chunk must be >= 0, got -8"), ("--threads", "-1", "--threads must be >= 0"),
+    ("--shutdown-timeout", "inf", "--shutdown-timeout must be >= 0, got inf"),
+    ("--prefix-cache-mb", "nan", "--prefix-cache-mb must be >= 0, got nan"),
+])
+def test_serve_py_limits_are_checked_before_loading(flag, value, message):
+    from gpt.serve.serve_cli import ServeError, run
+
+    with pytest.raises(ServeError) as e:
+        run(["--ckpt", "nowhere", flag, value])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_32_concurrent_requests_each_equal_alone(model, tok):
+    """32 clients at once, streaming and not, on 8 rows with a queue and a small prefill budget (long prompts
+    prefilled in chunks while other rows decode): every reply is the greedy reply of its prompt alone."""
+    s = Running(model, tok, max_batch=8, max_queue=24, prefill_chunk=8)
+    prompts = [("Hello there, how are you today? " * (1 + i % 3))[: 5 + 7 * i % 70] for i in range(32)]
+    lengths = [6 + i % 11 for i in range(32)]
+
+    def call(i):
+        kw = dict(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        if i % 2:
+            return "".join(c.choices[0].text for c in s.client.completions.create(stream=True, **kw) if c.choices)
+        return s.client.completions.create(**kw).choices[0].text
+
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(call, range(32)))
+    finally:
+        s.stop()
+    assert together == [greedy(model, tok, p, n).text for p, n in zip(prompts, lengths)]
+    assert len(set(together)) > 8

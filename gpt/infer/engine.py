@@ -33,6 +33,13 @@ sequence's row, and cached decoding continues from there (one re-encoding per co
 tokens; the model always sees between half a window and a full one). The uncached path applies
 the same rule (`window_start`). A prompt longer than the context keeps its last context tokens.
 
+Chunked prefill (Engine(prefill_chunk=N), serve.py --prefill-chunk). A step computes at most N prompt tokens
+(vLLM's max_num_batched_tokens, counting prompt tokens only): requests join while the step's budget lasts,
+the last one may be filled part-way, and it holds the batch's last row and decodes once its window is in
+(it goes on at the next steps, with the rows already decoding taking their tokens in between), so a long
+prompt arriving in a decoding batch delays its rows by one chunk per step, not by its whole prefill.
+A window re-encoded after a slide (below) is computed whole. 0 = whole prompts at once.
+
 Prefix caching (Engine(prefix_cache_mb=N), serve.py --prefix-cache-mb). A row's fill copies what the
 prefix cache holds of its window's beginning and runs the model on the rest only, at the positions
 after it; the filled blocks are kept for the next rows (gpt/infer/prefix_cache.py).
@@ -42,8 +49,9 @@ after it; the filled blocks are kept for the next rows (gpt/infer/prefix_cache.p
 from __future__ import annotations
 
 import codecs
+import math
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
@@ -184,7 +192,8 @@ class DecodeRequest:
         self.row: int | None = None  # its row of the KV cache while it is in the batch
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.start = 0  # first token of its window (see window_start)
-        self.fresh = True  # its row must be (re)filled before the next step
+        self.fresh = True  # its row must be (re)filled before it decodes
+        self.filled = 0  # tokens of its window already in its row while it is being filled (chunked prefill)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed) if params.seed is not None else self.generator.seed()
         self.grammar: GrammarState | None = None  # the constraint's matcher (Engine.add sets it)
@@ -256,13 +265,20 @@ class Engine:
     add() may be called from any thread; step() from one thread at a time (the server's worker,
     or complete() running until its requests are done). prefix_cache_mb > 0 keeps the keys and values
     of prompt prefixes (block-aligned, up to that many MiB, least recently used evicted) and reuses them
-    for later rows that begin with the same tokens (gpt/infer/prefix_cache.py); 0 = off.
+    for later rows that begin with the same tokens (gpt/infer/prefix_cache.py); 0 = off. prefill_chunk > 0
+    computes at most that many prompt tokens per step (chunked prefill, see the module doc); 0 = whole prompts.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
                  use_kv_cache: bool = True, vocab_limit: int | None = None, max_model_len: int | None = None,
-                 prefix_cache_mb: float = 0):
+                 prefix_cache_mb: float = 0, prefill_chunk: int = 0):
         self.model, self.tokenizer, self.max_batch, self.use_kv_cache = model, tokenizer, max_batch, use_kv_cache
+        if max_batch < 1:
+            raise SamplingError("max_batch", f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 0 or (prefill_chunk and not use_kv_cache):
+            raise SamplingError("prefill_chunk", f"prefill_chunk must be >= 0 (0 = whole prompts), and only with "
+                                                 f"the KV cache; got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         cfg = model.config
         self.context = context_length(cfg, max_model_len)  # tokens per sequence (see the module doc)
         limit = vocab_limit or (tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size)
@@ -308,6 +324,11 @@ class Engine:
             for req in self.active + self.waiting:
                 req.cancel()
 
+    @property
+    def decoding(self) -> list[DecodeRequest]:
+        """The active requests whose window is in their row: all but a prompt still being filled (the last row)."""
+        return self.active[:-1] if self._part_filled() is not None else self.active
+
     def fail_all(self) -> None:
         """After a step raised: every held request ends with finish reason "error" and the batch empties."""
         with self._lock:
@@ -318,18 +339,18 @@ class Engine:
 
     @torch.no_grad()  # not inference_mode: FSDP2-sharded models (samples after training) update parameters in place
     def step(self) -> None:
-        """Drop cancelled requests, admit waiting ones, give every active one its next token."""
-        self._admit()
-        if not self.active:
-            return
-        if self.model.training:  # dropout off while decoding (run() switches once for all its steps)
-            with _eval_mode(self.model):
-                logits = self._next_logits()
-        else:
+        """Drop cancelled requests, admit and fill waiting ones (within the prefill budget), give every request
+        whose window is in its row its next token."""
+        # dropout off while decoding (run() switches once for all its steps)
+        with _eval_mode(self.model) if self.model.training else nullcontext():
+            self._admit()
+            rows = self.decoding
+            if not rows:
+                return
             logits = self._next_logits()
         logp = logits.log_softmax(-1)
         masks = self._masks()
-        for i, req in enumerate(self.active):
+        for i, req in enumerate(rows):
             p = req.params
             row, allowed = logits[i : i + 1], masks.get(i)
             if allowed is not None and not allowed.any():  # the grammar is complete, or stuck (constraints.py)
@@ -345,7 +366,8 @@ class Engine:
             req.append(token, float(logp[i, token]), top)
             if not req.done:
                 new_start = window_start(len(req.tokens), req.start, self.context)
-                req.fresh, req.start = req.fresh or new_start != req.start, new_start
+                if new_start != req.start:  # the window slides: its row is re-encoded at the next step
+                    req.fresh, req.start, req.filled = True, new_start, 0
         self._release([r for r in self.active if r.done])
 
     def run(self) -> None:
@@ -385,20 +407,38 @@ class Engine:
 
     def _masks(self) -> dict[int, torch.Tensor]:
         """Row -> (1, vocab) bool: the tokens its constraint allows next (rows without one are absent)."""
-        rows = [i for i, r in enumerate(self.active) if r.grammar is not None]
+        decoding = self.decoding
+        rows = [i for i, r in enumerate(decoding) if r.grammar is not None]
         if not rows:
             return {}
-        allowed = token_masks([self.active[i].grammar for i in rows], [self.active[i].stop_ids for i in rows],
+        allowed = token_masks([decoding[i].grammar for i in rows], [decoding[i].stop_ids for i in rows],
                               self.vocab).to(self.device)
         return {i: allowed[k : k + 1] for k, i in enumerate(rows)}
 
     def _admit(self) -> None:
+        """Drop cancelled requests; fill rows within the step's budget of prompt tokens (prefill_chunk): windows
+        re-encoded after a slide (whole), the prompt filled part-way at the last step (the last row), then
+        waiting requests join while the budget lasts; the last to join may be filled part-way."""
         self._drop_cancelled()
-        with self._lock:
-            while self.waiting and len(self.active) < self.max_batch:
+        budget = self.prefill_chunk or math.inf
+        if self.cache is not None:
+            for req in self.active:
+                if req.fresh:
+                    budget -= self._prefill(req, budget if req is self.active[-1] else math.inf)
+        while budget > 0 and len(self.active) < self.max_batch and self._part_filled() is None:
+            with self._lock:
+                if not self.waiting:
+                    return
                 req = self.waiting.pop(0)
-                req.row, req.start = len(self.active), max(0, len(req.tokens) - self.context)
-                self.active.append(req)
+            req.row, req.start = len(self.active), max(0, len(req.tokens) - self.context)
+            self.active.append(req)
+            if self.cache is not None:
+                budget -= self._prefill(req, budget)
+
+    def _part_filled(self) -> DecodeRequest | None:
+        """The request whose window is part-way into its row (chunked prefill): always the batch's last row."""
+        last = self.active[-1] if self.active and self.cache is not None else None
+        return last if last is not None and last.fresh else None
 
     def _drop_cancelled(self) -> None:
         """Cancelled requests leave the batch or the queue and end with finish reason "cancelled"."""
@@ -412,7 +452,13 @@ class Engine:
             req.end("cancelled")
 
     def _release(self, done: list[DecodeRequest]) -> None:
-        """Finished or cancelled requests leave; the last rows move into the freed ones (rows stay 0..A-1)."""
+        """Finished or cancelled requests leave; the last rows move into the freed ones (rows stay 0..A-1). A prompt
+        being filled stays the last row: its filled part moves to the new last row."""
+        held = self._part_filled()
+        if held is not None and held not in done:
+            self.active.pop()
+        else:
+            held = None
         for req in done:
             last = self.active.pop()
             if last is not req:
@@ -423,37 +469,49 @@ class Engine:
                     self.cache.v[:, req.row, :, :n] = self.cache.v[:, last.row, :, :n]
                 last.row = req.row
             req.row = None
+        if held is not None:
+            row, n = len(self.active), held.filled
+            if row != held.row and n:
+                self.cache.k[:, row, :, :n] = self.cache.k[:, held.row, :, :n]
+                self.cache.v[:, row, :, :n] = self.cache.v[:, held.row, :, :n]
+            held.row = row
+            self.active.append(held)
 
-    def _prefill(self, req: DecodeRequest) -> None:
-        """Fill the request's row with its window but the last token, from position 0: what the prefix cache
-        holds of it is copied, the rest computed by the model at the positions after it (chunked prefill)."""
+    def _prefill(self, req: DecodeRequest, budget: float) -> int:
+        """Fill the request's row with its window but the last token, from position 0, computing at most `budget`
+        tokens -> the tokens computed. At the fill's start what the prefix cache holds of the window is copied;
+        the rest is computed by the model at the positions after what is in (chunked prefill); a fill that
+        stops short goes on at the next call. The whole window in: req.fresh is False, its blocks are cached."""
         window = req.tokens[req.start : -1]
         k, v = self.cache.k[:, req.row], self.cache.v[:, req.row]  # (n_layer, n_kv_head, context, head_dim)
-        done = self.prefix_cache.load(window, k, v) if self.prefix_cache is not None else 0
-        if not req.out_ids:  # the prompt's own prefill (not a window re-encoded later)
-            req.cached_tokens = done
-        if len(window) > done:
+        if req.filled == 0 and self.prefix_cache is not None:
+            req.filled = self.prefix_cache.load(window, k, v)
+            if not req.out_ids:  # the prompt's own prefill (not a window re-encoded later)
+                req.cached_tokens = req.filled
+        n = int(max(0, min(len(window) - req.filled, budget)))
+        if n:
             row = KVCache(self.cache.k[:, req.row : req.row + 1], self.cache.v[:, req.row : req.row + 1])
-            self.model(torch.tensor([window[done:]], device=self.device), kv_cache=row, start_pos=done,
-                       logits_to_keep=1)
-            if self.prefix_cache is not None:
+            self.model(torch.tensor([window[req.filled : req.filled + n]], device=self.device), kv_cache=row,
+                       start_pos=req.filled, logits_to_keep=1)
+            req.filled += n
+        if req.filled == len(window):
+            req.fresh = False
+            if n and self.prefix_cache is not None:
                 self.prefix_cache.store(window, k, v)
+        return n
 
     def _next_logits(self) -> torch.Tensor:
-        """(A, vocab) float logits of the next token of every active request."""
+        """(A, vocab) float logits of the next token of every request in `decoding` (its rows 0..A-1)."""
         if not self.use_kv_cache:
             rows = [self.model(torch.tensor([r.tokens[r.start :]], device=self.device), logits_to_keep=1)[0][:, -1]
                     for r in self.active]
             return torch.cat(rows)[:, : self.vocab].float()
-        for req in self.active:
-            if req.fresh:
-                self._prefill(req)
-                req.fresh = False
-        a = len(self.active)
-        positions = [len(r.tokens) - 1 - r.start for r in self.active]
+        decoding = self.decoding  # rows 0..a-1; their windows were filled by _admit
+        a = len(decoding)
+        positions = [len(r.tokens) - 1 - r.start for r in decoding]
         length = max(positions) + 1
         view = KVCache(self.cache.k[:, :a, :, :length], self.cache.v[:, :a, :, :length])
-        last = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
+        last = torch.tensor([[r.tokens[-1]] for r in decoding], device=self.device)
         pos = torch.tensor(positions, device=self.device)
         logits = self.model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
         return logits[:, : self.vocab].float()

@@ -51,6 +51,7 @@ from gpt.serve.worker import QueueFull, ShuttingDown, Worker
 log = logging.getLogger("gpt.serve")
 FINISH: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's finish_reason
 STATIC = Path(__file__).resolve().parent / "static"  # the playground page, served at /
+DEFAULT_PREFILL_CHUNK = 256  # serve.py --prefill-chunk: prompt tokens per engine step (gpt/infer/engine.py)
 RETRY_AFTER_S = 1  # a full server's 429 asks the client to wait this long (rows free up within steps)
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of a UTF-16 surrogate, paired or lone
 UNREACHABLE = {"message": "The reply was cut off: the model's vocabulary has no token for what the response_format "
@@ -67,6 +68,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_model_len: int | None = None  # the context of decoding (None: gpt.infer.engine.context_length's default)
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # MiB of prompt prefixes' keys and values kept; 0 = off
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # most prompt tokens computed per step (chunked prefill); 0 = whole
     host: str = "127.0.0.1"  # the bound address: a Host the server answers to (unless 0.0.0.0 or ::)
     allowed_hosts: tuple[str, ...] = ()  # more Host names it answers to; "*": any
     cors_origins: tuple[str, ...] = ()  # other pages' origins that may call it from a browser; "*": any
@@ -95,7 +97,7 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServerConfig) -> FastAPI:
     """The app around one loaded model; the engine thread starts and stops with the app."""
     model.eval()
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len,
-                    prefix_cache_mb=cfg.prefix_cache_mb)
+                    prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk=cfg.prefill_chunk)
     worker = Worker(engine, cfg.max_queue)
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(cfg, tokenizer, worker, engine.context, int(time.time()))

@@ -23,7 +23,7 @@ from gpt.errors import UserError
 from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN
 from gpt.infer.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from gpt.infer.weights import add_model_args, load_for_decoding
-from gpt.serve.app import ServerConfig, create_app
+from gpt.serve.app import DEFAULT_PREFILL_CHUNK, ServerConfig, create_app
 
 
 class ServeError(UserError):
@@ -53,9 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, threads="0 = the cores other processes leave idle, less one for the web server",
                    context_cap=DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--max-batch", type=int, default=8,
-                   help="sequences decoded together (the batch's rows) (default: %(default)s)")
+                   help="sequences decoded together (the batch's rows); each row holds the keys and values of a whole "
+                   "context, allocated at start (the start prints the MiB); more rows make every step, so every "
+                   "stream's next token, take longer (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=32, help="sequences waiting for a row; beyond the batch and "
                    "the queue, requests get 429 with Retry-After (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                   help="most prompt tokens computed per engine step: a longer prompt is prefilled over several "
+                   "steps and the running streams get a token between its chunks (vLLM's chunked prefill); "
+                   "0 = whole prompts at once (default: %(default)s)")
     p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MIB",
                    help="MiB of prompt prefixes' keys and values kept for requests that begin alike (a shared system "
                    "prompt is computed once), least recently used evicted; 0 = off (default: %(default)s)")
@@ -90,16 +96,24 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
             "and read what it memorized. Set --api-key (or $GPT_API_KEY), or bind 127.0.0.1.")
 
 
+LIMITS = {  # flag: (lowest, highest) accepted; None = no bound (numbers must be finite)
+    "port": (1, 65535), "max_batch": (1, None), "max_queue": (0, None), "max_body": (1, None), "threads": (0, None),
+    "shutdown_timeout": (0, None), "prefix_cache_mb": (0, None), "prefill_chunk": (0, None),
+}
+
+
+def check_limits(args: argparse.Namespace) -> None:
+    """Every numeric limit in its range, or one line naming the flag, its range and the value given."""
+    for flag, (low, high) in LIMITS.items():
+        value = getattr(args, flag)
+        if not (low <= value < float("inf") and (high is None or value <= high)):
+            allowed = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ServeError(f"--{flag.replace('_', '-')} must be {allowed}, got {value}")
+
+
 def run(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    for flag in ("max_batch", "port"):
-        if getattr(args, flag) < 1 or (flag == "port" and args.port > 65535):
-            raise ServeError(f"--{flag.replace('_', '-')} out of range: {getattr(args, flag)}")
-    minimum = {"max_queue": 0, "threads": 0, "shutdown_timeout": 0, "prefix_cache_mb": 0, "max_body": 1}
-    for flag, lo in minimum.items():
-        value = getattr(args, flag)
-        if not lo <= value < float("inf"):  # NaN fails too
-            raise ServeError(f"--{flag.replace('_', '-')} must be >= {lo} (and finite), got {value}")
+    check_limits(args)
     torch.set_num_threads(serving_threads(args.threads))
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -108,9 +122,12 @@ def run(argv: list[str]) -> None:
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, api_key=args.api_key or os.environ.get("GPT_API_KEY") or None, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_body_bytes=args.max_body, max_model_len=args.max_model_len,
-                       prefix_cache_mb=args.prefix_cache_mb, host=args.host, allowed_hosts=tuple(args.allowed_hosts),
+                       prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk, host=args.host, allowed_hosts=tuple(args.allowed_hosts),
                        cors_origins=tuple(args.cors_origins))
     app = create_app(model, tokenizer, cfg)
+    cache = app.state.server.worker.engine.cache
+    print(f"KV cache: {args.max_batch} rows x {app.state.server.block_size} tokens, "
+          f"{2 * cache.k.nbytes / 2**20:,.0f} MiB", file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     # uvicorn's own limit comes after ours: by then every handler has answered, none is killed mid-request
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=True,
