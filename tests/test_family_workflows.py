@@ -145,7 +145,7 @@ def test_chat_tokens_start_distinct_in_both_matrices_of_an_untied_head(imported)
     tok.chat_template = None  # a base model without a template of its own gets our chat markers
     n = tok.vocab_size
     ids = [tok.special_id(t) for t in add_chat_tokens(model, tok)]
-    assert len(ids) == 4 and model.lm_head.weight is not model.transformer.wte.weight
+    assert len(ids) == 5 and model.lm_head.weight is not model.transformer.wte.weight  # 3 roles, <|tool|>, <|end|>
     for w in (model.transformer.wte.weight, model.lm_head.weight):
         rows, old = w[ids].detach(), w[:n].detach()
         gaps = torch.cdist(rows, rows) + torch.eye(len(ids)) * 1e9
