@@ -316,7 +316,7 @@ class Engine:
                 logits = self._next_logits()
         else:
             logits = self._next_logits()
-        logp = logits.log_softmax(-1)
+        lse = logits.logsumexp(-1)  # log-probability = logit - lse: no (A, vocab) log-softmax built every step
         masks = self._masks()
         for i, req in enumerate(self.active):
             p = req.params
@@ -329,9 +329,9 @@ class Engine:
             token = int(draw(candidates, ids, p, req.generator))
             top = None
             if p.logprobs:
-                values, indices = logp[i].topk(min(p.logprobs, self.vocab))
-                top = list(zip(indices.tolist(), values.tolist()))
-            req.append(token, float(logp[i, token]), top)
+                values, indices = logits[i].topk(min(p.logprobs, self.vocab))
+                top = list(zip(indices.tolist(), (values - lse[i]).tolist()))
+            req.append(token, float(logits[i, token] - lse[i]), top)
             if not req.done:
                 new_start = window_start(len(req.tokens), req.start, self.context)
                 req.fresh, req.start = req.fresh or new_start != req.start, new_start
@@ -412,11 +412,18 @@ class Engine:
                 req.fresh = False
         a = len(self.active)
         positions = [len(r.tokens) - 1 - r.start for r in self.active]
-        length = max(positions) + 1
-        view = KVCache(self.cache.k[:, :a, :, :length], self.cache.v[:, :a, :, :length])
         last = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
-        pos = torch.tensor(positions, device=self.device)
-        logits = self.model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
+        step = getattr(self.model, "compiled_decode", None)  # gpt/infer/compiled_decode.py, when asked for
+        if step is not None:
+            logits = step(last, self.cache, positions)
+        elif len(set(positions)) == 1:  # every row at one position (batch 1): a slice write, no mask, no index_put
+            view = KVCache(self.cache.k[:, :a, :, : positions[0] + 1], self.cache.v[:, :a, :, : positions[0] + 1])
+            logits = self.model(last, kv_cache=view, start_pos=positions[0], logits_to_keep=1)[0][:, -1]
+        else:
+            length = max(positions) + 1
+            view = KVCache(self.cache.k[:, :a, :, :length], self.cache.v[:, :a, :, :length])
+            pos = torch.tensor(positions, device=self.device)
+            logits = self.model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
         return logits[:, : self.vocab].float()
 
 

@@ -44,8 +44,13 @@ def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: tor
 
 
 def prepare_for_decoding(model: nn.Module, dtype: torch.dtype, quantize: str | None = None) -> nn.Module:
-    """Eval mode, weights in the compute dtype, then int8 (quantize="int8") or the layout above."""
+    """Eval mode, weights in the compute dtype, then int8 (quantize="int8") or the layout above. Dropout
+    modules become Identity: off in eval mode anyway, they cost a call each a layer and a token."""
     model.to(dtype=dtype).eval()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Dropout):
+                setattr(module, name, nn.Identity())
     if quantize == "int8":
         return quantize_int8(model)
     if dtype == torch.float32 and next(model.parameters()).device.type == "cpu":
