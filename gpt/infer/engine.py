@@ -47,6 +47,7 @@ import torch
 from gpt.config import ModelConfig
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer
+from gpt.infer.compiled_decode import compile_decoding
 from gpt.infer.constraints import ConstraintError, GrammarState, token_masks
 from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
 from gpt.model import GPT, KVCache
@@ -251,7 +252,10 @@ class Engine:
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
-                 use_kv_cache: bool = True, vocab_limit: int | None = None, max_model_len: int | None = None):
+                 use_kv_cache: bool = True, vocab_limit: int | None = None, max_model_len: int | None = None,
+                 compile: bool = False):
+        if compile and use_kv_cache:  # the one-token cached step through torch.compile (gpt/infer/compiled_decode.py)
+            compile_decoding(model)
         self.model, self.tokenizer, self.max_batch, self.use_kv_cache = model, tokenizer, max_batch, use_kv_cache
         cfg = model.config
         self.context = context_length(cfg, max_model_len)  # tokens per sequence (see the module doc)
