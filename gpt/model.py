@@ -80,9 +80,11 @@ class Positions:
     start: the first position when every row's tokens sit at start, start+1, ... (an int start_pos):
         the cache is written as one slice and attention sees its first start + T slots. None: each
         row at its own positions, written row by row; attention sees the whole cache view.
-    rope: (cos, sin), fp32 (B or 1, T, head_dim), the rotary angles of `pos`; None for learned positions.
+    rope: (cos, sin), (B or 1, 1, T, head_dim), the rotary angles of `pos` (computed in fp32, then held in
+        the weights' dtype, once for every layer); None for learned positions.
     local: the same tokens as sliding-window layers see them (their mask and rotary angles); None when
         no layer slides.
+    rows: (B, 1) row numbers when start is None: the cache write's row index, built once for every layer.
     """
 
     pos: torch.Tensor
@@ -90,6 +92,7 @@ class Positions:
     start: int | None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     local: "Positions | None" = None
+    rows: torch.Tensor | None = None
 
 
 def attention_mask(q_pos: torch.Tensor, cache_len: int | None = None, docs: torch.Tensor | None = None, *,
@@ -149,8 +152,9 @@ def rope_angles(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate (B, nh, T, hd) queries or keys in the rotate-half layout: pairs i and i + hd/2."""
-    cos, sin = (t[:, None].to(x.dtype) for t in rope)
+    """Rotate (B, nh, T, hd) queries or keys in the rotate-half layout: pairs i and i + hd/2; rope's
+    (cos, sin) are (B or 1, 1, T, hd) (a no-op cast unless autocast computes x in another dtype)."""
+    cos, sin = (t.to(x.dtype) for t in rope)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -173,7 +177,7 @@ def _write_cache(layer_cache, k: torch.Tensor, v: torch.Tensor, at: Positions):
     cache_k, cache_v = layer_cache  # (B, nh, max_len, hd)
     if at.start is None:  # each row at its own positions: cache[b, :, pos[b, t]] = k[b, :, t]
         # (index_put, not scatter_: scatter_ on this layout copied the whole cache, 2x the decode step)
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        rows = at.rows if at.rows is not None else torch.arange(k.shape[0], device=k.device)[:, None]
         cache_k[rows, :, at.pos] = k.transpose(1, 2).to(cache_k.dtype)
         cache_v[rows, :, at.pos] = v.transpose(1, 2).to(cache_v.dtype)
         return cache_k, cache_v  # the mask hides each row's unused tail
@@ -194,7 +198,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (self.offset + self.weight.float())).type_as(x)
+        weight = self.weight.float() if not self.offset else self.offset + self.weight.float()
+        return (h * weight).type_as(x)
 
 
 def make_norm(cfg: ModelConfig, width: int) -> nn.Module:
@@ -226,21 +231,28 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, at.rope), apply_rope(k, at.rope)
         if layer_cache is not None:  # q: (B, nh, T, hd); k, v: (B, nkv, T, hd)
             k, v = _write_cache(layer_cache, k, v, at)
-        if self.n_kv_head != self.n_head:  # grouped-query attention: kv head j serves query heads j*r .. j*r+r-1
-            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
+        # grouped-query attention: kv head j serves query heads j*r .. j*r+r-1, never copied r times (enable_gqa)
+        gqa = self.n_kv_head != self.n_head
         causal = at.mask is CAUSAL
         attend = matmul_attention if _matmul_attention_pays(q, k) else F.scaled_dot_product_attention
         y = attend(q, k, v, attn_mask=None if causal else at.mask, is_causal=causal,
-                   dropout_p=self.dropout if self.training else 0.0)
+                   dropout_p=self.dropout if self.training else 0.0, **({"enable_gqa": True} if gqa else {}))
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
-def matmul_attention(q, k, v, attn_mask=None, is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+def matmul_attention(q, k, v, attn_mask=None, is_causal: bool = False, dropout_p: float = 0.0,
+                     enable_gqa: bool = False) -> torch.Tensor:
     """F.scaled_dot_product_attention as two batched matmuls around a softmax: the same function
-    (boolean masks keep True; is_causal aligns the triangle to the top left), holding every score."""
+    (boolean masks keep True; is_causal aligns the triangle to the top left; enable_gqa: k and v have
+    fewer heads, each serving q.size(1) // k.size(1) consecutive query heads), holding every score."""
     q = q * q.size(-1) ** -0.5
-    if q.size(-2) == 1:  # decoding: k @ q^T reads a cache view as it lies (q @ k^T copied it transposed, 5x slower)
+    B, heads, T, hd = q.shape
+    if enable_gqa and k.size(1) != heads and T == 1:  # decoding: a kv head's r queries as r rows, k and v as they lie
+        q = q.reshape(B, k.size(1), heads // k.size(1), hd)
+    elif enable_gqa and k.size(1) != heads:
+        k, v = (t.repeat_interleave(heads // k.size(1), dim=1) for t in (k, v))
+    if T == 1:  # decoding: k @ q^T reads a cache view as it lies (q @ k^T copied it transposed, 5x slower)
         scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)
     else:
         scores = q @ k.transpose(-2, -1)
@@ -251,7 +263,7 @@ def matmul_attention(q, k, v, attn_mask=None, is_causal: bool = False, dropout_p
         scores = scores.masked_fill_(~attn_mask, float("-inf"))
     elif attn_mask is not None:  # additive
         scores = scores + attn_mask
-    return F.dropout(torch.softmax(scores, -1), dropout_p) @ v
+    return (F.dropout(torch.softmax(scores, -1), dropout_p) @ v).reshape(B, heads, T, hd)
 
 
 def _matmul_attention_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -415,7 +427,8 @@ class GPT(nn.Module):
             if kv_cache is None:
                 raise ValueError("per-row start positions need a KV cache")
             pos = start_pos[:, None] if T == 1 else start_pos[:, None] + torch.arange(T, device=idx.device)
-            return self._view(pos, None, dict(cache_len=kv_cache.max_len))
+            rows = torch.arange(pos.shape[0], device=idx.device)[:, None]
+            return self._view(pos, None, dict(cache_len=kv_cache.max_len), rows)
         end = start_pos + T
         limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
         if end > self.config.block_size or end > limit:
@@ -429,7 +442,7 @@ class GPT(nn.Module):
         pos = torch.arange(start_pos, end, device=idx.device)[None]
         return self._view(pos, start_pos, dict(cache_len=None if kv_cache is None else end, shared=True))
 
-    def _view(self, pos: torch.Tensor, start: int | None, keys: dict) -> Positions:
+    def _view(self, pos: torch.Tensor, start: int | None, keys: dict, rows: torch.Tensor | None = None) -> Positions:
         """Positions with their mask (attention_mask(pos, **keys)) and rotary angles; sliding-window layers,
         if any, get their own view in `local`."""
         cfg = self.config
@@ -437,9 +450,9 @@ class GPT(nn.Module):
         if self.has_sliding_layers:
             theta = cfg.rope_local_theta
             rope = self._rope(pos, theta, "none") if theta else self._rope(pos, cfg.rope_theta, cfg.rope_scaling)
-            local = Positions(pos, attention_mask(pos, **keys, window=cfg.sliding_window), start, rope)
+            local = Positions(pos, attention_mask(pos, **keys, window=cfg.sliding_window), start, rope, rows=rows)
         return Positions(pos, attention_mask(pos, **keys), start, self._rope(pos, cfg.rope_theta, cfg.rope_scaling),
-                         local)
+                         local, rows)
 
     def _rope(self, pos: torch.Tensor, theta: float, scaling: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         cfg = self.config
@@ -447,7 +460,8 @@ class GPT(nn.Module):
             return None
         inv_freq = rope_frequencies(cfg.head_size, theta, scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
                                     cfg.rope_high_freq_factor, cfg.rope_original_context, pos.device)
-        return rope_angles(pos, inv_freq)
+        dtype = self.transformer.wte.weight.dtype  # fp32 angles held in the weights' dtype: one cast, not one a layer
+        return tuple(t[:, None].to(dtype) for t in rope_angles(pos, inv_freq))
 
     def fuses_loss(self, tokens: int) -> bool:
         """Head + loss fused in row chunks (gpt/losses.py) for a batch of `tokens` targets. "auto": on a CPU

@@ -60,6 +60,7 @@ import torch
 from gpt.config import ModelConfig
 from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer
+from gpt.infer.compiled_decode import compile_decoding
 from gpt.infer.constraints import ConstraintError, GrammarState, token_masks
 from gpt.infer.prefix_cache import MiB, PrefixCache
 from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
@@ -271,7 +272,9 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
                  use_kv_cache: bool = True, vocab_limit: int | None = None, max_model_len: int | None = None,
-                 prefix_cache_mb: float = 0, prefill_chunk: int = 0):
+                 prefix_cache_mb: float = 0, prefill_chunk: int = 0, compile: bool = False):
+        if compile and use_kv_cache:  # the one-token cached step through torch.compile (gpt/infer/compiled_decode.py)
+            compile_decoding(model)
         self.model, self.tokenizer, self.max_batch, self.use_kv_cache = model, tokenizer, max_batch, use_kv_cache
         if max_batch < 1:
             raise SamplingError("max_batch", f"max_batch must be >= 1, got {max_batch}")
@@ -348,7 +351,7 @@ class Engine:
             if not rows:
                 return
             logits = self._next_logits()
-        logp = logits.log_softmax(-1)
+        lse = logits.logsumexp(-1)  # log-probability = logit - lse: no (A, vocab) log-softmax built every step
         masks = self._masks()
         for i, req in enumerate(rows):
             p = req.params
@@ -361,9 +364,9 @@ class Engine:
             token = int(draw(candidates, ids, p, req.generator))
             top = None
             if p.logprobs:
-                values, indices = logp[i].topk(min(p.logprobs, self.vocab))
-                top = list(zip(indices.tolist(), values.tolist()))
-            req.append(token, float(logp[i, token]), top)
+                values, indices = logits[i].topk(min(p.logprobs, self.vocab))
+                top = list(zip(indices.tolist(), (values - lse[i]).tolist()))
+            req.append(token, float(logits[i, token] - lse[i]), top)
             if not req.done:
                 new_start = window_start(len(req.tokens), req.start, self.context)
                 if new_start != req.start:  # the window slides: its row is re-encoded at the next step
@@ -509,11 +512,18 @@ class Engine:
         decoding = self.decoding  # rows 0..a-1; their windows were filled by _admit
         a = len(decoding)
         positions = [len(r.tokens) - 1 - r.start for r in decoding]
-        length = max(positions) + 1
-        view = KVCache(self.cache.k[:, :a, :, :length], self.cache.v[:, :a, :, :length])
         last = torch.tensor([[r.tokens[-1]] for r in decoding], device=self.device)
-        pos = torch.tensor(positions, device=self.device)
-        logits = self.model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
+        step = getattr(self.model, "compiled_decode", None)  # gpt/infer/compiled_decode.py, when asked for
+        if step is not None:
+            logits = step(last, self.cache, positions)
+        elif len(set(positions)) == 1:  # every row at one position (batch 1): a slice write, no mask, no index_put
+            view = KVCache(self.cache.k[:, :a, :, : positions[0] + 1], self.cache.v[:, :a, :, : positions[0] + 1])
+            logits = self.model(last, kv_cache=view, start_pos=positions[0], logits_to_keep=1)[0][:, -1]
+        else:
+            length = max(positions) + 1
+            view = KVCache(self.cache.k[:, :a, :, :length], self.cache.v[:, :a, :, :length])
+            pos = torch.tensor(positions, device=self.device)
+            logits = self.model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
         return logits[:, : self.vocab].float()
 
 

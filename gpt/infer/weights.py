@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from gpt.checkpoint import LoadedModel, load_checkpoint
+from gpt.infer.compiled_decode import compile_decoding
 from gpt.infer.quantize import quantize_int8
 from gpt.lora_peft import is_peft_dir
 from gpt.pretrained import load_adapter_folder
@@ -33,6 +34,10 @@ def add_model_args(p: argparse.ArgumentParser, threads: str, context_cap: int) -
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 Linear layers (faster decoding of large models on CPU; "
                         "see docs/performance.md#int8-weights)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step with torch.compile (inductor; a C++ compiler on CPU): "
+                        "faster tokens after a compile of a minute or more at the first ones; see "
+                        "docs/performance.md#compiled-decoding")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length of decoding: tokens one sequence holds, prompt included, in its KV cache "
                         f"row (default: the model's block_size, at most {context_cap})")
@@ -45,17 +50,26 @@ def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: tor
         loaded = load_adapter_folder(args.ckpt, device, verify=not args.no_verify)
     else:
         loaded = load_checkpoint(args.ckpt, device, verify=not args.no_verify)
-    prepare_for_decoding(loaded.model, dtype, args.quantize)
+    prepare_for_decoding(loaded.model, dtype, args.quantize, compile=getattr(args, "compile", False))
     return loaded
 
 
-def prepare_for_decoding(model: nn.Module, dtype: torch.dtype, quantize: str | None = None) -> nn.Module:
-    """Eval mode, weights in the compute dtype, then int8 (quantize="int8") or the layout above."""
+def prepare_for_decoding(model: nn.Module, dtype: torch.dtype, quantize: str | None = None,
+                         compile: bool = False) -> nn.Module:
+    """Eval mode, weights in the compute dtype, then int8 (quantize="int8") or the layout above. Dropout
+    modules become Identity: off in eval mode anyway, they cost a call each a layer and a token.
+    compile: the engine's decode step through torch.compile (gpt/infer/compiled_decode.py)."""
     model.to(dtype=dtype).eval()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Dropout):
+                setattr(module, name, nn.Identity())
     if quantize == "int8":
-        return quantize_int8(model)
-    if dtype == torch.float32 and next(model.parameters()).device.type == "cpu":
+        quantize_int8(model)
+    elif dtype == torch.float32 and next(model.parameters()).device.type == "cpu":
         column_major_linears(model)
+    if compile:
+        compile_decoding(model)
     return model
 
 

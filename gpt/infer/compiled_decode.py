@@ -1,0 +1,104 @@
+"""The opt-in compiled decode step (`sample.py --compile`, `serve.py --compile`, `Engine(compile=True)`).
+
+Decoding one token on a CPU runs a few hundred small eager operations a step (norms, rotary
+embeddings, residual adds, the cache write, the mask) around the matmuls that stream the weights;
+at batch 1 their dispatch is a large share of a step. As gpt-fast does, the engine's one-token
+cached step can instead run GPT.forward itself through `torch.compile` (inductor: C++ kernels on a
+CPU, gcc or clang needed; Triton on a GPU), which fuses the elementwise work between the matmuls.
+It is the same forward pass, not a second copy: prefill, training and the uncached path stay
+eager, and tests/test_compiled_decode.py checks the compiled step gives the eager step's tokens.
+
+Shapes. The step always takes the per-row path of GPT.forward (positions as a (A,) tensor, the
+cache view of the A active rows up to the longest row, a mask hiding each row's unused tail), and
+is compiled with dynamic shapes, so a new length or batch size does not recompile: one graph for a
+single row and one for several (torch specialises sizes of 1), each compiled once, on first use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import warnings
+
+import torch
+
+from gpt.model import GPT, KVCache
+
+BACKEND = "inductor"
+
+
+class CompiledDecode:
+    """`model.forward` compiled for the engine's decode step: (A, 1) last tokens, the engine's whole cache,
+    each row's position -> (A, vocab) logits. Falls back to the eager forward, with one line on stderr,
+    if the backend fails to compile."""
+
+    def __init__(self, model: GPT, backend):
+        self.model, self.backend = model, backend
+        self.compiled = torch.compile(decode_step, backend=backend, dynamic=True)
+        self.failed = False
+
+    def __call__(self, last: torch.Tensor, cache: KVCache, positions: list[int]) -> torch.Tensor:
+        length = min(cache.max_len, max(max(positions) + 1, 2))  # never 1: torch would compile a graph for it
+        pos = torch.tensor(positions, device=last.device)
+        if not self.failed:
+            for t in (cache.k, cache.v):  # its sizes are constants: not symbols that could equal the batch's
+                torch._dynamo.mark_static(t)
+            try:
+                with warnings.catch_warnings():  # rope_frequencies' lru_cache is traced through: harmless
+                    warnings.filterwarnings("ignore", message=".*lru_cache.*")
+                    return self.compiled(self.model, last, cache.k, cache.v, pos, length)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before the graph ran: the cache is intact
+                self.failed = True
+                name = getattr(self.backend, "__name__", self.backend)
+                print(f"--compile: the {name} backend failed ({type(e.inner_exception).__name__}); "
+                      "decoding without it", file=sys.stderr)
+        return decode_step(self.model, last, cache.k, cache.v, pos, length)
+
+
+def decode_step(model: GPT, last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                length: int) -> torch.Tensor:
+    """The engine's per-row step through model.forward: (A, 1) tokens at positions pos (A,) against the first
+    `length` slots of the first A rows of the whole cache (k, v) -> (A, vocab) logits. The whole cache goes in
+    (its shape never changes, so neither do the compiled graph's guards) and is sliced here."""
+    a = last.shape[0]
+    view = KVCache(k[:, :a, :, :length], v[:, :a, :, :length])
+    return model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
+
+
+def compile_unavailable(device: torch.device, backend=BACKEND) -> str | None:
+    """Why torch.compile cannot run the decode step here (None: it can)."""
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return f"torch.compile does not support Python {sys.version_info.major}.{sys.version_info.minor} here"
+    except Exception as e:  # noqa: BLE001 - any import failure means no compile
+        return f"torch.compile is unavailable ({type(e).__name__}: {e})"
+    if backend != "inductor":
+        return None
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            return "no C++ compiler (g++ or clang++) on PATH for inductor's CPU kernels"
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (inductor's GPU kernels need it)"
+    elif device.type not in ("cpu", "cuda"):
+        return f"inductor does not compile for the {device.type} device"
+    return None
+
+
+def compile_decoding(model: GPT, backend=None) -> bool:
+    """Give `model` its compiled decode step (`model.compiled_decode`, which the engine uses); True if it did.
+    backend: torch.compile's (default BACKEND, inductor). Where compile is unavailable, says why in one
+    line on stderr and leaves decoding eager."""
+    if getattr(model, "compiled_decode", None) is not None:
+        return True
+    backend = backend or BACKEND
+    reason = compile_unavailable(next(model.parameters()).device, backend)
+    if reason:
+        print(f"--compile: {reason}; decoding without it", file=sys.stderr)
+        return False
+    model.compiled_decode = CompiledDecode(model, backend)  # a plain object: no submodule, no state_dict keys
+    return True
