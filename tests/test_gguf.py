@@ -383,15 +383,17 @@ def chat_ckpt(kind: str, gpt2_ckpt, family_ckpts, folder):
     with its own template. Its end-of-turn token is made to win wherever a token it likes would (a copy of that
     output row, a little larger), so its replies end as a fine-tuned model's do."""
     if kind == "qwen2":
-        tok, cfg = HFTokenizer.from_folder(family_ckpts["qwen2"].parent), checkpoint.load_checkpoint(family_ckpts["qwen2"]).model.config
+        loaded = checkpoint.load_checkpoint(family_ckpts["qwen2"])
+        tok, cfg = loaded.tokenizer, loaded.model.config
     else:
-        tok = checkpoint.load_checkpoint(gpt2_ckpt).tokenizer if kind == "bpe" else CharTokenizer.from_text(TEXT + "".join(CONVERSATION))
+        chars = CharTokenizer.from_text(TEXT + "".join(CONVERSATION))
+        tok = checkpoint.load_checkpoint(gpt2_ckpt).tokenizer if kind == "bpe" else chars
         ChatTemplate.add_tokens(tok)
         cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=tok.vocab_size, bias=False)
     cfg = dataclasses.replace(cfg, block_size=256, tie_embeddings=False)  # output rows change, the prompt's do not
     model, template = lively(cfg), ChatTemplate(tok)
-    prompt = template.encode([{"role": "system", "content": CONVERSATION[0]}, {"role": "user", "content": CONVERSATION[1]}],
-                             add_generation_prompt=True)
+    first = [{"role": "system", "content": CONVERSATION[0]}, {"role": "user", "content": CONVERSATION[1]}]
+    prompt = template.encode(first, add_generation_prompt=True)
     usual = generate(model, torch.tensor([prompt]), 6, SamplingParams(temperature=0))[0, -1]
     state = model.state_dict()
     head = "lm_head.weight" if "lm_head.weight" in state else "transformer.wte.weight"
@@ -421,8 +423,8 @@ def chat_both_ways(ckpt, path, max_tokens: int) -> list[tuple[list[int], str, li
             choice = llm.create_chat_completion(history, temperature=0, repeat_penalty=1.0, max_tokens=max_tokens,
                                                 logits_processor=[record])["choices"][0]
             ids, _ = session.prompt_for(text)
-            reply = complete(loaded.model.eval(), loaded.tokenizer, ids, SamplingParams(temperature=0, max_tokens=max_tokens),
-                             stop_ids=template.end_ids)[0]
+            params = SamplingParams(temperature=0, max_tokens=max_tokens)
+            reply = complete(loaded.model.eval(), loaded.tokenizer, ids, params, stop_ids=template.end_ids)[0]
             session.add_reply(reply.text.strip())
             # llama-cpp-python may compute a token or two past max_tokens (finishing a UTF-8 character), then drops them
             out.append((reply.token_ids, reply.finish_reason, greedy[:max_tokens], choice["finish_reason"]))
