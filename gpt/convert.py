@@ -3,7 +3,7 @@ Qwen3, Mistral and Gemma 3 families (their mapping: gpt/hf_families.py).
 
     python -m gpt.convert from-hf HF_DIR_OR_HUB_NAME OUT_DIR
     python -m gpt.convert to-hf CKPT_DIR HF_DIR
-    python -m gpt.convert to-gguf CKPT_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0]   (gpt/gguf_export.py)
+    python -m gpt.convert to-gguf CKPT_DIR OUT.gguf [--type f32|f16|bf16|q8_0]   (gpt/gguf_export.py)
 
 Our parameter names are GPT-2's; the differences are that Hugging Face's GPT-2 uses Conv1D layers
 (weights stored as (in, out), so ours are their transpose), keeps the causal-mask buffers
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("to-gguf", help="our checkpoint -> one GGUF file for llama.cpp and Ollama")
     c.add_argument("ckpt")
     c.add_argument("out")
-    c.add_argument("--outtype", choices=gguf_export.OUTTYPES, default="f32",
+    c.add_argument("--type", "--outtype", dest="outtype", choices=gguf_export.OUTTYPES, default="f32",
                    help="weights' type: f32 (exact), f16, bf16, q8_0 (8-bit blocks, about half of f16)")
     args = p.parse_args(argv)
     if args.command == "from-hf":

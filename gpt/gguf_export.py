@@ -9,7 +9,8 @@ so its q and k rows are permuted per head as llama.cpp's converter does (`interl
 cannot compute (a soft cap on `llama`, a sliding window, Gemma 3's norms) is refused in one line naming it,
 before anything is written. The tokenizer goes into the metadata as llama.cpp's byte-level BPE ("gpt2"
 model: tokens, token types, merges, the pre-tokenizer by the name llama.cpp knows), with the special tokens
-and the chat template (the model's own, or ours for chat fine-tunes). Character tokenizers are refused.
+and the chat template (the model's own, or ours for chat fine-tunes). A character vocabulary is one token per
+character in GPT-2's byte spelling, with merges only inside a character, so llama.cpp splits as we do.
 """
 
 from __future__ import annotations
@@ -152,9 +153,8 @@ def tokenizer_metadata(tok: Tokenizer, n_vocab: int) -> dict:
     name, special ids, whether to add BOS, and the chat template."""
     gguf = _gguf()
     if isinstance(tok, CharTokenizer):
-        raise CheckpointError("character-level tokenizers have no GGUF form (llama.cpp reads byte-level BPE "
-                              "here); train with data.tokenizer=bpe or gpt2 to export; nothing was written")
-    if isinstance(tok, HFTokenizer):
+        meta = _char_vocab(tok)
+    elif isinstance(tok, HFTokenizer):
         meta = _shipped_vocab(tok)
     else:
         meta = _tiktoken_vocab(tok)
@@ -167,9 +167,33 @@ def tokenizer_metadata(tok: Tokenizer, n_vocab: int) -> dict:
     template = ChatTemplate(tok)
     ends = template.end_ids
     own = tok.chat_template if isinstance(tok, HFTokenizer) else None
-    meta.update(eos=tok.eot_id, eot=ends[0] if ends else None,
+    # llama.cpp's gpt2 vocab takes id 11 as bos and eos when the file names none: a character vocabulary has no
+    # end of text, so its chat end marker, or else a spare row, stands in
+    spare = next((i for i, t in enumerate(types) if t == gguf.TokenType.UNUSED), None)
+    eos = next((i for i in (tok.eot_id, *ends, spare) if i is not None), None)
+    meta.update(eos=eos, eot=ends[0] if ends else None, bos=meta["bos"] if meta["bos"] is not None else eos,
                 chat_template=own if own is not None else (hf_chat_template() if template.special else None))
     return meta
+
+
+def _char_vocab(tok: CharTokenizer) -> dict:
+    """One token per character as llama.cpp's byte-level BPE: each character spelled as GPT-2 spells its UTF-8
+    bytes, and merges only inside a character (its first bytes + its next byte), so no merge ever joins two
+    characters and any pre-tokenizer that splits between characters (GPT-2's regex does) tokenizes as we do."""
+    gguf = _gguf()
+    b2u = byte_to_unicode()
+    tokens = ["".join(b2u[b] for b in c.encode()) for c in tok.chars]
+    merges = {}
+    for c in tok.chars:
+        spelled = [b2u[b] for b in c.encode()]
+        for k in range(1, len(spelled)):
+            merges["".join(spelled[:k]) + " " + spelled[k]] = None
+    specials = {i: n for n, i in tok.special_tokens.items()}
+    tokens += [specials.get(i, f"[PAD{i}]") for i in range(len(tokens), tok.vocab_size)]
+    types = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    if not merges:  # llama.cpp refuses a gpt2 vocabulary without merges: one of byte 0xFF, never in UTF-8 text
+        merges[f"{b2u[0xFF]} {b2u[0xFF]}"] = None
+    return dict(tokens=tokens, types=types, merges=list(merges), pre="gpt-2", bos=None, add_bos=False, pad=None)
 
 
 def _tiktoken_vocab(tok: TiktokenTokenizer) -> dict:
@@ -290,7 +314,7 @@ def to_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f32") -> Path:
     tokenizer has no faithful GGUF form. `out` follows gpt/outputs.py's rule (a file to-gguf wrote before
     is replaced; never an input nor another file)."""
     if outtype not in OUTTYPES:
-        raise CheckpointError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+        raise CheckpointError(f"--type {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     gguf = _gguf()
     outputs.check_target(out, TO_GGUF, [ckpt], recognise=is_gguf_export)
     loaded = checkpoint.load_checkpoint(ckpt)
@@ -300,6 +324,10 @@ def to_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f32") -> Path:
         print("note: llama.cpp's gpt2 computes GELU in its tanh form (from an fp16 table); this model was trained "
               "with the exact one: the two differ by at most 5e-4 per activation, so logits may differ slightly")
     tokens = tokenizer_metadata(loaded.tokenizer, cfg.vocab_size)
+    if tokens["eos"] is None and cfg.vocab_size > 11:
+        print(f"note: this vocabulary has no end-of-text token and no spare row to stand for one; llama.cpp then takes "
+              f"token 11 ({loaded.tokenizer.decode([11])!r}) as end of text, and llama-cli stops there; train with "
+              "model.vocab_multiple=64 (a spare row) to avoid it")
     tensors = gguf_tensors(loaded.model.state_dict(), cfg, arch)
 
     def write(path: Path) -> None:

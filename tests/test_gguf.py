@@ -2,6 +2,7 @@
 tensor through the documented layout, tokenizer), refusals, and llama.cpp itself (llama-cpp-python)
 computing our logits and greedy tokens from it."""
 
+import dataclasses
 import json
 from dataclasses import asdict
 
@@ -17,7 +18,8 @@ from gpt.data.bpe import GPT2_PATTERN, train_bpe
 from gpt.data.chat_template import END_TOKEN, ChatTemplate, hf_chat_template
 from gpt.data.tokenizer import CharTokenizer, HFTokenizer, byte_to_unicode
 from gpt.gguf_export import LLAMA3_REGEX, QWEN2_REGEX, pre_tokenizer_name, to_gguf
-from gpt.infer.engine import generate
+from gpt.infer.chat_session import ChatSession
+from gpt.infer.engine import complete, generate
 from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT
 from gpt.outputs import OutputError
@@ -27,7 +29,8 @@ gguf = pytest.importorskip("gguf")
 TEXT = ("The quick brown fox jumps over the lazy dog. Grüße aus Köln! 東京 x = f(3.14)\n"
         "Pack my box with five dozen liquor jugs; sphinx of black quartz, judge my vow.\n") * 20
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 FAMILY = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
               max_position_embeddings=64, rms_norm_eps=1e-5)
 FAMILIES = {"llama": dict(architectures=["LlamaForCausalLM"], rope_theta=5e5, tie_word_embeddings=True,
@@ -200,8 +203,7 @@ def test_what_llama_cpp_cannot_compute_is_refused_in_one_line(tmp_path):
     cases = [("softcap", dict(**rope, logit_softcap=30.0), bpe, "no llama.cpp llama form: logit_softcap"),
              ("window", dict(**rope, sliding_window=4), bpe, "llama form: sliding_window"),
              ("gpt2_rmsnorm", dict(norm="rmsnorm"), bpe, "no llama.cpp gpt2 form: norm"),
-             ("gemma", dict(**rope, post_norms=True), bpe, "Gemma3ForCausalLM"),
-             ("chars", {}, CharTokenizer(list("ab")), "character-level tokenizers have no GGUF form")]
+             ("gemma", dict(**rope, post_norms=True), bpe, "Gemma3ForCausalLM")]
     for name, extra, tok, message in cases:
         cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=300, **extra)
         checkpoint.save_checkpoint(tmp_path / name, GPT(cfg).state_dict(), {"model": asdict(cfg)}, tok)
@@ -215,7 +217,7 @@ def test_the_output_file_follows_the_rule_of_every_output(gpt2_ckpt, tmp_path, c
     with pytest.raises(OutputError, match="not written by gpt.convert to-gguf"):
         to_gguf(gpt2_ckpt, tmp_path / "notes.gguf")
     assert (tmp_path / "notes.gguf").read_text() == "mine"
-    convert.main(["to-gguf", str(gpt2_ckpt), str(tmp_path / "m.gguf"), "--outtype", "f16"])
+    convert.main(["to-gguf", str(gpt2_ckpt), str(tmp_path / "m.gguf"), "--type", "f16"])
     convert.main(["to-gguf", str(gpt2_ckpt), str(tmp_path / "m.gguf")])  # its own output: replaced
     assert "wrote" in capsys.readouterr().out
     assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents() == 0  # f32
@@ -234,12 +236,26 @@ def llama_cpp_or_skip():
 
 
 def llama_cpp_model(path, n_ctx: int):
-    llama_cpp = llama_cpp_or_skip()  # an f32 KV cache: llama.cpp's default f16 one rounds keys and values
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=1, seed=0,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    """llama.cpp on `path` with an f32 KV cache (its default f16 one rounds keys and values) and without its
+    weight repacking (`llama-cli --no-repack`): on CPUs with AMX, llama-cpp-python 0.3.36's repacked q8_0
+    matrices segfault at the first decode, whatever the file."""
+    llama_cpp = llama_cpp_or_skip()
+    lib, default = llama_cpp.llama_cpp, llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=1, seed=0,
+                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    finally:
+        lib.llama_model_default_params = default
 
 
-def compare_with_llama_cpp(ckpt, path, prompt_text: str, n_new: int = 30) -> tuple[float, list, list]:
+def compare_with_llama_cpp(ckpt, path, prompt_text: str, n_new: int = 50) -> tuple[float, list, list]:
     """(largest logit difference over the prompt relative to the largest logit, llama.cpp's greedy tokens,
     ours) for `prompt_text`."""
     loaded = checkpoint.load_checkpoint(ckpt)
@@ -279,3 +295,151 @@ def test_llama_cpp_computes_our_family_logits_and_greedy_tokens(family, family_c
     diff, theirs, ours = compare_with_llama_cpp(family_ckpts[family], out, "Pack my box with five dozen")
     assert diff < 1e-4, diff
     assert theirs == ours and len(set(ours)) > 3
+
+
+# ---------------------------------------------------------------------------- character vocabularies, chat, q8_0
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tmp_path_factory, shakespeare_text):
+    """A character-level model as configs/shakespeare.yaml makes them (plus a few multi-byte characters), trained
+    briefly so that its predictions are a language model's rather than a random one's (near-flat logits)."""
+    tok = CharTokenizer.from_text(shakespeare_text + "é東🤖")
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size, bias=False)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    data = torch.tensor(tok.encode(shakespeare_text[:200_000]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - 65, (16,)).tolist()
+        batch = torch.stack([data[i:i + 65] for i in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("chars") / "ckpt"
+    checkpoint.save_checkpoint(folder, model.state_dict(), {"model": asdict(cfg)}, tok)
+    return folder
+
+
+def test_a_character_vocabulary_is_byte_level_bpe_that_never_merges_across_characters(char_ckpt, tmp_path, capsys):
+    meta = fields(gguf.GGUFReader(str(to_gguf(char_ckpt, tmp_path / "m.gguf"))))
+    tok = checkpoint.load_checkpoint(char_ckpt).tokenizer
+    b2u = byte_to_unicode()
+    assert meta["tokenizer.ggml.tokens"] == ["".join(b2u[b] for b in c.encode()) for c in tok.chars]
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"
+    merged = ["".join(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]  # é: 2 bytes, 東: 3, 🤖: 4
+    assert len(merged) == 1 + 2 + 3 and {"".join(b2u[b] for b in c.encode()) for c in "é東🤖"} <= set(merged)
+    # no end-of-text token and no spare row: llama.cpp will end at its default id 11, and the user is told
+    assert "takes token 11 (';') as end of text" in capsys.readouterr().out
+
+
+def test_llama_cpp_tokenizes_characters_as_we_do_and_computes_our_greedy_tokens(char_ckpt, shakespeare_text, tmp_path):
+    llama_cpp_or_skip()
+    out = to_gguf(char_ckpt, tmp_path / "m.gguf")
+    tok = checkpoint.load_checkpoint(char_ckpt).tokenizer
+    llm = llama_cpp_model(out, 64)
+    try:
+        for text in (shakespeare_text[:50_000], "Café? 東 and 🤖, twice: éé東東🤖🤖\n"):
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+    finally:
+        llm.close()
+    diff, theirs, ours = compare_with_llama_cpp(char_ckpt, out, "ROMEO:\nWhat say")
+    assert diff < 1e-3, diff
+    assert theirs == ours and len(set(ours)) > 3
+
+
+def teacher_forced_agreement(llm, ids: list[int], n_prompt: int) -> float:
+    """The share of positions past the prompt where llama.cpp's most likely next token is ours (`ids` is our
+    greedy continuation): each position sees the same context, so one difference does not count twice."""
+    llm.reset()
+    llm.eval(ids[:-1])
+    scores = np.array(llm.scores[: len(ids) - 1])
+    return float(np.mean(scores[n_prompt - 1:].argmax(-1) == np.array(ids[n_prompt:])))
+
+
+def test_lower_precision_files_agree_with_our_greedy_tokens_for_a_stated_share(char_ckpt, tmp_path):
+    """The shares docs/deploying.md states: 50 greedy tokens after each of four prompts, on the briefly
+    trained character model (block 64)."""
+    llama_cpp_or_skip()
+    loaded = checkpoint.load_checkpoint(char_ckpt)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    prompts = [tok.encode(p) for p in ("ROMEO:\nWhat", "KING RICH", "Citizen:\nWe", "O, the")]
+    runs = [(p, generate(model, torch.tensor([p]), 50, SamplingParams(temperature=0))[0].tolist()) for p in prompts]
+    shares = {}
+    for outtype in ("f32", "f16", "bf16", "q8_0"):
+        llm = llama_cpp_model(to_gguf(char_ckpt, tmp_path / f"{outtype}.gguf", outtype), 64)
+        try:
+            shares[outtype] = np.mean([teacher_forced_agreement(llm, ids, len(p)) for p, ids in runs])
+        finally:
+            llm.close()
+    print("greedy agreement with our f32 tokens:", shares)
+    assert shares["f32"] == 1.0
+    assert shares["f16"] >= 0.97 and shares["q8_0"] >= 0.95 and shares["bf16"] >= 0.9, shares
+
+
+def chat_ckpt(kind: str, gpt2_ckpt, family_ckpts, folder):
+    """A chat model with a 256-token context: our markers on a BPE or a character vocabulary, or a Qwen2 model
+    with its own template. Its end-of-turn token is made to win wherever a token it likes would (a copy of that
+    output row, a little larger), so its replies end as a fine-tuned model's do."""
+    if kind == "qwen2":
+        loaded = checkpoint.load_checkpoint(family_ckpts["qwen2"])
+        tok, cfg = loaded.tokenizer, loaded.model.config
+    else:
+        chars = CharTokenizer.from_text(TEXT + "".join(CONVERSATION))
+        tok = checkpoint.load_checkpoint(gpt2_ckpt).tokenizer if kind == "bpe" else chars
+        ChatTemplate.add_tokens(tok)
+        cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=tok.vocab_size, bias=False)
+    cfg = dataclasses.replace(cfg, block_size=256, tie_embeddings=False)  # output rows change, the prompt's do not
+    model, template = lively(cfg), ChatTemplate(tok)
+    first = [{"role": "system", "content": CONVERSATION[0]}, {"role": "user", "content": CONVERSATION[1]}]
+    prompt = template.encode(first, add_generation_prompt=True)
+    usual = generate(model, torch.tensor([prompt]), 6, SamplingParams(temperature=0))[0, -1]
+    state = model.state_dict()
+    head = "lm_head.weight" if "lm_head.weight" in state else "transformer.wte.weight"
+    state[head][template.stop_ids[0]] = state[head][usual] * 1.05  # ends where the 6th token of the reply came
+    for marker in set(tok.special_tokens.values()) - set(template.end_ids):  # no role markers inside a reply
+        state[head][marker] = -state[head][usual]
+    checkpoint.save_checkpoint(folder, state, {"model": asdict(cfg)}, tok)
+    return folder
+
+
+CONVERSATION = ["Be brief.", "The quick brown fox?", "Pack my box, judge my vow."]  # a system prompt, two turns
+
+
+def chat_both_ways(ckpt, path, max_tokens: int) -> list[tuple[list[int], str, list[int], str]]:
+    """Per user turn: (our reply's ids, why it ended, llama.cpp's, why it ended), greedy. Ours as `sample.py --chat`
+    computes them (ChatSession's prompt, the engine, the template's end ids); llama.cpp's through its chat
+    completion (the file's Jinja template, its end-of-generation tokens) on the same history."""
+    loaded = checkpoint.load_checkpoint(ckpt)
+    template = ChatTemplate(loaded.tokenizer)
+    session = ChatSession(template, 10_000, CONVERSATION[0])
+    llm, out = llama_cpp_model(path, 256), []
+    try:
+        for text in CONVERSATION[1:]:
+            history = session.system + session.turns + [{"role": "user", "content": text}]
+            greedy = []  # llama.cpp's token at each step: the argmax of the logits it samples from at temperature 0
+            record = lambda _ids, scores: greedy.append(int(np.argmax(scores))) or scores  # noqa: E731
+            choice = llm.create_chat_completion(history, temperature=0, repeat_penalty=1.0, max_tokens=max_tokens,
+                                                logits_processor=[record])["choices"][0]
+            ids, _ = session.prompt_for(text)
+            params = SamplingParams(temperature=0, max_tokens=max_tokens)
+            reply = complete(loaded.model.eval(), loaded.tokenizer, ids, params, stop_ids=template.end_ids)[0]
+            session.add_reply(reply.text.strip())
+            # llama-cpp-python may compute a token or two past max_tokens (finishing a UTF-8 character), then drops them
+            out.append((reply.token_ids, reply.finish_reason, greedy[:max_tokens], choice["finish_reason"]))
+    finally:
+        llm.close()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bpe", "chars", "qwen2"])
+def test_a_chat_model_answers_in_llama_cpp_as_in_sample_chat(kind, gpt2_ckpt, family_ckpts, tmp_path):
+    """A two-turn conversation with a system prompt, greedy at f32: our special-token template (BPE and
+    character vocabularies) and a family's own Jinja template render, stop and answer alike in llama.cpp."""
+    llama_cpp_or_skip()
+    ckpt = chat_ckpt(kind, gpt2_ckpt, family_ckpts, tmp_path / "chat")
+    turns = chat_both_ways(ckpt, to_gguf(ckpt, tmp_path / "chat.gguf"), 40)
+    for ours, why, theirs, their_why in turns:
+        assert theirs == ours and {"stop": "eos"}.get(their_why, their_why) == why
+    assert turns[0][1] == "eos" and all(len(ids) > 3 for ids, *_ in turns)  # a reply that ends at its end token
