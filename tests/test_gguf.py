@@ -442,4 +442,5 @@ def test_a_chat_model_answers_in_llama_cpp_as_in_sample_chat(kind, gpt2_ckpt, fa
     turns = chat_both_ways(ckpt, to_gguf(ckpt, tmp_path / "chat.gguf"), 40)
     for ours, why, theirs, their_why in turns:
         assert theirs == ours and {"stop": "eos"}.get(their_why, their_why) == why
-    assert turns[0][1] == "eos" and all(len(ids) > 3 for ids, *_ in turns)  # a reply that ends at its end token
+    assert turns[0][1] == "eos" and len(turns[0][0]) > 3  # the first reply ends at its end token (as engineered)
+    assert all(ids for ids, *_ in turns)  # the second turn's length depends on the random weights
