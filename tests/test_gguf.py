@@ -394,12 +394,17 @@ def chat_ckpt(kind: str, gpt2_ckpt, family_ckpts, folder):
     model, template = lively(cfg), ChatTemplate(tok)
     first = [{"role": "system", "content": CONVERSATION[0]}, {"role": "user", "content": CONVERSATION[1]}]
     prompt = template.encode(first, add_generation_prompt=True)
-    usual = generate(model, torch.tensor([prompt]), 6, SamplingParams(temperature=0))[0, -1]
-    state = model.state_dict()
-    head = "lm_head.weight" if "lm_head.weight" in state else "transformer.wte.weight"
-    state[head][template.stop_ids[0]] = state[head][usual] * 1.05  # ends where the 6th token of the reply came
-    for marker in set(tok.special_tokens.values()) - set(template.end_ids):  # no role markers inside a reply
-        state[head][marker] = -state[head][usual]
+    reply = generate(model, torch.tensor([prompt]), 12, SamplingParams(temperature=0))[0, len(prompt):].tolist()
+    head = "lm_head.weight" if "lm_head.weight" in model.state_dict() else "transformer.wte.weight"
+    for usual in [t for k, t in enumerate(reply) if k >= 3 and t not in reply[:k] and t not in template.end_ids]:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state[head][template.stop_ids[0]] = state[head][usual] * 1.05  # ends where that token first came
+        for marker in set(tok.special_tokens.values()) - set(template.end_ids):  # no role markers inside a reply
+            state[head][marker] = -state[head][usual]
+        model.load_state_dict(state)
+        ends = generate(model, torch.tensor([prompt]), 4, SamplingParams(temperature=0))[0, len(prompt):].tolist()
+        if template.stop_ids[0] not in ends:  # not too early: the reply is a few tokens long
+            break
     checkpoint.save_checkpoint(folder, state, {"model": asdict(cfg)}, tok)
     return folder
 
