@@ -155,15 +155,18 @@ def test_loss_mask_equals_transformers_generation_blocks(folders, tmp_path):
     assert list(ids) == list(theirs["input_ids"]) and [int(m) for m in mask] == list(theirs["assistant_masks"])
 
 
-def test_a_template_that_rewrites_earlier_turns_is_masked_where_each_reply_is(folders):
-    """A template that renders a turn differently once more turns follow (as Qwen3's does): the mask is found in the
-    whole conversation, so it is still exactly each reply and its end-of-turn token."""
+def test_a_template_that_renders_the_last_reply_differently_is_masked_from_its_prompt(folders):
+    """A template that renders a turn differently once more turns follow (as Qwen3's does, so the conversation up
+    to a reply is not a prefix of the whole): the mask is found in the whole conversation, each reply from the end
+    of the prompt the model answers (what the template writes there is the model's to write) to its end-of-turn
+    token."""
     tok = HFTokenizer.from_folder(folders["smollm2"])
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and "
-                         "loop.last %}(last) {% endif %}{{ m.content }}<|im_end|>\n{% endfor %}")
+                         "loop.last %}(last) {% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     template = ChatTemplate(tok)
     learned = [tok.decode(s.ids) for s in template.segments(CHAT) if s.trainable]
-    assert learned == [CHAT[2]["content"] + "<|im_end|>", CHAT[4]["content"] + "<|im_end|>"]
+    assert learned == [CHAT[2]["content"] + "<|im_end|>", "(last) " + CHAT[4]["content"] + "<|im_end|>"]
     assert [i for s in template.segments(CHAT) for i in s.ids] == template.encode(CHAT)
 
 
@@ -177,7 +180,8 @@ def test_a_template_that_rewrites_earlier_turns_is_masked_where_each_reply_is(fo
 ])
 def test_a_reply_that_cannot_be_located_is_refused_never_masked_wrong(turn, why, folders):
     tok = HFTokenizer.from_folder(folders["smollm2"])
-    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n" + turn + "<|im_end|>\n{% endfor %}"
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n" + turn + "<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     template = ChatTemplate(tok)
     assert template.encode(CHAT)  # rendering works; only the mask cannot be found
     with pytest.raises(ChatTemplateError, match=why) as info:

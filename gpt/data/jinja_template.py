@@ -14,19 +14,20 @@ tokens and adding no BOS (the template writes its own), as `apply_chat_template(
 Messages reach it in transformers' convention: an assistant turn's `tool_calls` carry `function.arguments` as
 a mapping (templates write it with `tojson`), a tool turn has `role: "tool"`, its `content` and `tool_call_id`.
 
-Loss masks are found in the conversation rendered once (the ids are those of the whole conversation, as
+Loss masks are found in the conversation rendered once (its ids are the whole conversation's, as
 `apply_chat_template` gives them). For each assistant message to learn, the conversation is rendered again with
-that message replaced by a sentinel reply (no calls): the characters where the two renderings differ are what
-the message made the template write (its text as the template writes it: trimmed, its tool calls in the model's
-format), wherever the template puts it and however it renders the other turns, as long as it renders them the same
-in both. Tokens carrying any of those characters are learned (their character offsets from `tokenizers`), and
-so is the end-of-turn token the template writes next (a newline after it is not). Template text that does not
-depend on the reply is not learned: Qwen3's empty `<think>\n\n</think>\n\n` before the replies after the last
-user message is the template's (the prompt Qwen3 gets with `enable_thinking=False`), so a reply without
-reasoning learns its text only. A reply that changes the template's text before it (reasoning written as
-`<think>...</think>` at the start of its content, which Qwen3 shows for those last replies and drops from
-earlier ones) is learned from the end of the generation prompt: the whole block. A template that drops or
-rewrites a reply's text (the sentinel is not written as given), or whose difference reaches past the turn's
+that message replaced by a sentinel reply (no calls): the reply ends where the two renderings stop differing
+(its text as the template writes it: trimmed, its tool calls in the model's format), and starts where the prompt
+the model answers ends (the turns before it and the generation prompt, found in the rendering even when the
+template renders the earlier turns differently on their own), so it holds everything the model writes after
+that prompt, as at inference. Tokens carrying any of those characters are learned (their character offsets from
+`tokenizers`), and so is the end-of-turn token the template writes next (a newline after it is not). This holds
+wherever the template puts a reply and however it rewrites the other turns, as long as it renders them the same
+with the sentinel: Qwen3's template drops reasoning (`<think>...</think>` at the start of a reply's content) from
+the replies before the last user message and writes a `<think>` block before the later ones, empty when the reply
+has no reasoning. That block is learned with the reply: the prompt ends at `<|im_start|>assistant\n`, so the
+model writes it (an empty one is how Qwen3 answers without reasoning, as the records do). A template that drops
+or rewrites a reply's text (the sentinel is not written as given), or whose difference reaches past the turn's
 end-of-turn token, is refused for that message, never masked wrong. `{% generation %}` blocks are rendered as
 written; the mask found this way is transformers' assistant mask for templates whose blocks hold the reply and
 its end-of-turn token.
@@ -210,42 +211,41 @@ class JinjaTemplate:
     def _reply_span(self, text: str, messages: list[dict], turn: int, add_generation_prompt: bool,
                     tools: list[dict] | None, ends: set[int]) -> tuple[int, int]:
         """Characters [start, stop) of `text` (the whole conversation rendered) that assistant message `turn` wrote:
-        where `text` differs from the conversation rendered with that message replaced by SENTINEL (module
-        docstring). ChatTemplateError when the reply's text is not found, or reaches past its own turn."""
+        from the end of the generation prompt that opens its turn to the end of where `text` differs from the
+        conversation rendered with that message replaced by SENTINEL (module docstring). ChatTemplateError when the
+        reply's text is not found, or the difference reaches past its own turn."""
         where = f"assistant message {turn + 1}"
+        refuse = "so its reply cannot be found for the loss mask; give that message \"weight\": 0 to show it unlearned"
         probe = [*messages[:turn], {"role": "assistant", "content": SENTINEL}, *messages[turn + 1:]]
         other = self.render(probe, add_generation_prompt, tools)
         if other.count(SENTINEL) != 1:
-            raise ChatTemplateError(f"the model's chat template does not write the text of {where} as given (it "
-                                    "drops or rewrites it), so its reply cannot be found for the loss mask; give "
-                                    "that message \"weight\": 0 to show it without learning it")
+            raise ChatTemplateError(f"the model's chat template does not write the text of {where} as given (it drops "
+                                    f"or rewrites it), {refuse}")
         at = other.index(SENTINEL)
         tail = len(other) - at - len(SENTINEL)  # the probe's text after the sentinel
-        start = min(_common_prefix(text, other), at)
-        same_tail = min(_common_suffix(text, other, start), tail)
-        stop = len(text) - same_tail
-        if start < at:  # the reply changed the template's text before it (Qwen3's <think> block): all of it is learned
-            start = self._after_generation_prompt(other, messages[:turn], start, at, tools, ends, where)
-        if self._has(other[at + len(SENTINEL):len(other) - same_tail], ends):
-            raise ChatTemplateError(f"the model's chat template renders later turns by what {where} says, so its "
-                                    "reply cannot be found for the loss mask; give that message \"weight\": 0")
-        return start, stop
-
-    def _after_generation_prompt(self, other: str, before: list[dict], start: int, at: int,
-                                 tools: list[dict] | None, ends: set[int], where: str) -> int:
-        """Where the generation prompt that opens the turn ends in `other` (at or before `start`): the reply changed
-        the template's text between that prompt and the reply, which is then learned from there."""
-        try:
-            plain = self.render(before, False, tools) if before else ""
-            prompt = self.render(before, True, tools)
-        except ChatTemplateError:
-            plain = prompt = None
-        header = prompt[len(plain):] if prompt is not None and prompt.startswith(plain) else None
-        opened = other.rfind(header, 0, start) if header is not None else -1
-        if opened < 0 or self._has(other[opened + len(header):at], ends):
+        same = min(_common_prefix(text, other), at)  # text[:same] == other[:same]
+        same_tail = min(_common_suffix(text, other, same), tail)
+        start = self._prompt_end(other, messages[:turn], same, tools)
+        if start is None or self._has(other[start:at], ends):
             raise ChatTemplateError(f"the model's chat template renders the text before {where} by what it says, "
-                                    "so its reply cannot be found for the loss mask; give that message \"weight\": 0")
-        return opened + len(header)
+                                    f"{refuse}")
+        if self._has(other[at + len(SENTINEL):len(other) - same_tail], ends):
+            raise ChatTemplateError(f"the model's chat template renders later turns by what {where} says, {refuse}")
+        return start, len(text) - same_tail
+
+    def _prompt_end(self, other: str, before: list[dict], limit: int, tools: list[dict] | None) -> int | None:
+        """Where, in `other`, the prompt the model answers ends (the turns before the reply and the generation
+        prompt, as the template renders them to ask for it), at or before `limit`; None when it cannot be found."""
+        try:
+            prompt = self.render(before, True, tools)
+            if other.startswith(prompt) and len(prompt) <= limit:  # the rendered prompt is a prefix of the whole
+                return len(prompt)
+            plain = self.render(before, False, tools) if before else ""
+        except ChatTemplateError:  # a template that cannot render the turns before the reply on their own
+            return None
+        header = prompt[len(plain):] if prompt.startswith(plain) else ""  # the generation prompt (<|im_start|>...)
+        opened = other.rfind(header, 0, limit) if header else -1  # the template rewrote earlier turns: find it
+        return opened + len(header) if opened >= 0 else None
 
     def _has(self, text: str, ids: set[int]) -> bool:
         """Whether `text` holds one of these tokens (an end of turn: the text reaches past one turn)."""
