@@ -24,9 +24,10 @@ that prompt, as at inference. Tokens carrying any of those characters are learne
 `tokenizers`), and so is the end-of-turn token the template writes next (a newline after it is not). This holds
 wherever the template puts a reply and however it rewrites the other turns, as long as it renders them the same
 with the sentinel: Qwen3's template drops reasoning (`<think>...</think>` at the start of a reply's content) from
-the replies before the last user message and writes a `<think>` block before the later ones, empty when the reply
-has no reasoning. That block is learned with the reply: the prompt ends at `<|im_start|>assistant\n`, so the
-model writes it (an empty one is how Qwen3 answers without reasoning, as the records do). A template that drops
+the replies before the last user message and writes a `<think>` block before the last reply (and later ones that
+have reasoning), empty when it has none. That block is learned with the reply: the prompt ends at
+`<|im_start|>assistant\n`, so the model writes it (an empty one is how Qwen3 answers without reasoning, as the
+records do). A template that drops
 or rewrites a reply's text (the sentinel is not written as given), or whose difference reaches past the turn's
 end-of-turn token, is refused for that message, never masked wrong. `{% generation %}` blocks are rendered as
 written; the mask found this way is transformers' assistant mask for templates whose blocks hold the reply and
@@ -226,7 +227,10 @@ class JinjaTemplate:
         same = min(_common_prefix(text, other), at)  # text[:same] == other[:same]
         same_tail = min(_common_suffix(text, other, same), tail)
         start = self._prompt_end(other, messages[:turn], same, tools)
-        if start is None or self._has(other[start:at], ends):
+        if start is None:
+            raise ChatTemplateError(f"the model's chat template does not render the prompt of {where} (the turns "
+                                    f"before it, the generation prompt) as in the conversation, {refuse}")
+        if self._has(other[start:at], ends):
             raise ChatTemplateError(f"the model's chat template renders the text before {where} by what it says, "
                                     f"{refuse}")
         if self._has(other[at + len(SENTINEL):len(other) - same_tail], ends):
