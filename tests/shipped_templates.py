@@ -175,7 +175,7 @@ GEMMA2 = (  # google/gemma-2-*-it
 
 
 # Qwen/Qwen3-*, tokenizer_config.json: ChatML, an empty <think></think> block before the reply of the last
-# turn, earlier turns' reasoning dropped (so it rewrites earlier turns: multi-turn loss masks are refused)
+# turn, earlier turns' reasoning dropped (so it renders earlier turns differently once later ones follow)
 QWEN3 = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}

@@ -155,15 +155,41 @@ def test_loss_mask_equals_transformers_generation_blocks(folders, tmp_path):
     assert list(ids) == list(theirs["input_ids"]) and [int(m) for m in mask] == list(theirs["assistant_masks"])
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused_for_masks(folders):
+def test_a_template_that_renders_the_last_reply_differently_is_masked_from_its_prompt(folders):
+    """A template that renders a turn differently once more turns follow (as Qwen3's does, so the conversation up
+    to a reply is not a prefix of the whole): the mask is found in the whole conversation, each reply from the end
+    of the prompt the model answers (what the template writes there is the model's to write) to its end-of-turn
+    token."""
     tok = HFTokenizer.from_folder(folders["smollm2"])
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
-                         "{% if m.role == 'assistant' and not loop.last %}(earlier reply){% else %}{{ m.content }}"
-                         "{% endif %}<|im_end|>\n{% endfor %}")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and "
+                         "loop.last %}(last) {% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = ChatTemplate(tok)
+    learned = [tok.decode(s.ids) for s in template.segments(CHAT) if s.trainable]
+    assert learned == [CHAT[2]["content"] + "<|im_end|>", "(last) " + CHAT[4]["content"] + "<|im_end|>"]
+    assert [i for s in template.segments(CHAT) for i in s.ids] == template.encode(CHAT)
+
+
+@pytest.mark.parametrize("turn, why", [
+    ("{% if m.role == 'assistant' and not loop.last %}(earlier reply){% else %}{{ m.content }}{% endif %}",
+     "does not write the text of assistant message 3 as given"),  # drops a reply: it cannot be found
+    ("{{ m.content }}{% if m.role == 'user' and loop.index0 > 1 %} (you said {{ messages[loop.index0 - 1].content }})"
+     "{% endif %}", "does not write the text of assistant message 3 as given"),  # writes it twice
+    ("{{ m.content }}{% if m.role == 'user' and loop.index0 > 1 %} ({{ messages[loop.index0 - 1].content | length }})"
+     "{% endif %}", "renders later turns by what assistant message 3 says"),  # changes another turn by it
+])
+def test_a_reply_that_cannot_be_located_is_refused_never_masked_wrong(turn, why, folders):
+    tok = HFTokenizer.from_folder(folders["smollm2"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n" + turn + "<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     template = ChatTemplate(tok)
     assert template.encode(CHAT)  # rendering works; only the mask cannot be found
-    with pytest.raises(ChatTemplateError, match="renders the conversation up to message 3 differently"):
+    with pytest.raises(ChatTemplateError, match=why) as info:
         template.segments(CHAT)
+    assert "\n" not in str(info.value) and '"weight": 0' in str(info.value)
+    shown = [{**m, "weight": 0} if m is CHAT[2] else m for m in CHAT]  # that reply as context only
+    learned = [tok.decode(s.ids) for s in template.segments(shown) if s.trainable]
+    assert learned == [CHAT[4]["content"] + "<|im_end|>"]
 
 
 @pytest.mark.parametrize("source", [

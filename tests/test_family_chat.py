@@ -23,7 +23,6 @@ from shipped_templates import GEMMA3, LLAMA31, MISTRAL, QWEN3, QWEN25
 
 from gpt.checkpoint import load_checkpoint
 from gpt.data.chat_template import ChatTemplate
-from gpt.data.jinja_template import ChatTemplateError
 from gpt.data.tokenizer import HFTokenizer
 from gpt.infer.engine import generate
 from gpt.infer.sampling import SamplingParams
@@ -163,21 +162,78 @@ def test_fine_tuned_family_model_answers_a_chat_after_export_like_sample_chat(fa
     assert reply == ours_reply and len(new) > 1  # a reply, not just the end of the turn
 
 
-def test_qwen3_learns_its_think_block_on_one_turn_and_refuses_a_multi_turn_mask(tmp_path):
-    """Qwen3's template writes an empty <think></think> block before the last reply only (earlier replies are
-    rendered without it), so a one-turn reply is learned with the block, and a conversation with two replies
-    learned cannot be masked by incremental rendering: it is refused in one line, never masked wrong. Its
-    last reply alone can be learned (the earlier ones `weight: 0`)."""
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function",
+          "function": {"name": "get_weather", "description": "The weather in a city", "parameters": CITY}}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL_CHAT = [  # a system prompt, two questions, a tool call and its result
+    {"role": "system", "content": "Be terse."}, {"role": "user", "content": "cat?"},
+    {"role": "assistant", "content": "tac."}, {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    {"role": "tool", "content": "{\"sky\": \"sunny\"}", "tool_call_id": "call_1"},
+    {"role": "assistant", "content": "It is sunny."}]
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+# family -> what each assistant turn of TOOL_CHAT learns, in the family's own format
+TOOL_REPLIES = {"qwen3": ["tac.<|im_end|>", HERMES_CALL + "<|im_end|>",
+                          "<think>\n\n</think>\n\nIt is sunny.<|im_end|>"],  # its empty block: before the last
+                "qwen2": ["tac.<|im_end|>", HERMES_CALL + "<|im_end|>", "It is sunny.<|im_end|>"],
+                "llama": ["tac.<|eot_id|>", '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
+                          "It is sunny.<|eot_id|>"]}
+
+
+@pytest.mark.parametrize("family", TOOL_REPLIES)
+def test_multi_turn_mask_with_tool_calls_is_each_reply_and_ids_are_apply_chat_templates(family, tmp_path):
+    """A system prompt, two questions, a tool call and its result through the family's own template: the ids are
+    `apply_chat_template`'s (with the tools), and the learned tokens are exactly each reply (the call in the
+    family's format) and its end-of-turn token; the tool definitions and the result are not. Qwen3's template
+    writes an empty <think> block before the reply after the tool result only (the last one): it is learned
+    with it (the prompt ends at `<|im_start|>assistant\n`: the model writes the block)."""
+    write_family_tokenizer(tmp_path / family, family)
+    tok = HFTokenizer.from_folder(tmp_path / family)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / family)
+    template = ChatTemplate(tok)
+    segments = template.segments(TOOL_CHAT, tools=TOOLS)
+    assert [i for s in segments for i in s.ids] == list(theirs.apply_chat_template(
+        TOOL_CHAT, tools=TOOLS, tokenize=True, return_dict=False))
+    assert [tok.decode(s.ids) for s in segments if s.trainable] == TOOL_REPLIES[family]
+
+
+def test_qwen3_learns_reasoning_where_its_template_shows_it(tmp_path):
+    """Qwen3's template writes a reply's reasoning (`<think>...</think>` at the start of its content) only for the
+    replies after the last user message and drops it from earlier ones (so it renders a conversation up to an
+    earlier reply differently from the whole): where it is shown the think block is learned with the reply, where
+    it is dropped the reply alone is, and a last reply without reasoning learns the empty block the template
+    writes (the model writes it after the prompt, as Qwen3 does to answer without reasoning). The ids are
+    `apply_chat_template`'s."""
     write_family_tokenizer(tmp_path / "qwen3", "qwen3")
     tok = HFTokenizer.from_folder(tmp_path / "qwen3")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "qwen3")
     template = ChatTemplate(tok)
-    one = qa("cat?", "tac.")["messages"]
-    learned = [tok.decode(s.ids) for s in template.segments(one) if s.trainable]
-    assert learned == ["<think>\n\n</think>\n\ntac.<|im_end|>"]
-    with pytest.raises(ChatTemplateError, match="^the model's chat template renders the conversation up to message 2 "
-                                                "differently from the whole conversation") as info:
-        template.segments(one + qa("dog?", "god.")["messages"])
-    assert "\n" not in str(info.value)
-    shown = [one[0], {**one[1], "weight": 0}, *qa("dog?", "god.")["messages"]]  # the earlier reply as context only
-    learned = [tok.decode(s.ids) for s in template.segments(shown) if s.trainable]
-    assert learned == ["<think>\n\n</think>\n\ngod.<|im_end|>"]
+    chat = [{"role": "system", "content": "Be terse."}, *qa("cat?", "<think>\nbackwards\n</think>\n\ntac.")["messages"],
+            *qa("dog?", "<think>again</think>god.")["messages"]]
+    segments = template.segments(chat)
+    assert [i for s in segments for i in s.ids] == list(theirs.apply_chat_template(chat, tokenize=True,
+                                                                                   return_dict=False))
+    learned = [tok.decode(s.ids) for s in segments if s.trainable]
+    assert learned == ["tac.<|im_end|>", "<think>\nagain\n</think>\n\ngod.<|im_end|>"]
+    plain = [chat[0], *qa("cat?", "tac.")["messages"], *qa("dog?", "god.")["messages"]]
+    learned = [tok.decode(s.ids) for s in template.segments(plain) if s.trainable]
+    assert learned == ["tac.<|im_end|>", "<think>\n\n</think>\n\ngod.<|im_end|>"]
+
+
+def test_qwen3_fine_tunes_on_multi_turn_records_with_tool_calls(tmp_path, capsys):
+    """A tiny random Qwen3 model fine-tunes on records with a system prompt, several replies, reasoning, tool calls
+    and their results through its own template (refused before masks were found in the whole conversation)."""
+    hf, ours, tuned = tmp_path / "hf", tmp_path / "ours", tmp_path / "tuned"
+    write_family(hf, "qwen3")
+    assert run_in_process(capsys, "gpt.convert", "from-hf", hf, ours).returncode == 0
+    rows = [{"messages": TOOL_CHAT, "tools": TOOLS}]
+    for w, v in zip(WORDS, WORDS[1:]):
+        rows.append({"messages": [{"role": "system", "content": "Be terse."}, *qa(f"{w}?", f"{w[::-1]}.")["messages"],
+                                  *qa(f"{v}?", f"<think>{v}</think>{v[::-1]}.")["messages"]]})
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    proc = run_in_process(capsys, "finetune.py", f"init_from={ours}", f"data.path={data}", f"data.val_path={data}",
+                          f"out_dir={tuned}", *[f"{k}={v}" for k, v in FINETUNE.items()])
+    assert proc.returncode == 0, proc.stderr
+    before, after = load_file(ours / "model.safetensors"), load_file(tuned / "latest" / "model.safetensors")
+    assert not torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])

@@ -14,11 +14,24 @@ tokens and adding no BOS (the template writes its own), as `apply_chat_template(
 Messages reach it in transformers' convention: an assistant turn's `tool_calls` carry `function.arguments` as
 a mapping (templates write it with `tojson`), a tool turn has `role: "tool"`, its `content` and `tool_call_id`.
 
-Loss masks are found by rendering incrementally: the conversation up to each assistant turn with the
-generation prompt, then with the turn; the tokens in between are the reply and its end of turn, learned
-up to and including the last end-of-turn token (a newline after it is not). Every rendered prefix must
-tokenize as a prefix of the whole conversation; a template that rewrites earlier turns (or text whose
-BPE merges cross the boundary) is refused, never masked wrong.
+Loss masks are found in the conversation rendered once (its ids are the whole conversation's, as
+`apply_chat_template` gives them). For each assistant message to learn, the conversation is rendered again with
+that message replaced by a sentinel reply (no calls): the reply ends where the two renderings stop differing
+(its text as the template writes it: trimmed, its tool calls in the model's format), and starts where the prompt
+the model answers ends (the turns before it and the generation prompt, found in the rendering even when the
+template renders the earlier turns differently on their own), so it holds everything the model writes after
+that prompt, as at inference. Tokens carrying any of those characters are learned (their character offsets from
+`tokenizers`), and so is the end-of-turn token the template writes next (a newline after it is not). This holds
+wherever the template puts a reply and however it rewrites the other turns, as long as it renders them the same
+with the sentinel: Qwen3's template drops reasoning (`<think>...</think>` at the start of a reply's content) from
+the replies before the last user message and writes a `<think>` block before the last reply (and later ones that
+have reasoning), empty when it has none. That block is learned with the reply: the prompt ends at
+`<|im_start|>assistant\n`, so the model writes it (an empty one is how Qwen3 answers without reasoning, as the
+records do). A template that drops
+or rewrites a reply's text (the sentinel is not written as given), or whose difference reaches past the turn's
+end-of-turn token, is refused for that message, never masked wrong. `{% generation %}` blocks are rendered as
+written; the mask found this way is transformers' assistant mask for templates whose blocks hold the reply and
+its end-of-turn token.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from gpt.errors import UserError
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # when a probe conversation cannot render
 PROBE = "Probe reply 7."
+SENTINEL = "Qx7ReplySentinel4zW"  # stands in for a reply to find where the template writes it
 
 
 class ChatTemplateError(UserError):
@@ -173,26 +187,87 @@ class JinjaTemplate:
     def encode_with_mask(self, messages: list[dict], end_ids: list[int], add_generation_prompt: bool = False,
                          tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
         """Token ids and the loss mask: True on each assistant reply (unless `weight` 0: its text and calls) and its
-        end of turn, found by incremental rendering (module docstring); tool turns and definitions never."""
-        ids = self.encode(messages, add_generation_prompt, tools)
+        end of turn, located in the conversation rendered once (module docstring); tool turns and definitions never."""
+        text = self.render(messages, add_generation_prompt, tools)
+        encoding = self.tok.hf.encode(text, add_special_tokens=False)  # encode()'s ids, with character offsets
+        ids, offsets = encoding.ids, encoding.offsets
         mask = [False] * len(ids)
-        ends = set(end_ids)
+        ends, added = set(end_ids), set(self.tok.hf.get_added_tokens_decoder())
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant" or msg.get("weight", 1) == 0:
                 continue
-            start = self._prefix_length(ids, messages[:i], True, i, tools)
-            stop = self._prefix_length(ids, messages[:i + 1], False, i, tools)
-            reply = ids[start:stop]
-            last = max((k for k, t in enumerate(reply) if t in ends), default=len(reply) - 1)
-            mask[start:start + last + 1] = [True] * (last + 1)
+            start, stop = self._reply_span(text, messages, i, add_generation_prompt, tools, ends)
+            learned = [k for k, (a, b) in enumerate(offsets) if a < stop and b > start]  # any of the reply's text
+            after = learned[-1] + 1 if learned else next((k for k, (a, _) in enumerate(offsets) if a >= stop),
+                                                         len(ids))
+            for k in range(after, len(ids)):  # the first marker after the reply is learned if it ends the turn
+                if ids[k] in added:
+                    if ids[k] in ends and not text[stop:offsets[k][0]].strip():
+                        learned += range(after, k + 1)
+                    break
+            for k in learned:
+                mask[k] = True
         return ids, mask
 
-    def _prefix_length(self, ids: list[int], prefix: list[dict], add_generation_prompt: bool, turn: int,
-                       tools: list[dict] | None = None) -> int:
-        part = self.encode(prefix, add_generation_prompt, tools) if prefix or add_generation_prompt else []
-        if ids[:len(part)] != part:
-            raise ChatTemplateError(
-                f"the model's chat template renders the conversation up to message {turn + 1} differently from "
-                "the whole conversation (it rewrites earlier turns, or tokens merge across the turn), so the "
-                "assistant replies cannot be found for the loss mask")
-        return len(part)
+    def _reply_span(self, text: str, messages: list[dict], turn: int, add_generation_prompt: bool,
+                    tools: list[dict] | None, ends: set[int]) -> tuple[int, int]:
+        """Characters [start, stop) of `text` (the whole conversation rendered) that assistant message `turn` wrote:
+        from the end of the generation prompt that opens its turn to the end of where `text` differs from the
+        conversation rendered with that message replaced by SENTINEL (module docstring). ChatTemplateError when the
+        reply's text is not found, or the difference reaches past its own turn."""
+        where = f"assistant message {turn + 1}"
+        refuse = "so its reply cannot be found for the loss mask; give that message \"weight\": 0 to show it unlearned"
+        probe = [*messages[:turn], {"role": "assistant", "content": SENTINEL}, *messages[turn + 1:]]
+        other = self.render(probe, add_generation_prompt, tools)
+        if other.count(SENTINEL) != 1:
+            raise ChatTemplateError(f"the model's chat template does not write the text of {where} as given (it drops "
+                                    f"or rewrites it), {refuse}")
+        at = other.index(SENTINEL)
+        tail = len(other) - at - len(SENTINEL)  # the probe's text after the sentinel
+        same = min(_common_prefix(text, other), at)  # text[:same] == other[:same]
+        same_tail = min(_common_suffix(text, other, same), tail)
+        start = self._prompt_end(other, messages[:turn], same, tools)
+        if start is None:
+            raise ChatTemplateError(f"the model's chat template does not render the prompt of {where} (the turns "
+                                    f"before it, the generation prompt) as in the conversation, {refuse}")
+        if self._has(other[start:at], ends):
+            raise ChatTemplateError(f"the model's chat template renders the text before {where} by what it says, "
+                                    f"{refuse}")
+        if self._has(other[at + len(SENTINEL):len(other) - same_tail], ends):
+            raise ChatTemplateError(f"the model's chat template renders later turns by what {where} says, {refuse}")
+        return start, len(text) - same_tail
+
+    def _prompt_end(self, other: str, before: list[dict], limit: int, tools: list[dict] | None) -> int | None:
+        """Where, in `other`, the prompt the model answers ends (the turns before the reply and the generation
+        prompt, as the template renders them to ask for it), at or before `limit`; None when it cannot be found."""
+        try:
+            prompt = self.render(before, True, tools)
+            if other.startswith(prompt) and len(prompt) <= limit:  # the rendered prompt is a prefix of the whole
+                return len(prompt)
+            plain = self.render(before, False, tools) if before else ""
+        except ChatTemplateError:  # a template that cannot render the turns before the reply on their own
+            return None
+        header = prompt[len(plain):] if prompt.startswith(plain) else ""  # the generation prompt (<|im_start|>...)
+        opened = other.rfind(header, 0, limit) if header else -1  # the template rewrote earlier turns: find it
+        return opened + len(header) if opened >= 0 else None
+
+    def _has(self, text: str, ids: set[int]) -> bool:
+        """Whether `text` holds one of these tokens (an end of turn: the text reaches past one turn)."""
+        return bool(text) and not ids.isdisjoint(self.tok.encode(text, split_special_tokens=False))
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _common_suffix(a: str, b: str, floor: int) -> int:
+    """How many characters a and b share at their ends, leaving a's first `floor` characters out."""
+    n, most = 0, min(len(a) - floor, len(b))
+    while n < most and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
