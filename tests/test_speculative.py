@@ -184,3 +184,66 @@ def test_sample_py_speculates_and_reports_the_acceptance_rate(tmp_path, capsys):
 def test_flags_that_do_not_compose_are_refused_in_one_line(flags, message):
     with pytest.raises(ConfigError, match=message):
         check_args(build_parser().parse_args(["--ckpt", "x", *flags]))
+
+
+BATCH = [  # (prompt, params): rows of different lengths and settings sharing one speculating batch
+    (PROMPT, SamplingParams(temperature=0, max_tokens=30)),
+    ("ab", SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.5, presence_penalty=0.5, logprobs=2)),
+    ("hgf hgf hg", SamplingParams(temperature=0, max_tokens=25, stop=("hh",))),
+    ("abc ab", SamplingParams(temperature=0, max_tokens=30, constraint=Constraint.regex("(ab|c)+ [a-h]{3,}"))),
+    ("cab cab ca", SamplingParams(temperature=0, max_tokens=12)),
+]
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_a_speculating_batch_gives_each_row_its_plain_output(proposer):
+    """Rows at different lengths, with penalties, log-probs, a stop string and a constraint, two joining mid-run
+    (one into a row freed by a finished one): each row's tokens are its plain decoding's, alone."""
+    target = model()
+    spec = Speculation(NgramProposer() if proposer == "ngram" else DraftProposer(model(seed=1, n_embd=16)), 3)
+    engine = Engine(target, TOK, max_batch=3, speculation=spec)
+    reqs = [engine.add(TOK.encode(p), params) for p, params in BATCH[:3]]
+    for _ in range(3):
+        engine.step()
+    reqs += [engine.add(TOK.encode(p), params) for p, params in BATCH[3:]]
+    engine.run()
+    for req, (prompt, params) in zip(reqs, BATCH):
+        plain = complete(target, TOK, prompt, params, stop_ids=())[0]
+        mine = req.completion(TOK)
+        assert (mine.token_ids, mine.text, mine.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
+        for a, b in zip(mine.logprobs or [], plain.logprobs or []):
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+    assert spec.stats.accepted > 0 and spec.stats.rounds < sum(len(r.out_ids) for r in reqs)
+
+
+def test_sampled_tokens_keep_the_target_distribution():
+    """Many seeded two-token samples of a 4-token vocabulary through the engine, guesses from a draft that
+    disagrees with the target (so guesses are both kept and refused): the pairs' counts match the target's
+    exact law p(t1) p(t2 | t1) within a chi-square bound. The seeds are fixed, so the check cannot flake;
+    the draft's own law is far from the target's, so a wrong rule fails it."""
+    tok = CharTokenizer(list("abcd"))
+    target, draft = (model(seed=s, vocab_size=4, scale=0.6) for s in (2, 3))
+    prompt, n = tok.encode("abca"), 2000
+    params = SamplingParams(temperature=1.0, top_k=None, max_tokens=2)
+    spec = Speculation(DraftProposer(draft), 1)
+    engine = Engine(target, tok, max_batch=n, speculation=spec)
+    reqs = [engine.add(prompt, dataclasses.replace(params, seed=s)) for s in range(n)]
+    engine.run()
+    counts = torch.zeros(4, 4)
+    for r in reqs:
+        counts[r.out_ids[0], r.out_ids[1]] += 1
+
+    def law(m):
+        with torch.no_grad():
+            p1 = m(torch.tensor([prompt]))[0][0, -1].softmax(-1)
+            p2 = torch.stack([m(torch.tensor([prompt + [t]]))[0][0, -1].softmax(-1) for t in range(4)])
+        return p1[:, None] * p2
+
+    expected = law(target) * n
+    rare = expected < 5  # pooled into one cell, as the chi-square approximation wants
+    observed = torch.cat([counts[~rare], counts[rare].sum()[None]])
+    expected = torch.cat([expected[~rare], expected[rare].sum()[None]])
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert 0 < spec.stats.accepted < spec.stats.proposed
+    assert chi2 < 37.7  # chi-square, 15 degrees of freedom (at most): exceeded with probability 0.001
+    assert float((law(draft) - law(target)).abs().sum()) / 2 > 0.2
