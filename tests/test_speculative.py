@@ -177,6 +177,7 @@ def test_sample_py_speculates_and_reports_the_acceptance_rate(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--speculate-tokens", "3"], "--speculate-tokens needs --speculate"),
+    (["--speculate", "nowhere"], "--speculate nowhere: neither ngram nor a checkpoint folder"),
     (["--speculate", "ngram", "--speculate-tokens", "0"], "--speculate-tokens must be >= 1"),
     (["--speculate", "ngram", "--no-kv-cache"], "--no-kv-cache"),
     (["--speculate", "ngram", "--chat"], "not --chat"),
