@@ -2,20 +2,26 @@
 
     python bench/speculative.py                      # the 124M shape, random weights (a few minutes on 2 cores)
     python bench/speculative.py --ckpt out/run --draft-ckpt out/small   # your trained models
+    python bench/speculative.py --ckpt out/run --task extraction        # the issue's target task only
     python bench/speculative.py --smoke              # a seconds-long run of the script itself
 
-Rows, all greedy, all generating exactly --new-tokens tokens (end tokens ignored), on two prompts (a
-repetitive, code-like one, where prompt lookup shines, and plain prose):
+Rows, all greedy, all generating exactly --new-tokens tokens (end tokens ignored), through the engine
+(gpt.infer.engine.complete, batch 1), on three prompts: extraction (a record, then "copy these fields
+exactly" with the answer begun: the answer copies spans of the prompt, the issue's target task), a
+repetitive code-like one, and plain prose:
   plain          gpt.infer.engine.complete: one forward pass per token
   ngram          --speculate ngram: prompt lookup, K guesses verified per forward pass
-  draft-tiny     --speculate draft with a tiny draft (2 layers x 128, the target's vocabulary)
-  draft-layers   --speculate draft with the target's own first 2 layers as the draft (self-speculation)
+  draft-tiny     --speculate DRAFT with a tiny draft (2 layers x 128, the target's vocabulary)
+  draft-layers   --speculate DRAFT with the target's own first 2 layers as the draft (self-speculation)
   oracle         guesses that are always right (plain decoding's own tokens): the ceiling at this K,
                  what verifying K + 1 positions per pass can give at 100% acceptance
 With random weights (the default) the models predict nothing, so acceptance says little about real
 use: draft-tiny then almost never agrees (its row is the cost of drafting), draft-layers agrees often
 (random layers barely move the residual stream), and ngram accepts only where the random model
-repeats itself. Pass --ckpt (and --draft-ckpt) for trained models; the oracle row is the ceiling either way.
+repeats itself. The extraction task's figure (the issue asks >= 1.8x for ngram) therefore needs --ckpt: a
+trained model that copies what it is asked to copy (any GPT-2-tokenizer checkpoint, e.g. a `python -m
+gpt.convert` of GPT-2 or an SFT run of configs/sft_qa.yaml); with random weights only its oracle row (the
+ceiling) means something. Pass --draft-ckpt for a trained draft; the oracle row is the ceiling either way.
 Decode rate = (n - 1) / (time(n tokens) - time(1 token)), which removes the prefill; each figure is the
 median of --repeats runs. Compare ratios within one run, and name the CPU (printed) with any figure.
 """
@@ -41,7 +47,7 @@ from gpt.data.tokenizer import TiktokenTokenizer  # noqa: E402
 from gpt.device import pick_device, resolve_dtype, tune_allocator  # noqa: E402
 from gpt.infer.engine import complete  # noqa: E402
 from gpt.infer.sampling import SamplingParams  # noqa: E402
-from gpt.infer.speculative import DraftProposer, NgramProposer, Proposal, Speculator  # noqa: E402
+from gpt.infer.speculative import DraftProposer, NgramProposer, Proposal, Speculation  # noqa: E402
 from gpt.infer.weights import prepare_for_decoding  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
@@ -70,6 +76,20 @@ Here is the file with `user_id` renamed to `account_id`:
 
 def load_user(db, account_id):
 '''
+EXTRACTION_PROMPT = '''Customer record
+Name: Margaret Okonkwo-Lindqvist
+Account number: 4417-2290-8835-1063
+Address: Flat 12, 48 Harbour View Road, Port Elsworth, PE7 3QL
+Email: m.okonkwo.lindqvist@example-mail.org
+Phone: +44 20 7946 0193
+Plan: Business Broadband 500 (annual contract, renewed 14 March 2024)
+Notes: prefers contact by email after 6pm; previous address 7 Quarry Lane, Dunmore, DN4 8RT
+
+Copy the customer's name, account number, address, email and phone exactly as written above.
+
+Name: Margaret Okonkwo-Lindqvist
+Account number: 4417-2290-8835-1063
+Address:'''
 PROSE_PROMPT = ('The harbour town woke slowly that morning. Fishermen argued about the weather while the '
                 'baker opened his shutters, and a girl with a red scarf ran down to the quay to watch the '
                 'ferry come in. Nobody noticed the stranger who stepped off it, a tall man carrying a '
@@ -85,14 +105,14 @@ class OracleProposer:
     def __init__(self, reference: list[int]):
         self.reference = reference
 
-    def prepare(self, tokenizer, vocab: int, context: int) -> None:
+    def prepare(self, tokenizer, vocab: int, context: int, rows: int, k: int) -> None:
         pass
 
-    def reset(self) -> None:
+    def move(self, req, row: int) -> None:
         pass
 
-    def propose(self, tokens, k: int, params, generator) -> Proposal:
-        return Proposal(self.reference[len(tokens) : len(tokens) + k])
+    def propose_rows(self, reqs, ks) -> list[Proposal]:
+        return [Proposal(self.reference[len(r.tokens) : len(r.tokens) + k]) for r, k in zip(reqs, ks)]
 
 
 def decode_rate(run, n: int, repeats: int) -> float:
@@ -154,11 +174,12 @@ def bench_prompt(label: str, prompt: str, target, tokenizer, drafts, args) -> No
                                   args.new_tokens, args.repeats), None, True)}
     proposers = [NgramProposer()] + [DraftProposer(m, tok, name) for name, (m, tok) in drafts.items()]
     for proposer in proposers + [OracleProposer(reference)]:
-        spec = Speculator(target, tokenizer, proposer, speculate_tokens=args.k)
-        name = proposer.label if isinstance(proposer, DraftProposer) else proposer.name
-        rate = decode_rate(lambda n: spec.complete(ids, greedy(n), stop_ids=()), args.new_tokens, args.repeats)
+        spec = Speculation(proposer, args.k)
+        name = spec.name
+        run = lambda n: complete(target, tokenizer, ids, greedy(n), stop_ids=(), speculation=spec)  # noqa: E731
+        rate = decode_rate(run, args.new_tokens, args.repeats)
         spec.stats.__init__()  # the stats of one full-length run, for the table
-        out = spec.complete(ids, greedy(args.new_tokens), stop_ids=())[0].token_ids
+        out = run(args.new_tokens)[0].token_ids
         rows[name] = (rate, spec.stats, ids + out == reference)
     plain = rows["plain"][0]
     print(f"\n## {label} prompt: {len(ids)} tokens, {args.new_tokens} new, K = {args.k}")
@@ -173,7 +194,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=None, help="target checkpoint (default: a random GPT-2-124M-shaped model)")
     p.add_argument("--draft-ckpt", default=None, help="also a draft checkpoint with the target's tokenizer")
-    p.add_argument("--prompt-file", default=None, help="time this prompt instead of the two built in")
+    p.add_argument("--prompt-file", default=None, help="time this prompt instead of the ones built in")
+    p.add_argument("--task", choices=["all", "extraction", "code", "prose"], default="all",
+                   help="which built-in prompt(s) to time (default: all)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=5, help="--speculate-tokens")
     p.add_argument("--repeats", type=int, default=3)
@@ -197,7 +220,8 @@ def main() -> None:
     print(f"target: {args.ckpt or 'random'} {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}; "
           f"decode tokens/s at batch 1 (median of {args.repeats}); noisy on a shared machine")
     with torch.no_grad():
-        prompts = [("code-like", CODE_PROMPT), ("prose", PROSE_PROMPT)] if args.prompt_file is None else \
+        builtin = {"extraction": EXTRACTION_PROMPT, "code": CODE_PROMPT, "prose": PROSE_PROMPT}
+        prompts = [(t, builtin[t]) for t in builtin if args.task in ("all", t)] if args.prompt_file is None else \
             [(args.prompt_file, Path(args.prompt_file).read_text(encoding="utf-8"))]
         for label, prompt in prompts:
             bench_prompt(label, prompt, target, tokenizer, drafts, args)

@@ -51,7 +51,7 @@ LAYERS = {
     "gpt.infer.prefix_cache": 75,
     "gpt.infer.engine": 80,
     "gpt.infer.scoring": 80,
-    "gpt.infer.speculative": 85,
+    "gpt.infer.speculative": 78,
     "gpt.infer.chat_session": 90,
     "gpt.infer.sample_cli": 95,
     "gpt.infer": 99,

@@ -449,8 +449,10 @@ def test_serve_py_help_shows_the_limits_and_their_defaults(capsys):
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())  # argparse wraps help lines
     for flag, default in (("--max-batch", 8), ("--max-queue", 32), ("--max-body", 1 << 20), ("--port", 8000),
-                          ("--prefill-chunk", 256), ("--prefix-cache-mb", 1024), ("--shutdown-timeout", 30.0)):
+                          ("--prefill-chunk", 256), ("--prefix-cache-mb", 1024), ("--shutdown-timeout", 30.0),
+                          ("--speculate-tokens", 5)):
         assert flag in text and f"(default: {default})" in text.split(flag, 2)[-1].split("--", 1)[0], flag
+    assert "(default: off)" in text.split("--speculate ngram|DRAFT_CKPT")[-1].split("--speculate-tokens")[0]
 
 
 
@@ -460,6 +462,7 @@ def test_serve_py_help_shows_the_limits_and_their_defaults(capsys):
     ("--prefill-chunk", "-8", "--prefill-chunk must be >= 0, got -8"), ("--threads", "-1", "--threads must be >= 0"),
     ("--shutdown-timeout", "inf", "--shutdown-timeout must be >= 0, got inf"),
     ("--prefix-cache-mb", "nan", "--prefix-cache-mb must be >= 0, got nan"),
+    ("--speculate-tokens", "0", "--speculate-tokens must be >= 1, got 0"),
 ])
 def test_serve_py_limits_are_checked_before_loading(flag, value, message):
     from gpt.serve.serve_cli import ServeError, run
@@ -489,3 +492,31 @@ def test_32_concurrent_requests_each_equal_alone(model, tok):
         s.stop()
     assert together == [greedy(model, tok, p, n).text for p, n in zip(prompts, lengths)]
     assert len(set(together)) > 8
+
+
+@pytest.mark.parametrize("speculate", ["ngram", "draft"])
+def test_a_speculating_server_answers_each_request_as_alone(model, tok, tmp_path, speculate):
+    """serve.py --speculate ngram|DRAFT_CKPT: concurrent requests of different lengths, streamed and not, each
+    get the greedy reply of their prompt alone (the draft: a checkpoint with the same tokenizer, here the model
+    itself, so that its guesses are kept)."""
+    if speculate == "draft":
+        draft = model
+        save_checkpoint(tmp_path / "draft", draft.state_dict(), {"model": dataclasses.asdict(draft.config)}, tok)
+        speculate = str(tmp_path / "draft")
+    s = Running(model, tok, max_batch=3, max_queue=8, speculate=speculate, speculate_tokens=3)
+    prompts = [("abc abd abc abd " * (1 + i % 3))[: 4 + 5 * i] for i in range(6)]
+
+    def call(i):
+        kw = dict(model="tiny", prompt=prompts[i], max_tokens=8 + i, temperature=0)
+        if i % 2:
+            return "".join(c.choices[0].text for c in s.client.completions.create(stream=True, **kw) if c.choices)
+        return s.client.completions.create(**kw).choices[0].text
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(call, range(6)))
+        stats = s.server.config.app.state.server.worker.engine.speculation.stats
+    finally:
+        s.stop()
+    assert together == [greedy(model, tok, p, 8 + i).text for i, p in enumerate(prompts)]
+    assert stats.proposed > 0 and stats.rounds < stats.tokens  # guesses were made, and some kept

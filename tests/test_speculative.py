@@ -1,7 +1,10 @@
-"""Speculative decoding: greedy output identical to plain decoding, the accept/resample rule exact on
-hand-made distributions, seeded sampling reproducible, and sample.py's --speculate flags."""
+"""Speculative decoding in the engine: greedy output identical to plain decoding (one row, and batches of rows
+at different lengths joining mid-run), the accept/resample rule exact on hand-made distributions and the
+engine's draws holding the target's law (statistically, fixed seeds), seeded sampling reproducible, and the
+--speculate flags of sample.py and serve.py."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,10 +13,10 @@ from conftest import run_in_process
 from gpt.checkpoint import save_checkpoint
 from gpt.config import ConfigError, ModelConfig
 from gpt.data.tokenizer import CharTokenizer
-from gpt.infer.engine import complete
+from gpt.infer.engine import Engine, complete
 from gpt.infer.sample_cli import build_parser, check_args
 from gpt.infer.sampling import Constraint, SamplingParams
-from gpt.infer.speculative import (DraftProposer, NgramProposer, SpeculationError, Speculator,
+from gpt.infer.speculative import (DraftProposer, DraftRow, NgramProposer, Speculation, SpeculationError,
                                    acceptance_probability, check_same_vocabulary, residual, verify_guess)
 from gpt.model import GPT
 
@@ -51,8 +54,8 @@ def test_greedy_output_is_plain_decodings_token_for_token(option):
     proposers = [NgramProposer(), DraftProposer(model(seed=1, n_embd=16)),
                  DraftProposer(target)]  # a draft that is the target: every guess is kept
     for proposer in proposers:
-        spec = Speculator(target, TOK, proposer, speculate_tokens=4)
-        out = spec.complete(PROMPT, params, stop_ids=())[0]
+        spec = Speculation(proposer, 4)
+        out = complete(target, TOK, PROMPT, params, stop_ids=(), speculation=spec)[0]
         assert out.token_ids == plain.token_ids, proposer.name
         assert out.text == plain.text and out.finish_reason == "length" and spec.stats.tokens == 40
     assert spec.stats.acceptance_rate == 1.0 and spec.stats.rounds <= 12  # k + 1 = 5 tokens a pass, but at slides
@@ -64,7 +67,7 @@ def test_penalties_stops_logprobs_and_constraints_compose():
                                   logprobs=2, stop=("hh",)),
                    SamplingParams(temperature=0, max_tokens=30, constraint=Constraint.regex("(ab|c)+ [a-h]{3,}"))):
         plain = complete(target, TOK, PROMPT, params, stop_ids=())[0]
-        out = Speculator(target, TOK, NgramProposer(), speculate_tokens=3).complete(PROMPT, params, stop_ids=())[0]
+        out = complete(target, TOK, PROMPT, params, stop_ids=(), speculation=Speculation(NgramProposer(), 3))[0]
         assert (out.token_ids, out.text, out.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
         for mine, theirs in zip(out.logprobs or [], plain.logprobs or []):
             assert mine["logprob"] == pytest.approx(theirs["logprob"], abs=1e-4)
@@ -74,19 +77,20 @@ def test_penalties_stops_logprobs_and_constraints_compose():
 def test_sampling_with_a_seed_is_reproducible():
     target, draft = model(), model(seed=1, n_embd=16)
     for proposer in (NgramProposer(), DraftProposer(draft)):
-        spec = Speculator(target, TOK, proposer)
-        runs = [spec.complete(PROMPT, SamplingParams(temperature=1.0, top_k=6, max_tokens=30, seed=s))[0].token_ids
-                for s in (7, 7, 8)]
+        runs = [complete(target, TOK, PROMPT, SamplingParams(temperature=1.0, top_k=6, max_tokens=30, seed=s),
+                         speculation=Speculation(proposer))[0].token_ids for s in (7, 7, 8)]
         assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
 def test_streams_exactly_the_final_text_and_samples_keep_their_seeds():
-    spec = Speculator(model(), TOK, NgramProposer())
+    target, spec = model(), Speculation(NgramProposer())
     params = SamplingParams(temperature=0.8, max_tokens=25, seed=3, stop=("ab",))
     streamed = {0: "", 1: ""}
-    pair = spec.complete(PROMPT, params, num_samples=2, on_text=lambda i, t: streamed.update({i: streamed[i] + t}))
+    pair = complete(target, TOK, PROMPT, params, num_samples=2, speculation=spec,
+                    on_text=lambda i, t: streamed.update({i: streamed[i] + t}))
     assert [streamed[0], streamed[1]] == [c.text for c in pair]
-    assert spec.complete(PROMPT, params)[0] == pair[0] and pair[0].token_ids != pair[1].token_ids
+    assert complete(target, TOK, PROMPT, params, speculation=spec)[0] == pair[0]
+    assert pair[0].token_ids != pair[1].token_ids
 
 
 # Hand-made (p, q) pairs: overlapping, disjoint supports, q a point mass, p a point mass, p = q.
@@ -125,19 +129,22 @@ def test_certain_guesses_are_kept_and_impossible_ones_replaced_from_the_target()
 
 def test_ngram_lookup_proposes_what_followed_the_latest_earlier_match():
     tokens = [1, 2, 3, 9, 1, 2, 3, 7, 5, 4, 2, 3]
-    assert NgramProposer().propose(tokens + [1, 2, 3], 3, None, None).tokens == [7, 5, 4]  # the latest [1 2 3]
-    assert NgramProposer().propose(tokens, 2, None, None).tokens == [7, 5]  # [4 2 3] unseen, [2 3] then
-    assert NgramProposer().propose([1, 2, 3], 4, None, None).tokens == []
-    assert NgramProposer(max_n=1).propose([5, 6, 5], 2, None, None).tokens == [6, 5]
+    assert NgramProposer().propose(tokens + [1, 2, 3], 3).tokens == [7, 5, 4]  # the latest [1 2 3]
+    assert NgramProposer().propose(tokens, 2).tokens == [7, 5]  # [4 2 3] unseen, [2 3] then
+    assert NgramProposer().propose([1, 2, 3], 4).tokens == []
+    assert NgramProposer(max_n=1).propose([5, 6, 5], 2).tokens == [6, 5]
 
 
 def test_the_draft_proposes_its_own_greedy_continuation_after_a_rollback():
     draft, greedy, seq = model(seed=1, n_embd=16), SamplingParams(temperature=0), TOK.encode(PROMPT)
     own = complete(draft, TOK, seq + [4], SamplingParams(temperature=0, max_tokens=4), stop_ids=())[0].token_ids
     proposer = DraftProposer(draft)
-    proposer.prepare(TOK, len(CHARS), 32)
-    proposer.propose(seq[:-3] + [5, 5, 5, 5], 4, greedy, None)  # its cache now holds tokens past the shared prefix
-    assert proposer.propose(seq + [4], 4, greedy, None).tokens == own
+    proposer.prepare(TOK, len(CHARS), 32, 1, 4)
+    row = SimpleNamespace(tokens=seq[:-3] + [5, 5, 5, 5], params=greedy, generator=None, draft=None, row=0, start=0)
+    proposer.propose_rows([row], [4])  # its cache now holds tokens past the shared prefix
+    assert isinstance(row.draft, DraftRow) and len(row.draft.cached) == len(seq) + 4
+    row.tokens = seq + [4]
+    assert proposer.propose_rows([row], [4])[0].tokens == own
 
 
 def test_a_draft_with_another_vocabulary_is_refused():
@@ -146,9 +153,11 @@ def test_a_draft_with_another_vocabulary_is_refused():
         check_same_vocabulary(TOK, CharTokenizer(CHARS[::-1]))
     other = CharTokenizer(CHARS + ["z"])
     with pytest.raises(SpeculationError, match="the draft model: its tokenizer differs"):
-        Speculator(model(), other, DraftProposer(model(), TOK))
+        Engine(model(), other, speculation=Speculation(DraftProposer(model(), TOK)))
     with pytest.raises(SpeculationError, match="the draft model has 10 token ids, the target samples from 11"):
-        Speculator(model(vocab_size=11), other, DraftProposer(model()))
+        Engine(model(vocab_size=11), other, speculation=Speculation(DraftProposer(model())))
+    with pytest.raises(SpeculationError, match="--speculate-tokens must be >= 1"):
+        Speculation(NgramProposer(), 0)
 
 
 def test_sample_py_speculates_and_reports_the_acceptance_rate(tmp_path, capsys):
@@ -157,17 +166,18 @@ def test_sample_py_speculates_and_reports_the_acceptance_rate(tmp_path, capsys):
     base = ["--ckpt", tmp_path / "big", "--prompt", PROMPT, "--max-new-tokens", 20, "--temperature", 0,
             "--dtype", "float32", "--json"]
     plain = run_in_process(capsys, "sample.py", *base)
-    for extra in (["--speculate", "ngram"], ["--speculate", "draft", "--draft-ckpt", tmp_path / "small",
-                                             "--speculate-tokens", 3]):
+    for extra, name in ((["--speculate", "ngram"], "ngram"),
+                        (["--speculate", tmp_path / "small", "--speculate-tokens", 3], f"--speculate {tmp_path / 'small'}"),
+                        (["--speculate", "ngram", "--num-samples", 2], "ngram")):
         proc = run_in_process(capsys, "sample.py", *base, *extra)
-        assert proc.returncode == 0 and proc.stdout == plain.stdout, proc.stderr
-        assert f"speculative decoding ({extra[1]})" in proc.stderr and "proposed tokens accepted" in proc.stderr
+        expected = plain.stdout if "--num-samples" not in extra else plain.stdout + plain.stdout.replace('"index": 0', '"index": 1')
+        assert proc.returncode == 0 and proc.stdout == expected, proc.stderr
+        assert f"speculative decoding ({name})" in proc.stderr and "proposed tokens accepted" in proc.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--speculate", "draft"], "--speculate draft needs --draft-ckpt"),
-    (["--draft-ckpt", "x"], "--draft-ckpt needs --speculate"),
     (["--speculate-tokens", "3"], "--speculate-tokens needs --speculate"),
+    (["--speculate", "nowhere"], "--speculate nowhere: neither ngram nor a checkpoint folder"),
     (["--speculate", "ngram", "--speculate-tokens", "0"], "--speculate-tokens must be >= 1"),
     (["--speculate", "ngram", "--no-kv-cache"], "--no-kv-cache"),
     (["--speculate", "ngram", "--chat"], "not --chat"),
@@ -175,3 +185,66 @@ def test_sample_py_speculates_and_reports_the_acceptance_rate(tmp_path, capsys):
 def test_flags_that_do_not_compose_are_refused_in_one_line(flags, message):
     with pytest.raises(ConfigError, match=message):
         check_args(build_parser().parse_args(["--ckpt", "x", *flags]))
+
+
+BATCH = [  # (prompt, params): rows of different lengths and settings sharing one speculating batch
+    (PROMPT, SamplingParams(temperature=0, max_tokens=30)),
+    ("ab", SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.5, presence_penalty=0.5, logprobs=2)),
+    ("hgf hgf hg", SamplingParams(temperature=0, max_tokens=25, stop=("hh",))),
+    ("abc ab", SamplingParams(temperature=0, max_tokens=30, constraint=Constraint.regex("(ab|c)+ [a-h]{3,}"))),
+    ("cab cab ca", SamplingParams(temperature=0, max_tokens=12)),
+]
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_a_speculating_batch_gives_each_row_its_plain_output(proposer):
+    """Rows at different lengths, with penalties, log-probs, a stop string and a constraint, two joining mid-run
+    (one into a row freed by a finished one): each row's tokens are its plain decoding's, alone."""
+    target = model()
+    spec = Speculation(NgramProposer() if proposer == "ngram" else DraftProposer(model(seed=1, n_embd=16)), 3)
+    engine = Engine(target, TOK, max_batch=3, speculation=spec)
+    reqs = [engine.add(TOK.encode(p), params) for p, params in BATCH[:3]]
+    for _ in range(3):
+        engine.step()
+    reqs += [engine.add(TOK.encode(p), params) for p, params in BATCH[3:]]
+    engine.run()
+    for req, (prompt, params) in zip(reqs, BATCH):
+        plain = complete(target, TOK, prompt, params, stop_ids=())[0]
+        mine = req.completion(TOK)
+        assert (mine.token_ids, mine.text, mine.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
+        for a, b in zip(mine.logprobs or [], plain.logprobs or []):
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+    assert spec.stats.accepted > 0 and spec.stats.rounds < sum(len(r.out_ids) for r in reqs)
+
+
+def test_sampled_tokens_keep_the_target_distribution():
+    """Many seeded two-token samples of a 4-token vocabulary through the engine, guesses from a draft that
+    disagrees with the target (so guesses are both kept and refused): the pairs' counts match the target's
+    exact law p(t1) p(t2 | t1) within a chi-square bound. The seeds are fixed, so the check cannot flake;
+    the draft's own law is far from the target's, so a wrong rule fails it."""
+    tok = CharTokenizer(list("abcd"))
+    target, draft = (model(seed=s, vocab_size=4, scale=0.6) for s in (2, 3))
+    prompt, n = tok.encode("abca"), 2000
+    params = SamplingParams(temperature=1.0, top_k=None, max_tokens=2)
+    spec = Speculation(DraftProposer(draft), 1)
+    engine = Engine(target, tok, max_batch=n, speculation=spec)
+    reqs = [engine.add(prompt, dataclasses.replace(params, seed=s)) for s in range(n)]
+    engine.run()
+    counts = torch.zeros(4, 4)
+    for r in reqs:
+        counts[r.out_ids[0], r.out_ids[1]] += 1
+
+    def law(m):
+        with torch.no_grad():
+            p1 = m(torch.tensor([prompt]))[0][0, -1].softmax(-1)
+            p2 = torch.stack([m(torch.tensor([prompt + [t]]))[0][0, -1].softmax(-1) for t in range(4)])
+        return p1[:, None] * p2
+
+    expected = law(target) * n
+    rare = expected < 5  # pooled into one cell, as the chi-square approximation wants
+    observed = torch.cat([counts[~rare], counts[rare].sum()[None]])
+    expected = torch.cat([expected[~rare], expected[rare].sum()[None]])
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert 0 < spec.stats.accepted < spec.stats.proposed
+    assert chi2 < 37.7  # chi-square, 15 degrees of freedom (at most): exceeded with probability 0.001
+    assert float((law(draft) - law(target)).abs().sum()) / 2 > 0.2

@@ -44,6 +44,16 @@ Prefix caching (Engine(prefix_cache_mb=N), serve.py --prefix-cache-mb). A row's 
 prefix cache holds of its window's beginning and runs the model on the rest only, at the positions
 after it; the filled blocks are kept for the next rows (gpt/infer/prefix_cache.py).
 `DecodeRequest.cached_tokens` says how many prompt tokens came from it.
+
+Speculative decoding (Engine(speculation=...), sample.py and serve.py --speculate). At a step each
+decoding row may carry guesses of its next tokens (prompt lookup in its own context, or a draft model
+with its own cache rows: gpt/infer/speculative.py); the rows' last tokens and guesses then go through
+GPT.forward together, k + 1 positions a row (per-row start positions, rows with fewer guesses padded),
+and each row takes its tokens position by position (`_take`, the same code as a plain step's one token):
+a guess is kept by the accept/resample rule, the first refused one is replaced, and the next step starts
+after the last token taken (the rollback: the cache is positional). A step with no guesses at all is a
+plain step. A row never guesses past its context or its max_tokens, so each token is predicted from the
+window plain decoding would use; greedy output is plain decoding's, sampling keeps the target's law.
 """
 
 from __future__ import annotations
@@ -64,12 +74,14 @@ from gpt.infer.compiled_decode import compile_decoding
 from gpt.infer.constraints import ConstraintError, GrammarState, token_masks
 from gpt.infer.prefix_cache import MiB, PrefixCache
 from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
+from gpt.infer.speculative import Proposal, Speculation, chunk_forward, distribution, ragged_chunk, verify_guess
 from gpt.model import GPT, KVCache
 
 # Why a sequence ended: max_tokens reached, a stop string, an end-of-text (or stop) token, cancelled
 # (the caller or a shutting-down server), or a failed engine step (the server's worker).
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 DEFAULT_MAX_MODEL_LEN = 4096  # the context decoding allows unless asked: min(block_size, this)
+_NO_GUESSES = Proposal([])  # a row's proposal at a plain step (shared, never changed)
 
 
 def context_length(cfg: ModelConfig, max_model_len: int | None = None) -> int:
@@ -198,6 +210,7 @@ class DecodeRequest:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed) if params.seed is not None else self.generator.seed()
         self.grammar: GrammarState | None = None  # the constraint's matcher (Engine.add sets it)
+        self.draft = None  # what a draft model holds of it (speculative.DraftRow), with speculation
         self.seen = self.counts = None
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
@@ -268,11 +281,14 @@ class Engine:
     of prompt prefixes (block-aligned, up to that many MiB, least recently used evicted) and reuses them
     for later rows that begin with the same tokens (gpt/infer/prefix_cache.py); 0 = off. prefill_chunk > 0
     computes at most that many prompt tokens per step (chunked prefill, see the module doc); 0 = whole prompts.
+    speculation: guesses verified k + 1 positions a row per forward pass (speculative decoding, module doc);
+    its stats sum every request's.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
                  use_kv_cache: bool = True, vocab_limit: int | None = None, max_model_len: int | None = None,
-                 prefix_cache_mb: float = 0, prefill_chunk: int = 0, compile: bool = False):
+                 prefix_cache_mb: float = 0, prefill_chunk: int = 0, compile: bool = False,
+                 speculation: Speculation | None = None):
         if compile and use_kv_cache:  # the one-token cached step through torch.compile (gpt/infer/compiled_decode.py)
             compile_decoding(model)
         self.model, self.tokenizer, self.max_batch, self.use_kv_cache = model, tokenizer, max_batch, use_kv_cache
@@ -290,6 +306,12 @@ class Engine:
         self.device = p.device
         self.cache = KVCache.empty(cfg, max_batch, self.context, p.device, p.dtype) if use_kv_cache else None
         self.prefix_cache = self._prefix_cache(prefix_cache_mb)
+        self.speculation = speculation
+        if speculation is not None:
+            if not use_kv_cache:
+                raise SamplingError("speculate", "speculative decoding verifies guesses in the KV cache: "
+                                                 "not with use_kv_cache=False")
+            speculation.proposer.prepare(tokenizer, self.vocab, self.context, max_batch, speculation.k)
         self.active: list[DecodeRequest] = []  # active[i] lives in cache row i
         self.waiting: list[DecodeRequest] = []
         self._lock = threading.Lock()
@@ -343,30 +365,29 @@ class Engine:
     @torch.no_grad()  # not inference_mode: FSDP2-sharded models (samples after training) update parameters in place
     def step(self) -> None:
         """Drop cancelled requests, admit and fill waiting ones (within the prefill budget), give every request
-        whose window is in its row its next token."""
+        whose window is in its row its next token (or, speculating, its next tokens)."""
         # dropout off while decoding (run() switches once for all its steps)
         with _eval_mode(self.model) if self.model.training else nullcontext():
             self._admit()
             rows = self.decoding
             if not rows:
                 return
-            logits = self._next_logits()
-        lse = logits.logsumexp(-1)  # log-probability = logit - lse: no (A, vocab) log-softmax built every step
+            proposals = self._proposals(rows)
+            if any(p.tokens for p in proposals):
+                logits, offsets = self._verify_logits(rows, proposals)
+            else:
+                logits, offsets = self._next_logits()[:, None], [0] * len(rows)
+        lse = logits.logsumexp(-1)  # log-probability = logit - lse: no (A, T, vocab) log-softmax built every step
         masks = self._masks()
         for i, req in enumerate(rows):
-            p = req.params
-            row, allowed = logits[i : i + 1], masks.get(i)
-            if allowed is not None and not allowed.any():  # the grammar is complete, or stuck (constraints.py)
-                req.end("stop" if req.grammar.accepting else "error")
-                continue
-            candidates, ids = filter_logits(row, p, None if req.seen is None else req.seen[:, : self.vocab],
-                                            None if req.counts is None else req.counts[:, : self.vocab], allowed)
-            token = int(draw(candidates, ids, p, req.generator))
-            top = None
-            if p.logprobs:
-                values, indices = logits[i].topk(min(p.logprobs, self.vocab))
-                top = list(zip(indices.tolist(), (values - lse[i]).tolist()))
-            req.append(token, float(logits[i, token] - lse[i]), top)
+            guesses = proposals[i].tokens
+            at = slice(offsets[i], offsets[i] + len(guesses) + 1)
+            n = len(req.tokens)
+            kept = self._take(req, logits[i, at], lse[i, at], proposals[i], masks.get(i))
+            if self.speculation is not None:
+                stats = self.speculation.stats
+                stats.proposed, stats.accepted = stats.proposed + len(guesses), stats.accepted + kept
+                stats.rounds, stats.tokens = stats.rounds + 1, stats.tokens + len(req.tokens) - n
             if not req.done:
                 new_start = window_start(len(req.tokens), req.start, self.context)
                 if new_start != req.start:  # the window slides: its row is re-encoded at the next step
@@ -380,6 +401,56 @@ class Engine:
                 self.step()
 
     # ------------------------------------------------------------------ internals
+
+    def _take(self, req: DecodeRequest, logits: torch.Tensor, lse: torch.Tensor, proposal: Proposal,
+              allowed: torch.Tensor | None) -> int:
+        """Give the request the tokens its (J, vocab) logits decide: position j's rules see the request after the
+        tokens before it (penalty counts, the grammar), as plain decoding would. Without guesses (J = 1) that is
+        one draw; a guess j is kept greedily when it is the argmax, sampling by the accept/resample rule
+        (speculative.verify_guess); the first refused one is replaced, and when all are kept the last position
+        gives one more token. allowed: the constraint's mask at the first position. -> the guesses kept."""
+        p, guesses = req.params, proposal.tokens
+        for j in range(len(guesses) + 1):
+            if j and req.grammar is not None:
+                allowed = token_masks([req.grammar], [req.stop_ids], self.vocab).to(self.device)
+            if allowed is not None and not allowed.any():  # the grammar is complete, or stuck (constraints.py)
+                req.end("stop" if req.grammar.accepting else "error")
+                return j
+            candidates, ids = filter_logits(logits[j : j + 1], p, None if req.seen is None else req.seen[:, : self.vocab],
+                                            None if req.counts is None else req.counts[:, : self.vocab], allowed)
+            if j == len(guesses) or p.greedy:
+                token = int(draw(candidates, ids, p, req.generator))
+                kept = j < len(guesses) and token == guesses[j]
+            else:
+                q = None if proposal.q is None else proposal.q[j]
+                token, kept = verify_guess(distribution(candidates, ids, self.vocab), q, guesses[j], req.generator)
+            top = None
+            if p.logprobs:
+                values, indices = logits[j].topk(min(p.logprobs, self.vocab))
+                top = list(zip(indices.tolist(), (values - lse[j]).tolist()))
+            req.append(token, float(logits[j, token] - lse[j]), top)
+            if not kept or req.done:
+                return j + kept
+        return len(guesses)
+
+    def _proposals(self, rows: list[DecodeRequest]) -> list[Proposal]:
+        """Each decoding row's guesses (none without speculation): at most k, never past its context (the window
+        plain decoding would use) or its max_tokens (the last token is always the target's own)."""
+        if self.speculation is None:
+            return [_NO_GUESSES] * len(rows)
+        ks = [max(0, min(self.speculation.k, self.context - (len(r.tokens) - r.start),
+                         r.params.max_tokens - len(r.out_ids) - 1)) for r in rows]
+        proposals = self.speculation.proposer.propose_rows(rows, ks)
+        return [Proposal(p.tokens[:k], None if p.q is None else p.q[:k]) for p, k in zip(proposals, ks)]
+
+    def _verify_logits(self, rows: list[DecodeRequest], proposals: list[Proposal]) -> tuple[torch.Tensor, list[int]]:
+        """Every row's last token and guesses through GPT.forward in one call (speculative.ragged_chunk: rows
+        with fewer guesses padded) -> ((A, T, vocab) float logits, the index of each row's last token in them)."""
+        windows = [r.tokens[r.start :] + p.tokens for r, p in zip(rows, proposals)]
+        firsts = [len(r.tokens) - 1 - r.start for r in rows]
+        ids, starts, _ = ragged_chunk(windows, firsts, self.context)
+        logits = chunk_forward(self.model, self.cache, ids, starts)
+        return logits[..., : self.vocab].float(), [f - s for f, s in zip(firsts, starts)]
 
     def _prefix_cache(self, mib: float) -> PrefixCache | None:
         """The cache of prompt prefixes' keys and values (None when mib is 0); refused where it cannot work."""
@@ -466,6 +537,8 @@ class Engine:
             last = self.active.pop()
             if last is not req:
                 self.active[req.row] = last
+                if self.speculation is not None:
+                    self.speculation.proposer.move(last, req.row)
                 if self.cache is not None and not last.fresh:
                     n = len(last.tokens) - last.start
                     self.cache.k[:, req.row, :, :n] = self.cache.k[:, last.row, :, :n]
@@ -477,6 +550,8 @@ class Engine:
             if row != held.row and n:
                 self.cache.k[:, row, :, :n] = self.cache.k[:, held.row, :, :n]
                 self.cache.v[:, row, :, :n] = self.cache.v[:, held.row, :, :n]
+            if self.speculation is not None:
+                self.speculation.proposer.move(held, row)
             held.row = row
             self.active.append(held)
 
@@ -583,6 +658,7 @@ def complete(
     use_kv_cache: bool = True,
     on_text: Callable[[int, str], None] | None = None,
     max_model_len: int | None = None,
+    speculation: Speculation | None = None,
 ) -> list[Completion]:
     """Generate num_samples continuations of `prompt` (text or token ids) in one batch.
 
@@ -590,7 +666,7 @@ def complete(
     is not included ("stop"), or at a token of stop_ids ("eos"; default: the model's end of turn and
     end of text, `ChatTemplate.end_ids`; () = none). Sample i draws with sample_seed(params.seed, i), as the server's n does.
     on_text(sample_index, text) receives each sample's text as it is generated. max_model_len: the
-    context (see `context_length`).
+    context (see `context_length`). speculation: speculative decoding (its stats sum these samples' too).
     """
     params = params or SamplingParams()
     if num_samples < 1:
@@ -598,7 +674,7 @@ def complete(
     ids = prompt_ids(tokenizer, prompt)
     end_ids = list(stop_ids) if stop_ids is not None else ChatTemplate(tokenizer).end_ids
     engine = Engine(model, tokenizer, max_batch=num_samples, use_kv_cache=use_kv_cache,
-                    max_model_len=max_model_len)
+                    max_model_len=max_model_len, speculation=speculation)
     reqs: list[DecodeRequest] = []
     for i in range(num_samples):
         show = None if on_text is None else (lambda _r, _t, text, i=i: text and on_text(i, text))

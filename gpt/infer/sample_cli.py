@@ -10,13 +10,12 @@ from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import load_checkpoint
 from gpt.config import ConfigError
 from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN, Completion, complete
 from gpt.infer.sampling import Constraint, SamplingParams
-from gpt.infer.speculative import PROPOSERS, SPECULATE_TOKENS, Speculator, build_proposer
-from gpt.infer.weights import add_model_args, load_for_decoding, prepare_for_decoding
+from gpt.infer.speculative import SPECULATE_TOKENS, load_speculation
+from gpt.infer.weights import add_model_args, load_for_decoding
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,12 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                    context_cap=DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (reference path)")
     spec = p.add_argument_group("speculative decoding (docs/sampling.md#speculative-decoding)")
-    spec.add_argument("--speculate", choices=PROPOSERS, default=None,
+    spec.add_argument("--speculate", default=None, metavar="ngram|DRAFT_CKPT",
                       help="guess tokens cheaply and verify several per forward pass: ngram (prompt lookup: copy "
-                           "what followed the last tokens earlier in the context) or draft (a smaller model, "
-                           "--draft-ckpt); same output distribution, greedy output identical")
-    spec.add_argument("--draft-ckpt", default=None, metavar="DIR",
-                      help="--speculate draft: the draft model, a checkpoint with the same tokenizer")
+                           "what followed the last tokens earlier in the context) or a draft model's checkpoint "
+                           "folder (a smaller model with the same tokenizer); same output distribution, greedy "
+                           "output identical (default: off)")
     spec.add_argument("--speculate-tokens", type=int, default=None, metavar="K",
                       help=f"tokens guessed and verified per forward pass (default {SPECULATE_TOKENS})")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -135,15 +133,13 @@ def check_args(args: argparse.Namespace) -> None:
 def check_speculate_args(args: argparse.Namespace) -> None:
     """--speculate and its flags: each needs the others it depends on (one-line errors naming the flag)."""
     if args.speculate is None:
-        if args.draft_ckpt is not None or args.speculate_tokens is not None:
-            raise ConfigError(f"{'--draft-ckpt' if args.draft_ckpt is not None else '--speculate-tokens'} "
-                              "needs --speculate")
+        if args.speculate_tokens is not None:
+            raise ConfigError("--speculate-tokens needs --speculate")
         return
     if args.speculate_tokens is not None and args.speculate_tokens < 1:
         raise ConfigError(f"--speculate-tokens must be >= 1, got {args.speculate_tokens}")
-    if (args.speculate == "draft") != (args.draft_ckpt is not None):
-        raise ConfigError("--speculate draft needs --draft-ckpt DIR" if args.draft_ckpt is None else
-                          "--draft-ckpt only applies to --speculate draft")
+    if args.speculate != "ngram" and not Path(args.speculate).is_dir():
+        raise ConfigError(f"--speculate {args.speculate}: neither ngram nor a checkpoint folder (a draft model)")
     if args.no_kv_cache:
         raise ConfigError("--speculate verifies guesses in the KV cache: it cannot be combined with --no-kv-cache")
     if args.chat:
@@ -193,20 +189,15 @@ def run(argv: list[str]) -> None:
 def _complete(args: argparse.Namespace, loaded, prompt: str, params: SamplingParams, on_text, device,
               dtype: torch.dtype) -> list[Completion]:
     """The completions of the prompt: the engine, or speculative decoding (--speculate) with its stats on stderr."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if args.speculate is None:
-        return complete(model, tokenizer, prompt, params, num_samples=args.num_samples,
-                        use_kv_cache=not args.no_kv_cache, on_text=on_text, max_model_len=args.max_model_len)
-    draft = None
-    if args.draft_ckpt is not None:
-        draft = load_checkpoint(args.draft_ckpt, device, verify=not args.no_verify)
-        prepare_for_decoding(draft.model, dtype, args.quantize)
-    proposer = build_proposer(args.speculate, draft and draft.model, draft and draft.tokenizer,
-                              f"--draft-ckpt {args.draft_ckpt}")
-    spec = Speculator(model, tokenizer, proposer, speculate_tokens=args.speculate_tokens or SPECULATE_TOKENS,
-                      max_model_len=args.max_model_len)
-    results = spec.complete(prompt, params, num_samples=args.num_samples, on_text=on_text)
-    print(spec.stats.summary(args.speculate), file=sys.stderr)
+    speculation = None
+    if args.speculate is not None:
+        speculation = load_speculation(args.speculate, args.speculate_tokens or SPECULATE_TOKENS, device, dtype,
+                                       args.quantize, verify=not args.no_verify)
+    results = complete(loaded.model, loaded.tokenizer, prompt, params, num_samples=args.num_samples,
+                       use_kv_cache=not args.no_kv_cache, on_text=on_text, max_model_len=args.max_model_len,
+                       speculation=speculation)
+    if speculation is not None:
+        print(speculation.stats.summary(speculation.name), file=sys.stderr)
     return results
 
 

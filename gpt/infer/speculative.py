@@ -1,19 +1,23 @@
-"""Speculative decoding at batch 1: cheap proposals, verified k at a time in one forward pass of the target.
+"""Speculative decoding: cheap proposals for the engine's rows, verified k at a time in one forward pass.
 
-Each round a proposer guesses the next k tokens; the target model (`GPT.forward`, the same code as
-every other path) runs its last token and the k guesses as one chunk of k + 1 positions through its
-KV cache, which gives the target's distribution at every guessed position at once. The guesses are
-then accepted from the left while they pass the rule below; the first refused one is replaced by a
-token drawn from the target, and when all k pass, the last position gives one more token for free.
-A round therefore costs one target forward pass and yields between 1 and k + 1 tokens.
+The engine (gpt/infer/engine.py) does the decoding; this module holds what it speculates with. At a step
+every decoding row may carry guesses of its next k tokens from a proposer; the target model
+(`GPT.forward`, the same code as every other path) then runs each row's last token and its guesses as one
+chunk of k + 1 positions, all rows in one call (per-row start positions, as for uneven rows), which gives
+the target's distribution at every guessed position at once. A row's guesses are accepted from the left
+while they pass the rule below; the first refused one is replaced by a token drawn from the target, and
+when all pass, the last position gives one more token for free. A step therefore costs one target forward
+pass and yields between 1 and k + 1 tokens per row.
 
-Two proposers (the names of `sample.py --speculate`):
+Two proposers (`sample.py --speculate ngram|DRAFT_CKPT`, `serve.py --speculate`):
   ngram  prompt lookup (vLLM's "ngram", llama.cpp's lookup decoding): the last n tokens (n from
-         NGRAM_MAX down to NGRAM_MIN) are looked up in the context, and the k tokens that followed
+         NGRAM_MAX down to NGRAM_MIN) are looked up in the row's context, and the k tokens that followed
          their latest earlier occurrence are proposed. No model, nothing to load; it shines when the
          output copies spans of the context (extraction, code edits, quoting).
   draft  a smaller checkpoint with the same vocabulary (`check_same_vocabulary`) proposes k tokens
-         autoregressively from its own KV cache, drawn with the request's temperature, top-k and top-p.
+         autoregressively, drawn with each request's temperature, top-k and top-p. It keeps its own KV
+         cache with one row per engine row (moved when the engine moves a row), and drafts every row
+         together: one forward pass per guess for the whole batch.
 
 The rule. Greedy: a guess is accepted when it is the target's argmax, so the output is token for
 token the output of plain decoding (the target sees exactly the same context at every position).
@@ -21,41 +25,36 @@ Sampling (Leviathan et al. 2023, Chen et al. 2023): with the target's distributi
 sampling rule of the request: constraint mask, logit bias, penalties, temperature, top-k, top-p) and
 the proposer's q, a guess x is accepted with probability min(1, p(x) / q(x)); if refused, the token
 is drawn from norm(max(0, p - q)). The token is then distributed exactly as p (`acceptance_probability`
-and `residual`; tests/test_speculative.py checks the sum). An n-gram guess is a point mass: q(x) = 1.
+and `residual`; tests/test_speculative.py checks the sum, and the engine's draws statistically).
+An n-gram guess is a point mass: q(x) = 1.
 
-Rollback. The cache is positional: keys and values of position i live in slot i, and a forward call
-at start_pos s attends to slots 0 .. s + T - 1 only. The refused guesses' slots are therefore rolled
-back by moving the next round's start back to the first position not accepted; what they hold is
-never read and is overwritten. The draft model's cache is rolled back the same way (the longest
-prefix of the tokens it holds that is still the sequence's).
-
-Everything a request carries composes, because tokens are taken one position at a time through the
-engine's own `DecodeRequest` (stop strings, end tokens, streaming, penalties, constraints, log-probs,
-max_tokens, finish reasons); the context window follows the engine's rule (`window_start`): a round
-never guesses past the context, so each token is predicted from the window plain decoding would use.
+Ragged chunks and rollback (`ragged_chunk`). The cache is positional: keys and values of position i live
+in slot i, and a query at position i attends to slots 0 .. i only. Rows with fewer guesses than the
+longest are padded at the end; the padding's slots, like a refused guess's, lie after the row's last
+token, so they are never read before a later step writes them again: rolling back is moving the next
+start back to the first position not accepted. A row whose padded chunk would pass its cache's end
+starts its chunk earlier instead, recomputing tokens it already holds. The draft's cache is rolled back
+the same way (the longest prefix of the tokens it holds that is still the sequence's).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from gpt.checkpoint import load_checkpoint
 from gpt.config import ConfigError
-from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer
-from gpt.infer.constraints import ConstraintError, GrammarState, token_masks
-from gpt.infer.engine import (Completion, DecodeRequest, context_length, prompt_ids, sample_seed,
-                              window_start)
 from gpt.infer.sampling import SamplingParams, draw, filter_logits
+from gpt.infer.weights import prepare_for_decoding
 from gpt.model import GPT, KVCache
 
 SPECULATE_TOKENS = 5  # k: guesses verified per target forward pass (gpt-fast's and vLLM's usual 5)
 NGRAM_MAX, NGRAM_MIN = 3, 1  # the n-gram lengths prompt lookup tries, longest first
-NGRAM_SEARCH = 8192  # prompt lookup searches the last this many tokens (a bounded cost per round)
-PROPOSERS = ("ngram", "draft")
+NGRAM_SEARCH = 8192  # prompt lookup searches the last this many tokens (a bounded cost per step)
 _DRAW = SamplingParams()  # draw()'s settings for a distribution given as log-probabilities (temperature 1)
 
 
@@ -65,7 +64,7 @@ class SpeculationError(ConfigError):
 
 @dataclass
 class Proposal:
-    """A proposer's guesses and the distributions they were drawn from.
+    """A proposer's guesses for one row and the distributions they were drawn from.
 
     q: (len(tokens), vocab) probabilities of the proposer at each guess; None when each guess is a
     point mass (n-gram lookup, or any greedy proposer: greedy verification needs no q).
@@ -77,7 +76,7 @@ class Proposal:
 
 @dataclass
 class SpeculationStats:
-    """What speculation did: guesses made and accepted, target forward passes (rounds), tokens produced."""
+    """What speculation did: guesses made and accepted, row-steps (one target pass for one row), tokens produced."""
 
     proposed: int = 0
     accepted: int = 0
@@ -91,7 +90,67 @@ class SpeculationStats:
     def summary(self, name: str) -> str:
         per_round = self.tokens / self.rounds if self.rounds else 0.0
         return (f"[speculative decoding ({name}): {self.accepted}/{self.proposed} proposed tokens accepted "
-                f"({100 * self.acceptance_rate:.1f}%), {per_round:.2f} tokens per target forward pass]")
+                f"({100 * self.acceptance_rate:.1f}%), {per_round:.2f} tokens per row per target forward pass]")
+
+
+class Speculation:
+    """What an Engine speculates with (Engine(speculation=...), complete(..., speculation=...)): a proposer,
+    k guesses per row and step, and `stats` summed over every request.
+
+        spec = Speculation(NgramProposer())   # or DraftProposer(draft_model, draft_tokenizer)
+        [c] = complete(model, tokenizer, "def f(x):", SamplingParams(temperature=0), speculation=spec)
+        print(spec.stats.acceptance_rate)
+    """
+
+    def __init__(self, proposer, tokens: int = SPECULATE_TOKENS):
+        if tokens < 1:
+            raise SpeculationError(f"--speculate-tokens must be >= 1, got {tokens}")
+        self.proposer, self.k, self.stats = proposer, tokens, SpeculationStats()
+
+    @property
+    def name(self) -> str:
+        return getattr(self.proposer, "label", self.proposer.name)
+
+
+def load_speculation(value: str, tokens: int, device, dtype: torch.dtype, quantize: str | None = None,
+                     verify: bool = True) -> Speculation:
+    """`--speculate VALUE`: "ngram", or a draft checkpoint's folder (loaded and prepared as the target is)."""
+    if value == "ngram":
+        return Speculation(NgramProposer(), tokens)
+    if not Path(value).is_dir():
+        raise SpeculationError(f"--speculate {value}: neither ngram nor a checkpoint folder (a draft model)")
+    loaded = load_checkpoint(value, device, verify=verify)
+    prepare_for_decoding(loaded.model, dtype, quantize)
+    return Speculation(DraftProposer(loaded.model, loaded.tokenizer, f"--speculate {value}"), tokens)
+
+
+def ragged_chunk(seqs: Sequence[Sequence[int]], firsts: Sequence[int], context: int
+                 ) -> tuple[list[list[int]], list[int], list[int]]:
+    """One forward call's input for rows that need different numbers of positions computed: row b needs
+    positions firsts[b] .. len(seqs[b]) - 1 of its sequence (its cache slots). -> (ids (B, T) with T the
+    most any row needs, each row's start position, the index in its chunk of its last real token).
+    A row's chunk is padded at its end (slots after its last token, rewritten before they are read), or,
+    where that would pass slot context - 1, starts earlier (tokens it holds, recomputed)."""
+    T = max(len(s) - f for s, f in zip(seqs, firsts))
+    ids, starts, lasts = [], [], []
+    for seq, first in zip(seqs, firsts):
+        start = max(0, min(first, context - T))
+        chunk = list(seq[start : start + T])
+        ids.append(chunk + [chunk[-1]] * (T - len(chunk)))
+        starts.append(start)
+        lasts.append(len(seq) - 1 - start)
+    return ids, starts, lasts
+
+
+def chunk_forward(model: GPT, cache: KVCache, ids: list[list[int]], starts: list[int]) -> torch.Tensor:
+    """GPT.forward of a ragged chunk (rows 0..B-1 of the cache, row b's tokens from starts[b]) -> (B, T, vocab)
+    logits. Every row at one start (batch 1): the shared-position path, a slice write and no index."""
+    a, T = len(ids), len(ids[0])
+    x = torch.tensor(ids, device=cache.k.device)
+    end = max(starts) + T
+    view = KVCache(cache.k[:, :a, :, :end], cache.v[:, :a, :, :end])
+    start = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=x.device)
+    return model(x, kv_cache=view, start_pos=start)[0]
 
 
 # ---------------------------------------------------------------------------- the rule
@@ -147,13 +206,17 @@ class NgramProposer:
             raise SpeculationError(f"n-gram lengths must satisfy 1 <= min_n <= max_n, got {min_n} and {max_n}")
         self.max_n, self.min_n = max_n, min_n
 
-    def prepare(self, tokenizer: Tokenizer, vocab: int, context: int) -> None:
+    def prepare(self, tokenizer: Tokenizer | None, vocab: int, context: int, rows: int, k: int) -> None:
         """Nothing to check or allocate: the lookup needs no model."""
 
-    def reset(self) -> None:
-        """Nothing to forget: the lookup reads only the sequence it is given."""
+    def propose_rows(self, reqs: Sequence, ks: Sequence[int]) -> list[Proposal]:
+        """Each request's guesses (ks[b] at most) from its own tokens."""
+        return [self.propose(r.tokens, k) if k else Proposal([]) for r, k in zip(reqs, ks)]
 
-    def propose(self, tokens: Sequence[int], k: int, params: SamplingParams, generator) -> Proposal:
+    def move(self, req, row: int) -> None:
+        """Nothing held per row."""
+
+    def propose(self, tokens: Sequence[int], k: int) -> Proposal:
         context = torch.tensor(list(tokens[-NGRAM_SEARCH:]))
         L = len(context)
         for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
@@ -165,58 +228,103 @@ class NgramProposer:
         return Proposal([])
 
 
-class DraftProposer:
-    """A smaller model with the same vocabulary guesses k tokens from its own KV cache (batch 1).
+@dataclass
+class DraftRow:
+    """The draft's record of one request: tokens[start : start + len(cached)] have keys and values in its row."""
 
-    tokenizer: the draft's own, checked against the target's (`check_same_vocabulary`) when the
-    Speculator is built; name says which model an error is about."""
+    start: int
+    cached: list[int]
+
+
+class DraftProposer:
+    """A smaller model with the same vocabulary guesses k tokens per row from its own KV cache, one row per
+    engine row (a request's `draft` record says what its row holds).
+
+    tokenizer: the draft's own, checked against the target's (`check_same_vocabulary`) when the engine is
+    built; name says which model an error is about."""
 
     name = "draft"
+    LONG_FILL = 16  # a row needing more new positions than this is filled alone first (a new or slid window)
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, name: str = "the draft model"):
         self.model, self.tokenizer, self.label = model, tokenizer, name
         self.cache: KVCache | None = None
 
-    def prepare(self, tokenizer: Tokenizer, vocab: int, context: int) -> None:
-        """Check the vocabulary against the target's; allocate the cache for the target's context (or less)."""
+    def prepare(self, tokenizer: Tokenizer | None, vocab: int, context: int, rows: int, k: int) -> None:
+        """Check the vocabulary against the target's; allocate a row per engine row for the target's context
+        (or the draft's block_size, if smaller)."""
         cfg = self.model.config
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and tokenizer is not None:
             check_same_vocabulary(tokenizer, self.tokenizer, self.label)
         if cfg.vocab_size < vocab:
             raise SpeculationError(f"{self.label} has {cfg.vocab_size} token ids, the target samples from "
                                    f"{vocab}: a draft model must share the target's vocabulary")
         p = next(self.model.parameters())
         self.vocab, self.context = vocab, max(2, min(context, cfg.block_size))
-        self.cache = KVCache.empty(cfg, 1, self.context, p.device, p.dtype)
-        self.reset()
+        self.k = min(k, self.context - 1)
+        self.cache = KVCache.empty(cfg, rows, self.context, p.device, p.dtype)
+        self.model.eval()
 
-    def reset(self) -> None:
-        """Forget the previous sequence (a new request starts from an empty cache: one seed, one output)."""
-        self.start, self.cached = 0, []  # tokens[start : start + len(cached)] have keys and values in the cache
+    def move(self, req, row: int) -> None:
+        """The engine moves `req` from its row to `row`: what the draft holds of it moves along."""
+        n = len(req.draft.cached) if req.draft is not None and req.draft.cached else 0
+        if n and row != req.row:
+            self.cache.k[:, row, :, :n] = self.cache.k[:, req.row, :, :n]
+            self.cache.v[:, row, :, :n] = self.cache.v[:, req.row, :, :n]
 
-    def propose(self, tokens: Sequence[int], k: int, params: SamplingParams, generator) -> Proposal:
-        k = min(k, self.context - 1)
-        if not 1 <= len(tokens) - self.start <= self.context - k + 1:  # its own window, restarted as the engine's
-            self.start = len(tokens) - max(1, min(self.context - k + 1, self.context - self.context // 2))
-            self.cached = []
-        window = list(tokens[self.start:])
-        keep = min(_common_prefix(self.cached, window), len(window) - 1)  # the rollback: stale slots are rewritten
-        logits = self._forward(window[keep:], keep)
-        self.cached = window
-        guesses, qs = [], []
+    @torch.no_grad()
+    def propose_rows(self, reqs: Sequence, ks: Sequence[int]) -> list[Proposal]:
+        """Guesses for reqs (rows 0..B-1, ks[b] at most each): the rows brought up to date in one call, then one
+        call per guess for all rows. A row draws only the guesses it asked for (its generator, its seed) and
+        feeds all but its last; a row done guessing feeds a stand-in, whose slot it then forgets."""
+        ks = [min(k, self.k) for k in ks]
+        k = max(ks)
+        if k == 0:
+            return [Proposal([]) for _ in reqs]
+        windows = [self._window(r, max(1, kb)) for r, kb in zip(reqs, ks)]
+        firsts = [self._rollback(r, w) for r, w in zip(reqs, windows)]
+        ids, starts, lasts = ragged_chunk(windows, firsts, self.context)
+        logits = chunk_forward(self.model, self.cache, ids, starts)
+        logits = logits[torch.arange(len(reqs)), torch.tensor(lasts), : self.vocab].float()
+        guesses, qs = [[] for _ in reqs], [[] for _ in reqs]
+        held = [len(w) for w in windows]  # per row: the slots that hold its tokens (stand-ins cut it)
         for j in range(k):
-            candidates, ids = filter_logits(logits, params)  # the request's temperature, top-k, top-p, logit bias
-            guesses.append(int(draw(candidates, ids, params, generator)))
-            if not params.greedy:
-                qs.append(distribution(candidates, ids, self.vocab))
+            for b, req in enumerate(reqs):
+                if j < ks[b]:
+                    candidates, ids_ = filter_logits(logits[b : b + 1], req.params)  # temperature, top-k/p, bias
+                    guesses[b].append(int(draw(candidates, ids_, req.params, req.generator)))
+                    if not req.params.greedy:
+                        qs[b].append(distribution(candidates, ids_, self.vocab))
             if j + 1 < k:
-                logits = self._forward(guesses[-1:], len(self.cached))
-                self.cached.append(guesses[-1])
-        return Proposal(guesses, torch.stack(qs) if qs else None)
+                real = [j + 1 < kb for kb in ks]
+                last = [[g[j] if r else w[-1]] for g, w, r in zip(guesses, windows, real)]
+                pos = [min(len(w) + j, self.context - 1) for w in windows]
+                held = [h + 1 if r else min(h, p) for h, p, r in zip(held, pos, real)]
+                logits = chunk_forward(self.model, self.cache, last, pos)[:, -1, : self.vocab].float()
+        for req, window, g, h in zip(reqs, windows, guesses, held):
+            req.draft.cached = (window + g)[:h]
+        return [Proposal(g, torch.stack(q) if q else None) for g, q in zip(guesses, qs)]
 
-    def _forward(self, ids: list[int], start: int) -> torch.Tensor:
-        x = torch.tensor([ids], device=self.cache.k.device)
-        return self.model(x, kv_cache=self.cache, start_pos=start, logits_to_keep=1)[0][:, -1, : self.vocab].float()
+    def _window(self, req, k: int) -> list[int]:
+        """The request's tokens the draft sees: its own window with room for k guesses, restarted as the
+        engine's is (the engine's window leaves room for them, so the two restart together)."""
+        state = req.draft = req.draft or DraftRow(req.start, [])  # a new request: the engine's window
+        n = len(req.tokens)
+        if not 1 <= n - state.start <= self.context - k + 1:
+            state.start = n - max(1, min(self.context - k + 1, self.context - self.context // 2, n))
+            state.cached = []
+        return list(req.tokens[state.start :])
+
+    def _rollback(self, req, window: list[int]) -> int:
+        """The first position of the window the draft must compute: after the longest prefix it holds (stale
+        slots are rewritten). A long stretch (a new window) is filled alone first, all but its last token."""
+        keep = min(_common_prefix(req.draft.cached, window), len(window) - 1)
+        if len(window) - keep > self.LONG_FILL:
+            row = KVCache(self.cache.k[:, req.row : req.row + 1], self.cache.v[:, req.row : req.row + 1])
+            self.model(torch.tensor([window[keep:-1]], device=row.k.device), kv_cache=row, start_pos=keep,
+                       logits_to_keep=1)
+            keep = len(window) - 1
+        return keep
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -237,148 +345,3 @@ def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, name: str = "the 
     raise SpeculationError(f"{name}: its tokenizer differs from the target's ({draft.vocab_size} vs "
                            f"{target.vocab_size} tokens, or other bytes for a token): a draft model must share "
                            "the target's vocabulary")
-
-
-# ---------------------------------------------------------------------------- decoding
-
-
-class Speculator:
-    """Batch-1 speculative decoding of one target model with one proposer; `stats` sums every request.
-
-        spec = Speculator(model, tokenizer, NgramProposer())   # or DraftProposer(draft_model, draft_tokenizer)
-        [completion] = spec.complete("def f(x):", SamplingParams(temperature=0, max_tokens=64))
-        print(spec.stats.acceptance_rate)
-    """
-
-    def __init__(self, model: GPT, tokenizer: Tokenizer, proposer, *, speculate_tokens: int = SPECULATE_TOKENS,
-                 max_model_len: int | None = None):
-        if speculate_tokens < 1:
-            raise SpeculationError(f"--speculate-tokens must be >= 1, got {speculate_tokens}")
-        cfg = model.config
-        self.model, self.tokenizer, self.proposer, self.k = model, tokenizer, proposer, speculate_tokens
-        self.context = context_length(cfg, max_model_len)
-        self.vocab = min(tokenizer.vocab_size, cfg.vocab_size)  # sample only ids below it, as the engine does
-        p = next(model.parameters())
-        self.device = p.device
-        self.cache = KVCache.empty(cfg, 1, self.context, p.device, p.dtype)
-        self.stats = SpeculationStats()
-        proposer.prepare(tokenizer, self.vocab, self.context)
-
-    def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, num_samples: int = 1,
-                 stop_ids: Sequence[int] | None = None,
-                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-        """engine.complete()'s contract (stops, end ids, seeds per sample, streaming), one sample after another."""
-        params = (params or SamplingParams()).validate()
-        if num_samples < 1:
-            raise SpeculationError(f"num_samples must be >= 1, got {num_samples}")
-        ids = prompt_ids(self.tokenizer, prompt)
-        end_ids = list(stop_ids) if stop_ids is not None else ChatTemplate(self.tokenizer).end_ids
-        out = []
-        for i in range(num_samples):
-            show = None if on_text is None else (lambda _r, _t, text, i=i: text and on_text(i, text))
-            req = DecodeRequest(ids, replace(params, seed=sample_seed(params.seed, i)), end_ids, self.tokenizer, show,
-                                self.vocab, self.device)
-            if params.constraint is not None:
-                req.grammar = self._grammar(params, req.stop_ids)
-            if params.max_tokens == 0:
-                req.end("length")
-            else:
-                with torch.no_grad(), _eval_mode(self.model), _eval_mode(getattr(self.proposer, "model", None)):
-                    self._run(req)
-            out.append(req.completion(self.tokenizer))
-        return out
-
-    def _grammar(self, params: SamplingParams, stop_ids: set[int]) -> GrammarState:
-        """The constraint's matcher, refused in one line if the vocabulary cannot even begin it (the engine's check)."""
-        state = GrammarState(params.constraint, self.tokenizer)
-        if not token_masks([state], [stop_ids], self.vocab).any():
-            raise ConstraintError(f"this model's vocabulary ({self.vocab} tokens) cannot begin the "
-                                  f"{params.constraint.kind.replace('_', ' ')} constraint")
-        return state
-
-    def _run(self, req: DecodeRequest) -> None:
-        self.proposer.reset()
-        req.start = max(0, len(req.tokens) - self.context)
-        self._prefill(req)
-        while not req.done:
-            self._round(req)
-            if not req.done:
-                start = window_start(len(req.tokens), req.start, self.context)
-                if start != req.start:
-                    req.start = start
-                    self._prefill(req)
-
-    def _prefill(self, req: DecodeRequest) -> None:
-        """The window but its last token into the cache from slot 0 (the last one starts the next round)."""
-        window = req.tokens[req.start : -1]
-        if window:
-            self.model(torch.tensor([window], device=self.device), kv_cache=self.cache, start_pos=0, logits_to_keep=1)
-
-    def _round(self, req: DecodeRequest) -> None:
-        """One target forward pass over the last token and k guesses; take the tokens it decides."""
-        n, p = len(req.tokens), req.params
-        k = min(self.k, self.context - (n - req.start), p.max_tokens - len(req.out_ids) - 1)
-        proposal = self.proposer.propose(req.tokens, k, p, req.generator) if k > 0 else Proposal([])
-        guesses = proposal.tokens[:k]
-        x = torch.tensor([[req.tokens[-1], *guesses]], device=self.device)
-        logits = self.model(x, kv_cache=self.cache, start_pos=n - 1 - req.start)[0][0, :, : self.vocab].float()
-        self.stats.accepted += self._take(req, logits, guesses, proposal.q)
-        self.stats.proposed += len(guesses)
-        self.stats.rounds += 1
-        self.stats.tokens += len(req.tokens) - n
-
-    def _take(self, req: DecodeRequest, logits: torch.Tensor, guesses: list[int], q: torch.Tensor | None) -> int:
-        """Append the tokens of one verified chunk, position by position; returns how many guesses were kept.
-
-        Each position's rules see the request's state after the tokens before it (penalty counts, the
-        grammar), exactly as plain decoding would."""
-        p, logp = req.params, logits.log_softmax(-1)
-        for j in range(len(guesses) + 1):
-            allowed = None
-            if req.grammar is not None:
-                allowed = token_masks([req.grammar], [req.stop_ids], self.vocab).to(self.device)
-                if not allowed.any():  # the grammar is complete, or stuck (the engine's rule)
-                    req.end("stop" if req.grammar.accepting else "error")
-                    return j
-            candidates, ids = filter_logits(logits[j : j + 1], p, req.seen, req.counts, allowed)  # (1, vocab) state
-            if j == len(guesses) or p.greedy:  # the free token after the last guess; greedy: the argmax
-                token = int(draw(candidates, ids, p, req.generator))
-                kept = j < len(guesses) and token == guesses[j]
-            else:
-                target = distribution(candidates, ids, self.vocab)
-                token, kept = verify_guess(target, None if q is None else q[j], guesses[j], req.generator)
-            top = None
-            if p.logprobs:
-                values, indices = logp[j].topk(min(p.logprobs, self.vocab))
-                top = list(zip(indices.tolist(), values.tolist()))
-            req.append(token, float(logp[j, token]), top)
-            if not kept or req.done:
-                return j + kept
-        return len(guesses)
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module | None):
-    was_training = model is not None and model.training
-    if model is not None:
-        model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
-
-
-# ---------------------------------------------------------------------------- sample.py
-
-
-def build_proposer(kind: str, draft: GPT | None = None, draft_tokenizer: Tokenizer | None = None,
-                   draft_name: str = "the draft model"):
-    """The proposer sample.py's --speculate names: "ngram", or "draft" with its model and tokenizer."""
-    if kind == "ngram":
-        return NgramProposer()
-    if kind != "draft":
-        raise SpeculationError(f"--speculate must be one of {', '.join(PROPOSERS)}, got {kind!r}")
-    if draft is None or draft_tokenizer is None:
-        raise SpeculationError("--speculate draft needs --draft-ckpt (a smaller checkpoint with the same tokenizer)")
-    return DraftProposer(draft, draft_tokenizer, draft_name)

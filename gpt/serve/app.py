@@ -42,6 +42,7 @@ from gpt.infer.constraints import ConstraintError, token_masks
 from gpt.infer.engine import DecodeRequest, Engine, FinishReason, sample_seed
 from gpt.infer.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from gpt.infer.scoring import TokenScore
+from gpt.infer.speculative import SPECULATE_TOKENS, Speculation, load_speculation
 from gpt.model import GPT
 from gpt.serve.access import Gate, error_response, too_large
 from gpt.serve.protocol import RF, APIError, Job, bad, chat_job, completion_job, detokenize_ids, tokenize_ids
@@ -69,6 +70,8 @@ class ServerConfig:
     max_model_len: int | None = None  # the context of decoding (None: gpt.infer.engine.context_length's default)
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # MiB of prompt prefixes' keys and values kept; 0 = off
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # most prompt tokens computed per step (chunked prefill); 0 = whole
+    speculate: str | None = None  # speculative decoding: "ngram" or a draft checkpoint's folder; None = off
+    speculate_tokens: int = SPECULATE_TOKENS  # guesses verified per row and forward pass when speculating
     host: str = "127.0.0.1"  # the bound address: a Host the server answers to (unless 0.0.0.0 or ::)
     allowed_hosts: tuple[str, ...] = ()  # more Host names it answers to; "*": any
     cors_origins: tuple[str, ...] = ()  # other pages' origins that may call it from a browser; "*": any
@@ -93,11 +96,15 @@ Server = Annotated[ServerState, Depends(server_state)]
 router = APIRouter()
 
 
-def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServerConfig) -> FastAPI:
-    """The app around one loaded model; the engine thread starts and stops with the app."""
+def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServerConfig, speculation: Speculation | None = None) -> FastAPI:
+    """The app around one loaded model; the engine thread starts and stops with the app. cfg.speculate's
+    proposer is loaded here (a draft in the model's dtype) unless the caller passes it built (serve.py)."""
     model.eval()
+    if cfg.speculate is not None and speculation is None:
+        w = model.transformer.wte.weight
+        speculation = load_speculation(cfg.speculate, cfg.speculate_tokens, w.device, w.dtype)
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len,
-                    prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk=cfg.prefill_chunk)
+                    prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk=cfg.prefill_chunk, speculation=speculation)
     worker = Worker(engine, cfg.max_queue)
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(cfg, tokenizer, worker, engine.context, int(time.time()))
@@ -117,6 +124,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     worker.start()
     yield
     worker.stop()
+    speculation = worker.engine.speculation
+    if speculation is not None:  # what speculation did over the server's life, in its log
+        log.info("%s", speculation.stats.summary(speculation.name))
 
 
 # ---------------------------------------------------------------------------- errors and the body

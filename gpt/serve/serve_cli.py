@@ -22,6 +22,7 @@ from gpt.device import pick_device, pick_threads, resolve_dtype
 from gpt.errors import UserError
 from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN
 from gpt.infer.prefix_cache import DEFAULT_PREFIX_CACHE_MB
+from gpt.infer.speculative import SPECULATE_TOKENS, load_speculation
 from gpt.infer.weights import add_model_args, load_for_decoding
 from gpt.serve.app import DEFAULT_PREFILL_CHUNK, ServerConfig, create_app
 
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MIB",
                    help="MiB of prompt prefixes' keys and values kept for requests that begin alike (a shared system "
                    "prompt is computed once), least recently used evicted; 0 = off (default: %(default)s)")
+    p.add_argument("--speculate", default=None, metavar="ngram|DRAFT_CKPT",
+                   help="speculative decoding: every stream's next tokens guessed by prompt lookup (ngram) or a "
+                   "smaller checkpoint with the same tokenizer (its folder), several verified per forward pass; "
+                   "the same outputs, fewer passes when guesses are right, more work per step when they are "
+                   "wrong (docs/serving.md#speculative-decoding) (default: off)")
+    p.add_argument("--speculate-tokens", type=int, default=SPECULATE_TOKENS, metavar="K",
+                   help="tokens guessed per stream and step when speculating (default: %(default)s)")
     p.add_argument("--max-body", type=int, default=1 << 20,
                    help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
     p.add_argument("--allowed-hosts", type=names, action="extend", default=[], metavar="NAMES",
@@ -99,6 +107,7 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 LIMITS = {  # flag: (lowest, highest) accepted; None = no bound (numbers must be finite)
     "port": (1, 65535), "max_batch": (1, None), "max_queue": (0, None), "max_body": (1, None), "threads": (0, None),
     "shutdown_timeout": (0, None), "prefix_cache_mb": (0, None), "prefill_chunk": (0, None),
+    "speculate_tokens": (1, None),
 }
 
 
@@ -123,8 +132,15 @@ def run(argv: list[str]) -> None:
     cfg = ServerConfig(name, api_key=args.api_key or os.environ.get("GPT_API_KEY") or None, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_body_bytes=args.max_body, max_model_len=args.max_model_len,
                        prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk, host=args.host, allowed_hosts=tuple(args.allowed_hosts),
-                       cors_origins=tuple(args.cors_origins))
-    app = create_app(model, tokenizer, cfg)
+                       cors_origins=tuple(args.cors_origins), speculate=args.speculate,
+                       speculate_tokens=args.speculate_tokens)
+    speculation = None
+    if args.speculate is not None:
+        speculation = load_speculation(args.speculate, args.speculate_tokens, device, dtype, args.quantize,
+                                       verify=not args.no_verify)
+        print(f"speculative decoding: {speculation.name}, {speculation.k} tokens guessed per stream and step "
+              "(acceptance in the log at shutdown)", file=sys.stderr, flush=True)
+    app = create_app(model, tokenizer, cfg, speculation)
     cache = app.state.server.worker.engine.cache
     print(f"KV cache: {args.max_batch} rows x {app.state.server.block_size} tokens, "
           f"{2 * cache.k.nbytes / 2**20:,.0f} MiB", file=sys.stderr, flush=True)
