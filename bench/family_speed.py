@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from sample_throughput import decode_rate  # noqa: E402
-from train_throughput import cpu_flag, cpu_model, ours_step  # noqa: E402
+from gpt.device import cpu_model  # noqa: E402
+from train_throughput import cpu_flag, ours_step  # noqa: E402
 
 from gpt.checkpoint import load_state_checked  # noqa: E402
 from gpt.config import ModelConfig  # noqa: E402

@@ -20,7 +20,6 @@ row also shows the bandwidth a step implies (weight bytes / ms per token).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,20 +36,11 @@ from gpt.device import tune_allocator  # noqa: E402
 from gpt.infer.engine import generate  # noqa: E402
 from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.infer.weights import prepare_for_decoding  # noqa: E402
+from gpt.device import cpu_model  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
 PAIRS = [("fp32", torch.float32, None, ("f32",)), ("bf16", torch.bfloat16, None, ("bf16", "f16")),
          ("int8", torch.float32, "int8", ("q8_0",))]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def weight_bytes(model) -> int:

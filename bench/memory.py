@@ -49,7 +49,8 @@ from gpt.model import GPT  # noqa: E402
 from gpt.train.dist import Dist  # noqa: E402
 from gpt.train.loop import Optimization, StepContext, TokenLoss, _train_step  # noqa: E402
 from gpt.train.optim import make_optimizer  # noqa: E402
-from train_throughput import RandomBatches, cpu_model, sync  # noqa: E402
+from gpt.device import cpu_model  # noqa: E402
+from train_throughput import RandomBatches, sync  # noqa: E402
 
 LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, norm_eps=1e-5)
 GB24 = 24 * 1000**3 / 2**20  # 24 GB in MiB

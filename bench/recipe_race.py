@@ -121,7 +121,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="124M step: torch threads (0: torch's default)")
     args = p.parse_args()
     import torch
-    from train_throughput import cpu_flag, cpu_model
+    from gpt.device import cpu_model
+    from train_throughput import cpu_flag
 
     flags = sorted(f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if cpu_flag(f))
     print(f"CPU {cpu_model()}, {os.cpu_count()} cores {flags}; torch {torch.__version__}; each run a fresh process")

@@ -27,10 +27,8 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +50,7 @@ from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.infer.weights import prepare_for_decoding  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.serve.serve_cli import serving_threads  # noqa: E402
+from gpt.device import cpu_model  # noqa: E402
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # its 65
 SHAPES = {
@@ -61,17 +60,9 @@ SHAPES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), and the cores this process may use."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {len(os.sched_getaffinity(0))} cores usable"
+def machine() -> str:
+    """The CPU (gpt.device.cpu_model) and the cores this process may use."""
+    return f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores usable"
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -240,7 +231,7 @@ def main() -> None:
     args = p.parse_args()
     args.levels = sorted({1, *(int(c) for c in args.concurrency.split(","))})
     torch.set_num_threads(serving_threads(args.threads))
-    print(f"CPU: {cpu_model()}")
+    print(f"CPU: {machine()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; the machine may be shared (noisy)")
     print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
     for name in args.models.split(","):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.infer.speculative import DraftProposer, NgramProposer, Proposal, Speculation  # noqa: E402
 from gpt.infer.weights import prepare_for_decoding  # noqa: E402
 from gpt.model import GPT  # noqa: E402
+from gpt.device import cpu_model  # noqa: E402
 
 SHAPE_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
 SHAPE_SMOKE = dict(n_layer=2, n_head=2, n_embd=64, block_size=256)
@@ -126,16 +126,6 @@ def decode_rate(run, n: int, repeats: int) -> float:
         t2 = time.perf_counter()
         rates.append((n - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
     return statistics.median(rates)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def models(args, device, dtype):
@@ -215,7 +205,7 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     target, tokenizer, drafts = models(args, device, dtype)
     cfg = target.config
-    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, allocator {allocator}; "
+    print(f"{cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads, allocator {allocator}; "
           f"{str(dtype).replace('torch.', '')} on {device}")
     print(f"target: {args.ckpt or 'random'} {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}; "
           f"decode tokens/s at batch 1 (median of {args.repeats}); noisy on a shared machine")

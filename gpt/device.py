@@ -59,6 +59,22 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what CPU matmul speed depends on
+
+
+def cpu_model() -> str:
+    """The CPU as benchmarks name it: model name, family and model numbers, the matmul flags it has."""
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                    if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = [f for f in MATMUL_FLAGS if f in info.get("flags", "").split()]
+    return (f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')} model "
+            f"{info.get('model', '?')}; {' '.join(flags) or 'no AVX2'})")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on CUDA when supported (else fp16 + GradScaler); bf16 on CPUs with native bf16; else fp32."""
     if name != "auto":
