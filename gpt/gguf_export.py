@@ -140,7 +140,8 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
         if cfg.qk_norm:
             out[name(T.ATTN_Q_NORM, i)], out[name(T.ATTN_K_NORM, i)] = h("attn.q_norm.weight"), h("attn.k_norm.weight")
         if cfg.post_norms:  # Gemma 3: our ln_2 is its pre-feedforward norm, llama.cpp's ffn_norm
-            out[name(T.ATTN_POST_NORM, i)], out[name(T.FFN_POST_NORM, i)] = h("post_attn_norm.weight"), h("post_mlp_norm.weight")
+            out[name(T.ATTN_POST_NORM, i)] = h("post_attn_norm.weight")
+            out[name(T.FFN_POST_NORM, i)] = h("post_mlp_norm.weight")
     if arch == "gpt2":
         out[name(T.POS_EMBD)] = state["transformer.wpe.weight"]
         biases = {n[: -len("weight")] + "bias": torch.zeros(t.shape[0]) for n, t in out.items()
