@@ -3,11 +3,14 @@
 The file is written by the `gguf` package (llama.cpp's own writer). Learned-position models are llama.cpp's
 `gpt2` architecture (fused q/k/v, LayerNorm with biases: zeros where our model has none); rotary ones are
 the architecture of their family (gpt/hf_families.py): Llama and Mistral `llama`, Qwen2 `qwen2`, Qwen3
-`qwen3`. Our rotary layout is rotate-half (Hugging Face's); llama.cpp's `llama` rotates interleaved pairs,
-so its q and k rows are permuted per head as llama.cpp's converter does (`interleave_rope`); `qwen2` and
-`qwen3` rotate halves (NeoX) and take them as they are. A ModelConfig option the target architecture
-cannot compute (a soft cap on `llama`, a sliding window, Gemma 3's norms) is refused in one line naming it,
-before anything is written. The tokenizer goes into the metadata as llama.cpp's byte-level BPE ("gpt2"
+`qwen3`, Gemma 3 `gemma3`. Our rotary layout is rotate-half (Hugging Face's); llama.cpp's `llama` rotates
+interleaved pairs, so its q and k rows are permuted per head as llama.cpp's converter does (`interleave_rope`);
+`qwen2`, `qwen3` and `gemma3` rotate halves (NeoX) and take them as they are. llama.cpp's norms scale by their
+weight alone, so Gemma's (1 + weight) goes into the file as one tensor; `gemma3` scales the embeddings itself and
+reads the window, which layers slide (one flag a layer), their rotary base and the logit soft-cap from the
+metadata. A ModelConfig option the target architecture cannot compute (a soft cap on `llama`, a sliding window
+on `llama` or `qwen`, what `_gemma3_mismatches` names) is refused in one line naming it, before anything is
+written. The tokenizer goes into the metadata as llama.cpp's byte-level BPE ("gpt2"
 model: tokens, token types, merges, the pre-tokenizer by the name llama.cpp knows), with the special tokens
 and the chat template (the model's own, or ours for chat fine-tunes). A character vocabulary is one token per
 character in GPT-2's byte spelling, with merges only inside a character, so llama.cpp splits as we do.
@@ -34,7 +37,7 @@ TO_GGUF = "gpt.convert to-gguf"  # the tool, for gpt/outputs.py's rule
 TOOL_KEY = "gpt.exported_by"  # metadata key naming the tool: a file it wrote may be replaced by it
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH_OF_FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                  "Qwen3ForCausalLM": "qwen3"}
+                  "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3"}
 ROPE = ("rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
         "rope_original_context")
 # Per architecture: the options it fixes (value) and those it takes as they are (free); every other family
@@ -42,10 +45,13 @@ ROPE = ("rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "ro
 FREE = {"gpt2": {"norm_eps", "intermediate_size", "n_kv_head", "tie_embeddings", "bias", "gelu", *ROPE},
         "rope": {"norm_eps", "intermediate_size", "n_kv_head", "head_dim", "tie_embeddings", "gelu",
                  "sliding_window_pattern", *ROPE}}
+FREE["gemma3"] = FREE["rope"] | {"sliding_window", "rope_local_theta", "logit_softcap", "norm_offset"}
 FIXED = {"gpt2": dict(norm="layernorm", position="learned", mlp="gelu"),
          "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False),
          "qwen2": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, qkv_bias=True),
-         "qwen3": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, qk_norm=True)}
+         "qwen3": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, qk_norm=True),
+         "gemma3": dict(norm="rmsnorm", position="rope", mlp="geglu", bias=False, qk_norm=True, post_norms=True,
+                        embed_scale=True)}
 # tokenizer.json pre-tokenizers as llama.cpp names them (tokenizer.ggml.pre)
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -71,24 +77,35 @@ def architecture(cfg: ModelConfig) -> str:
         arch, free = "gpt2", FREE["gpt2"]
     else:
         family = hf_families.family_of(cfg)
-        if family not in ARCH_OF_FAMILY:
-            raise CheckpointError(f"this model ({family}) has no GGUF export yet: llama.cpp's gemma3 is not "
-                                  "supported here; nothing was written")
-        arch, free = ARCH_OF_FAMILY[family], FREE["rope"]
+        arch = ARCH_OF_FAMILY[family]
+        free = FREE.get(arch, FREE["rope"])
     base, fixed = ModelConfig(), FIXED[arch]
     names = [f.name for f in dataclasses.fields(ModelConfig)]
     options = ["bias", "gelu", *names[names.index("fused_loss") + 1:]]
     wrong = [n for n in options if n not in free and getattr(cfg, n) != fixed.get(n, getattr(base, n))]
     if arch == "gpt2" and cfg.head_size * cfg.n_head != cfg.n_embd:
         wrong.append("head_dim")
-    if arch != "gpt2" and cfg.sliding_window and cfg.sliding_window < cfg.block_size:
+    if arch in ("llama", "qwen2", "qwen3") and cfg.sliding_window and cfg.sliding_window < cfg.block_size:
         wrong.append("sliding_window")  # llama.cpp's llama/qwen attend to every earlier key
     if arch != "llama" and cfg.rope_scaling == "llama3":
         wrong.append("rope_scaling")
+    if arch == "gemma3":
+        wrong += _gemma3_mismatches(cfg)
     if wrong:
         raise CheckpointError(f"this model has no llama.cpp {arch} form: {', '.join(dict.fromkeys(wrong))} "
                               "not expressible there; nothing was written")
     return arch
+
+
+def _gemma3_mismatches(cfg: ModelConfig) -> list[str]:
+    """What llama.cpp's gemma3 computes otherwise: it takes a 62-layer model for Gemma 3 27B and scales attention
+    by n_embd / n_head rather than the head width, and its sliding layers rotate without the rope scaling."""
+    wrong = []
+    if cfg.n_layer == 62 and cfg.n_embd // cfg.n_head != cfg.head_size:
+        wrong.append("head_dim")
+    if cfg.rope_scaling != "none" and not cfg.rope_local_theta and any(cfg.slides(i) for i in range(cfg.n_layer)):
+        wrong.append("rope_local_theta")  # 0: our sliding layers take the scaled global rope
+    return wrong
 
 
 def interleave_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -122,12 +139,17 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
             out.update({name(T.ATTN_Q, i, "bias"): bq, name(T.ATTN_K, i, "bias"): bk, name(T.ATTN_V, i, "bias"): bv})
         if cfg.qk_norm:
             out[name(T.ATTN_Q_NORM, i)], out[name(T.ATTN_K_NORM, i)] = h("attn.q_norm.weight"), h("attn.k_norm.weight")
+        if cfg.post_norms:  # Gemma 3: our ln_2 is its pre-feedforward norm, llama.cpp's ffn_norm
+            out[name(T.ATTN_POST_NORM, i)] = h("post_attn_norm.weight")
+            out[name(T.FFN_POST_NORM, i)] = h("post_mlp_norm.weight")
     if arch == "gpt2":
         out[name(T.POS_EMBD)] = state["transformer.wpe.weight"]
         biases = {n[: -len("weight")] + "bias": torch.zeros(t.shape[0]) for n, t in out.items()
                   if n.startswith(("blk.", "output_norm")) and not n.endswith(".bias")}
         ours = _gpt2_biases(state, cfg, name, T)
         out.update({n: ours.get(n, zero) for n, zero in biases.items()})
+    if cfg.norm_offset:  # llama.cpp's norms scale by their weight alone: Gemma's 1 + weight goes into the file
+        out = {n: t + cfg.norm_offset if n.endswith("norm.weight") else t for n, t in out.items()}
     if cfg.rope_scaling == "llama3":  # llama.cpp divides each frequency by its factor
         args = (cfg.head_size, cfg.rope_theta)
         extra = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context, "cpu")
@@ -294,6 +316,8 @@ def _write_metadata(w, gguf, cfg: ModelConfig, arch: str, tokens: dict, name: st
         if cfg.rope_scaling == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(cfg.rope_factor)
+    if arch == "gemma3":
+        _gemma3_metadata(w, cfg)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tokens["pre"])
     w.add_token_list(tokens["tokens"])
@@ -309,6 +333,16 @@ def _write_metadata(w, gguf, cfg: ModelConfig, arch: str, tokens: dict, name: st
         w.add_chat_template(tokens["chat_template"])
 
 
+def _gemma3_metadata(w, cfg: ModelConfig) -> None:
+    """gemma3's window, which layers slide (one flag a layer), their rotary base, and the logit soft-cap."""
+    if any(cfg.slides(i) for i in range(cfg.n_layer)):
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern([cfg.slides(i) for i in range(cfg.n_layer)])
+        w.add_rope_freq_base_swa(cfg.rope_local_theta or cfg.rope_theta)
+    if cfg.logit_softcap:
+        w.add_final_logit_softcapping(cfg.logit_softcap)
+
+
 def to_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f32") -> Path:
     """Write `out` (one .gguf file) from checkpoint `ckpt`; refused before writing when the model or
     tokenizer has no faithful GGUF form. `out` follows gpt/outputs.py's rule (a file to-gguf wrote before
@@ -320,8 +354,8 @@ def to_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f32") -> Path:
     loaded = checkpoint.load_checkpoint(ckpt)
     cfg = loaded.model.config
     arch = architecture(cfg)
-    if arch == "gpt2" and cfg.gelu == "exact":
-        print("note: llama.cpp's gpt2 computes GELU in its tanh form (from an fp16 table); this model was trained "
+    if cfg.mlp in ("gelu", "geglu") and cfg.gelu == "exact":
+        print(f"note: llama.cpp's {arch} computes GELU in its tanh form (from an fp16 table); this model was trained "
               "with the exact one: the two differ by at most 5e-4 per activation, so logits may differ slightly")
     tokens = tokenizer_metadata(loaded.tokenizer, cfg.vocab_size)
     if tokens["eos"] is None and cfg.vocab_size > 11:

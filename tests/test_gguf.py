@@ -9,7 +9,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from conftest import write_hf_tokenizer
+from conftest import write_hf_model, write_hf_tokenizer
 
 from gpt import checkpoint, convert, hf_families
 from gpt.checkpoint import CheckpointError
@@ -38,6 +38,14 @@ FAMILIES = {"llama": dict(architectures=["LlamaForCausalLM"], rope_theta=5e5, ti
                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
             "qwen2": dict(architectures=["Qwen2ForCausalLM"], rope_theta=1e6, tie_word_embeddings=False),
             "qwen3": dict(architectures=["Qwen3ForCausalLM"], head_dim=16, tie_word_embeddings=True)}
+# Gemma 3 as from-hf imports it: a window of 8 keys on layers 0 and 2 (layer 1 global), their own rotary base,
+# the logit soft-cap, head_dim 16 (not 48 / 6); an output matrix of its own (tied, the random model's logits are
+# near flat, its greedy tokens one in 1e5 apart: closer than ggml's fp16 GELU table keeps them)
+GEMMA3 = dict(tie_word_embeddings=False, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+              head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=128, rms_norm_eps=1e-6, sliding_window=8,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_theta=1e5,
+              rope_local_base_freq=2e4, final_logit_softcapping=5.0, bos_token_id=None, eos_token_id=None,
+              pad_token_id=None)
 LLAMA_CPP_MISSING = ("llama-cpp-python is not installed: pip install llama-cpp-python (it compiles llama.cpp from "
                      "source, several minutes) to check the GGUF files against llama.cpp itself")
 
@@ -83,6 +91,18 @@ def family_ckpt(root, family: str):
 def family_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     return {f: family_ckpt(root / f, f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def gemma3_ckpt(tmp_path_factory):
+    """A random transformers Gemma 3 text model (GEMMA3) with a byte-level BPE, imported with from-hf."""
+    pytest.importorskip("transformers")
+    hf = tmp_path_factory.mktemp("gemma3") / "hf"
+    hf.mkdir()
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE}
+    vocab = write_hf_tokenizer(hf, TEXT, SPECIALS, config, prefix="<|im_start|>").get_vocab_size()
+    write_hf_model(hf, "Gemma3TextConfig", "Gemma3ForCausalLM", **GEMMA3, vocab_size=vocab)
+    return convert.from_hf(str(hf), hf.parent / "ckpt")
 
 
 def fields(reader) -> dict:
@@ -200,12 +220,15 @@ def test_pre_tokenizers_get_the_names_llama_cpp_knows():
 def test_what_llama_cpp_cannot_compute_is_refused_in_one_line(tmp_path):
     bpe = train_bpe([TEXT], 280, log=lambda _: None)
     rope = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    gemma = {**rope, "mlp": "geglu", "qk_norm": True, "post_norms": True, "embed_scale": True, "norm_offset": 1.0}
     cases = [("softcap", dict(**rope, logit_softcap=30.0), bpe, "no llama.cpp llama form: logit_softcap"),
              ("window", dict(**rope, sliding_window=4), bpe, "llama form: sliding_window"),
              ("gpt2_rmsnorm", dict(norm="rmsnorm"), bpe, "no llama.cpp gpt2 form: norm"),
-             ("gemma", dict(**rope, post_norms=True), bpe, "Gemma3ForCausalLM")]
+             ("gemma_27b", dict(**gemma, n_layer=62, head_dim=16), bpe, "no llama.cpp gemma3 form: head_dim"),
+             ("gemma_rope", dict(**gemma, sliding_window=4, rope_scaling="linear", rope_factor=2.0), bpe,
+              "gemma3 form: rope_local_theta")]
     for name, extra, tok, message in cases:
-        cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=300, **extra)
+        cfg = ModelConfig(**{"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8, "vocab_size": 300, **extra})
         checkpoint.save_checkpoint(tmp_path / name, GPT(cfg).state_dict(), {"model": asdict(cfg)}, tok)
         with pytest.raises(CheckpointError, match=message) as e:
             to_gguf(tmp_path / name, tmp_path / f"{name}.gguf")
@@ -294,6 +317,41 @@ def test_llama_cpp_computes_our_family_logits_and_greedy_tokens(family, family_c
     out = to_gguf(family_ckpts[family], tmp_path / "m.gguf")
     diff, theirs, ours = compare_with_llama_cpp(family_ckpts[family], out, "Pack my box with five dozen")
     assert diff < 1e-4, diff
+    assert theirs == ours and len(set(ours)) > 3
+
+
+def test_gemma3_metadata_and_tensors_read_back(gemma3_ckpt, tmp_path):
+    state = checkpoint.load_checkpoint(gemma3_ckpt).model.state_dict()
+    reader = gguf.GGUFReader(str(to_gguf(gemma3_ckpt, tmp_path / "m.gguf")))
+    meta, got = fields(reader), tensors(reader)
+    assert meta["general.architecture"] == "gemma3"
+    assert meta["gemma3.attention.key_length"] == meta["gemma3.rope.dimension_count"] == 16
+    assert meta["gemma3.attention.sliding_window"] == 8
+    assert meta["gemma3.attention.sliding_window_pattern"] == [True, False, True]  # which layers slide
+    assert (meta["gemma3.rope.freq_base"], meta["gemma3.rope.freq_base_swa"]) == (1e5, 2e4)
+    assert meta["gemma3.final_logit_softcapping"] == 5.0
+    # llama.cpp's norms scale by the weight alone: Gemma's 1 + weight is written (every norm, q/k ones too)
+    h = lambda s: state[f"transformer.h.1.{s}"].numpy()  # noqa: E731
+    for theirs, ours in [("attn_norm", "ln_1"), ("post_attention_norm", "post_attn_norm"), ("ffn_norm", "ln_2"),
+                         ("post_ffw_norm", "post_mlp_norm"), ("attn_q_norm", "attn.q_norm"), ("attn_k_norm", "attn.k_norm")]:
+        np.testing.assert_array_equal(got[f"blk.1.{theirs}.weight"], 1 + h(f"{ours}.weight"))
+    np.testing.assert_array_equal(got["output_norm.weight"], 1 + state["transformer.ln_f.weight"].numpy())
+    q, kv = 6 * 16, 2 * 16  # rotate-half, as gemma3 rotates: q and k as they are
+    np.testing.assert_array_equal(got["blk.1.attn_k.weight"], h("attn.c_attn.weight")[q:q + kv])
+    np.testing.assert_array_equal(got["token_embd.weight"], state["transformer.wte.weight"].numpy())  # unscaled
+    np.testing.assert_array_equal(got["output.weight"], state["lm_head.weight"].numpy())
+    assert len(got) == 3 + 3 * 13
+
+
+def test_llama_cpp_computes_our_gemma3_logits_and_greedy_tokens(gemma3_ckpt, tmp_path):
+    """Sliding layers see 8 keys; the prompt is longer, and 50 tokens more, so the window and which layers
+    use it decide the logits: a window of 9 in the file, no per-layer flags, no local rotary base, no soft-cap
+    or norms without their + 1 each put the logits 0.1 to 1.2 off."""
+    llama_cpp_or_skip()
+    prompt = "Pack my box with five dozen liquor jugs; sphinx of black quartz, judge my vow. The quick brown fox"
+    assert len(checkpoint.load_checkpoint(gemma3_ckpt).tokenizer.encode(prompt)) > 2 * 8
+    diff, theirs, ours = compare_with_llama_cpp(gemma3_ckpt, to_gguf(gemma3_ckpt, tmp_path / "m.gguf"), prompt)
+    assert diff < 1e-3, diff  # ggml's CPU GELU reads an fp16 table, as for gpt2 (the other families': 1e-6)
     assert theirs == ours and len(set(ours)) > 3
 
 
