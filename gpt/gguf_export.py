@@ -13,13 +13,17 @@ on `llama` or `qwen`, what `_gemma3_mismatches` names) is refused in one line na
 written. The tokenizer goes into the metadata as llama.cpp's byte-level BPE ("gpt2"
 model: tokens, token types, merges, the pre-tokenizer by the name llama.cpp knows), with the special tokens
 and the chat template (the model's own, or ours for chat fine-tunes). A character vocabulary is one token per
-character in GPT-2's byte spelling, with merges only inside a character, so llama.cpp splits as we do.
+character in GPT-2's byte spelling, with merges only inside a character, so llama.cpp splits as we do. A
+SentencePiece-style tokenizer.json (BPE with byte_fallback, ▁ for spaces: Llama 2, TinyLlama, Mistral, Gemma 3)
+becomes llama.cpp's SentencePiece tokenizer ("llama" model: tokens, scores from the merge ranks, token types,
+whether a space goes before the text); what it cannot follow is refused by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +188,8 @@ def tokenizer_metadata(tok: Tokenizer, n_vocab: int) -> dict:
     if len(tokens) > n_vocab:
         raise CheckpointError(f"the tokenizer has {len(tokens)} tokens but the model only {n_vocab} rows; "
                               "nothing was written")
+    if "scores" in meta:
+        meta["scores"] += [0.0] * (n_vocab - len(tokens))
     tokens += [f"[PAD{i}]" for i in range(len(tokens), n_vocab)]
     types += [gguf.TokenType.UNUSED] * (n_vocab - len(types))
     template = ChatTemplate(tok)
@@ -237,13 +243,16 @@ def _tiktoken_vocab(tok: TiktokenTokenizer) -> dict:
 
 
 def _shipped_vocab(tok: HFTokenizer) -> dict:
-    """A tokenizer.json byte-level BPE as llama.cpp reads it; anything else refused in one line."""
+    """A tokenizer.json byte-level BPE as llama.cpp reads it (a SentencePiece-style one: `_sentencepiece_vocab`);
+    anything else refused in one line."""
     gguf = _gguf()
     spec = json.loads(tok.hf.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not tok._byte_level:
-        raise CheckpointError("this tokenizer.json is not a byte-level BPE (SentencePiece-style tokenizers have "
-                              "no GGUF export here); nothing was written")
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _sentencepiece_vocab(tok, spec)
+    if model.get("type") != "BPE" or not tok._byte_level:
+        raise CheckpointError(f"this tokenizer.json ({model.get('type')}) is neither a byte-level BPE nor a "
+                              "SentencePiece-style one (BPE with byte_fallback); nothing was written")
     pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
     added = {t["id"]: t for t in spec.get("added_tokens") or []}
     by_id = {i: s for s, i in model["vocab"].items()} | {i: t["content"] for i, t in added.items()}
@@ -252,10 +261,113 @@ def _shipped_vocab(tok: HFTokenizer) -> dict:
              else gguf.TokenType.USER_DEFINED for i in range(tok.vocab_size)]
     types = [t if i in by_id else gguf.TokenType.UNUSED for i, t in enumerate(types)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    single = ((spec.get("post_processor") or {}).get("single") or [{}])[0]
-    add_bos = "SpecialToken" in single and tok.bos_id is not None
-    return dict(tokens=tokens, types=types, merges=merges, pre=pre, bos=tok.bos_id, add_bos=add_bos,
-                pad=tok.pad_id)
+    return dict(tokens=tokens, types=types, merges=merges, pre=pre, bos=tok.bos_id, pad=tok.pad_id,
+                **_adds_specials(tok, spec))
+
+
+def _adds_specials(tok: HFTokenizer, spec: dict) -> dict:
+    """add_bos / add_eos: whether the file's post-processor puts a special token (the BOS) first, one (the EOS)
+    last."""
+    single = (spec.get("post_processor") or {}).get("single") or [{}]
+    return dict(add_bos="SpecialToken" in single[0] and tok.bos_id is not None,
+                add_eos=len(single) > 1 and "SpecialToken" in single[-1] and tok.eot_id is not None)
+
+
+# ---------------------------------------------------------------------------- SentencePiece-style tokenizer.json
+
+SPACE = "\u2581"  # ▁, SentencePiece's spelling of a space
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _sentencepiece_vocab(tok: HFTokenizer, spec: dict) -> dict:
+    """A SentencePiece-style tokenizer.json (BPE with byte_fallback, ▁ for spaces: Llama 2, TinyLlama, Mistral,
+    Gemma) as llama.cpp's SentencePiece tokenizer ("llama" model). That tokenizer joins the adjacent pair whose
+    concatenation is the token of highest score, so each token's score is minus the rank of its first merge:
+    the same choice as Hugging Face's BPE when the merges are SentencePiece's (every split of a token into two
+    tokens is a merge, the merges of one token consecutive), which is checked. Byte tokens <0xXX> are BYTE,
+    the unknown token UNKNOWN, special added tokens CONTROL, other added tokens USER_DEFINED."""
+    gguf = _gguf()
+    model = spec["model"]
+    wrong = [k for k in ("continuing_subword_prefix", "end_of_word_suffix", "dropout") if model.get(k)]
+    if model.get("ignore_merges"):
+        wrong.append("ignore_merges")
+    if wrong:
+        raise CheckpointError(f"this tokenizer.json's BPE sets {', '.join(wrong)}, which llama.cpp's SentencePiece "
+                              "tokenizer does not compute; nothing was written")
+    space_prefix = spm_space_prefix(spec.get("normalizer"), spec.get("pre_tokenizer"), model["vocab"])
+    added = {t["id"]: t for t in spec.get("added_tokens") or []}
+    by_id = {i: s for s, i in model["vocab"].items()} | {i: t["content"] for i, t in added.items()}
+    T = gguf.TokenType
+
+    def kind(i: int, text: str) -> int:
+        if text == model.get("unk_token"):
+            return T.UNKNOWN
+        if i in added:
+            return T.CONTROL if added[i].get("special") else T.USER_DEFINED
+        return T.BYTE if BYTE_TOKEN.fullmatch(text) else T.NORMAL
+
+    types = [kind(i, by_id[i]) if i in by_id else T.UNUSED for i in range(tok.vocab_size)]
+    tokens = [by_id.get(i, f"<unused{i}>") for i in range(tok.vocab_size)]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    plain = [t for i, t in enumerate(tokens) if types[i] == T.NORMAL]
+    ranks = sentencepiece_ranks(merges, plain, set(by_id.values()))
+    unk = next((i for i, t in enumerate(types) if t == T.UNKNOWN), None)
+    return dict(model="llama", tokens=tokens, types=types, scores=[-float(ranks.get(t, 0)) for t in tokens],
+                space_prefix=space_prefix, bos=tok.bos_id, pad=tok.pad_id, unk=unk, **_adds_specials(tok, spec))
+
+
+def sentencepiece_ranks(merges: list[tuple[str, str]], plain: list[str], vocab: set[str]) -> dict[str, int]:
+    """token -> rank of the first merge that makes it; refused (one line naming a pair) unless the merges are
+    SentencePiece's: those making one token consecutive, and every split of a plain token into two tokens a
+    merge (llama.cpp joins any such pair, Hugging Face's BPE only merges)."""
+    first: dict[str, int] = {}
+    for r, (a, b) in enumerate(merges):
+        if first.setdefault(a + b, r) != r and merges[r - 1][0] + merges[r - 1][1] != a + b:
+            raise CheckpointError(f"this tokenizer.json's merges making {a + b!r} are not consecutive (not "
+                                  "SentencePiece's): llama.cpp would split text otherwise; nothing was written")
+    known = set(merges)
+    for t in plain:
+        for k in range(1, len(t)):
+            if t[:k] in vocab and t[k:] in vocab and (t[:k], t[k:]) not in known:
+                raise CheckpointError(f"this tokenizer.json joins {t[:k]!r} and {t[k:]!r} into {t!r} by no merge "
+                                      "(not SentencePiece's merges): llama.cpp would; nothing was written")
+    return first
+
+
+def spm_space_prefix(normalizer: dict | None, pre: dict | None, vocab: dict) -> bool:
+    """Whether llama.cpp must put a space before the text (tokenizer.ggml.add_space_prefix) to tokenize as this
+    tokenizer.json's normalizer and pre-tokenizer do; a combination it cannot follow is refused by name.
+    Matched: spaces replaced by ▁ in the normalizer (Gemma), after a Prepend("▁") (Llama 2, Mistral: a ▁ before
+    every text, as llama.cpp adds its space), or by a Metaspace pre-tokenizer that prepends nothing (split only
+    where no token holds ▁ past its start, so that splitting changes nothing)."""
+    steps = (normalizer or {}).get("normalizers") if (normalizer or {}).get("type") == "Sequence" else [normalizer]
+    steps = [s for s in steps or [] if s]
+    names = [s.get("type") for s in steps]
+    replaces = any(s.get("type") == "Replace" and s.get("pattern") == {"String": " "} and s.get("content") == SPACE
+                   for s in steps)
+    prepends = [s for s in steps if s.get("type") == "Prepend"]
+    if (any(n not in ("Replace", "Prepend") for n in names) or len(steps) != replaces + len(prepends)
+            or any(s.get("prepend") != SPACE for s in prepends) or len(prepends) > 1):
+        raise CheckpointError(f"this tokenizer.json's normalizer ({', '.join(map(str, names))}) has no llama.cpp "
+                              "SentencePiece form (a Replace of ' ' by '▁', after a Prepend of '▁', has); nothing "
+                              "was written")
+    no_op = replaces and (pre or {}).get("type") == "Split" and pre.get("pattern") == {"String": " "}
+    if pre is None or no_op:
+        if not replaces:
+            raise CheckpointError("this tokenizer.json writes spaces as spaces (no Replace of ' ' by '▁' and no "
+                                  "Metaspace): llama.cpp's SentencePiece tokenizer reads ▁; nothing was written")
+        return bool(prepends)  # a Split on ' ' after every space became ▁ splits nothing
+    scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
+    if pre.get("type") != "Metaspace" or pre.get("replacement") != SPACE or prepends:
+        raise CheckpointError(f"this tokenizer.json's pre-tokenizer ({pre.get('type')}) has no llama.cpp "
+                              "SentencePiece form (a Metaspace that prepends nothing has); nothing was written")
+    if scheme != "never":
+        raise CheckpointError(f"this tokenizer.json's Metaspace prepend_scheme {scheme!r} adds '▁' only where the "
+                              "text does not start with a space; llama.cpp adds one always; nothing was written")
+    if pre.get("split", True) and any(SPACE in t[1:] for t in vocab):
+        raise CheckpointError("this tokenizer.json's Metaspace splits at every '▁' but its tokens hold '▁' inside: "
+                              "llama.cpp never splits; nothing was written")
+    return False
 
 
 def pre_tokenizer_name(pre: dict | None) -> str:
@@ -318,19 +430,31 @@ def _write_metadata(w, gguf, cfg: ModelConfig, arch: str, tokens: dict, name: st
             w.add_rope_scaling_factor(cfg.rope_factor)
     if arch == "gemma3":
         _gemma3_metadata(w, cfg)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tokens["pre"])
-    w.add_token_list(tokens["tokens"])
-    w.add_token_types(tokens["types"])
-    w.add_token_merges(tokens["merges"])
-    for key, add in [("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("eot", w.add_eot_token_id),
-                     ("pad", w.add_pad_token_id)]:
-        if tokens[key] is not None:
-            add(tokens[key])
+    _write_vocab(w, tokens)
     w.add_add_bos_token(tokens["add_bos"])
-    w.add_add_eos_token(False)
+    w.add_add_eos_token(tokens.get("add_eos", False))
     if tokens["chat_template"] is not None:
         w.add_chat_template(tokens["chat_template"])
+
+
+def _write_vocab(w, tokens: dict) -> None:
+    """tokenizer.ggml.*: byte-level BPE ("gpt2": merges, pre-tokenizer) or SentencePiece ("llama": scores,
+    whether a space goes before the text), the token list and types, the special ids."""
+    w.add_tokenizer_model(tokens.get("model", "gpt2"))
+    if "scores" in tokens:
+        w.add_add_space_prefix(tokens["space_prefix"])
+    else:
+        w.add_tokenizer_pre(tokens["pre"])
+    w.add_token_list(tokens["tokens"])
+    w.add_token_types(tokens["types"])
+    if "scores" in tokens:
+        w.add_token_scores(tokens["scores"])
+    else:
+        w.add_token_merges(tokens["merges"])
+    for key, add in [("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("eot", w.add_eot_token_id),
+                     ("pad", w.add_pad_token_id), ("unk", w.add_unk_token_id)]:
+        if tokens.get(key) is not None:
+            add(tokens[key])
 
 
 def _gemma3_metadata(w, cfg: ModelConfig) -> None:

@@ -17,7 +17,8 @@ from gpt.config import ModelConfig
 from gpt.data.bpe import GPT2_PATTERN, train_bpe
 from gpt.data.chat_template import END_TOKEN, ChatTemplate, hf_chat_template
 from gpt.data.tokenizer import CharTokenizer, HFTokenizer, byte_to_unicode
-from gpt.gguf_export import LLAMA3_REGEX, QWEN2_REGEX, pre_tokenizer_name, to_gguf
+from gpt.gguf_export import (LLAMA3_REGEX, QWEN2_REGEX, pre_tokenizer_name, sentencepiece_ranks, spm_space_prefix,
+                              to_gguf)
 from gpt.infer.chat_session import ChatSession
 from gpt.infer.engine import complete, generate
 from gpt.infer.sampling import SamplingParams
@@ -507,3 +508,132 @@ def test_a_chat_model_answers_in_llama_cpp_as_in_sample_chat(kind, gpt2_ckpt, fa
         assert theirs == ours and {"stop": "eos"}.get(their_why, their_why) == why
     assert turns[0][1] == "eos" and len(turns[0][0]) > 3  # the first reply ends at its end token (as engineered)
     assert all(ids for ids, *_ in turns)  # the second turn's length depends on the random weights
+
+
+# ---------------------------------------------------------------------------- SentencePiece-style tokenizer.json
+
+SPM_TEXTS = ["Hello world", "   three spaces first", "several    spaces,  then\ttab", "lines\nand\n\nmore lines\n",
+             "Grüße aus Köln, café crème", "a robot 🤖 waves 東京", "def f(x):\n    return x ** 2  # code\n",
+             " leading and trailing "]
+CODE = "def f(x):\n    return x ** 2  # square\n\nclass Box:\n    pass\n"
+# (special tokens in id order, BOS, EOS, normalizer steps): Llama 2 / TinyLlama / Mistral (a ▁ before the text),
+# Gemma (none)
+SPM_STYLES = {"llama": (["<unk>", "<s>", "</s>"], "<s>", "</s>", True),
+              "gemma": (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", False)}
+
+
+def write_spm_tokenizer(folder, style: str):
+    """A SentencePiece-style tokenizer.json as Hugging Face converts SentencePiece models: special tokens, the 256
+    byte tokens <0xXX> (byte_fallback), then a BPE vocabulary learned here with ▁ for spaces; its merges every split
+    of a token into two tokens, ordered by the token made (SentencePiece's order, as transformers' converter writes
+    them). Llama's normalizer puts a ▁ before the text, Gemma's does not."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials, bos, eos, prefix = SPM_STYLES[style]
+    steps = [normalizers.Prepend("▁")] * prefix + [normalizers.Replace(" ", "▁")]
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = normalizers.Sequence(steps)
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # learned within words, as SentencePiece
+    learner.train_from_iterator((TEXT + CODE).splitlines(keepends=True), trainers.BpeTrainer(vocab_size=300))
+    learned = sorted(learner.get_vocab(), key=learner.get_vocab().get) + ["▁▁", "▁▁▁▁"]  # runs of spaces, as Llama's
+    tokens = list(dict.fromkeys(specials + [f"<0x{b:02X}>" for b in range(256)] + learned))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [(t[:k], t[k:]) for t in tokens for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+    merges.sort(key=lambda m: (vocab[m[0] + m[1]], vocab[m[0]], vocab[m[1]]))
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * prefix)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    tok.add_special_tokens(specials)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}), encoding="utf-8")
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def spm_ckpts(tmp_path_factory):
+    """Our checkpoints (from-hf) of a random transformers Llama with Llama 2's style of tokenizer and a Gemma 3
+    with Gemma's."""
+    pytest.importorskip("transformers")
+    out = {}
+    for style, (config_cls, model_cls, options) in {"llama": ("LlamaConfig", "LlamaForCausalLM", FAMILY),
+                                                    "gemma": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA3)}.items():
+        hf = tmp_path_factory.mktemp(style) / "hf"
+        hf.mkdir()
+        vocab = write_spm_tokenizer(hf, style)
+        _, bos, eos, _ = SPM_STYLES[style]
+        write_hf_model(hf, config_cls, model_cls, **{**options, "vocab_size": len(vocab), "bos_token_id": vocab[bos],
+                                                     "eos_token_id": vocab[eos], "pad_token_id": None})
+        out[style] = convert.from_hf(str(hf), hf.parent / "ckpt")
+    return out
+
+
+@pytest.mark.parametrize("style", SPM_STYLES)
+def test_a_sentencepiece_tokenizer_is_llama_cpp_s_with_scores_and_token_types(style, spm_ckpts, tmp_path):
+    meta = fields(gguf.GGUFReader(str(to_gguf(spm_ckpts[style], tmp_path / "m.gguf"))))
+    tok = checkpoint.load_checkpoint(spm_ckpts[style]).tokenizer
+    specials, bos, eos, prefix = SPM_STYLES[style]
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    scores = meta["tokenizer.ggml.scores"]
+    assert meta["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in meta
+    assert meta["tokenizer.ggml.add_space_prefix"] is prefix
+    ids = {t: tok.hf.token_to_id(t) for t in [*specials, "<0x0A>", "▁the"]}
+    assert tokens[ids["<0x0A>"]] == "<0x0A>" and types[ids["<0x0A>"]] == gguf.TokenType.BYTE
+    assert types[ids["<unk>"]] == gguf.TokenType.UNKNOWN and types[ids[bos]] == gguf.TokenType.CONTROL
+    assert types[ids["▁the"]] == gguf.TokenType.NORMAL
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (ids[bos], ids[eos])
+    assert meta["tokenizer.ggml.unknown_token_id"] == ids["<unk>"] and meta["tokenizer.ggml.add_bos_token"] is True
+    assert meta["tokenizer.ggml.add_eos_token"] is False  # the post-processor puts the BOS first, nothing last
+    # scores: minus the rank of the token's first merge, so llama.cpp joins pairs in the merges' order
+    merges = json.loads(tok.hf.to_str())["model"]["merges"]
+    made = ["".join(m) for m in merges]
+    assert scores[ids["▁the"]] == -made.index("▁the") and scores[ids["<0x0A>"]] == 0.0
+
+
+@pytest.mark.parametrize("style", SPM_STYLES)
+def test_llama_cpp_tokenizes_a_sentencepiece_tokenizer_as_we_do(style, spm_ckpts, tmp_path):
+    """Spaces first, runs of spaces, a tab, newlines, accents, an emoji and CJK (bytes: not in the vocabulary), code."""
+    llama_cpp_or_skip()
+    tok = checkpoint.load_checkpoint(spm_ckpts[style]).tokenizer
+    llm = llama_cpp_model(to_gguf(spm_ckpts[style], tmp_path / "m.gguf"), 64)
+    try:
+        for text in SPM_TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+        assert any(tok.hf.id_to_token(i).startswith("<0x") for i in tok.encode("🤖"))  # byte fallback was used
+        assert llm.tokenize(b"Hello", add_bos=True) == tok.encode("Hello", add_special_tokens=True)
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_computes_our_greedy_tokens_with_a_sentencepiece_tokenizer(spm_ckpts, tmp_path):
+    llama_cpp_or_skip()
+    ckpt = spm_ckpts["llama"]
+    diff, theirs, ours = compare_with_llama_cpp(ckpt, to_gguf(ckpt, tmp_path / "m.gguf"), " Pack my  box\nwith Köln")
+    assert diff < 1e-4, diff
+    assert theirs == ours and len(set(ours)) > 3
+
+
+def test_sentencepiece_forms_llama_cpp_cannot_follow_are_refused_in_one_line():
+    from tokenizers import normalizers, pre_tokenizers
+
+    state = lambda x: json.loads(x.__getstate__())  # noqa: E731
+    replace = state(normalizers.Replace(" ", "▁"))
+    assert spm_space_prefix(state(normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])),
+                            None, {}) is True
+    assert spm_space_prefix(replace, None, {}) is False
+    assert spm_space_prefix(None, state(pre_tokenizers.Metaspace(prepend_scheme="never", split=False)), {}) is False
+    cases = [(None, state(pre_tokenizers.Metaspace(prepend_scheme="first", split=False)), {}, "prepend_scheme 'first'"),
+             (state(normalizers.NFKC()), None, {}, r"normalizer \(NFKC\)"),
+             (None, None, {}, "writes spaces as spaces"),
+             (None, state(pre_tokenizers.Metaspace(prepend_scheme="never")), {"a▁b": 0}, "Metaspace splits"),
+             (replace, state(pre_tokenizers.Whitespace()), {}, r"pre-tokenizer \(Whitespace\)")]
+    for normalizer, pre, vocab, message in cases:
+        with pytest.raises(CheckpointError, match=message) as e:
+            spm_space_prefix(normalizer, pre, vocab)
+        assert "\n" not in str(e.value)
+    # merges as a BPE trainer writes them: "ab" + "c" merged, but llama.cpp would also join "a" + "bc"
+    with pytest.raises(CheckpointError, match="joins 'a' and 'bc'"):
+        sentencepiece_ranks([("a", "b"), ("b", "c"), ("ab", "c")], ["abc"], {"a", "b", "c", "ab", "bc", "abc"})
+    with pytest.raises(CheckpointError, match="not consecutive"):
+        sentencepiece_ranks([("a", "bc"), ("b", "c"), ("ab", "c")], ["abc"], {"a", "b", "c", "bc", "abc"})
