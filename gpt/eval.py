@@ -42,7 +42,7 @@ from gpt.data.examples import encode_chat
 from gpt.data.files import RecordError
 from gpt.data.record_formats import parse_record
 from gpt.data.tokenizer import Tokenizer, TokenizerError
-from gpt.device import autocast, pick_device, resolve_dtype
+from gpt.device import autocast, pick_device, pick_threads, resolve_dtype
 from gpt.errors import UserError
 from gpt.infer.engine import complete
 from gpt.infer.sampling import SamplingParams
@@ -402,6 +402,7 @@ def run_tool_calls(args: argparse.Namespace) -> list:
         raise UserError("--limit and --max-new-tokens must be >= 0 and --batch-size >= 1")
     data = read_data(args.data, "chat" if args.format == "auto" else args.format)
     device = _device(args.device)
+    torch.set_num_threads(pick_threads())  # decoding: a thread barrier on a busy core costs a time slice each
     rows = []
     for path in args.ckpt:
         loaded = load_scored(path, device)

@@ -147,8 +147,8 @@ def replies(model: GPT, template: ChatTemplate, cases: list[Case], decoding: str
     engine, reqs = Engine(model, tok, max_batch=batch_size), []
     for case in cases:
         prompt = template.encode(case.prompt, add_generation_prompt=True, tools=case.tools)
-        budget = max_new_tokens or _auto_budget(tok, fmt, case)
-        if len(prompt) + budget > context:
+        budget = max_new_tokens or min(_auto_budget(tok, fmt, case), context - len(prompt))
+        if len(prompt) + budget > context or budget < 1:
             raise DataError(f"{case.where}: the prompt ({len(prompt)} tokens) and a reply of {budget} do not fit "
                             f"the model's context ({context}); use a base with a longer block_size")
         grammar = Constraint.grammar(tool_grammar(fmt, case.tools, "auto")) if decoding == "grammar" else None
@@ -165,7 +165,8 @@ def replies(model: GPT, template: ChatTemplate, cases: list[Case], decoding: str
 
 
 def _auto_budget(tok, fmt: ToolFormat, case: Case) -> int:
-    """Twice the reference reply's tokens and 16 more: room for any call as long as the right one."""
+    """Twice the reference reply's tokens and 16 more (room for a call longer than the right one); the caller
+    caps it at what the context leaves."""
     reference = fmt.write_all([{"function": {"name": n, "arguments": a}} for n, a in case.calls or []])
     return 2 * len(tok.encode(reference or "x" * 32)) + 16
 
