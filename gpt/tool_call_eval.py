@@ -17,7 +17,8 @@ Counted, on the records whose reference is a call:
               keys put in the schema's order, must match the schema's grammar)
   right tool  the calls name the reference's tools, in order
   right args  and every call's arguments equal the reference's as JSON values
-and on the records whose reference is text: `no call` (the reply makes no call, not even an unfinished one).
+and on the records whose reference is text: `no call` (the reply makes no call and never writes the call
+marker: not even a call the reader cannot take).
 `correct` = right args on call records + no call on text records, over all records.
 """
 
@@ -124,7 +125,7 @@ def judge(result: ToolCallResult, case: Case, reply: str, fmt: ToolFormat, templ
     result.records += 1
     if case.calls is None:
         result.text_records += 1
-        result.no_call += not read.calls
+        result.no_call += not read.calls and fmt.trigger not in reply
         return
     result.call_records += 1
     result.attempted += fmt.trigger in reply

@@ -69,17 +69,18 @@ def test_counting_of_hand_made_replies(tok):
         (weather, "It is sunny in Oslo."),  # no call at all
         (text, "Hello."),  # a text record answered in text
         (text, call("find", '{"name": "Ada"}')),  # a text record answered with a call
+        (text, '<tool_call>\n{"name"name": "}'),  # ... or with the start of one
     ]
     result, template = ToolCallResult("free"), ChatTemplate(tok)
     for case, reply in replies:
         judge(result, case, reply, HERMES, template)
-    assert (result.records, result.call_records, result.text_records) == (10, 8, 2)
+    assert (result.records, result.call_records, result.text_records) == (11, 8, 3)
     assert result.attempted == 7
     assert result.valid == 4  # the first three and the wrong tool
     assert result.right_tool == 5  # get_weather named, valid or not
     assert result.right_args == 2
     assert result.no_call == 1
-    assert result.correct == pytest.approx(3 / 10)
+    assert result.correct == pytest.approx(3 / 11)
 
 
 def eager_caller(tok):
