@@ -42,12 +42,13 @@ from gpt.data.examples import encode_chat
 from gpt.data.files import RecordError
 from gpt.data.record_formats import parse_record
 from gpt.data.tokenizer import Tokenizer, TokenizerError
-from gpt.device import autocast, pick_device, resolve_dtype
+from gpt.device import autocast, pick_device, pick_threads, resolve_dtype
 from gpt.errors import UserError
 from gpt.infer.engine import complete
 from gpt.infer.sampling import SamplingParams
 from gpt.model import GPT, IGNORE_INDEX
 from gpt.pretrained import load_pretrained
+from gpt.tool_call_eval import evaluate_tool_calls, format_tool_table
 
 FORMATS = ("auto", "text", "chat", "instruction")
 
@@ -345,6 +346,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
     p.add_argument("--exact-match", action="store_true", help="also generate greedy replies (chat/instruction)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="reply budget for --exact-match (0 = auto)")
+    p.add_argument("--tool-calls", action="store_true",
+                   help="tool-call accuracy on chat records with tools, free and grammar-held (greedy replies)")
+    p.add_argument("--limit", type=int, default=0, help="--tool-calls: the first N records only (0 = all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of a table")
@@ -352,15 +356,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> list[tuple[str, EvalResult]]:
+    if args.tool_calls:
+        return run_tool_calls(args)
+    if args.limit:
+        raise UserError("--limit counts records of --tool-calls; --max-tokens caps what is scored")
     if args.stride is not None and args.stride <= 0:
         raise UserError(f"--stride must be a positive number of tokens, got {args.stride}")
     if args.max_tokens < 0:
         raise UserError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     data = read_data(args.data, args.format)
-    try:
-        device = pick_device(args.device)
-    except RuntimeError as e:
-        raise UserError(str(e)) from None
+    device = _device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     rows = []
     for path in args.ckpt:
@@ -377,6 +382,42 @@ def run(args: argparse.Namespace) -> list[tuple[str, EvalResult]]:
             print(json.dumps({"ckpt": path, "data": str(args.data), **result.to_dict()}), flush=True)
     if not args.json:
         print(format_table(rows))
+    return rows
+
+
+def _device(name: str) -> torch.device:
+    try:
+        return pick_device(name)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+
+
+def run_tool_calls(args: argparse.Namespace) -> list:
+    """--tool-calls: each checkpoint's replies to the records' first requests, free and held to the tools' grammar."""
+    refused = [flag for flag, on in (("--max-tokens", args.max_tokens), ("--stride", args.stride is not None),
+                                     ("--exact-match", args.exact_match)) if on]
+    if refused:
+        raise UserError(f"{refused[0]} does not apply to --tool-calls (--limit N evaluates the first N records)")
+    if args.limit < 0 or args.max_new_tokens < 0 or args.batch_size < 1:
+        raise UserError("--limit and --max-new-tokens must be >= 0 and --batch-size >= 1")
+    data = read_data(args.data, "chat" if args.format == "auto" else args.format)
+    device = _device(args.device)
+    torch.set_num_threads(pick_threads())  # decoding: a thread barrier on a busy core costs a time slice each
+    rows = []
+    for path in args.ckpt:
+        loaded = load_scored(path, device)
+        with autocast(device, resolve_dtype(args.dtype, device)):
+            try:
+                results = evaluate_tool_calls(loaded.model, loaded.tokenizer, data.items, where=data.where,
+                                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                              limit=args.limit, progress=True)
+            except UserError as e:
+                raise UserError(f"{path}: {e}") from None
+        rows += [(path, r) for r in results]
+        for r in results if args.json else []:
+            print(json.dumps({"ckpt": path, "data": str(args.data), **r.to_dict()}), flush=True)
+    if not args.json:
+        print(format_tool_table(rows))
     return rows
 
 

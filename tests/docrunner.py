@@ -26,7 +26,8 @@ How blocks run:
   Any other command runs under bash.
 - Step counts are tiny (CAPS): training commands get TRAINING_CAPS appended (after the doc's own
   overrides, so they win; out_dir, configs, tokenizers and contexts stay the doc's), sample.py at most
-  8 new tokens, `--chat` gets "hello" on stdin, data/qa/prepare.py writes 200 conversations.
+  8 new tokens, `--chat` gets "hello" on stdin, data/qa/prepare.py writes 200 conversations (data/tools/prepare.py 200 records),
+  `gpt.eval --tool-calls` answers 4 records.
 - `python serve.py ...` starts a real server in the background on a free port (a child of the worker: a
   fork, torch imported already, running serve.py as __main__); the page's later blocks
   talk to it (`127.0.0.1:8000` and `localhost:8000`, or the `--port` the doc gave, are rewritten to that
@@ -88,9 +89,11 @@ CAPS = {
     "finetune.py": TRAINING_CAPS,
     "sample.py": ["--max-new-tokens", "8"],
     "data/qa/prepare.py": ["--train", "200", "--val", "20", "--pairs", "100"],
+    "data/tools/prepare.py": ["--train", "200", "--val", "20"],
     "bench/dpo_qa.py": ["--n-questions", "4"],
     "gpt.audit": ["--samples", "8", "--candidates", "500"],
     "gpt.eval": ["--max-tokens", "2000"],
+    "gpt.eval --tool-calls": ["--limit", "4"],  # counts records: generated replies, not scored tokens
 }
 CHAT_INPUT = "hello\n"
 SERVER = re.compile(r"^python3? (\./)?serve\.py\b")
@@ -314,7 +317,9 @@ class Sandbox:
         if name == "serve.py" and not {"-h", "--help"} & set(args):  # --help prints and exits: a plain command
             self.start_server(where, [target, *args])
             return "server"
-        if not (name == "gpt.eval" and args[:1] == ["lm-eval"]):  # lm-eval takes --limit, not --max-tokens
+        if name == "gpt.eval" and "--tool-calls" in args:
+            args = args + CAPS["gpt.eval --tool-calls"]
+        elif not (name == "gpt.eval" and args[:1] == ["lm-eval"]):  # lm-eval takes --limit, not --max-tokens
             args = args + CAPS.get(name, [])
         if stdin is None:
             stdin = CHAT_INPUT if name == "sample.py" and "--chat" in args else ""

@@ -59,6 +59,7 @@ LAYERS = {
     "gpt.train.metrics": 100,
     "gpt.train.dist": 100,
     "gpt.lm_eval_model": 104,
+    "gpt.tool_call_eval": 104,
     "gpt.eval": 105,
     "gpt.plot": 105,
     "gpt.train.loop": 110,

@@ -33,7 +33,7 @@ import weakref
 import numpy as np
 import torch
 
-from gpt.data.tokenizer import HFTokenizer, TiktokenTokenizer, Tokenizer
+from gpt.data.tokenizer import HFTokenizer, TiktokenTokenizer, Tokenizer, TokenizerError
 from gpt.infer.sampling import Constraint, SamplingError
 
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: {"a":1,"b":[2,3]}
@@ -120,6 +120,17 @@ def compiled_matcher(constraint: Constraint, tokenizer: Tokenizer):
             compiled.pop(next(iter(compiled)))
         compiled[constraint] = matcher
     return compiled[constraint].deep_copy()
+
+
+def text_matches(constraint: Constraint, text: str, tokenizer: Tokenizer) -> bool:
+    """The whole of `text` follows the constraint: the grammar engine's verdict on text written without it
+    (what a constrained decoder could have produced; gpt/tool_call_eval.py checks calls with it)."""
+    matcher = compiled_matcher(constraint, tokenizer)
+    try:
+        ids = tokenizer.encode(text)
+    except TokenizerError:  # a character the vocabulary lacks: no constrained reply could hold it
+        return False
+    return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
 
 
 def _build_tokenizer(tok: Tokenizer):
