@@ -6,7 +6,7 @@ from gpt.config import ModelConfig
 from gpt.infer.engine import generate
 from gpt.infer.quantize import Int8Linear
 from gpt.infer.sampling import SamplingParams
-from gpt.infer.weights import prepare_for_decoding
+from gpt.infer.weights import MatVecLinear, prepare_for_decoding
 from gpt.model import GPT
 
 
@@ -36,3 +36,18 @@ def test_bf16_keeps_row_major_and_int8_replaces_the_linears():
     assert w.dtype == torch.bfloat16 and w.is_contiguous()
     int8 = prepare_for_decoding(tiny(), torch.float32, "int8")
     assert isinstance(int8.transformer.h[0].mlp.c_fc, Int8Linear)
+
+
+def test_bf16_cpu_linears_take_one_row_as_a_matrix_vector_product_with_the_same_values():
+    """A batch-1 decode step (one row) goes through addmv; the cached step's logits and the greedy tokens are
+    the ones nn.Linear gives, and several rows still go through nn.Linear."""
+    model, ref = prepare_for_decoding(tiny(), torch.bfloat16), tiny().to(torch.bfloat16).eval()
+    fc = model.transformer.h[0].mlp.c_fc
+    assert isinstance(fc, MatVecLinear) and isinstance(model.lm_head, MatVecLinear)
+    for rows in (torch.randn(1, 1, 32), torch.randn(3, 2, 32)):
+        rows = rows.to(torch.bfloat16)
+        assert torch.allclose(fc(rows).float(), torch.nn.functional.linear(rows, fc.weight, fc.bias).float(),
+                              atol=2e-2, rtol=2e-2)
+    idx = torch.randint(0, 64, (1, 20))
+    greedy = SamplingParams(temperature=0)
+    assert torch.equal(generate(model, idx, 12, greedy), generate(ref, idx, 12, greedy))

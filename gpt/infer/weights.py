@@ -56,7 +56,8 @@ def load_for_decoding(args: argparse.Namespace, device: torch.device, dtype: tor
 
 def prepare_for_decoding(model: nn.Module, dtype: torch.dtype, quantize: str | None = None,
                          compile: bool = False) -> nn.Module:
-    """Eval mode, weights in the compute dtype, then int8 (quantize="int8") or the layout above. Dropout
+    """Eval mode, weights in the compute dtype, then int8 (quantize="int8"), or on CPU the layout that streams
+    fastest: fp32 weights column-major, bf16 Linears as MatVecLinear. Dropout
     modules become Identity: off in eval mode anyway, they cost a call each a layer and a token.
     compile: the engine's decode step through torch.compile (gpt/infer/compiled_decode.py)."""
     model.to(dtype=dtype).eval()
@@ -68,9 +69,32 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype, quantize: str | N
         quantize_int8(model)
     elif dtype == torch.float32 and next(model.parameters()).device.type == "cpu":
         column_major_linears(model)
+    elif dtype == torch.bfloat16 and next(model.parameters()).device.type == "cpu":
+        matvec_linears(model)
     if compile:
         compile_decoding(model)
     return model
+
+
+class MatVecLinear(nn.Linear):
+    """nn.Linear whose one-row products run as a matrix-vector product (torch.addmv). On CPU in bf16, torch's
+    linear streams a weight matrix for a single row at about 15 GB/s and addmv at about 20 (Xeon-2,
+    docs/performance.md#batch-1-against-llamacpp), and a batch-1 decode step is one row through every
+    matrix. The same function; any other shape goes through nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.shape[-1]:
+            return super().forward(x)
+        row = x.reshape(-1)
+        y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def matvec_linears(model: nn.Module) -> None:
+    """Every plain Linear of a bf16 CPU model for decoding becomes a MatVecLinear (same weights, in place)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = MatVecLinear
 
 
 def column_major_linears(model: nn.Module) -> None:
