@@ -79,7 +79,7 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype, quantize: str | N
 class MatVecLinear(nn.Linear):
     """nn.Linear whose one-row products run as a matrix-vector product (torch.addmv). On CPU in bf16, torch's
     linear streams a weight matrix for a single row at about 15 GB/s and addmv at about 20 (Xeon-2,
-    docs/performance.md#batch-1-against-llamacpp), and a batch-1 decode step is one row through every
+    docs/performance.md#xeon-2-quiet-batch-1-against-llamacpp-2026-12-06), and a batch-1 decode step is one row through every
     matrix. The same function; any other shape goes through nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
