@@ -520,3 +520,31 @@ def test_a_speculating_server_answers_each_request_as_alone(model, tok, tmp_path
         s.stop()
     assert together == [greedy(model, tok, p, 8 + i).text for i, p in enumerate(prompts)]
     assert stats.proposed > 0 and stats.rounds < stats.tokens  # guesses were made, and some kept
+
+
+def test_the_engine_thread_decodes_with_the_threads_serve_chose():
+    """A thread's OpenMP setting is its own: the engine thread takes the count set where the app was built
+    (serve.py builds it in a passing thread, gpt/serve/serve_cli.py in_passing_thread), not OpenMP's default."""
+    from gpt.infer.engine import Engine
+    from gpt.infer.sampling import SamplingParams
+    from gpt.serve.serve_cli import in_passing_thread
+    from gpt.serve.worker import Worker
+
+    tok = CharTokenizer(list(SERVE_CHARS))
+    before = torch.get_num_threads()
+
+    def build():
+        torch.set_num_threads(1)
+        return Worker(Engine(lively_model(tok.vocab_size), tok), max_queue=2)
+
+    worker = in_passing_thread(build)
+    assert torch.get_num_threads() == before  # this thread's setting is untouched
+    seen, step = [], worker.engine.step
+    worker.engine.step = lambda: seen.append(torch.get_num_threads()) or step()
+    done = threading.Event()
+    worker.start()
+    worker.submit([(tok.encode("ab"), SamplingParams(max_tokens=3))], [], lambda s, t, x: s.done and done.set())
+    assert done.wait(10) and seen and set(seen) == {1}
+    worker.stop()
+    with pytest.raises(ZeroDivisionError):  # an error in the passing thread reaches the caller
+        in_passing_thread(lambda: 1 / 0)

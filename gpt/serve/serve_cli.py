@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+from typing import Callable, TypeVar
 
 import torch
 import uvicorn
@@ -25,6 +27,8 @@ from gpt.infer.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from gpt.infer.speculative import SPECULATE_TOKENS, load_speculation
 from gpt.infer.weights import add_model_args, load_for_decoding
 from gpt.serve.app import DEFAULT_PREFILL_CHUNK, ServerConfig, create_app
+
+T = TypeVar("T")
 
 
 class ServeError(UserError):
@@ -120,9 +124,30 @@ def check_limits(args: argparse.Namespace) -> None:
             raise ServeError(f"--{flag.replace('_', '-')} must be {allowed}, got {value}")
 
 
-def run(argv: list[str]) -> None:
-    args = build_parser().parse_args(argv)
-    check_limits(args)
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """fn() in a thread that ends before serving starts. OpenMP (torch's CPU threads) keeps a team of threads for
+    every thread that ran parallel work; while the main thread's team lives, libgomp counts more threads than
+    cores and throttles the engine thread's team, and a decode step is about 30% slower
+    (docs/performance.md#xeon-2-quiet-prefix-caching-and-serving-2026-12-06). Loading in a passing thread leaves
+    the engine thread's team the only one."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread: one-line errors stay one line
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="gpt-setup")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def build_app(args: argparse.Namespace):
+    """The model loaded for decoding and the app serving it: (app, checkpoint folder, model name, config)."""
     torch.set_num_threads(serving_threads(args.threads))
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -131,7 +156,8 @@ def run(argv: list[str]) -> None:
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, api_key=args.api_key or os.environ.get("GPT_API_KEY") or None, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_body_bytes=args.max_body, max_model_len=args.max_model_len,
-                       prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk, host=args.host, allowed_hosts=tuple(args.allowed_hosts),
+                       prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk, host=args.host,
+                       allowed_hosts=tuple(args.allowed_hosts),
                        cors_origins=tuple(args.cors_origins), speculate=args.speculate,
                        speculate_tokens=args.speculate_tokens)
     speculation = None
@@ -141,6 +167,13 @@ def run(argv: list[str]) -> None:
         print(f"speculative decoding: {speculation.name}, {speculation.k} tokens guessed per stream and step "
               "(acceptance in the log at shutdown)", file=sys.stderr, flush=True)
     app = create_app(model, tokenizer, cfg, speculation)
+    return app, folder, name, cfg
+
+
+def run(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    check_limits(args)
+    app, folder, name, cfg = in_passing_thread(lambda: build_app(args))
     cache = app.state.server.worker.engine.cache
     print(f"KV cache: {args.max_batch} rows x {app.state.server.block_size} tokens, "
           f"{2 * cache.k.nbytes / 2**20:,.0f} MiB", file=sys.stderr, flush=True)

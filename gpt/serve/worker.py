@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
+
+import torch
 from typing import Callable, Sequence
 
 from gpt.infer.engine import DecodeRequest, Engine
@@ -32,6 +34,7 @@ class ShuttingDown(Exception):
 class Worker:
     def __init__(self, engine: Engine, max_queue: int):
         self.engine, self.max_queue = engine, max_queue
+        self.threads = torch.get_num_threads()  # the creating thread's setting: a thread's OpenMP setting is its own
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._stopping = False
@@ -83,6 +86,7 @@ class Worker:
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
         while True:
             if self._stopping and not self.engine.busy:
                 return
