@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,13 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt.checkpoint import load_checkpoint  # noqa: E402
 from gpt.config import ModelConfig  # noqa: E402
 from gpt.data.tokenizer import TiktokenTokenizer  # noqa: E402
-from gpt.device import pick_device, resolve_dtype, tune_allocator  # noqa: E402
+from gpt.device import cpu_model, pick_device, resolve_dtype, tune_allocator  # noqa: E402
 from gpt.infer.engine import complete  # noqa: E402
 from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.infer.speculative import DraftProposer, NgramProposer, Proposal, Speculation  # noqa: E402
 from gpt.infer.weights import prepare_for_decoding  # noqa: E402
 from gpt.model import GPT  # noqa: E402
-from gpt.device import cpu_model  # noqa: E402
+from sample_throughput import decode_rate  # noqa: E402  (bench/: batch x (n - 1) / (t(n) - t(1)))
 
 SHAPE_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
 SHAPE_SMOKE = dict(n_layer=2, n_head=2, n_embd=64, block_size=256)
@@ -115,19 +113,6 @@ class OracleProposer:
         return [Proposal(self.reference[len(r.tokens) : len(r.tokens) + k]) for r, k in zip(reqs, ks)]
 
 
-def decode_rate(run, n: int, repeats: int) -> float:
-    """Median tokens/s of the decode phase: (n - 1) / (time(n) - time(1))."""
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(1)
-        t1 = time.perf_counter()
-        run(n)
-        t2 = time.perf_counter()
-        rates.append((n - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
-    return statistics.median(rates)
-
-
 def models(args, device, dtype):
     """(target, tokenizer, {draft name: (model, tokenizer or None)}): a checkpoint's, or random ones."""
     torch.manual_seed(0)
@@ -160,14 +145,14 @@ def bench_prompt(label: str, prompt: str, target, tokenizer, drafts, args) -> No
     ids = tokenizer.encode(prompt)[-(target.config.block_size - args.new_tokens - 1):]
     greedy = lambda n: SamplingParams(temperature=0, max_tokens=n)  # noqa: E731
     reference = ids + complete(target, tokenizer, ids, greedy(args.new_tokens), stop_ids=())[0].token_ids
-    rows = {"plain": (decode_rate(lambda n: complete(target, tokenizer, ids, greedy(n), stop_ids=()),
+    rows = {"plain": (decode_rate(lambda n: complete(target, tokenizer, ids, greedy(n), stop_ids=()), 1,
                                   args.new_tokens, args.repeats), None, True)}
     proposers = [NgramProposer()] + [DraftProposer(m, tok, name) for name, (m, tok) in drafts.items()]
     for proposer in proposers + [OracleProposer(reference)]:
         spec = Speculation(proposer, args.k)
         name = spec.name
         run = lambda n: complete(target, tokenizer, ids, greedy(n), stop_ids=(), speculation=spec)  # noqa: E731
-        rate = decode_rate(run, args.new_tokens, args.repeats)
+        rate = decode_rate(run, 1, args.new_tokens, args.repeats)
         spec.stats.__init__()  # the stats of one full-length run, for the table
         out = run(args.new_tokens)[0].token_ids
         rows[name] = (rate, spec.stats, ids + out == reference)
