@@ -545,6 +545,8 @@ def test_the_engine_thread_decodes_with_the_threads_serve_chose():
     worker.start()
     worker.submit([(tok.encode("ab"), SamplingParams(max_tokens=3))], [], lambda s, t, x: s.done and done.set())
     assert done.wait(10) and seen and set(seen) == {1}
+    scored = in_passing_thread(lambda: (worker.score_prompt(tok.encode("abc"), 0), torch.get_num_threads()))
+    assert len(scored[0]) == 3 and scored[1] == 1  # echo's scoring: on its own thread, without an OpenMP team
     worker.stop()
     with pytest.raises(ZeroDivisionError):  # an error in the passing thread reaches the caller
         in_passing_thread(lambda: 1 / 0)

@@ -65,7 +65,9 @@ class Worker:
 
     def score_prompt(self, ids: list[int], top_k: int) -> list[TokenScore]:
         """The log-probability of each prompt token (echo + logprobs), on the caller's thread: one forward
-        pass of the engine's model outside the batch."""
+        pass of the engine's model outside the batch. On one thread: a second OpenMP team in this process
+        would slow every engine step from then on (serve_cli.in_passing_thread says why)."""
+        torch.set_num_threads(1)  # this thread's setting only
         return score_prompt(self.engine.model, ids, top_k, self.engine.vocab)
 
     def stop_accepting(self) -> None:
