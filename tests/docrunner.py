@@ -94,7 +94,14 @@ CAPS = {
     "gpt.audit": ["--samples", "8", "--candidates", "500"],
     "gpt.eval": ["--max-tokens", "2000"],
     "gpt.eval --tool-calls": ["--limit", "4"],  # counts records: generated replies, not scored tokens
+    "gpt.eval lm-eval": [],  # lm-eval's own options; its docs examples run tiny local tasks
 }
+
+
+def caps_for(name: str, args: list[str]) -> list[str]:
+    """A command's caps: those of its subcommand or mode ("gpt.eval lm-eval", "gpt.eval --tool-calls") when
+    CAPS has them, else the program's."""
+    return next((CAPS[f"{name} {a}"] for a in args if f"{name} {a}" in CAPS), CAPS.get(name, []))
 CHAT_INPUT = "hello\n"
 SERVER = re.compile(r"^python3? (\./)?serve\.py\b")
 DOCS_PORT = 8000  # what the docs' clients call when serve.py was given no --port
@@ -317,10 +324,7 @@ class Sandbox:
         if name == "serve.py" and not {"-h", "--help"} & set(args):  # --help prints and exits: a plain command
             self.start_server(where, [target, *args])
             return "server"
-        if name == "gpt.eval" and "--tool-calls" in args:
-            args = args + CAPS["gpt.eval --tool-calls"]
-        elif not (name == "gpt.eval" and args[:1] == ["lm-eval"]):  # lm-eval takes --limit, not --max-tokens
-            args = args + CAPS.get(name, [])
+        args = args + caps_for(name, args)
         if stdin is None:
             stdin = CHAT_INPUT if name == "sample.py" and "--chat" in args else ""
         return self.in_worker(where, kind, target, args, stdin, command)
