@@ -126,7 +126,7 @@ def build_ggufs(args, out: Path) -> dict[str, Path]:
     files = {}
     for kind in ("f32", "bf16", "q8_0"):
         path = out / f"model-{kind}.gguf"
-        cmd = [sys.executable, "-m", "gpt.convert", "to-gguf", str(args.ckpt), str(path), "--outtype", kind]
+        cmd = [sys.executable, "-m", "gpt.convert", "to-gguf", str(args.ckpt), str(path), "--type", kind]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0 and path.is_file():
             files[kind] = path

@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("to-gguf", help="our checkpoint -> one GGUF file for llama.cpp and Ollama")
     c.add_argument("ckpt")
     c.add_argument("out")
-    c.add_argument("--type", "--outtype", dest="outtype", choices=gguf_export.OUTTYPES, default="f32",
+    c.add_argument("--type", dest="outtype", choices=gguf_export.OUTTYPES, default="f32",
                    help="weights' type: f32 (exact), f16, bf16, q8_0 (8-bit blocks, about half of f16)")
     args = p.parse_args(argv)
     if args.command == "from-hf":
