@@ -4,6 +4,7 @@
     python bench/llama_cpp_race.py --ckpt out/run --gguf f32=m-f32.gguf --gguf bf16=m-bf16.gguf --gguf q8_0=m-q8.gguf
     python bench/llama_cpp_race.py --ckpt out/run              # builds the GGUFs with `python -m gpt.convert to-gguf`
     python bench/llama_cpp_race.py --ckpt out/run --compile    # also ours with the compiled decode step
+    python bench/llama_cpp_race.py --ckpt out/run --batch 8    # also 8 sequences decoded together
 
 For each precision it measures:
   decode   ms per token of batch-1 greedy decoding, 128 tokens after a 1-token prompt: ours
@@ -12,6 +13,11 @@ For each precision it measures:
            Python loop's wall time per token (eval + argmax, as ours is timed).
   ttft     time to first token for a 512-token prompt: prefill + the first token (ours: generate(…, 1);
            llama.cpp: eval of the prompt + one sample).
+  batch N  (--batch N, N > 1) aggregate tokens/s of N sequences decoded together, 128 tokens each after
+           a 1-token prompt (a different token per sequence): ours through generate on an (N, 1) prompt
+           (the engine's continuous batch), llama.cpp through its batch API (llama_batch with N sequence
+           ids, one llama_decode per step, the argmax of each row's logits in Python); both timed as
+           N x 128 / (t(129) - t(1)), wall time.
 Ratios are ours / llama.cpp in tokens per second (> 1: ours faster), each pair from this run. The machine
 line names the CPU: figures from different CPUs do not compare. Weights stream once a token, so each
 row also shows the bandwidth a step implies (weight bytes / ms per token).
@@ -116,6 +122,73 @@ def llama(args, path: Path, repack: bool = True) -> dict:
                 bytes=path.stat().st_size)
 
 
+def ours_batched(args, dtype, quantize) -> float:
+    """Aggregate tokens/s of --batch sequences decoded together, ours."""
+    model = load_checkpoint(args.ckpt, "cpu", verify=False).model
+    prepare_for_decoding(model, dtype, quantize)
+    idx = torch.arange(args.batch).view(-1, 1) * 7 + 1
+    generate(model, idx, 9, GREEDY)  # warm-up
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        generate(model, idx, 1, GREEDY)
+        t1 = time.perf_counter()
+        generate(model, idx, args.tokens + 1, GREEDY)
+        t2 = time.perf_counter()
+        rates.append(args.batch * args.tokens / ((t2 - t1) - (t1 - t0)))
+    return statistics.median(rates)
+
+
+def llama_batched(args, path: Path, repack: bool) -> float:
+    """Aggregate tokens/s of --batch sequences decoded together by llama.cpp (its C batch API: one
+    llama_decode a step over every sequence, as llama-server and llama-batched-bench drive it)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    lib, n = llama_cpp.llama_cpp, args.batch
+    mparams = lib.llama_model_default_params()
+    mparams.use_extra_bufts = repack
+    model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+    cparams = lib.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_seq_max = n * (args.tokens + 16), max(512, n), n
+    cparams.n_threads = cparams.n_threads_batch = args.threads
+    ctx = lib.llama_init_from_model(model, cparams)
+    vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+    batch = lib.llama_batch_init(n, 0, n)
+
+    def step(tokens: list[int], pos: int) -> list[int]:
+        batch.n_tokens = n
+        for i, t in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos, 1, True
+            batch.seq_id[i][0] = i
+        if lib.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        rows = [np.ctypeslib.as_array(ctypes.cast(lib.llama_get_logits_ith(ctx, i), ctypes.POINTER(ctypes.c_float)),
+                                      shape=(vocab,)) for i in range(n)]
+        return [int(np.argmax(r)) for r in rows]
+
+    def run(k: int) -> float:
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        t0, tokens = time.perf_counter(), [i * 7 + 1 for i in range(n)]
+        for pos in range(k):
+            tokens = step(tokens, pos)
+        return time.perf_counter() - t0
+
+    try:
+        run(9)  # warm-up
+        rates = []
+        for _ in range(args.repeats):
+            one, full = run(1), run(args.tokens + 1)
+            rates.append(n * args.tokens / (full - one))
+        return statistics.median(rates)
+    finally:
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
+        lib.llama_model_free(model)
+
+
 def build_ggufs(args, out: Path) -> dict[str, Path]:
     """The GGUFs of --ckpt through our exporter, when it exists; {} (and a clear line) when it does not."""
     probe = subprocess.run([sys.executable, "-m", "gpt.convert", "to-gguf", "--help"], capture_output=True, text=True)
@@ -157,6 +230,15 @@ def row(name: str, r: dict | None, ours_ms: float | None = None, ours_ttft: floa
     return s
 
 
+def batched_row(args, name: str, dtype, quantize, gguf: Path | None, repack: bool) -> str:
+    mine = ours_batched(args, dtype, quantize)
+    s = f"  batch {args.batch}: ours {name} {mine:.1f} tok/s"
+    if gguf is None:
+        return s + ", llama.cpp not measured"
+    theirs = llama_batched(args, gguf, repack)
+    return s + f", llama.cpp {theirs:.1f} tok/s   ours/llama.cpp {mine / theirs:.2f}x"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="our checkpoint (output dir or checkpoint folder)")
@@ -167,6 +249,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens of the TTFT measure (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="also ours with the compiled decode step (--compile)")
+    p.add_argument("--batch", type=int, default=1, help="also N sequences decoded together, N > 1 (default: off)")
     args = p.parse_args()
     allocator = tune_allocator()
     torch.set_num_threads(args.threads)
@@ -194,6 +277,8 @@ def main() -> None:
             best = min(mine, key=lambda m: m[1]["ms"])[1]
             label = f"llama.cpp {kind or '/'.join(kinds)}" + ("" if repack else " no-repack")
             print(row(label, theirs, best["ms"], best["ttft"]), flush=True)
+            if args.batch > 1:
+                print(batched_row(args, name, dtype, quantize, files.get(kind) if llama_cpp else None, repack), flush=True)
 
 
 if __name__ == "__main__":
