@@ -131,7 +131,7 @@ def record(rng: random.Random, index: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="output folder")
-    parser.add_argument("--train", type=int, default=4000, help="training records")
+    parser.add_argument("--train", type=int, default=20000, help="training records")
     parser.add_argument("--val", type=int, default=200, help="validation records")
     args = parser.parse_args()
     rng = random.Random(1)
