@@ -3,6 +3,7 @@
     python bench/speculative.py                      # the 124M shape, random weights (a few minutes on 2 cores)
     python bench/speculative.py --ckpt out/run --draft-ckpt out/small   # your trained models
     python bench/speculative.py --ckpt out/run --task extraction        # the issue's target task only
+    python bench/speculative.py --ckpt out/sft_extract --chat --prompt-file data/extract/val.jsonl  # a chat model
     python bench/speculative.py --smoke              # a seconds-long run of the script itself
 
 Rows, all greedy, all generating exactly --new-tokens tokens (end tokens ignored), through the engine
@@ -22,7 +23,9 @@ repeats itself. The extraction task's figure (the issue asks >= 1.8x for ngram) 
 trained model that copies what it is asked to copy (any GPT-2-tokenizer checkpoint, e.g. a `python -m
 gpt.convert` of GPT-2 or an SFT run of configs/sft_qa.yaml); with random weights only its oracle row (the
 ceiling) means something. Pass --draft-ckpt for a trained draft; the oracle row is the ceiling either way.
-Decode rate = (n - 1) / (time(n tokens) - time(1 token)), which removes the prefill; each figure is the
+With --chat the prompt is one user turn through the checkpoint's chat template (a fine-tuned chat model,
+e.g. configs/sft_extract.yaml's), and the extraction request stops before the answer, which the model
+writes itself. Decode rate = (n - 1) / (time(n tokens) - time(1 token)), which removes the prefill; each figure is the
 median of --repeats runs. Compare ratios within one run, and name the CPU (printed) with any figure.
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt.checkpoint import load_checkpoint  # noqa: E402
 from gpt.config import ModelConfig  # noqa: E402
+from gpt.data.chat_template import ChatTemplate  # noqa: E402
 from gpt.data.tokenizer import TiktokenTokenizer  # noqa: E402
 from gpt.device import cpu_model, pick_device, resolve_dtype, tune_allocator  # noqa: E402
 from gpt.infer.engine import complete  # noqa: E402
@@ -74,7 +79,7 @@ Here is the file with `user_id` renamed to `account_id`:
 
 def load_user(db, account_id):
 '''
-EXTRACTION_PROMPT = '''Customer record
+EXTRACTION_REQUEST = '''Customer record
 Name: Margaret Okonkwo-Lindqvist
 Account number: 4417-2290-8835-1063
 Address: Flat 12, 48 Harbour View Road, Port Elsworth, PE7 3QL
@@ -83,7 +88,8 @@ Phone: +44 20 7946 0193
 Plan: Business Broadband 500 (annual contract, renewed 14 March 2024)
 Notes: prefers contact by email after 6pm; previous address 7 Quarry Lane, Dunmore, DN4 8RT
 
-Copy the customer's name, account number, address, email and phone exactly as written above.
+Copy the customer's name, account number, address, email and phone exactly as written above.'''
+EXTRACTION_PROMPT = EXTRACTION_REQUEST + '''
 
 Name: Margaret Okonkwo-Lindqvist
 Account number: 4417-2290-8835-1063
@@ -141,8 +147,24 @@ def models(args, device, dtype):
     return target, tokenizer, drafts
 
 
+def read_prompt(path: Path) -> str:
+    """A prompt file's text; of a .jsonl file of chat records, the first record's first user turn."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        return text
+    messages = json.loads(text.splitlines()[0])["messages"]
+    return next(m["content"] for m in messages if m["role"] == "user")
+
+
+def prompt_ids(prompt: str, tokenizer, chat: bool) -> list[int]:
+    """The prompt's tokens: as text, or (chat) one user turn through the checkpoint's chat template."""
+    if not chat:
+        return tokenizer.encode(prompt)
+    return ChatTemplate(tokenizer).encode([{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+
 def bench_prompt(label: str, prompt: str, target, tokenizer, drafts, args) -> None:
-    ids = tokenizer.encode(prompt)[-(target.config.block_size - args.new_tokens - 1):]
+    ids = prompt_ids(prompt, tokenizer, args.chat)[-(target.config.block_size - args.new_tokens - 1):]
     greedy = lambda n: SamplingParams(temperature=0, max_tokens=n)  # noqa: E731
     reference = ids + complete(target, tokenizer, ids, greedy(args.new_tokens), stop_ids=())[0].token_ids
     rows = {"plain": (decode_rate(lambda n: complete(target, tokenizer, ids, greedy(n), stop_ids=()), 1,
@@ -169,9 +191,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=None, help="target checkpoint (default: a random GPT-2-124M-shaped model)")
     p.add_argument("--draft-ckpt", default=None, help="also a draft checkpoint with the target's tokenizer")
-    p.add_argument("--prompt-file", default=None, help="time this prompt instead of the ones built in")
+    p.add_argument("--prompt-file", default=None, help="time this prompt instead of the ones built in (a .jsonl "
+                   "file of chat records: the first record's first user turn, e.g. data/extract/val.jsonl)")
     p.add_argument("--task", choices=["all", "extraction", "code", "prose"], default="all",
                    help="which built-in prompt(s) to time (default: all)")
+    p.add_argument("--chat", action="store_true", help="prompts as a user turn through the checkpoint's chat template")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=5, help="--speculate-tokens")
     p.add_argument("--repeats", type=int, default=3)
@@ -195,9 +219,9 @@ def main() -> None:
     print(f"target: {args.ckpt or 'random'} {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}; "
           f"decode tokens/s at batch 1 (median of {args.repeats}); noisy on a shared machine")
     with torch.no_grad():
-        builtin = {"extraction": EXTRACTION_PROMPT, "code": CODE_PROMPT, "prose": PROSE_PROMPT}
+        builtin = {"extraction": EXTRACTION_REQUEST if args.chat else EXTRACTION_PROMPT, "code": CODE_PROMPT, "prose": PROSE_PROMPT}
         prompts = [(t, builtin[t]) for t in builtin if args.task in ("all", t)] if args.prompt_file is None else \
-            [(args.prompt_file, Path(args.prompt_file).read_text(encoding="utf-8"))]
+            [(args.prompt_file, read_prompt(Path(args.prompt_file)))]
         for label, prompt in prompts:
             bench_prompt(label, prompt, target, tokenizer, drafts, args)
 

@@ -26,7 +26,7 @@ How blocks run:
   Any other command runs under bash.
 - Step counts are tiny (CAPS): training commands get TRAINING_CAPS appended (after the doc's own
   overrides, so they win; out_dir, configs, tokenizers and contexts stay the doc's), sample.py at most
-  8 new tokens, `--chat` gets "hello" on stdin, data/qa/prepare.py writes 200 conversations (data/tools/prepare.py 200 records),
+  8 new tokens, `--chat` gets "hello" on stdin, data/qa/prepare.py writes 200 conversations (data/tools/prepare.py and data/extract/prepare.py 200 records),
   `gpt.eval --tool-calls` answers 4 records.
 - `python serve.py ...` starts a real server in the background on a free port (a child of the worker: a
   fork, torch imported already, running serve.py as __main__); the page's later blocks
@@ -90,6 +90,7 @@ CAPS = {
     "sample.py": ["--max-new-tokens", "8"],
     "data/qa/prepare.py": ["--train", "200", "--val", "20", "--pairs", "100"],
     "data/tools/prepare.py": ["--train", "200", "--val", "20"],
+    "data/extract/prepare.py": ["--train", "200", "--val", "20"],
     "bench/dpo_qa.py": ["--n-questions", "4"],
     "gpt.audit": ["--samples", "8", "--candidates", "500"],
     "gpt.eval": ["--max-tokens", "2000"],
