@@ -92,6 +92,7 @@ CAPS = {
     "data/tools/prepare.py": ["--train", "200", "--val", "20"],
     "data/extract/prepare.py": ["--train", "200", "--val", "20"],
     "bench/dpo_qa.py": ["--n-questions", "4"],
+    "bench/speculative.py": ["--new-tokens", "8", "--repeats", "1"],
     "gpt.audit": ["--samples", "8", "--candidates", "500"],
     "gpt.eval": ["--max-tokens", "2000"],
     "gpt.eval --tool-calls": ["--limit", "4"],  # counts records: generated replies, not scored tokens
