@@ -53,6 +53,15 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def decode_seconds(model, idx: torch.Tensor, tokens: int) -> float:
+    """Seconds to decode `tokens` tokens after the first: t(tokens + 1) - t(1), so the prefill cancels out."""
+    t0 = time.perf_counter()
+    generate(model, idx, 1, GREEDY)
+    t1 = time.perf_counter()
+    generate(model, idx, tokens + 1, GREEDY)
+    return (time.perf_counter() - t1) - (t1 - t0)
+
+
 def ours(args, dtype, quantize, compile: bool) -> dict:
     """ms/token of batch-1 decoding and the 512-token time to first token, ours."""
     model = load_checkpoint(args.ckpt, "cpu", verify=False).model
@@ -63,15 +72,10 @@ def ours(args, dtype, quantize, compile: bool) -> dict:
     generate(model, one, args.tokens + 1, GREEDY)  # warm-up (and the compile, if asked)
     decode, ttft = [], []
     for _ in range(args.repeats):
+        decode.append(decode_seconds(model, one, args.tokens) / args.tokens * 1e3)
         t0 = time.perf_counter()
-        generate(model, one, 1, GREEDY)
-        t1 = time.perf_counter()
-        generate(model, one, args.tokens + 1, GREEDY)
-        t2 = time.perf_counter()
         generate(model, long, 1, GREEDY)
-        t3 = time.perf_counter()
-        decode.append(((t2 - t1) - (t1 - t0)) / args.tokens * 1e3)
-        ttft.append((t3 - t2) * 1e3)
+        ttft.append((time.perf_counter() - t0) * 1e3)
     return dict(ms=statistics.median(decode), ttft=statistics.median(ttft), bytes=weight_bytes(model))
 
 
@@ -128,14 +132,7 @@ def ours_batched(args, dtype, quantize) -> float:
     prepare_for_decoding(model, dtype, quantize)
     idx = torch.arange(args.batch).view(-1, 1) * 7 + 1
     generate(model, idx, 9, GREEDY)  # warm-up
-    rates = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        generate(model, idx, 1, GREEDY)
-        t1 = time.perf_counter()
-        generate(model, idx, args.tokens + 1, GREEDY)
-        t2 = time.perf_counter()
-        rates.append(args.batch * args.tokens / ((t2 - t1) - (t1 - t0)))
+    rates = [args.batch * args.tokens / decode_seconds(model, idx, args.tokens) for _ in range(args.repeats)]
     return statistics.median(rates)
 
 
