@@ -12,6 +12,7 @@ from conftest import run_in_process
 
 from gpt.checkpoint import save_checkpoint
 from gpt.config import ConfigError, ModelConfig
+from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import CharTokenizer
 from gpt.infer.engine import Engine, complete
 from gpt.infer.sample_cli import build_parser, check_args
@@ -180,7 +181,6 @@ def test_sample_py_speculates_and_reports_the_acceptance_rate(tmp_path, capsys):
     (["--speculate", "nowhere"], "--speculate nowhere: neither ngram nor a checkpoint folder"),
     (["--speculate", "ngram", "--speculate-tokens", "0"], "--speculate-tokens must be >= 1"),
     (["--speculate", "ngram", "--no-kv-cache"], "--no-kv-cache"),
-    (["--speculate", "ngram", "--chat"], "not --chat"),
 ])
 def test_flags_that_do_not_compose_are_refused_in_one_line(flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -248,3 +248,17 @@ def test_sampled_tokens_keep_the_target_distribution():
     assert 0 < spec.stats.accepted < spec.stats.proposed
     assert chi2 < 37.7  # chi-square, 15 degrees of freedom (at most): exceeded with probability 0.001
     assert float((law(draft) - law(target)).abs().sum()) / 2 > 0.2
+
+
+def test_chat_speculates_with_the_same_replies(tmp_path, capsys):
+    tok = CharTokenizer(CHARS)
+    ChatTemplate.add_tokens(tok)
+    save_checkpoint(tmp_path / "chat" / "best", (m := model(seed=3, vocab_size=tok.vocab_size, block_size=96)).state_dict(),
+                    {"model": dataclasses.asdict(m.config)}, tok)
+    base = ["--ckpt", tmp_path / "chat", "--chat", "--max-new-tokens", 20, "--temperature", 0, "--dtype", "float32"]
+    stdin = "abc abd abc abd\nabd abc abd\n"
+    plain = run_in_process(capsys, "sample.py", *base, stdin=stdin)
+    spec = run_in_process(capsys, "sample.py", *base, "--speculate", "ngram", stdin=stdin)
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout and len(plain.stdout.replace("> ", "").strip()) >= 10  # replies, streamed
+    assert "speculative decoding (ngram)" in spec.stderr and "speculative" not in plain.stderr

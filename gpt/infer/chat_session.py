@@ -17,6 +17,7 @@ from gpt.data.chat_template import ChatTemplate
 from gpt.data.tokenizer import Tokenizer, TokenizerError
 from gpt.infer.engine import complete, context_length
 from gpt.infer.sampling import SamplingParams
+from gpt.infer.speculative import Speculation
 from gpt.model import GPT
 
 HELP = "/reset clears the history, /exit or Ctrl-D leaves"
@@ -62,17 +63,30 @@ def run_chat(
     read: Callable[[str], str] = input,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    speculation: Speculation | None = None,
 ) -> None:
     """Read a message, stream the reply, repeat; params.max_tokens bounds each reply, params.stop adds
     to the template's own end-of-turn strings; the context is the engine's (`context_length`). `out` and
-    `err` default to sys.stdout and sys.stderr as they are at the call (not at import)."""
+    `err` default to sys.stdout and sys.stderr as they are at the call (not at import). With `speculation`
+    every reply is decoded speculatively (the same replies), and its stats are printed to `err` at the end."""
     out, err = sys.stdout if out is None else out, sys.stderr if err is None else err
     template = ChatTemplate(tokenizer)
     block = context_length(model.config, max_model_len)
     session = ChatSession(template, block - min(params.max_tokens, block // 2), system)
-    stop_ids = template.end_ids
     params = replace(params, stop=tuple(template.stop_strings) + tuple(params.stop))
     print(f"chat ({template.name} template, {block}-token context); {HELP}", file=err)
+    try:
+        _converse(model, tokenizer, params, session, block, use_kv_cache, read, out, err, speculation)
+    finally:
+        if speculation is not None:
+            print(speculation.stats.summary(speculation.name), file=err)
+
+
+def _converse(model: GPT, tokenizer: Tokenizer, params: SamplingParams, session: ChatSession, block: int,
+              use_kv_cache: bool, read: Callable[[str], str], out: TextIO, err: TextIO,
+              speculation: Speculation | None) -> None:
+    """run_chat's loop: until /exit or end of input."""
+    stop_ids = session.template.end_ids
     while True:
         try:
             line = read("> ")
@@ -105,7 +119,7 @@ def run_chat(
 
         try:
             reply = complete(model, tokenizer, ids, params, stop_ids=stop_ids, use_kv_cache=use_kv_cache,
-                             on_text=show, max_model_len=block)[0]
+                             on_text=show, max_model_len=block, speculation=speculation)[0]
         except KeyboardInterrupt:
             print("\n(interrupted)", file=err)
             session.turns.pop()

@@ -142,8 +142,6 @@ def check_speculate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--speculate {args.speculate}: neither ngram nor a checkpoint folder (a draft model)")
     if args.no_kv_cache:
         raise ConfigError("--speculate verifies guesses in the KV cache: it cannot be combined with --no-kv-cache")
-    if args.chat:
-        raise ConfigError("--speculate applies to completions, not --chat")
 
 
 def run(argv: list[str]) -> None:
@@ -161,7 +159,7 @@ def run(argv: list[str]) -> None:
 
         print(f"loaded {folder}", file=sys.stderr)
         run_chat(model, tokenizer, params, system=args.system, use_kv_cache=not args.no_kv_cache,
-                 max_model_len=args.max_model_len)
+                 max_model_len=args.max_model_len, speculation=_speculation(args, device, dtype))
         return
     if prompt is None:
         prompt = "" if tokenizer.eot_id is not None else "\n"
@@ -189,16 +187,21 @@ def run(argv: list[str]) -> None:
 def _complete(args: argparse.Namespace, loaded, prompt: str, params: SamplingParams, on_text, device,
               dtype: torch.dtype) -> list[Completion]:
     """The completions of the prompt: the engine, or speculative decoding (--speculate) with its stats on stderr."""
-    speculation = None
-    if args.speculate is not None:
-        speculation = load_speculation(args.speculate, args.speculate_tokens or SPECULATE_TOKENS, device, dtype,
-                                       args.quantize, verify=not args.no_verify)
+    speculation = _speculation(args, device, dtype)
     results = complete(loaded.model, loaded.tokenizer, prompt, params, num_samples=args.num_samples,
                        use_kv_cache=not args.no_kv_cache, on_text=on_text, max_model_len=args.max_model_len,
                        speculation=speculation)
     if speculation is not None:
         print(speculation.stats.summary(speculation.name), file=sys.stderr)
     return results
+
+
+def _speculation(args: argparse.Namespace, device, dtype: torch.dtype):
+    """--speculate's proposer (a draft checkpoint loaded and checked), or None."""
+    if args.speculate is None:
+        return None
+    return load_speculation(args.speculate, args.speculate_tokens or SPECULATE_TOKENS, device, dtype, args.quantize,
+                            verify=not args.no_verify)
 
 
 def format_logprobs(r: Completion) -> str:
