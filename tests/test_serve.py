@@ -472,22 +472,28 @@ def test_serve_py_limits_are_checked_before_loading(flag, value, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def completions_at_once(client, prompts: list[str], max_tokens: list[int]) -> list[str]:
+    """Every prompt from its own client thread at once, greedy: the odd ones streamed (their text put back
+    together), the even ones not."""
+
+    def call(i):
+        kw = dict(model="tiny", prompt=prompts[i], max_tokens=max_tokens[i], temperature=0)
+        if i % 2:
+            return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+        return client.completions.create(**kw).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(call, range(len(prompts))))
+
+
 def test_32_concurrent_requests_each_equal_alone(model, tok):
     """32 clients at once, streaming and not, on 8 rows with a queue and a small prefill budget (long prompts
     prefilled in chunks while other rows decode): every reply is the greedy reply of its prompt alone."""
     s = Running(model, tok, max_batch=8, max_queue=24, prefill_chunk=8)
     prompts = [("Hello there, how are you today? " * (1 + i % 3))[: 5 + 7 * i % 70] for i in range(32)]
     lengths = [6 + i % 11 for i in range(32)]
-
-    def call(i):
-        kw = dict(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
-        if i % 2:
-            return "".join(c.choices[0].text for c in s.client.completions.create(stream=True, **kw) if c.choices)
-        return s.client.completions.create(**kw).choices[0].text
-
     try:
-        with ThreadPoolExecutor(32) as pool:
-            together = list(pool.map(call, range(32)))
+        together = completions_at_once(s.client, prompts, lengths)
     finally:
         s.stop()
     assert together == [greedy(model, tok, p, n).text for p, n in zip(prompts, lengths)]
@@ -505,16 +511,8 @@ def test_a_speculating_server_answers_each_request_as_alone(model, tok, tmp_path
         speculate = str(tmp_path / "draft")
     s = Running(model, tok, max_batch=3, max_queue=8, speculate=speculate, speculate_tokens=3)
     prompts = [("abc abd abc abd " * (1 + i % 3))[: 4 + 5 * i] for i in range(6)]
-
-    def call(i):
-        kw = dict(model="tiny", prompt=prompts[i], max_tokens=8 + i, temperature=0)
-        if i % 2:
-            return "".join(c.choices[0].text for c in s.client.completions.create(stream=True, **kw) if c.choices)
-        return s.client.completions.create(**kw).choices[0].text
-
     try:
-        with ThreadPoolExecutor(6) as pool:
-            together = list(pool.map(call, range(6)))
+        together = completions_at_once(s.client, prompts, [8 + i for i in range(6)])
         stats = s.server.config.app.state.server.worker.engine.speculation.stats
     finally:
         s.stop()
