@@ -463,6 +463,7 @@ def test_serve_py_help_shows_the_limits_and_their_defaults(capsys):
     ("--shutdown-timeout", "inf", "--shutdown-timeout must be >= 0, got inf"),
     ("--prefix-cache-mb", "nan", "--prefix-cache-mb must be >= 0, got nan"),
     ("--speculate-tokens", "0", "--speculate-tokens must be >= 1, got 0"),
+    ("--speculate-tokens", "3", "--speculate-tokens needs --speculate"),
 ])
 def test_serve_py_limits_are_checked_before_loading(flag, value, message):
     from gpt.serve.serve_cli import ServeError, run

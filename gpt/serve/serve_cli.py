@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "smaller checkpoint with the same tokenizer (its folder), several verified per forward pass; "
                    "the same outputs, fewer passes when guesses are right, more work per step when they are "
                    "wrong (docs/serving.md#speculative-decoding) (default: off)")
-    p.add_argument("--speculate-tokens", type=int, default=SPECULATE_TOKENS, metavar="K",
-                   help="tokens guessed per stream and step when speculating (default: %(default)s)")
+    p.add_argument("--speculate-tokens", type=int, default=None, metavar="K",
+                   help=f"tokens guessed per stream and step when speculating (default: {SPECULATE_TOKENS})")
     p.add_argument("--max-body", type=int, default=1 << 20,
                    help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
     p.add_argument("--allowed-hosts", type=names, action="extend", default=[], metavar="NAMES",
@@ -116,12 +116,17 @@ LIMITS = {  # flag: (lowest, highest) accepted; None = no bound (numbers must be
 
 
 def check_limits(args: argparse.Namespace) -> None:
-    """Every numeric limit in its range, or one line naming the flag, its range and the value given."""
+    """Every numeric limit in its range, or one line naming the flag, its range and the value given; a flag
+    that needs another, given without it, is refused the same way."""
     for flag, (low, high) in LIMITS.items():
         value = getattr(args, flag)
+        if value is None:  # not given, and its default is decided later (--speculate-tokens)
+            continue
         if not (low <= value < float("inf") and (high is None or value <= high)):
             allowed = f"between {low} and {high}" if high is not None else f">= {low}"
             raise ServeError(f"--{flag.replace('_', '-')} must be {allowed}, got {value}")
+    if args.speculate_tokens is not None and args.speculate is None:
+        raise ServeError("--speculate-tokens needs --speculate")
 
 
 def in_passing_thread(fn: Callable[[], T]) -> T:
@@ -159,10 +164,10 @@ def build_app(args: argparse.Namespace):
                        prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk, host=args.host,
                        allowed_hosts=tuple(args.allowed_hosts),
                        cors_origins=tuple(args.cors_origins), speculate=args.speculate,
-                       speculate_tokens=args.speculate_tokens)
+                       speculate_tokens=args.speculate_tokens or SPECULATE_TOKENS)
     speculation = None
     if args.speculate is not None:
-        speculation = load_speculation(args.speculate, args.speculate_tokens, device, dtype, args.quantize,
+        speculation = load_speculation(args.speculate, cfg.speculate_tokens, device, dtype, args.quantize,
                                        verify=not args.no_verify)
         print(f"speculative decoding: {speculation.name}, {speculation.k} tokens guessed per stream and step "
               "(acceptance in the log at shutdown)", file=sys.stderr, flush=True)
