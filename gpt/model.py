@@ -176,15 +176,29 @@ def _write_cache(layer_cache, k: torch.Tensor, v: torch.Tensor, at: Positions):
     """Store this call's keys/values (B, nh, T, hd) at their positions; return the keys/values attended."""
     cache_k, cache_v = layer_cache  # (B, nh, max_len, hd)
     if at.start is None:  # each row at its own positions: cache[b, :, pos[b, t]] = k[b, :, t]
-        # (index_put, not scatter_: scatter_ on this layout copied the whole cache, 2x the decode step)
         rows = at.rows if at.rows is not None else torch.arange(k.shape[0], device=k.device)[:, None]
-        cache_k[rows, :, at.pos] = k.transpose(1, 2).to(cache_k.dtype)
-        cache_v[rows, :, at.pos] = v.transpose(1, 2).to(cache_v.dtype)
+        # compiled (gpt/infer/compiled_decode.py), the same write as one opaque op that inductor leaves in place:
+        # traced, an index_put into a view of the cache copied the whole cache, every layer, every step
+        write = torch.ops.gpt.write_rows if torch.compiler.is_compiling() else _write_rows
+        write(cache_k, cache_v, k, v, rows, at.pos)
         return cache_k, cache_v  # the mask hides each row's unused tail
     end = at.start + k.shape[2]
     cache_k[:, :, at.start : end] = k
     cache_v[:, :, at.start : end] = v
     return cache_k[:, :, :end], cache_v[:, :, :end]
+
+
+def _write_rows(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                pos: torch.Tensor) -> None:
+    """cache[rows[b], :, pos[b, t]] = k[b, :, t] (and v): index_put (scatter_ on this layout copied the whole cache)."""
+    cache_k[rows, :, pos] = k.transpose(1, 2).to(cache_k.dtype)
+    cache_v[rows, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
+
+
+_OPS = torch.library.Library("gpt", "DEF")  # torch.ops.gpt.write_rows: _write_rows as one op for torch.compile
+_OPS.define("write_rows(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k, Tensor v, Tensor rows, Tensor pos) -> ()")
+_OPS.impl("write_rows", _write_rows, "CompositeExplicitAutograd")
+torch.library.register_fake("gpt::write_rows", lambda *args: None, lib=_OPS)
 
 
 class RMSNorm(nn.Module):

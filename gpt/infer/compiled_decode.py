@@ -36,6 +36,7 @@ class CompiledDecode:
 
     def __init__(self, model: GPT, backend):
         self.model, self.backend = model, backend
+        matvecs_as_calls()
         self.compiled = torch.compile(decode_step, backend=backend, dynamic=True)
         self.failed = False
 
@@ -55,6 +56,28 @@ class CompiledDecode:
                 print(f"--compile: the {name} backend failed ({type(e.inner_exception).__name__}); "
                       "decoding without it", file=sys.stderr)
         return decode_step(self.model, last, cache.k, cache.v, pos, length)
+
+
+def matvecs_as_calls() -> None:
+    """Let inductor call torch's own kernels for the one-row products of decoding: torch.mv and torch.addmv
+    (MatVecLinear, bf16), which it would otherwise decompose into a generated reduction that streams the
+    weights slower, and the int8 weight kernel (int8 decoding), whose own lowering failed on an input fused
+    into the norm before it. Process-wide, once; where inductor's internals differ, it leaves them be."""
+    global _MATVECS_AS_CALLS
+    if _MATVECS_AS_CALLS:
+        return
+    _MATVECS_AS_CALLS = True
+    try:
+        from torch._inductor import decomposition, lowering
+
+        for op in (torch.ops.aten.mv, torch.ops.aten.addmv, torch.ops.aten._weight_int8pack_mm):
+            decomposition.decompositions.pop(op.default, None)
+            lowering.make_fallback(op, override_decomp=True, warn=False)
+    except (ImportError, AttributeError, AssertionError, TypeError):
+        pass
+
+
+_MATVECS_AS_CALLS = False
 
 
 def decode_step(model: GPT, last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
