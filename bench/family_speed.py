@@ -3,6 +3,7 @@
     python bench/family_speed.py                                   # decode and train, fp32 and bf16 (~3 min on 2 cores)
     python bench/family_speed.py --parts decode --batches 1 --new-tokens 64 --repeats 3
     python bench/family_speed.py --parts train --train-steps 3
+    python bench/family_speed.py --compile --repeats 3   # also ours with torch.compile (decode step, training step)
 
 The shape: 30 layers x 576, 9 query / 3 key-value heads of 64, SwiGLU 1536, vocabulary 49152, RoPE theta
 1e5, RMSNorm, tied embeddings (SmolLM2-135M). transformers' LlamaForCausalLM is built with its own random
@@ -15,6 +16,10 @@ init and ours imported from it (gpt/hf_families.py: the same tensors, fused), so
           torch 2.8) at batch 4 x 256 on random tokens: ours is bench/train_throughput.py's step (our training
           loop's _train_step); theirs LlamaForCausalLM(input_ids, labels=...) with torch.optim.AdamW; fp32,
           and bf16 autocast on fp32 weights. Median step time of --train-steps after one warm-up step.
+--compile adds rows for ours compiled (inductor): the decode step as `sample.py --compile` runs it
+(gpt/infer/compiled_decode.py) and the training step as `train.compile: true` does; transformers stays eager
+in those rows (its eager rows are the baseline), and --compile-theirs adds transformers' training step under
+torch.compile too. A compile takes a minute or more on 2 cores, untimed (warm-up).
 Targets from issue 23, for information: decode >= 2x transformers at batch 1, training >= 1.5x.
 glibc's allocator is tuned (gpt.device.tune_allocator) for the whole process, both systems alike.
 The machine may be shared: compare the ratios of one run, not absolute figures across runs.
@@ -77,26 +82,32 @@ def ours_from(hf) -> GPT:
 
 def bench_decode(args, rows: list) -> None:
     for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        hf = theirs_fp32()
-        model = prepare_for_decoding(ours_from(hf), dtype)
-        hf = hf.to(dtype)
-        if dtype == torch.float32:
-            check_parity(model, hf)
-        for batch in args.batches:
-            idx = torch.randint(0, model.config.vocab_size, (batch, args.prompt),
-                                generator=torch.Generator().manual_seed(batch))
+        for compiled in (False, True) if args.compile else (False,):
+            decode_rows(args, rows, dtype_name, compiled)
 
-            def hf_run(k):
-                with torch.inference_mode():
-                    hf.generate(idx, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=True)
 
-            for _ in range(args.warmup):  # first calls pay one-off costs (allocations, kernel selection)
-                generate(model, idx, 2, GREEDY), hf_run(2)
-            ours = decode_rate(lambda k: generate(model, idx, k, GREEDY), batch, args.new_tokens, args.repeats)
-            theirs = decode_rate(hf_run, batch, args.new_tokens, args.repeats)
-            rows.append((f"decode batch {batch}", dtype_name, ours, theirs, "tok/s", 2.0 if batch == 1 else None))
-            show(rows[-1])
+def decode_rows(args, rows: list, dtype_name: str, compiled: bool) -> None:
+    dtype = DTYPES[dtype_name]
+    hf = theirs_fp32()
+    model = prepare_for_decoding(ours_from(hf), dtype, compile=compiled)
+    hf = hf.to(dtype)
+    if dtype == torch.float32:
+        check_parity(model, hf)
+    label = dtype_name + (" ours compiled" if compiled else "")
+    for batch in args.batches:
+        idx = torch.randint(0, model.config.vocab_size, (batch, args.prompt),
+                            generator=torch.Generator().manual_seed(batch))
+
+        def hf_run(k):
+            with torch.inference_mode():
+                hf.generate(idx, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=True)
+
+        for _ in range(args.warmup):  # first calls pay one-off costs (allocations, kernel selection)
+            generate(model, idx, 2, GREEDY), hf_run(2)
+        ours = decode_rate(lambda k: generate(model, idx, k, GREEDY), batch, args.new_tokens, args.repeats)
+        theirs = decode_rate(hf_run, batch, args.new_tokens, args.repeats)
+        rows.append((f"decode batch {batch}", label, ours, theirs, "tok/s", 2.0 if batch == 1 else None))
+        show(rows[-1])
 
 
 def check_parity(model: GPT, hf) -> None:
@@ -108,16 +119,18 @@ def check_parity(model: GPT, hf) -> None:
     print(f"fp32 greedy tokens identical to transformers on the same weights (2 x 16): {torch.equal(ours, theirs)}")
 
 
-def hf_step(batch: int, block: int, dtype: torch.dtype):
-    """transformers' training step: forward with labels, backward, clip 1.0, fused AdamW, bf16 autocast if asked."""
+def hf_step(batch: int, block: int, dtype: torch.dtype, compiled: bool = False):
+    """transformers' training step: forward with labels, backward, clip 1.0, fused AdamW, bf16 autocast if asked;
+    compiled: the model under torch.compile."""
     hf = theirs_fp32().train()
+    model = torch.compile(hf) if compiled else hf
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, hf.config.vocab_size, (batch, block), generator=g)
 
     def step(i):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = hf(input_ids=ids, labels=ids).loss  # shifts the labels inside: block - 1 targets a row
+            loss = model(input_ids=ids, labels=ids).loss  # shifts the labels inside: block - 1 targets a row
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -140,14 +153,21 @@ def bench_train(args, rows: list) -> None:
     batch, block = args.train_batch, args.train_block
     cfg = ours_from(theirs_fp32()).config
     cfg.block_size, cfg.dropout = block, 0.0
+    tokens = batch * block
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        ours_s = step_seconds(ours_step(cfg, batch, torch.device("cpu"), dtype, False)[1], args.train_steps)
+        name = dtype_name + (" autocast" if dtype != torch.float32 else "")
         theirs_s = step_seconds(hf_step(batch, block, dtype)[1], args.train_steps)
-        tokens = batch * block
-        rows.append((f"train {batch} x {block}", dtype_name + (" autocast" if dtype != torch.float32 else ""),
-                     tokens / ours_s, tokens / theirs_s, "tok/s", 1.5))
-        show(rows[-1])
+        for compiled in (False, True) if args.compile else (False,):
+            ours_s = step_seconds(ours_step(cfg, batch, torch.device("cpu"), dtype, compiled)[1], args.train_steps)
+            label = name + (" ours compiled" if compiled else "")
+            rows.append((f"train {batch} x {block}", label, tokens / ours_s, tokens / theirs_s, "tok/s", 1.5))
+            show(rows[-1])
+        if args.compile_theirs:
+            both_s = step_seconds(hf_step(batch, block, dtype, compiled=True)[1], args.train_steps)
+            rows.append((f"train {batch} x {block}", name + " both compiled", tokens / ours_s, tokens / both_s,
+                         "tok/s", None))
+            show(rows[-1])
 
 
 def show(row) -> None:
@@ -170,7 +190,12 @@ def main() -> None:
     p.add_argument("--train-block", type=int, default=256)
     p.add_argument("--train-steps", type=int, default=2, help="timed training steps after one warm-up")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true", help="also ours compiled (decode step and training step)")
+    p.add_argument("--compile-theirs", action="store_true",
+                   help="with --compile: also transformers' training step compiled (a last row: both compiled)")
     args = p.parse_args()
+    if args.compile_theirs and not args.compile:
+        p.error("--compile-theirs compares both compiled: give --compile too")
     args.dtypes = args.dtypes.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
     allocator = tune_allocator()
