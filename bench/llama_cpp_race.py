@@ -17,7 +17,8 @@ For each precision it measures:
            a 1-token prompt (a different token per sequence): ours through generate on an (N, 1) prompt
            (the engine's continuous batch), llama.cpp through its batch API (llama_batch with N sequence
            ids, one llama_decode per step, the argmax of each row's logits in Python); both timed as
-           N x 128 / (t(129) - t(1)), wall time.
+           N x 128 / (t(129) - t(1)), wall time. With --compile, ours also compiled; the ratio takes
+           the faster of ours.
 Ratios are ours / llama.cpp in tokens per second (> 1: ours faster), each pair from this run. The machine
 line names the CPU: figures from different CPUs do not compare. Weights stream once a token, so each
 row also shows the bandwidth a step implies (weight bytes / ms per token).
@@ -126,12 +127,12 @@ def llama(args, path: Path, repack: bool = True) -> dict:
                 bytes=path.stat().st_size)
 
 
-def ours_batched(args, dtype, quantize) -> float:
-    """Aggregate tokens/s of --batch sequences decoded together, ours."""
+def ours_batched(args, dtype, quantize, compile: bool = False) -> float:
+    """Aggregate tokens/s of --batch sequences decoded together, ours (compile: the compiled decode step)."""
     model = load_checkpoint(args.ckpt, "cpu", verify=False).model
-    prepare_for_decoding(model, dtype, quantize)
+    prepare_for_decoding(model, dtype, quantize, compile=compile)
     idx = torch.arange(args.batch).view(-1, 1) * 7 + 1
-    generate(model, idx, 9, GREEDY)  # warm-up
+    generate(model, idx, 9, GREEDY)  # warm-up (and the compile, if asked)
     rates = [args.batch * args.tokens / decode_seconds(model, idx, args.tokens) for _ in range(args.repeats)]
     return statistics.median(rates)
 
@@ -230,6 +231,10 @@ def row(name: str, r: dict | None, ours_ms: float | None = None, ours_ttft: floa
 def batched_row(args, name: str, dtype, quantize, gguf: Path | None, repack: bool) -> str:
     mine = ours_batched(args, dtype, quantize)
     s = f"  batch {args.batch}: ours {name} {mine:.1f} tok/s"
+    if args.compile:
+        compiled = ours_batched(args, dtype, quantize, compile=True)
+        s += f", --compile {compiled:.1f}"
+        mine = max(mine, compiled)
     if gguf is None:
         return s + ", llama.cpp not measured"
     theirs = llama_batched(args, gguf, repack)

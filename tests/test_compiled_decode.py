@@ -110,3 +110,22 @@ def test_sample_py_compile_flag_gives_the_same_text(tmp_path, capsys, monkeypatc
     assert plain.returncode == compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == plain.stdout
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+
+
+def test_inductor_calls_torchs_matvec_and_int8_kernels():
+    """Inductor decomposed torch.mv (MatVecLinear's bf16 one-row product) into a generated reduction that streamed
+    the weights slower, and failed to lower the int8 kernel on a fused input: it must call torch's kernels."""
+    import torch._inductor.config
+    from torch._inductor.utils import run_and_get_code
+
+    compiled_decode.matvecs_as_calls()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a graph cached before the fix would pass
+        w, x, b = torch.randn(8, 4).bfloat16(), torch.randn(4).bfloat16(), torch.randn(8).bfloat16()
+        out, code = run_and_get_code(torch.compile(lambda w, x, b: (torch.mv(w, x), torch.addmv(b, w, x))), w, x, b)
+        assert torch.equal(out[0], torch.mv(w, x)) and torch.equal(out[1], torch.addmv(b, w, x))
+        assert "aten.mv.default(" in code[0] and "aten.addmv.default(" in code[0]
+        x, q, scales = torch.randn(1, 64).bfloat16(), torch.randint(-127, 127, (32, 64), dtype=torch.int8), torch.rand(32)
+        int8 = torch.compile(lambda x, q, scales: torch._weight_int8pack_mm(x * 2, q, scales))  # a fused input
+        expected = torch._weight_int8pack_mm(x * 2, q, scales.bfloat16())
+        torch.testing.assert_close(int8(x, q, scales.bfloat16()), expected)
