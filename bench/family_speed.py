@@ -90,6 +90,11 @@ def decode_rows(args, rows: list, dtype_name: str, compiled: bool) -> None:
     dtype = DTYPES[dtype_name]
     hf = theirs_fp32()
     model = prepare_for_decoding(ours_from(hf), dtype, compile=compiled)
+    if compiled:  # the compiled step computes the eager step's function; greedy tokens show any rounding change
+        eager = prepare_for_decoding(ours_from(hf), dtype)
+        idx = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+        same = torch.equal(generate(model, idx, 32, GREEDY), generate(eager, idx, 32, GREEDY))
+        print(f"{dtype_name} compiled: greedy tokens identical to ours eager (2 x 32): {same}")
     hf = hf.to(dtype)
     if dtype == torch.float32:
         check_parity(model, hf)

@@ -80,10 +80,11 @@ class MatVecLinear(nn.Linear):
     """nn.Linear whose one-row products run as a matrix-vector product (torch.addmv). On CPU in bf16, torch's
     linear streams a weight matrix for a single row at about 15 GB/s and addmv at about 20 (Xeon-2,
     docs/performance.md#xeon-2-quiet-batch-1-against-llamacpp-2026-12-06), and a batch-1 decode step is one row through every
-    matrix. The same function; any other shape goes through nn.Linear."""
+    matrix. The same function; any other shape goes through nn.Linear, and so does a compiled step, where
+    inductor picks the kernel (gpt/infer/compiled_decode.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != x.shape[-1]:
+        if x.numel() != x.shape[-1] or torch.compiler.is_compiling():
             return super().forward(x)
         row = x.reshape(-1)
         y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
