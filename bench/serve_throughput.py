@@ -3,6 +3,7 @@
     python bench/serve_throughput.py                                    # char and 124M shapes, 1, 8 and 32 at once
     python bench/serve_throughput.py --models char --tokens 16 --repeats 1     # a smoke run (seconds)
     python bench/serve_throughput.py --models 124m --max-batch 32 --prefill-chunk 0
+    python bench/serve_throughput.py --models 124m --dtype bfloat16 --compile   # serve.py --compile (and the engine)
 
 For each model shape (random weights: speed does not depend on them), in one run:
   engine      gpt.infer.engine.complete in this process: one request, greedy, `tokens` new tokens (best of
@@ -85,6 +86,7 @@ def start_server(folder: Path, args) -> tuple[subprocess.Popen, str]:
     for flag in ("max_batch", "prefill_chunk"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    cmd += ["--compile"] if args.compile else []
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
     seen = []
     for line in proc.stderr:
@@ -144,8 +146,9 @@ def measure_server(url: str, prompt: str, n: int, args) -> dict:
     out = {}
     limits = httpx.Limits(max_connections=max(args.levels) + 4, max_keepalive_connections=max(args.levels) + 4)
     with httpx.Client(timeout=3600, limits=limits) as client:
-        for level in args.levels:  # warm up the server and open every level's connections
-            level_run(client, url, {**body, "max_tokens": 1}, 1, level, False)
+        for level in args.levels * (2 if args.compile else 1):  # warm up the server and open every level's
+            warm = 8 if args.compile else 1  # connections (compiled: each level's graphs, twice, untimed)
+            level_run(client, url, {**body, "max_tokens": warm}, warm, level, False)
         for stream in (False, True):
             for level in args.levels:
                 runs = [level_run(client, url, body, n, level, stream) for _ in range(args.repeats if level == 1 else 1)]
@@ -178,7 +181,7 @@ def engine_rates(model, tok, prompt: str, params: SamplingParams, n: int, repeat
 def bench_shape(name: str, args) -> None:
     torch.manual_seed(0)
     cfg = SHAPES[name]
-    model = prepare_for_decoding(GPT(cfg), DTYPES[args.dtype])  # as serve.py prepares a checkpoint
+    model = prepare_for_decoding(GPT(cfg), DTYPES[args.dtype], compile=args.compile)  # as serve.py prepares it
     tok = CharTokenizer(list(SHAKESPEARE_CHARS)) if name == "char" else TiktokenTokenizer("gpt2")
     prompt = "ROMEO:" if name == "char" else "The meaning of life is"
     n = min(args.tokens, cfg.block_size - len(tok.encode(prompt)))  # the server refuses what does not fit
@@ -228,6 +231,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--max-batch", type=int, default=None, help="serve.py --max-batch (default: serve.py's)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="serve.py --prefill-chunk (default: serve.py's)")
+    p.add_argument("--compile", action="store_true", help="serve.py --compile, and the engine's step compiled too "
+                   "(each compiles on its first decode steps, untimed)")
     args = p.parse_args()
     args.levels = sorted({1, *(int(c) for c in args.concurrency.split(","))})
     torch.set_num_threads(serving_threads(args.threads))
