@@ -15,8 +15,11 @@ single row and one for several (torch specialises sizes of 1), each compiled onc
 
 On a CPU, inductor compiles the step with freezing and max-autotune (CPU_INDUCTOR): the weights become
 constants of the graph, laid out once for its kernels, and each matrix product takes the faster of
-torch's kernel and inductor's own C++ template (AMX or AVX-512 micro-kernels), timed at compile time.
-A SmolLM2-135M-shaped bf16 step took 19.3 ms that way against 25.9 with torch.mv (Xeon-2). The step holds
+torch's kernel and inductor's own C++ template (AMX or AVX-512 micro-kernels), timed at compile time;
+int8 products (gpt/infer/quantize.py) get inductor's weight-only int8 template the same way. The graph's
+calls run from a C++ wrapper rather than a Python one (`cpp_wrapper`: some seconds more to compile,
+about 1.5 ms less a step for the 124M shape in bf16). A SmolLM2-135M-shaped bf16 step took 19.3 ms with
+freezing and max-autotune against 25.9 with torch.mv (Xeon-2). The step holds
 its own copy of the weights: the model's weights must not change after the first compiled step (a
 decoding model's do not; compile again after changing them).
 """
@@ -36,6 +39,7 @@ from gpt.model import GPT, KVCache
 
 BACKEND = "inductor"
 CPU_INDUCTOR = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",  # set while tracing
+                    cpp_wrapper=True,  # the graph's calls from C++, not from a Python function
                     autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # no timing tables
 
 
@@ -46,7 +50,6 @@ class CompiledDecode:
 
     def __init__(self, model: GPT, backend):
         self.model, self.backend = model, backend
-        int8_kernel_as_call()
         self.compiled = torch.compile(decode_step, backend=backend, dynamic=True)
         self.failed = False
         self.on_cpu = backend == "inductor" and next(model.parameters()).device.type == "cpu"
@@ -77,25 +80,6 @@ class CompiledDecode:
         import torch._inductor.config
 
         return torch._inductor.config.patch(CPU_INDUCTOR)
-
-
-def int8_kernel_as_call() -> None:
-    """Let inductor call torch's int8 weight kernel (int8 decoding) as it is: its own lowering of it failed on
-    an input fused into the norm before it. Process-wide, once; where inductor's internals differ, it leaves
-    them be."""
-    global _INT8_AS_CALL
-    if _INT8_AS_CALL:
-        return
-    _INT8_AS_CALL = True
-    try:
-        from torch._inductor import lowering
-
-        lowering.make_fallback(torch.ops.aten._weight_int8pack_mm, override_decomp=True, warn=False)
-    except (ImportError, AttributeError, AssertionError, TypeError):
-        pass
-
-
-_INT8_AS_CALL = False
 
 
 def decode_step(model: GPT, last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
