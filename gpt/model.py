@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -59,6 +60,7 @@ class KVCache:
 
     k: torch.Tensor
     v: torch.Tensor
+    whole: "KVCache | None" = None  # the cache this is a view of (its first rows and slots): row writes index it
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype) -> "KVCache":
@@ -68,6 +70,20 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+    def layer(self, i: int) -> "LayerCache":
+        return LayerCache(self.k[i], self.v[i], self.whole, i)
+
+
+class LayerCache(NamedTuple):
+    """One layer's keys and values (B, n_kv_head, max_len, head_dim); whole/layer: where the per-row write goes
+    when they are a view of a larger cache (compiled_decode.decode_step): whole.k[layer, rows, :, pos]. Traced,
+    a write into the view copied the whole cache every layer and step; into the whole cache it stays in place."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    whole: KVCache | None = None
+    layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,15 +188,15 @@ def _document_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return t - first, starts.cumsum(dim=1)
 
 
-def _write_cache(layer_cache, k: torch.Tensor, v: torch.Tensor, at: Positions):
+def _write_cache(layer_cache: LayerCache, k: torch.Tensor, v: torch.Tensor, at: Positions):
     """Store this call's keys/values (B, nh, T, hd) at their positions; return the keys/values attended."""
-    cache_k, cache_v = layer_cache  # (B, nh, max_len, hd)
+    cache_k, cache_v, whole, layer = layer_cache  # (B, nh, max_len, hd)
     if at.start is None:  # each row at its own positions: cache[b, :, pos[b, t]] = k[b, :, t]
         rows = at.rows if at.rows is not None else torch.arange(k.shape[0], device=k.device)[:, None]
-        # compiled (gpt/infer/compiled_decode.py), the same write as one opaque op that inductor leaves in place:
-        # traced, an index_put into a view of the cache copied the whole cache, every layer, every step
-        write = torch.ops.gpt.write_rows if torch.compiler.is_compiling() else _write_rows
-        write(cache_k, cache_v, k, v, rows, at.pos)
+        if whole is None:
+            _write_rows(cache_k, cache_v, k, v, (rows,), at.pos)
+        else:
+            _write_rows(whole.k, whole.v, k, v, (torch.full_like(rows, layer), rows), at.pos)
         return cache_k, cache_v  # the mask hides each row's unused tail
     end = at.start + k.shape[2]
     cache_k[:, :, at.start : end] = k
@@ -188,17 +204,12 @@ def _write_cache(layer_cache, k: torch.Tensor, v: torch.Tensor, at: Positions):
     return cache_k[:, :, :end], cache_v[:, :, :end]
 
 
-def _write_rows(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                pos: torch.Tensor) -> None:
-    """cache[rows[b], :, pos[b, t]] = k[b, :, t] (and v): index_put (scatter_ on this layout copied the whole cache)."""
-    cache_k[rows, :, pos] = k.transpose(1, 2).to(cache_k.dtype)
-    cache_v[rows, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
-
-
-_OPS = torch.library.Library("gpt", "DEF")  # torch.ops.gpt.write_rows: _write_rows as one op for torch.compile
-_OPS.define("write_rows(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k, Tensor v, Tensor rows, Tensor pos) -> ()")
-_OPS.impl("write_rows", _write_rows, "CompositeExplicitAutograd")
-torch.library.register_fake("gpt::write_rows", lambda *args: None, lib=_OPS)
+def _write_rows(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                index: tuple[torch.Tensor, ...], pos: torch.Tensor) -> None:
+    """cache[*index, :, pos[b, t]] = k[b, :, t] (and v), index: (rows,) or (layer, rows), each (B, 1) -
+    index_put (scatter_ on this layout copied the whole cache)."""
+    cache_k[(*index, slice(None), pos)] = k.transpose(1, 2).to(cache_k.dtype)
+    cache_v[(*index, slice(None), pos)] = v.transpose(1, 2).to(cache_v.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -414,7 +425,7 @@ class GPT(nn.Module):
             if recompute:  # the same block, run again in backward (same RNG state: dropout masks repeat)
                 x = checkpoint(block, x, at, use_reentrant=False)
                 continue
-            layer_cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
+            layer_cache = kv_cache.layer(i) if kv_cache is not None else None
             x = block(x, at, layer_cache)
         x = self.transformer.ln_f(x)
 

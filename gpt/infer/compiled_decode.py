@@ -88,7 +88,7 @@ def decode_step(model: GPT, last: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     `length` slots of the first A rows of the whole cache (k, v) -> (A, vocab) logits. The whole cache goes in
     (its shape never changes, so neither do the compiled graph's guards) and is sliced here."""
     a = last.shape[0]
-    view = KVCache(k[:, :a, :, :length], v[:, :a, :, :length])
+    view = KVCache(k[:, :a, :, :length], v[:, :a, :, :length], whole=KVCache(k, v))  # rows written into k, v
     return model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
 
 
