@@ -24,6 +24,7 @@ command; timings on a shared machine are noisy: read the ratios printed in the s
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -95,7 +96,8 @@ def start_server(folder: Path, args) -> tuple[subprocess.Popen, str]:
             break
     else:
         raise SystemExit("serve.py did not start:\n" + "\n".join(seen))
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining its log
+    proc.log_tail = collections.deque(maxlen=30)  # keep draining its log; its end is shown if it fails
+    threading.Thread(target=lambda: proc.log_tail.extend(line.rstrip() for line in proc.stderr), daemon=True).start()
     print("  " + " ".join(shlex.quote(c) for c in cmd[1:]))
     print("  " + "; ".join(s for s in seen if s.startswith("KV cache")))
     return proc, f"http://127.0.0.1:{port}/v1/completions"
@@ -194,6 +196,10 @@ def bench_shape(name: str, args) -> None:
         proc, url = start_server(folder, args)
         try:
             results = measure_server(url, prompt, n, args)
+        except Exception:
+            time.sleep(1)
+            print(f"serve.py (exit code {proc.poll()}), the end of its log:", *proc.log_tail, sep="\n  ", file=sys.stderr)
+            raise
         finally:
             proc.terminate()
             proc.wait(timeout=60)
