@@ -335,6 +335,27 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(use_kv_cache):
     assert len({len(r.out_ids) for r in reqs}) > 1  # they left the batch at different steps
 
 
+def test_requests_joining_at_one_step_are_prefilled_in_one_call(monkeypatch):
+    """Prompts that join at one step (a server's concurrent requests) are prefilled by one forward call, the
+    weights read once for all and the shorter windows padded at their ends; each completion is what it is alone,
+    greedy and sampled, past the window too."""
+    model, tok = lively_model(block_size=24), char_tok()
+    prompts = ["hello there", "xyz:.", "a much longer prompt", "ab"]
+    params = [P(temperature=0, max_tokens=30), P(temperature=0.9, seed=1, max_tokens=10),
+              P(temperature=0, max_tokens=15), P(temperature=0.7, seed=2, max_tokens=8)]
+    alone = [complete(model, tok, pr, pa)[0] for pr, pa in zip(prompts, params)]
+    for prefix_cache_mb in (0, 1):  # no two of these windows begin with the same cache block
+        engine = Engine(model, tok, max_batch=4, prefix_cache_mb=prefix_cache_mb)
+        reqs = [engine.add(tok.encode(pr), pa) for pr, pa in zip(prompts, params)]
+        shapes, forward = [], model.forward
+        monkeypatch.setattr(model, "forward", lambda idx, *a, **k: shapes.append(idx.shape) or forward(idx, *a, **k))
+        engine.step()
+        monkeypatch.undo()
+        assert shapes == [(4, len("a much longer prompt") - 1), (4, 1)]  # the four windows, then the next tokens
+        engine.run()
+        assert [r.completion(tok) for r in reqs] == alone
+
+
 LONG = "the quick brown fox jumps over the lazy dog: a prompt of sixty"  # 61 tokens, a 60-token window to fill
 
 

@@ -11,8 +11,10 @@ before its sampling rules (gpt/infer/constraints.py). Built on it:
                                           UTF-8-safe streaming, log-probabilities, finish reasons
 
 One step. A new sequence is prefilled into its own row of the cache (all its window but the last
-token); then every row's last token goes through GPT.forward together (T = 1, a per-row position
-and a mask hiding each row's unused tail), and each row draws its token with its own
+token; the sequences joining at one step in one GPT.forward call, shorter windows padded at their
+ends, unless a later one can reuse an earlier one's prefix-cache blocks); then every row's last token
+goes through GPT.forward together (T = 1, a per-row position and a mask hiding each row's unused
+tail), and each row draws its token with its own
 torch.Generator, so a seeded sequence gives the same tokens whatever else shares the batch (up to
 floating-point differences between batch shapes, which do not occur in float32 on the CPU tests).
 `use_kv_cache=False` runs the naive reference instead: each sequence's whole window through the
@@ -499,15 +501,17 @@ class Engine:
             for req in self.active:
                 if req.fresh:
                     budget -= self._prefill(req, budget if req is self.active[-1] else math.inf)
+        joined: list[tuple[tuple[int, list[int], int], DecodeRequest]] = []  # joining rows' chunks, not yet computed
         while budget > 0 and len(self.active) < self.max_batch and self._part_filled() is None:
             with self._lock:
                 if not self.waiting:
-                    return
+                    break
                 req = self.waiting.pop(0)
             req.row, req.start = len(self.active), max(0, len(req.tokens) - self.context)
             self.active.append(req)
             if self.cache is not None:
-                budget -= self._prefill(req, budget)
+                budget -= self._prefill(req, budget, joined)
+        self._fill_joined(joined)
 
     def _part_filled(self) -> DecodeRequest | None:
         """The request whose window is part-way into its row (chunked prefill): always the batch's last row."""
@@ -555,28 +559,54 @@ class Engine:
             held.row = row
             self.active.append(held)
 
-    def _prefill(self, req: DecodeRequest, budget: float) -> int:
+    def _prefill(self, req: DecodeRequest, budget: float, joined: list | None = None) -> int:
         """Fill the request's row with its window but the last token, from position 0, computing at most `budget`
         tokens -> the tokens computed. At the fill's start what the prefix cache holds of the window is copied;
         the rest is computed by the model at the positions after what is in (chunked prefill); a fill that
-        stops short goes on at the next call. The whole window in: req.fresh is False, its blocks are cached."""
+        stops short goes on at the next call. The whole window in: req.fresh is False, its blocks are cached.
+        joined: the rows joining at this step whose chunks wait to be computed together (_fill_joined); this
+        row's chunk joins them, after they are computed first if its window could reuse their blocks."""
         window = req.tokens[req.start : -1]
         k, v = self.cache.k[:, req.row], self.cache.v[:, req.row]  # (n_layer, n_kv_head, context, head_dim)
         if req.filled == 0 and self.prefix_cache is not None:
+            if joined and self._shares_a_block(window, joined):  # computed and cached first: this row reuses them
+                self._fill_joined(joined)
             req.filled = self.prefix_cache.load(window, k, v)
             if not req.out_ids:  # the prompt's own prefill (not a window re-encoded later)
                 req.cached_tokens = req.filled
         n = int(max(0, min(len(window) - req.filled, budget)))
-        if n:
-            row = KVCache(self.cache.k[:, req.row : req.row + 1], self.cache.v[:, req.row : req.row + 1])
-            self.model(torch.tensor([window[req.filled : req.filled + n]], device=self.device), kv_cache=row,
-                       start_pos=req.filled, logits_to_keep=1)
-            req.filled += n
-        if req.filled == len(window):
-            req.fresh = False
-            if n and self.prefix_cache is not None:
-                self.prefix_cache.store(window, k, v)
+        chunk = (req.row, window[req.filled : req.filled + n], req.filled)
+        req.filled += n
+        req.fresh = req.filled < len(window)
+        if n and joined is not None:
+            joined.append((chunk, req))
+        elif n:
+            self._fill_joined([(chunk, req)])
         return n
+
+    def _shares_a_block(self, window: list[int], joined: list) -> bool:
+        """Whether a waiting chunk's window begins with the same prefix-cache block as `window`."""
+        block = self.prefix_cache.block_tokens
+        return len(window) >= block and any(r.tokens[r.start : r.start + block] == window[:block] for _, r in joined)
+
+    def _fill_joined(self, joined: list[tuple[tuple[int, list[int], int], DecodeRequest]]) -> None:
+        """Compute the waiting chunks ((row, tokens, first position), request), then cache the blocks of the windows
+        now whole; empties `joined`. Consecutive rows from one position (requests joining at one step) go through
+        GPT.forward in one call, the weights read once for all: shorter chunks are padded at their ends, slots each
+        row writes again before it reads them (a decoding row attends up to its own position)."""
+        chunks = [chunk for chunk, _ in joined]
+        rows, firsts = [row for row, _, _ in chunks], {first for _, _, first in chunks}
+        together = len(firsts) == 1 and rows == list(range(rows[0], rows[0] + len(rows)))
+        for group in [chunks] if together else [[chunk] for chunk in chunks]:
+            T = max(len(tokens) for _, tokens, _ in group)
+            ids = torch.tensor([tokens + tokens[-1:] * (T - len(tokens)) for _, tokens, _ in group], device=self.device)
+            span = slice(group[0][0], group[0][0] + len(group))
+            self.model(ids, kv_cache=KVCache(self.cache.k[:, span], self.cache.v[:, span]), start_pos=group[0][2],
+                       logits_to_keep=1)
+        for _, req in joined:
+            if not req.fresh and self.prefix_cache is not None:
+                self.prefix_cache.store(req.tokens[req.start : -1], self.cache.k[:, req.row], self.cache.v[:, req.row])
+        joined.clear()
 
     def _next_logits(self) -> torch.Tensor:
         """(A, vocab) float logits of the next token of every request in `decoding` (its rows 0..A-1)."""
