@@ -575,7 +575,7 @@ class Engine:
             if not req.out_ids:  # the prompt's own prefill (not a window re-encoded later)
                 req.cached_tokens = req.filled
         n = int(max(0, min(len(window) - req.filled, budget)))
-        chunk = (req.row, window[req.filled : req.filled + n], req.filled)
+        chunk = (req.row, window[: req.filled + n], req.filled)
         req.filled += n
         req.fresh = req.filled < len(window)
         if n and joined is not None:
@@ -590,19 +590,16 @@ class Engine:
         return len(window) >= block and any(r.tokens[r.start : r.start + block] == window[:block] for _, r in joined)
 
     def _fill_joined(self, joined: list[tuple[tuple[int, list[int], int], DecodeRequest]]) -> None:
-        """Compute the waiting chunks ((row, tokens, first position), request), then cache the blocks of the windows
-        now whole; empties `joined`. Consecutive rows from one position (requests joining at one step) go through
-        GPT.forward in one call, the weights read once for all: shorter chunks are padded at their ends, slots each
-        row writes again before it reads them (a decoding row attends up to its own position)."""
+        """Compute the waiting chunks ((row, window so far, first position computed), request), then cache the blocks
+        of the windows now whole; empties `joined`. Consecutive rows from one position (requests joining at one
+        step) go through GPT.forward in one call, the weights read once for all (speculative.ragged_chunk: shorter
+        chunks padded at their ends, slots each row writes again before it reads them)."""
         chunks = [chunk for chunk, _ in joined]
         rows, firsts = [row for row, _, _ in chunks], {first for _, _, first in chunks}
         together = len(firsts) == 1 and rows == list(range(rows[0], rows[0] + len(rows)))
         for group in [chunks] if together else [[chunk] for chunk in chunks]:
-            T = max(len(tokens) for _, tokens, _ in group)
-            ids = torch.tensor([tokens + tokens[-1:] * (T - len(tokens)) for _, tokens, _ in group], device=self.device)
-            span = slice(group[0][0], group[0][0] + len(group))
-            self.model(ids, kv_cache=KVCache(self.cache.k[:, span], self.cache.v[:, span]), start_pos=group[0][2],
-                       logits_to_keep=1)
+            ids, starts, _ = ragged_chunk([seq for _, seq, _ in group], [first for _, _, first in group], self.context)
+            chunk_forward(self.model, self.cache, ids, starts, first_row=group[0][0], logits_to_keep=1)
         for _, req in joined:
             if not req.fresh and self.prefix_cache is not None:
                 self.prefix_cache.store(req.tokens[req.start : -1], self.cache.k[:, req.row], self.cache.v[:, req.row])

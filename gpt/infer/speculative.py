@@ -142,15 +142,17 @@ def ragged_chunk(seqs: Sequence[Sequence[int]], firsts: Sequence[int], context: 
     return ids, starts, lasts
 
 
-def chunk_forward(model: GPT, cache: KVCache, ids: list[list[int]], starts: list[int]) -> torch.Tensor:
-    """GPT.forward of a ragged chunk (rows 0..B-1 of the cache, row b's tokens from starts[b]) -> (B, T, vocab)
-    logits. Every row at one start (batch 1): the shared-position path, a slice write and no index."""
+def chunk_forward(model: GPT, cache: KVCache, ids: list[list[int]], starts: list[int], first_row: int = 0,
+                  logits_to_keep: int = 0) -> torch.Tensor:
+    """GPT.forward of a ragged chunk (rows first_row.. of the cache, row b's tokens from starts[b]) -> (B, T, vocab)
+    logits (the last logits_to_keep positions when set). Every row at one start (batch 1, a prefill of rows joining
+    together): the shared-position path, a slice write and no index."""
     a, T = len(ids), len(ids[0])
     x = torch.tensor(ids, device=cache.k.device)
-    end = max(starts) + T
-    view = KVCache(cache.k[:, :a, :, :end], cache.v[:, :a, :, :end])
+    end, rows = max(starts) + T, slice(first_row, first_row + a)
+    view = KVCache(cache.k[:, rows, :, :end], cache.v[:, rows, :, :end])
     start = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=x.device)
-    return model(x, kv_cache=view, start_pos=start)[0]
+    return model(x, kv_cache=view, start_pos=start, logits_to_keep=logits_to_keep)[0]
 
 
 # ---------------------------------------------------------------------------- the rule
