@@ -45,7 +45,7 @@ LAYERS = {
     "gpt.pretrained": 72,
     "gpt.infer.sampling": 70,
     "gpt.infer.quantize": 70,
-    "gpt.infer.compiled_decode": 70,
+    "gpt.infer.compiled_decode": 72,
     "gpt.infer.weights": 75,
     "gpt.infer.constraints": 75,
     "gpt.infer.prefix_cache": 75,

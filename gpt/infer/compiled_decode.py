@@ -35,6 +35,7 @@ import warnings
 
 import torch
 
+from gpt.infer.sampling import scores
 from gpt.model import GPT, KVCache
 
 BACKEND = "inductor"
@@ -45,8 +46,8 @@ CPU_INDUCTOR = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends
 
 class CompiledDecode:
     """`model.forward` compiled for the engine's decode step: (A, 1) last tokens, the engine's whole cache,
-    each row's position -> (A, vocab) logits. Falls back to the eager forward, with one line on stderr,
-    if the backend fails to compile."""
+    each row's position, the vocabulary sampled -> sampling.scores of the (A, vocab) logits. Falls back to the eager forward, with
+    one line on stderr, if the backend fails to compile."""
 
     def __init__(self, model: GPT, backend):
         self.model, self.backend = model, backend
@@ -54,7 +55,8 @@ class CompiledDecode:
         self.failed = False
         self.on_cpu = backend == "inductor" and next(model.parameters()).device.type == "cpu"
 
-    def __call__(self, last: torch.Tensor, cache: KVCache, positions: list[int]) -> torch.Tensor:
+    def __call__(self, last: torch.Tensor, cache: KVCache, positions: list[int],
+                 vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
         length = min(cache.max_len, max(max(positions) + 1, 2))  # never 1: torch would compile a graph for it
         pos = torch.tensor(positions, device=last.device)
         if not self.failed:
@@ -65,13 +67,13 @@ class CompiledDecode:
                     warnings.filterwarnings("ignore", message=".*lru_cache.*")
                     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's autotuner
                     with self.inductor_settings():
-                        return self.compiled(self.model, last, cache.k, cache.v, pos, length)
+                        return self.compiled(self.model, last, cache.k, cache.v, pos, length, vocab)
             except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before the graph ran: the cache is intact
                 self.failed = True
                 name = getattr(self.backend, "__name__", self.backend)
                 print(f"--compile: the {name} backend failed ({type(e.inner_exception).__name__}); "
                       "decoding without it", file=sys.stderr)
-        return decode_step(self.model, last, cache.k, cache.v, pos, length)
+        return decode_step(self.model, last, cache.k, cache.v, pos, length, vocab)
 
     def inductor_settings(self):
         """CPU_INDUCTOR on a CPU (dynamo reads `freezing` while tracing, so it is set around every call)."""
@@ -83,13 +85,14 @@ class CompiledDecode:
 
 
 def decode_step(model: GPT, last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                length: int) -> torch.Tensor:
+                length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's per-row step through model.forward: (A, 1) tokens at positions pos (A,) against the first
-    `length` slots of the first A rows of the whole cache (k, v) -> (A, vocab) logits. The whole cache goes in
-    (its shape never changes, so neither do the compiled graph's guards) and is sliced here."""
+    `length` slots of the first A rows of the whole cache (k, v) -> sampling.scores of the (A, vocab) logits
+    (in the graph, the float copy and the normalizer fuse with the LM head). The whole cache goes in (its shape
+    never changes, so neither do the compiled graph's guards) and is sliced here."""
     a = last.shape[0]
     view = KVCache(k[:, :a, :, :length], v[:, :a, :, :length], whole=KVCache(k, v))  # rows written into k, v
-    return model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
+    return scores(model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1], vocab)
 
 
 def compile_unavailable(device: torch.device, backend=BACKEND) -> str | None:

@@ -75,7 +75,7 @@ from gpt.data.tokenizer import Tokenizer
 from gpt.infer.compiled_decode import compile_decoding
 from gpt.infer.constraints import ConstraintError, GrammarState, token_masks
 from gpt.infer.prefix_cache import MiB, PrefixCache
-from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits
+from gpt.infer.sampling import SamplingError, SamplingParams, draw, filter_logits, scores
 from gpt.infer.speculative import Proposal, Speculation, chunk_forward, distribution, ragged_chunk, verify_guess
 from gpt.model import GPT, KVCache
 
@@ -376,10 +376,10 @@ class Engine:
                 return
             proposals = self._proposals(rows)
             if any(p.tokens for p in proposals):
-                logits, offsets = self._verify_logits(rows, proposals)
+                (logits, lse), offsets = self._verify_logits(rows, proposals)
             else:
-                logits, offsets = self._next_logits()[:, None], [0] * len(rows)
-        lse = logits.logsumexp(-1)  # log-probability = logit - lse: no (A, T, vocab) log-softmax built every step
+                logits, lse = self._next_scores()
+                logits, lse, offsets = logits[:, None], lse[:, None], [0] * len(rows)
         masks = self._masks()
         for i, req in enumerate(rows):
             guesses = proposals[i].tokens
@@ -445,14 +445,15 @@ class Engine:
         proposals = self.speculation.proposer.propose_rows(rows, ks)
         return [Proposal(p.tokens[:k], None if p.q is None else p.q[:k]) for p, k in zip(proposals, ks)]
 
-    def _verify_logits(self, rows: list[DecodeRequest], proposals: list[Proposal]) -> tuple[torch.Tensor, list[int]]:
+    def _verify_logits(self, rows: list[DecodeRequest], proposals: list[Proposal]) -> tuple[tuple, list[int]]:
         """Every row's last token and guesses through GPT.forward in one call (speculative.ragged_chunk: rows
-        with fewer guesses padded) -> ((A, T, vocab) float logits, the index of each row's last token in them)."""
+        with fewer guesses padded) -> (sampling.scores of the (A, T, vocab) logits, the index of each row's last
+        token in them)."""
         windows = [r.tokens[r.start :] + p.tokens for r, p in zip(rows, proposals)]
         firsts = [len(r.tokens) - 1 - r.start for r in rows]
         ids, starts, _ = ragged_chunk(windows, firsts, self.context)
         logits = chunk_forward(self.model, self.cache, ids, starts)
-        return logits[..., : self.vocab].float(), [f - s for f, s in zip(firsts, starts)]
+        return scores(logits, self.vocab), [f - s for f, s in zip(firsts, starts)]
 
     def _prefix_cache(self, mib: float) -> PrefixCache | None:
         """The cache of prompt prefixes' keys and values (None when mib is 0); refused where it cannot work."""
@@ -605,20 +606,21 @@ class Engine:
                 self.prefix_cache.store(req.tokens[req.start : -1], self.cache.k[:, req.row], self.cache.v[:, req.row])
         joined.clear()
 
-    def _next_logits(self) -> torch.Tensor:
-        """(A, vocab) float logits of the next token of every request in `decoding` (its rows 0..A-1)."""
+    def _next_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """sampling.scores of the (A, vocab) logits of the next token of every request in `decoding` (its rows
+        0..A-1): the float logits and their log-normalizers."""
         if not self.use_kv_cache:
             rows = [self.model(torch.tensor([r.tokens[r.start :]], device=self.device), logits_to_keep=1)[0][:, -1]
                     for r in self.active]
-            return torch.cat(rows)[:, : self.vocab].float()
+            return scores(torch.cat(rows), self.vocab)
         decoding = self.decoding  # rows 0..a-1; their windows were filled by _admit
         a = len(decoding)
         positions = [len(r.tokens) - 1 - r.start for r in decoding]
         last = torch.tensor([[r.tokens[-1]] for r in decoding], device=self.device)
         step = getattr(self.model, "compiled_decode", None)  # gpt/infer/compiled_decode.py, when asked for
         if step is not None:
-            logits = step(last, self.cache, positions)
-        elif len(set(positions)) == 1:  # every row at one position (batch 1): a slice write, no mask, no index_put
+            return step(last, self.cache, positions, self.vocab)
+        if len(set(positions)) == 1:  # every row at one position (batch 1): a slice write, no mask, no index_put
             view = KVCache(self.cache.k[:, :a, :, : positions[0] + 1], self.cache.v[:, :a, :, : positions[0] + 1])
             logits = self.model(last, kv_cache=view, start_pos=positions[0], logits_to_keep=1)[0][:, -1]
         else:
@@ -626,7 +628,7 @@ class Engine:
             view = KVCache(self.cache.k[:, :a, :, :length], self.cache.v[:, :a, :, :length])
             pos = torch.tensor(positions, device=self.device)
             logits = self.model(last, kv_cache=view, start_pos=pos, logits_to_keep=1)[0][:, -1]
-        return logits[:, : self.vocab].float()
+        return scores(logits, self.vocab)
 
 
 @contextmanager

@@ -217,6 +217,14 @@ def filter_logits(
     return apply_min_p(apply_top_p(logits, params.top_p, is_sorted=ids is not None), params.min_p), ids
 
 
+def scores(logits: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (..., padded vocab) logits, of any dtype -> (their float32 copy cut to the vocabulary, its
+    log-normalizer logsumexp (...,)): a token's log-probability is its logit minus the normalizer, without a
+    log-softmax over the vocabulary built every step. The compiled decode step runs this inside its graph."""
+    logits = logits[..., :vocab].float()
+    return logits, logits.logsumexp(-1)
+
+
 def draw(logits: torch.Tensor, ids: torch.Tensor | None, params: SamplingParams, generator) -> torch.Tensor:
     """Draw one token per row from filter_logits' output -> (B,) token ids; argmax at temperature 0.
 
