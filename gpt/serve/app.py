@@ -53,6 +53,7 @@ log = logging.getLogger("gpt.serve")
 FINISH: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's finish_reason
 STATIC = Path(__file__).resolve().parent / "static"  # the playground page, served at /
 DEFAULT_PREFILL_CHUNK = 256  # serve.py --prefill-chunk: prompt tokens per engine step (gpt/infer/engine.py)
+DEFAULT_BATCH_WAIT_MS = 3.0  # serve.py --batch-wait-ms: an idle engine's wait for more requests (gpt/serve/worker.py)
 RETRY_AFTER_S = 1  # a full server's 429 asks the client to wait this long (rows free up within steps)
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of a UTF-16 surrogate, paired or lone
 UNREACHABLE = {"message": "The reply was cut off: the model's vocabulary has no token for what the response_format "
@@ -70,6 +71,7 @@ class ServerConfig:
     max_model_len: int | None = None  # the context of decoding (None: gpt.infer.engine.context_length's default)
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # MiB of prompt prefixes' keys and values kept; 0 = off
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # most prompt tokens computed per step (chunked prefill); 0 = whole
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS  # an idle engine waits this long for each next request; 0 = none
     speculate: str | None = None  # speculative decoding: "ngram" or a draft checkpoint's folder; None = off
     speculate_tokens: int = SPECULATE_TOKENS  # guesses verified per row and forward pass when speculating
     host: str = "127.0.0.1"  # the bound address: a Host the server answers to (unless 0.0.0.0 or ::)
@@ -105,7 +107,7 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServerConfig, speculation:
         speculation = load_speculation(cfg.speculate, cfg.speculate_tokens, w.device, w.dtype)
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len,
                     prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk=cfg.prefill_chunk, speculation=speculation)
-    worker = Worker(engine, cfg.max_queue)
+    worker = Worker(engine, cfg.max_queue, cfg.batch_wait_ms / 1000)
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(cfg, tokenizer, worker, engine.context, int(time.time()))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -26,7 +26,7 @@ from gpt.infer.engine import DEFAULT_MAX_MODEL_LEN
 from gpt.infer.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from gpt.infer.speculative import SPECULATE_TOKENS, load_speculation
 from gpt.infer.weights import add_model_args, load_for_decoding
-from gpt.serve.app import DEFAULT_PREFILL_CHUNK, ServerConfig, create_app
+from gpt.serve.app import DEFAULT_BATCH_WAIT_MS, DEFAULT_PREFILL_CHUNK, ServerConfig, create_app
 
 T = TypeVar("T")
 
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most prompt tokens computed per engine step: a longer prompt is prefilled over several "
                    "steps and the running streams get a token between its chunks (vLLM's chunked prefill); "
                    "0 = whole prompts at once (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS, metavar="MS",
+                   help="an idle server waits this long after each arriving request for another before it starts, "
+                   "at most 8x this in all, so requests sent together are prefilled in one forward call; "
+                   "0 = start at once (default: %(default)s)")
     p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MIB",
                    help="MiB of prompt prefixes' keys and values kept for requests that begin alike (a shared system "
                    "prompt is computed once), least recently used evicted; 0 = off (default: %(default)s)")
@@ -110,7 +114,7 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 LIMITS = {  # flag: (lowest, highest) accepted; None = no bound (numbers must be finite)
     "port": (1, 65535), "max_batch": (1, None), "max_queue": (0, None), "max_body": (1, None), "threads": (0, None),
-    "shutdown_timeout": (0, None), "prefix_cache_mb": (0, None), "prefill_chunk": (0, None),
+    "shutdown_timeout": (0, None), "prefix_cache_mb": (0, None), "prefill_chunk": (0, None), "batch_wait_ms": (0, 1000),
     "speculate_tokens": (1, None),
 }
 
@@ -161,7 +165,8 @@ def build_app(args: argparse.Namespace):
     name = args.model_name or (folder.parent.name if folder.name in ("best", "latest") else folder.name)
     cfg = ServerConfig(name, api_key=args.api_key or os.environ.get("GPT_API_KEY") or None, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_body_bytes=args.max_body, max_model_len=args.max_model_len,
-                       prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk, host=args.host,
+                       prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk,
+                       batch_wait_ms=args.batch_wait_ms, host=args.host,
                        allowed_hosts=tuple(args.allowed_hosts),
                        cors_origins=tuple(args.cors_origins), speculate=args.speculate,
                        speculate_tokens=args.speculate_tokens or SPECULATE_TOKENS)

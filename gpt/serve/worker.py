@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
 from typing import Callable, Sequence
@@ -32,8 +33,9 @@ class ShuttingDown(Exception):
 
 
 class Worker:
-    def __init__(self, engine: Engine, max_queue: int):
-        self.engine, self.max_queue = engine, max_queue
+    def __init__(self, engine: Engine, max_queue: int, batch_wait_s: float = 0.0):
+        """batch_wait_s: how long an idle engine waits after each arriving request for the next (_gather)."""
+        self.engine, self.max_queue, self.batch_wait_s = engine, max_queue, batch_wait_s
         self.threads = torch.get_num_threads()  # the creating thread's setting: a thread's OpenMP setting is its own
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -87,6 +89,16 @@ class Worker:
         self.cancel_all()
         self._thread.join(timeout=30)
 
+    def _gather(self) -> None:
+        """Requests sent together arrive one by one (each parsed on the event loop, a few per millisecond): an
+        idle engine that started on the first would prefill it alone and the rest one step later, two or three
+        forward calls where one does. So it waits until none came for batch_wait_s, at most 8 x batch_wait_s."""
+        deadline = time.monotonic() + 8 * self.batch_wait_s
+        while self.batch_wait_s and not self._stopping and self._wake.wait(self.batch_wait_s):
+            self._wake.clear()
+            if time.monotonic() >= deadline:
+                return
+
     def _loop(self) -> None:
         torch.set_num_threads(self.threads)
         while True:
@@ -95,6 +107,7 @@ class Worker:
             if not self.engine.busy:
                 self._wake.wait()
                 self._wake.clear()
+                self._gather()
                 continue
             try:
                 self.engine.step()
