@@ -14,8 +14,8 @@ For each model shape (random weights: speed does not depend on them), in one run
               1,8,32) and each mode (whole replies, then SSE streams) all the level's requests start together
               (a barrier): aggregate tokens/s (level x tokens / wall time from the first send to the last
               reply), its ratio to one request of the same mode, p50/p99 request latency and, for streams, p50/p99
-              time to first token (to the first chunk with text). Level 1 is the best of --repeats runs (its
-              latencies are pooled). p99 of N requests is their slowest but one rank: with 8 it is the slowest.
+              time to first token (to the first chunk with text). Each level's rate is the best of --repeats
+              runs, the same statistic for every level (their latencies are pooled). p99 of N requests is their slowest but one rank: with 8 it is the slowest.
 Every request generates exactly `tokens` tokens (ignore_eos) and the bench checks the count. The target
 of issue 26: 8 concurrent >= 6x one request on the 124M shape. The first lines name the CPU, torch and the
 command; timings on a shared machine are noisy: read the ratios printed in the same run.
@@ -153,7 +153,7 @@ def measure_server(url: str, prompt: str, n: int, args) -> dict:
             level_run(client, url, {**body, "max_tokens": warm}, warm, level, False)
         for stream in (False, True):
             for level in args.levels:
-                runs = [level_run(client, url, body, n, level, stream) for _ in range(args.repeats if level == 1 else 1)]
+                runs = [level_run(client, url, body, n, level, stream) for _ in range(args.repeats)]
                 out[stream, level] = {"rate": max(r["rate"] for r in runs), "lat": sum((r["lat"] for r in runs), []),
                                       "ttft": sum((r["ttft"] for r in runs), [])}
     return out
@@ -231,7 +231,7 @@ def main() -> None:
     p.add_argument("--models", default="char,124m")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (1 is always measured)")
-    p.add_argument("--repeats", type=int, default=3, help="single-request figures are the best of this many")
+    p.add_argument("--repeats", type=int, default=3, help="each level's rate is the best of this many runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the engine and of serve.py "
                    "(0 = serve.py's rule: the idle cores less one)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
