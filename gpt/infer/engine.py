@@ -306,7 +306,10 @@ class Engine:
         self.vocab = min(limit, cfg.vocab_size)  # sample only ids below it (the vocabulary may be padded)
         p = next(model.parameters())
         self.device = p.device
-        self.cache = KVCache.empty(cfg, max_batch, self.context, p.device, p.dtype) if use_kv_cache else None
+        # a compiled step's cache view must never span a whole dimension of the cache: torch would specialise
+        # a second graph for a full context, compiled mid-reply when the first row fills its window
+        slots = self.context + (getattr(model, "compiled_decode", None) is not None)
+        self.cache = KVCache.empty(cfg, max_batch, slots, p.device, p.dtype) if use_kv_cache else None
         self.prefix_cache = self._prefix_cache(prefix_cache_mb)
         self.speculation = speculation
         if speculation is not None:
