@@ -46,8 +46,8 @@ CPU_INDUCTOR = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends
 
 class CompiledDecode:
     """`model.forward` compiled for the engine's decode step: (A, 1) last tokens, the engine's whole cache,
-    each row's position, the vocabulary sampled -> sampling.scores of the (A, vocab) logits. Falls back to the eager forward, with
-    one line on stderr, if the backend fails to compile."""
+    each row's position, the vocabulary sampled -> sampling.scores of the (A, vocab) logits. Falls back to the
+    eager forward, with one line on stderr, if the backend fails to compile."""
 
     def __init__(self, model: GPT, backend):
         self.model, self.backend = model, backend
