@@ -15,7 +15,8 @@ For each model shape (random weights: speed does not depend on them), in one run
               (a barrier): aggregate tokens/s (level x tokens / wall time from the first send to the last
               reply), its ratio to one request of the same mode, p50/p99 request latency and, for streams, p50/p99
               time to first token (to the first chunk with text). Each level's rate is the best of --repeats
-              runs, the same statistic for every level (their latencies are pooled). p99 of N requests is their slowest but one rank: with 8 it is the slowest.
+              runs, the same statistic for every level (their latencies are pooled). p99 of N requests is
+              their slowest but one rank: with 8 it is the slowest.
 Every request generates exactly `tokens` tokens (ignore_eos) and the bench checks the count. The target
 of issue 26: 8 concurrent >= 6x one request on the 124M shape. The first lines name the CPU, torch and the
 command; timings on a shared machine are noisy: read the ratios printed in the same run.

@@ -379,7 +379,7 @@ class Engine:
                 return
             proposals = self._proposals(rows)
             if any(p.tokens for p in proposals):
-                (logits, lse), offsets = self._verify_logits(rows, proposals)
+                (logits, lse), offsets = self._verify_scores(rows, proposals)
             else:
                 logits, lse = self._next_scores()
                 logits, lse, offsets = logits[:, None], lse[:, None], [0] * len(rows)
@@ -448,7 +448,8 @@ class Engine:
         proposals = self.speculation.proposer.propose_rows(rows, ks)
         return [Proposal(p.tokens[:k], None if p.q is None else p.q[:k]) for p, k in zip(proposals, ks)]
 
-    def _verify_logits(self, rows: list[DecodeRequest], proposals: list[Proposal]) -> tuple[tuple, list[int]]:
+    def _verify_scores(self, rows: list[DecodeRequest],
+                       proposals: list[Proposal]) -> tuple[tuple[torch.Tensor, torch.Tensor], list[int]]:
         """Every row's last token and guesses through GPT.forward in one call (speculative.ragged_chunk: rows
         with fewer guesses padded) -> (sampling.scores of the (A, T, vocab) logits, the index of each row's last
         token in them)."""
