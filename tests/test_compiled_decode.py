@@ -126,7 +126,7 @@ def test_inductor_compiles_the_int8_step(monkeypatch):
     monkeypatch.setitem(compiled_decode.CPU_INDUCTOR, "cpp_wrapper", False)
     monkeypatch.setitem(compiled_decode.CPU_INDUCTOR, "max_autotune", False)
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=50, dropout=0.0)
+    cfg = ModelConfig(n_layer=1, n_head=4, n_embd=64, block_size=32, vocab_size=50, dropout=0.0)
     model = prepare_for_decoding(GPT(cfg), torch.float32, "int8")
     torch._dynamo.reset()
     step = compiled_decode.CompiledDecode(model, "inductor")
