@@ -6,6 +6,9 @@
     python bench/llama_cpp_race.py --ckpt out/run --compile    # also ours with the compiled decode step
     python bench/llama_cpp_race.py --ckpt out/run --batch 8    # also 8 sequences decoded together
 
+Ours in int8 (`--quantize int8`) computes in what `--dtype auto` picks on this CPU, as sample.py and
+serve.py do: bf16 activations where the CPU has native bf16 (row "int8-bf16"), else fp32 ("int8-fp32").
+
 For each precision it measures:
   decode   ms per token of batch-1 greedy decoding, 128 tokens after a 1-token prompt: ours
            (t(129) - t(1)) / 128 through gpt.infer.engine.generate (prefill cancels out); llama.cpp's own
@@ -39,15 +42,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt.checkpoint import load_checkpoint  # noqa: E402
-from gpt.device import tune_allocator  # noqa: E402
+from gpt.device import resolve_dtype, tune_allocator  # noqa: E402
 from gpt.infer.engine import generate  # noqa: E402
 from gpt.infer.sampling import SamplingParams  # noqa: E402
 from gpt.infer.weights import prepare_for_decoding  # noqa: E402
 from gpt.device import cpu_model  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
+# int8 weights compute in what `--quantize int8` gets from `--dtype auto` here (bf16 on a CPU with native bf16)
+AUTO = resolve_dtype("auto", torch.device("cpu"))
 PAIRS = [("fp32", torch.float32, None, ("f32",)), ("bf16", torch.bfloat16, None, ("bf16", "f16")),
-         ("int8", torch.float32, "int8", ("q8_0",))]
+         ("int8-bf16" if AUTO == torch.bfloat16 else "int8-fp32", AUTO, "int8", ("q8_0",))]
 
 
 def weight_bytes(model) -> int:
@@ -218,9 +223,9 @@ def gguf_args(values: list[str]) -> dict[str, Path]:
 
 def row(name: str, r: dict | None, ours_ms: float | None = None, ours_ttft: float | None = None) -> str:
     if r is None:
-        return f"{name:<22} {'not measured':>10}"
+        return f"{name:<26} {'not measured':>10}"
     gbs = r["bytes"] / (r["ms"] * 1e-3) / 1e9
-    s = f"{name:<22} {r['ms']:>8.2f} {1e3 / r['ms']:>8.1f} {gbs:>7.1f} {r['ttft']:>9.1f}"
+    s = f"{name:<26} {r['ms']:>8.2f} {1e3 / r['ms']:>8.1f} {gbs:>7.1f} {r['ttft']:>9.1f}"
     if "loop_ms" in r:
         s += f"   (Python loop {r['loop_ms']:.2f} ms/tok)"
     if ours_ms is not None:
@@ -266,7 +271,7 @@ def main() -> None:
           f"median of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         files = gguf_args(args.gguf) or (build_ggufs(args, Path(tmp)) if llama_cpp is not None else {})
-        print(f"{'system':<22} {'ms/tok':>8} {'tok/s':>8} {'GB/s':>7} {'ttft ms':>9}")
+        print(f"{'system':<26} {'ms/tok':>8} {'tok/s':>8} {'GB/s':>7} {'ttft ms':>9}")
         for name, dtype, quantize, kinds in PAIRS:
             mine = [(f"ours {name}", ours(args, dtype, quantize, False))]
             if args.compile:
