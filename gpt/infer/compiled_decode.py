@@ -10,8 +10,10 @@ eager, and tests/test_compiled_decode.py checks the compiled step gives the eage
 
 Shapes. The step always takes the per-row path of GPT.forward (positions as a (A,) tensor, the
 cache view of the A active rows up to the longest row, a mask hiding each row's unused tail), and
-is compiled with dynamic shapes, so a new length or batch size does not recompile: one graph for a
-single row and one for several (torch specialises sizes of 1), each compiled once, on first use.
+is compiled with dynamic shapes, so a new length or number of rows does not recompile: one graph for a
+single row and one for several (torch specialises sizes of 1), each compiled once, on first use. The cache's
+shape is a constant of the graph: an engine with another max_batch or context (generate() on another number
+of rows) compiles its own.
 
 On a CPU, inductor compiles the step with freezing and max-autotune (CPU_INDUCTOR): the weights become
 constants of the graph, laid out once for its kernels, and each matrix product takes the faster of
