@@ -122,9 +122,11 @@ def test_inductor_compiles_the_int8_step(monkeypatch):
     from gpt.model import KVCache
 
     # freezing is what the int8 lowering needs; the C++ wrapper (~10 s more to compile here) and max-autotune's
-    # kernel timing (~2 s) are left out
+    # kernel timing (~2 s) are left out, and so are inductor's probe compiles of each vector ISA the CPU's flags
+    # name (vec_isa_ok: ~6 s on a machine's first compile, as in CI)
     monkeypatch.setitem(compiled_decode.CPU_INDUCTOR, "cpp_wrapper", False)
     monkeypatch.setitem(compiled_decode.CPU_INDUCTOR, "max_autotune", False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", True)
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, n_head=4, n_embd=64, block_size=32, vocab_size=50, dropout=0.0)
     model = prepare_for_decoding(GPT(cfg), torch.float32, "int8")
