@@ -4,6 +4,7 @@ out_dir/adapter, and a Llama (fused q/k/v and gate/up split into PEFT's per-proj
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import asdict
 
@@ -19,11 +20,14 @@ from gpt.lora_peft import write_peft_adapter
 from gpt.model import GPT
 from gpt.train.sft import finetune
 
-peft = pytest.importorskip("peft")
+# peft is imported where it is used: its import takes seconds, and every pytest worker collects this module
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (pip install -e '.[dev]')")
 
 
 def peft_logits(hf_dir, adapter, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(base logits, logits with the adapter) of transformers' model of `hf_dir`."""
+    import peft
+
     base = load_hf_model(hf_dir)
     with torch.no_grad():
         plain = base(ids).logits

@@ -4,6 +4,7 @@ same weights; init_from an adapter folder trains the adapter on; what our LoRA c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from argparse import Namespace
 
@@ -19,7 +20,8 @@ from gpt.lora import LoRALinear, apply_lora
 from gpt.lora_peft import AdapterError, write_peft_adapter
 from gpt.pretrained import load_init_from, load_pretrained
 
-peft = pytest.importorskip("peft")
+# peft is imported where it is used: its import takes seconds, and every pytest worker collects this module
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (pip install -e '.[dev]')")
 
 
 def hf_folder(folder, config_cls, model_cls, **shape):
@@ -47,6 +49,8 @@ def llama(tmp_path_factory):
 
 def peft_adapter(hf_dir, folder, **lora):
     """A PeftModel on transformers' model of `hf_dir` with random (non-zero) adapters, saved in `folder`."""
+    import peft
+
     model = peft.get_peft_model(load_hf_model(hf_dir), peft.LoraConfig(task_type="CAUSAL_LM", **lora))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -98,6 +102,8 @@ def test_a_peft_adapter_loads_on_its_base_with_peft_logits(case, gpt2, llama, tm
     assert ours.keys() == original.keys()
     for key in original:
         torch.testing.assert_close(ours[key], original[key], atol=1e-6, rtol=0)
+    import peft
+
     reloaded = peft.PeftModel.from_pretrained(load_hf_model(hf_dir), str(again)).eval()
     torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-5, rtol=0)
 
