@@ -21,7 +21,8 @@ from gpt.model import GPT
 from gpt.train.sft import finetune
 
 # peft is imported where it is used: its import takes seconds, and every pytest worker collects this module
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (pip install -e '.[dev]')")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="peft is not installed (pip install -e '.[dev]')")
 
 
 def peft_logits(hf_dir, adapter, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,8 @@ from gpt.lora_peft import AdapterError, write_peft_adapter
 from gpt.pretrained import load_init_from, load_pretrained
 
 # peft is imported where it is used: its import takes seconds, and every pytest worker collects this module
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (pip install -e '.[dev]')")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="peft is not installed (pip install -e '.[dev]')")
 
 
 def hf_folder(folder, config_cls, model_cls, **shape):

@@ -36,8 +36,9 @@ def add_model_args(p: argparse.ArgumentParser, threads: str, context_cap: int) -
                         "see docs/performance.md#int8-weights)")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step with torch.compile (inductor; a C++ compiler on CPU); "
-                        "the first tokens wait for the compile (about 1 minute for 12 layers on 2 cores, 6 for 30); then about 1.6-1.8x eager's speed "
-                        "in bf16 on a 2-core Xeon, 1.9x in int8, 1.1-1.8x in fp32: docs/performance.md#compiled-decoding")
+                        "the first tokens wait for the compile (about 1 minute for 12 layers on 2 cores, 6 for 30); "
+                        "then about 1.6-1.8x eager's speed in bf16 on a 2-core Xeon, 1.9x in int8, 1.1-1.8x in fp32: "
+                        "docs/performance.md#compiled-decoding")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length of decoding: tokens one sequence holds, prompt included, in its KV cache "
                         f"row (default: the model's block_size, at most {context_cap})")
