@@ -561,7 +561,13 @@ def test_an_idle_worker_waits_for_requests_sent_together(wait_s):
     tok = CharTokenizer(list(SERVE_CHARS))
     worker = Worker(Engine(lively_model(tok.vocab_size), tok), max_queue=4, batch_wait_s=wait_s)
     prefills, fill = [], worker.engine._fill_joined
-    worker.engine._fill_joined = lambda joined: (prefills.append(len(joined)) if joined else None, fill(joined))[1]
+
+    def counted_fill(joined):  # the rows of each joint prefill call
+        if joined:
+            prefills.append(len(joined))
+        return fill(joined)
+
+    worker.engine._fill_joined = counted_fill
     ended = threading.Semaphore(0)
     worker.start()
     for i in range(3):

@@ -308,7 +308,7 @@ class Engine:
         self.device = p.device
         # a compiled step's cache view must never span a whole dimension of the cache: torch would specialise
         # a second graph for a full context, compiled mid-reply when the first row fills its window
-        slots = self.context + (getattr(model, "compiled_decode", None) is not None)
+        slots = self.context + 1 if getattr(model, "compiled_decode", None) is not None else self.context
         self.cache = KVCache.empty(cfg, max_batch, slots, p.device, p.dtype) if use_kv_cache else None
         self.prefix_cache = self._prefix_cache(prefix_cache_mb)
         self.speculation = speculation
