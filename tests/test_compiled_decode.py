@@ -113,7 +113,7 @@ def test_sample_py_compile_flag_gives_the_same_text(tmp_path, capsys, monkeypatc
 
 
 def test_inductor_compiles_the_int8_step(monkeypatch):
-    """int8 --compile runs inductor's graph, not the eager fallback: with the CPU settings (CPU_INDUCTOR: freezing)
+    """int8 --compile runs inductor's graph, not the eager fallback: with the CPU settings (CPU_TEMPLATES: freezing)
     inductor lowers the int8 weight kernel itself (its weight-only int8 template; the 124M step took 10 ms against
     14 with torch's kernel called as it is), with the eager step's logits and tokens."""
     import torch._inductor.config
@@ -125,7 +125,7 @@ def test_inductor_compiles_the_int8_step(monkeypatch):
     # kernel timing (~2 s) are left out, and so are inductor's probe compiles of each vector ISA the CPU's flags
     # name (vec_isa_ok: ~6 s on a machine's first compile, as in CI)
     monkeypatch.setitem(compiled_decode.CPU_INDUCTOR, "cpp_wrapper", False)
-    monkeypatch.setitem(compiled_decode.CPU_INDUCTOR, "max_autotune", False)
+    monkeypatch.setitem(compiled_decode.CPU_TEMPLATES, "max_autotune", False)
     monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", True)
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, n_head=4, n_embd=64, block_size=32, vocab_size=50, dropout=0.0)
@@ -141,6 +141,25 @@ def test_inductor_compiles_the_int8_step(monkeypatch):
     torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0.05)  # int8 layers compute in bf16: fused norms
     assert compiled.argmax(-1).equal(eager.argmax(-1))                 # round once, not twice
     torch.testing.assert_close(compiled_lse, eager_lse, atol=0.05, rtol=0.05)
+
+
+def test_fp32_one_row_step_compiles_without_frozen_weights():
+    """inductor's settings per graph: freezing and max-autotune (minutes of compiling, and no graph cache across
+    runs) where its matrix templates pay, bf16 or int8 weights or several rows; not for fp32 weights at one row."""
+    import torch._inductor.config as inductor
+
+    def frozen(model, rows):
+        with compiled_decode.CompiledDecode(model, "inductor").inductor_settings(rows):
+            assert inductor.cpp_wrapper
+            return inductor.freezing and inductor.max_autotune
+
+    from gpt.infer.weights import prepare_for_decoding
+
+    assert not frozen(modern_model(), rows=1)
+    assert frozen(modern_model(), rows=3)
+    assert frozen(modern_model().to(torch.bfloat16), rows=1)
+    assert frozen(prepare_for_decoding(modern_model(), torch.float32, "int8"), rows=1)
+    assert not inductor.freezing  # set only around the step
 
 
 def test_compiled_bf16_step_does_not_recompile_as_the_cache_grows():

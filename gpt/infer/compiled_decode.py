@@ -15,15 +15,19 @@ single row and one for several (torch specialises sizes of 1), each compiled onc
 shape is a constant of the graph: an engine with another max_batch or context (generate() on another number
 of rows) compiles its own.
 
-On a CPU, inductor compiles the step with freezing and max-autotune (CPU_INDUCTOR): the weights become
-constants of the graph, laid out once for its kernels, and each matrix product takes the faster of
-torch's kernel and inductor's own C++ template (AMX or AVX-512 micro-kernels), timed at compile time;
-int8 products (gpt/infer/quantize.py) get inductor's weight-only int8 template the same way. The graph's
-calls run from a C++ wrapper rather than a Python one (`cpp_wrapper`: some seconds more to compile,
-about 1.5 ms less a step for the 124M shape in bf16). A SmolLM2-135M-shaped bf16 step took 19.3 ms with
-freezing and max-autotune against 25.9 with torch.mv (Xeon-2). The step holds
-its own copy of the weights: the model's weights must not change after the first compiled step (a
-decoding model's do not; compile again after changing them).
+On a CPU the graph's calls run from a C++ wrapper rather than a Python one (CPU_INDUCTOR, `cpp_wrapper`:
+some seconds more to compile, about 1.5 ms less a step for the 124M shape in bf16), and inductor compiles
+the step with freezing and max-autotune (CPU_TEMPLATES): the weights become constants of the graph, laid
+out once for its kernels, and each matrix product takes the faster of torch's kernel and inductor's own C++
+template (AMX or AVX-512 micro-kernels), timed at compile time; int8 products (gpt/infer/quantize.py) get
+inductor's weight-only int8 template the same way. A SmolLM2-135M-shaped bf16 step took 19.3 ms with them
+against 25.9 with torch.mv (Xeon-2). One graph goes without them: fp32 weights at one row, where torch's
+matrix-vector products stream the weights nearly as fast (0.88-0.94x the tok/s) and the templates cost
+minutes every run: freezing packs fp32 weights as mkldnn tensors, which inductor's graph cache cannot store,
+so each run compiled the graph again (bench/compile_time.py, SmolLM2-135M shape on a warm cache: 247 s with
+them, 27 s without; docs/performance.md#compiled-decoding).
+With freezing the step holds its own copy of the weights: the model's weights must not change after the
+first compiled step (a decoding model's do not; compile again after changing them).
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ from gpt.infer.sampling import scores
 from gpt.model import GPT, KVCache
 
 BACKEND = "inductor"
-CPU_INDUCTOR = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",  # set while tracing
-                    cpp_wrapper=True,  # the graph's calls from C++, not from a Python function
-                    autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # no timing tables
+CPU_INDUCTOR = dict(cpp_wrapper=True)  # the graph's calls from C++, not from a Python function
+CPU_TEMPLATES = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",  # set while tracing
+                     autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # no timing tables
 
 
 class CompiledDecode:
@@ -56,6 +60,7 @@ class CompiledDecode:
         self.compiled = torch.compile(decode_step, backend=backend, dynamic=True)
         self.failed = False
         self.on_cpu = backend == "inductor" and next(model.parameters()).device.type == "cpu"
+        self.fp32 = all(t.dtype in (torch.float32, torch.bool) for t in (*model.parameters(), *model.buffers()))
 
     def __call__(self, last: torch.Tensor, cache: KVCache, positions: list[int],
                  vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +73,7 @@ class CompiledDecode:
                 with warnings.catch_warnings():  # rope_frequencies' lru_cache is traced through: harmless
                     warnings.filterwarnings("ignore", message=".*lru_cache.*")
                     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's autotuner
-                    with self.inductor_settings():
+                    with self.inductor_settings(rows=last.shape[0]):
                         return self.compiled(self.model, last, cache.k, cache.v, pos, length, vocab)
             except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before the graph ran: the cache is intact
                 self.failed = True
@@ -77,13 +82,15 @@ class CompiledDecode:
                       "decoding without it", file=sys.stderr)
         return decode_step(self.model, last, cache.k, cache.v, pos, length, vocab)
 
-    def inductor_settings(self):
-        """CPU_INDUCTOR on a CPU (dynamo reads `freezing` while tracing, so it is set around every call)."""
+    def inductor_settings(self, rows: int):
+        """CPU_INDUCTOR on a CPU, with CPU_TEMPLATES unless the weights are fp32 and the step has one row (dynamo
+        reads `freezing` while tracing, so it is set around every call: one graph for one row, one for several)."""
         if not self.on_cpu:
             return contextlib.nullcontext()
         import torch._inductor.config
 
-        return torch._inductor.config.patch(CPU_INDUCTOR)
+        templates = {} if self.fp32 and rows == 1 else CPU_TEMPLATES
+        return torch._inductor.config.patch({**CPU_INDUCTOR, **templates})
 
 
 def decode_step(model: GPT, last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,

@@ -36,7 +36,8 @@ def add_model_args(p: argparse.ArgumentParser, threads: str, context_cap: int) -
                         "see docs/performance.md#int8-weights)")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step with torch.compile (inductor; a C++ compiler on CPU); "
-                        "the first tokens wait for the compile (about 1 minute for 12 layers on 2 cores, 6 for 30); "
+                        "the first tokens wait for the compile (on 2 cores about 1 minute for 12 layers, 6 for 30; "
+                        "fp32 at one row half that, and under a minute for 30 once inductor's cache holds it); "
                         "then about 1.6-1.8x eager's speed in bf16 on a 2-core Xeon, 1.9x in int8, 1.1-1.8x in fp32: "
                         "docs/performance.md#compiled-decoding")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
