@@ -4,8 +4,7 @@ of random tiny models, so a valid reply comes from the constraint alone."""
 import json
 from typing import Literal
 
-import httpx
-import openai
+import httpx  # openai (0.7 s to import, in every worker that collects this file) only where a test uses it
 import pytest
 from conftest import Running, lively_model
 from pydantic import BaseModel, Field
@@ -86,6 +85,7 @@ def test_streamed_json_schema_reassembles_to_valid_json(srv):
     "json", [], {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA, "strict": "yes"}},
 ])
 def test_a_schema_llguidance_or_strict_mode_refuses_is_400_naming_response_format(srv, rf):
+    import openai
     for path, body in [("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "x"})]:
         r = post(srv, path, {"model": "tiny", "response_format": rf, **body})
         assert r.status_code == 400, r.text

@@ -4,8 +4,7 @@ server of a random tiny model; its replies must equal the chat endpoint's for th
 import json
 from typing import Literal
 
-import httpx
-import openai
+import httpx  # openai (0.7 s to import, in every worker that collects this file) only where a test uses it
 import pytest
 from conftest import Running, lively_model
 from pydantic import BaseModel, Field
@@ -122,6 +121,7 @@ def test_stream_is_openais_event_sequence_and_adds_up_to_the_reply(srv):
     ({"metadata": {"a": 1}}, "metadata"), ({"input": "x" * 200}, "input"),
 ])
 def test_what_this_server_cannot_do_is_400_naming_the_param(srv, body, param):
+    import openai
     r = post(srv, {"input": "hi", **body})
     assert r.status_code == 400, r.text
     err = r.json()["error"]

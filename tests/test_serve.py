@@ -11,8 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
-import openai
+import httpx  # openai (0.7 s to import, in every worker that collects this file) only where a test uses it
 import pytest
 import torch
 from conftest import ROOT, SERVE_BLOCK, SERVE_CHARS, Running, lively_model, python_command, run_in_process
@@ -296,6 +295,7 @@ def test_a_request_without_model_is_openais_400(srv, path, body):
 
 
 def test_error_statuses(srv, model, tok):
+    import openai
     with pytest.raises(openai.NotFoundError):
         srv.client.completions.create(model="other", prompt="hi")
     with pytest.raises(openai.BadRequestError) as e:
@@ -322,6 +322,7 @@ def test_error_statuses(srv, model, tok):
 
 
 def test_full_queue_is_429_and_a_disconnect_frees_the_slot(model, tok):
+    import openai
     small = Running(model, tok, max_batch=1, max_queue=0)
     try:
         stream = small.client.completions.create(model="tiny", prompt="a", max_tokens=BLOCK - 1, temperature=0,
@@ -404,6 +405,7 @@ def stream_ended_well(lines: list[str]) -> bool:
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_serve_py_prints_its_url_serves_and_drains_on_sigterm(model, tok, serve_py, quantize):
+    import openai
     proc, port = serve_py[quantize]
     try:
         for line in proc.stderr:

@@ -6,8 +6,7 @@ grammar, not the model)."""
 import json
 import string
 
-import httpx
-import openai
+import httpx  # openai (0.7 s to import, in every worker that collects this file) only where a test uses it
 import pytest
 from conftest import Running, lively_model, sft_config, write_base, write_hf_tokenizer, write_jsonl
 from shipped_templates import LLAMA31, QWEN25, SMOLLM2
@@ -280,6 +279,7 @@ def test_bad_tool_records_are_one_line_errors(row, error):
 
 def test_openai_client_rejects_nothing_we_accept(srv):
     """The 400 for an undeclared named tool reaches the client as openai's BadRequestError naming the param."""
+    import openai
     with pytest.raises(openai.BadRequestError) as e:
         srv.client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=1,
                                            tool_choice={"type": "function", "function": {"name": "nope"}})
