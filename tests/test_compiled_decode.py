@@ -148,12 +148,12 @@ def test_fp32_one_row_step_compiles_without_frozen_weights():
     runs) where its matrix templates pay, bf16 or int8 weights or several rows; not for fp32 weights at one row."""
     import torch._inductor.config as inductor
 
+    from gpt.infer.weights import prepare_for_decoding
+
     def frozen(model, rows):
         with compiled_decode.CompiledDecode(model, "inductor").inductor_settings(rows):
             assert inductor.cpp_wrapper
             return inductor.freezing and inductor.max_autotune
-
-    from gpt.infer.weights import prepare_for_decoding
 
     assert not frozen(modern_model(), rows=1)
     assert frozen(modern_model(), rows=3)
