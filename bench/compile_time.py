@@ -1,6 +1,6 @@
 """How long `--compile` takes before the first token, and the step it buys: fp32, CPU, inductor.
 
-    python bench/compile_time.py                          # GPT-2 124M shape, one row (~6 min on 2 cores)
+    python bench/compile_time.py                          # GPT-2 124M shape, one row (~4 min on 2 cores)
     python bench/compile_time.py --shape smollm2 --rows 1 # SmolLM2-135M shape (30 layers; ~15 min)
 
 Each figure comes from a fresh process (what a user's `sample.py --compile` pays): the first compiled step
