@@ -1,11 +1,11 @@
 """How long `--compile` takes before the first token, and the step it buys: fp32, CPU, inductor.
 
     python bench/compile_time.py                          # GPT-2 124M shape, one row (~4 min on 2 cores)
-    python bench/compile_time.py --shape smollm2 --rows 1 # SmolLM2-135M shape (30 layers; ~15 min)
+    python bench/compile_time.py --shape smollm2          # SmolLM2-135M shape (30 layers; ~15 min)
 
 Each figure comes from a fresh process (what a user's `sample.py --compile` pays): the first compiled step
 on a cold inductor cache (a new, empty TORCHINDUCTOR_CACHE_DIR), then again on the cache that run left (warm),
-then the decode rate (batch x (N - 1) / (t(N) - t(1)), median of 3, random weights, greedy). Two settings:
+then the decode rate of one row ((N - 1) / (t(N) - t(1)), median of 3, random weights, greedy). Two settings:
   auto       what gpt/infer/compiled_decode.py picks: for fp32 weights at one row, plain inductor;
              otherwise freezing and max-autotune (CPU_TEMPLATES)
   templates  freezing and max-autotune for every step, as before the one-row fp32 exception
@@ -48,17 +48,16 @@ def child(args) -> None:
     if args.templates == "templates":
         model.compiled_decode.fp32 = False  # as if the weights were not fp32: CPU_TEMPLATES at every row count
     greedy = SamplingParams(temperature=0)
-    idx = torch.randint(0, model.config.vocab_size, (args.rows, 16), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
     generate(model, idx, 2, greedy)  # one compiled step
     first = time.perf_counter() - t0
-    rate = decode_rate(lambda k: generate(model, idx, k, greedy), args.rows, 33, 3)
+    rate = decode_rate(lambda k: generate(model, idx, k, greedy), 1, 33, 3)
     print(f"RESULT {first:.1f} {rate:.1f}", flush=True)
 
 
 def measure(args, templates: str, cache: str) -> tuple[float, float]:
-    cmd = [sys.executable, __file__, "--child", "--shape", args.shape, "--rows", str(args.rows),
-           "--templates", templates]
+    cmd = [sys.executable, __file__, "--child", "--shape", args.shape, "--templates", templates]
     out = subprocess.run(cmd, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}, capture_output=True, text=True)
     line = next((s for s in out.stdout.splitlines() if s.startswith("RESULT ")), None)
     if line is None:
@@ -70,7 +69,6 @@ def measure(args, templates: str, cache: str) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=["124m", "smollm2"], default="124m")
-    p.add_argument("--rows", type=int, default=1, help="rows decoded at once (1: the one-row graph)")
     p.add_argument("--templates", choices=["auto", "templates"], default="auto", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -79,7 +77,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from gpt.device import cpu_model
 
-    print(f"CPU {cpu_model()}, {os.cpu_count()} cores; shape {args.shape}, fp32, {args.rows} row(s)")
+    print(f"CPU {cpu_model()}, {os.cpu_count()} cores; shape {args.shape}, fp32, one row")
     print(f"{'setting':<10} {'cold compile s':>15} {'warm compile s':>15} {'tok/s':>8}")
     figures = {}
     for templates in ("templates", "auto"):

@@ -60,7 +60,7 @@ class CompiledDecode:
         self.compiled = torch.compile(decode_step, backend=backend, dynamic=True)
         self.failed = False
         self.on_cpu = backend == "inductor" and next(model.parameters()).device.type == "cpu"
-        self.fp32 = all(t.dtype in (torch.float32, torch.bool) for t in (*model.parameters(), *model.buffers()))
+        self.fp32 = all(t.dtype == torch.float32 for t in (*model.parameters(), *model.buffers()))
 
     def __call__(self, last: torch.Tensor, cache: KVCache, positions: list[int],
                  vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
